@@ -1,0 +1,666 @@
+"""Volume addressing and I/O: ``file.h5:dataset`` / ``dir.zarr[/array]`` specs, lazy read-only
+handles, bounding boxes and atomic writes.
+
+Arrays are indexed (z, y, x). Every user-facing failure (bad spec, missing file or dataset,
+wrong rank or dtype, existing output) raises :class:`VolumeError`, a ``ValueError`` whose
+message is one line naming the file and dataset, so a command line can print it as is.
+
+zarr is an optional dependency (``pip install 'floodfilling[zarr]'``); it is imported only when
+a ``.zarr`` volume is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VolumeError",
+    "VolumeSpec",
+    "parse_volume_spec",
+    "Volume",
+    "open_volume",
+    "BBox",
+    "atomic_path",
+    "atomic_write_bytes",
+    "write_hdf5_atomic",
+    "write_volume",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_HDF5_RE = re.compile(r"^(?P<path>.+?\.(?:h5|hdf5|hdf))(?::(?P<dataset>.*))?$", re.IGNORECASE)
+_ZARR_RE = re.compile(r"^(?P<path>.+?\.zarr)(?:/(?P<dataset>.*?))?/*$", re.IGNORECASE)
+
+
+class VolumeError(ValueError):
+    """A volume cannot be addressed, opened, read or written as asked (one-line message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# specs
+
+
+class VolumeSpec(NamedTuple):
+    """A parsed volume spec: ``path`` of the file/directory and ``dataset`` inside it
+    (``None``: the zarr path itself is the array). Unpacks as ``path, dataset``."""
+
+    path: str
+    dataset: str | None
+
+    @property
+    def kind(self) -> str:
+        """``"hdf5"`` or ``"zarr"``."""
+        return "zarr" if self.path.lower().endswith(".zarr") else "hdf5"
+
+    def __str__(self) -> str:
+        if self.dataset is None:
+            return self.path
+        sep = "/" if self.kind == "zarr" else ":"
+        return f"{self.path}{sep}{self.dataset}"
+
+
+def parse_volume_spec(spec: PathLike, default_dataset: str | None = None) -> VolumeSpec:
+    """Split a volume spec into ``(path, dataset)``.
+
+    Accepted forms: ``file.h5:dataset`` (also ``.hdf5``, ``.hdf``; the dataset may be a group
+    path such as ``volumes/raw``), ``file.h5`` alone only when ``default_dataset`` is given,
+    ``dir.zarr`` (the array itself, or ``default_dataset`` inside it when given) and
+    ``dir.zarr/array``. Nothing is opened. Raises :class:`VolumeError` otherwise.
+    """
+    text = os.fspath(spec)
+    if not isinstance(text, str):
+        raise VolumeError(f"volume spec must be a string path, got {spec!r}")
+    text = text.strip()
+    if not text:
+        raise VolumeError("empty volume spec; expected file.h5:dataset or dir.zarr[/array]")
+    m = _HDF5_RE.match(text)
+    if m:
+        path, dataset = m.group("path"), m.group("dataset")
+        if dataset is None:
+            if default_dataset is None:
+                raise VolumeError(
+                    f"volume spec '{text}' names no dataset; use '{path}:DATASET'"
+                )
+            dataset = default_dataset
+        dataset = dataset.strip("/")
+        if not dataset:
+            raise VolumeError(f"volume spec '{text}' has an empty dataset name")
+        return VolumeSpec(path, dataset)
+    m = _ZARR_RE.match(text)
+    if m:
+        path, dataset = m.group("path"), m.group("dataset")
+        dataset = dataset.strip("/") if dataset else None
+        if not dataset:
+            dataset = default_dataset.strip("/") if default_dataset else None
+        return VolumeSpec(path, dataset or None)
+    raise VolumeError(
+        f"unrecognised volume spec '{text}'; expected file.h5:dataset "
+        f"(or .hdf5) or dir.zarr[/array]"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# bounding boxes
+
+
+def _int3(value: Any, what: str) -> tuple[int, int, int]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{what} must be 3 integers (z, y, x), got {value!r}") from None
+    if len(items) != 3:
+        raise ValueError(f"{what} must be 3 integers (z, y, x), got {value!r}")
+    out = []
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{what} must be 3 integers (z, y, x), got {value!r}")
+        out.append(int(v))
+    return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class BBox:
+    """A half-open box ``[start, stop)`` of voxels, coordinates (z, y, x).
+
+    ``start`` is the first voxel inside, ``stop`` the first voxel past the end on each axis, as
+    in Python slices; ``shape = stop - start``::
+
+        index:    0   1   2   3   4   5
+                +---+---+---+---+---+---+
+                |   | # | # | # |   |   |    start=1, stop=4: voxels 1, 2, 3
+                +---+---+---+---+---+---+    shape = 4 - 1 = 3
+                    ^           ^
+                  start        stop (not included)
+
+    Text form (``parse``/``str``): ``"z0,y0,x0:z1,y1,x1"``, e.g. ``"0,0,0:64,128,128"``.
+    """
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", _int3(self.start, "BBox start"))
+        object.__setattr__(self, "stop", _int3(self.stop, "BBox stop"))
+
+    @classmethod
+    def parse(cls, text: str) -> "BBox":
+        """Parse ``"z0,y0,x0:z1,y1,x1"`` (whitespace allowed)."""
+        parts = str(text).split(":")
+        if len(parts) != 2:
+            raise ValueError(f"bbox '{text}' must look like 'z0,y0,x0:z1,y1,x1'")
+        try:
+            start = [int(v) for v in parts[0].split(",")]
+            stop = [int(v) for v in parts[1].split(",")]
+        except ValueError:
+            raise ValueError(f"bbox '{text}' must look like 'z0,y0,x0:z1,y1,x1'") from None
+        if len(start) != 3 or len(stop) != 3:
+            raise ValueError(f"bbox '{text}' must look like 'z0,y0,x0:z1,y1,x1'")
+        return cls(tuple(start), tuple(stop))
+
+    @classmethod
+    def from_shape(cls, shape: Sequence[int]) -> "BBox":
+        """The box covering a whole volume of ``shape``."""
+        return cls((0, 0, 0), _int3(shape, "shape"))
+
+    def __str__(self) -> str:
+        return "{},{},{}:{},{},{}".format(*self.start, *self.stop)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``stop - start`` per axis (may be <= 0 for an invalid box)."""
+        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def size(self) -> int:
+        """Number of voxels (0 when empty)."""
+        z, y, x = self.shape
+        return max(z, 0) * max(y, 0) * max(x, 0)
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """``(slice(z0, z1), slice(y0, y1), slice(x0, x1))`` for indexing a (z, y, x) array."""
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def empty(self) -> bool:
+        return any(b <= a for a, b in zip(self.start, self.stop))
+
+    def validate(self, shape: Sequence[int]) -> "BBox":
+        """Return ``self`` if it is non-empty and inside a volume of ``shape``, else raise
+        ``ValueError`` naming the box and the volume shape."""
+        vshape = _int3(shape, "volume shape")
+        if self.empty:
+            raise ValueError(f"bbox {self} is empty (shape {self.shape}); volume shape {vshape}")
+        if any(a < 0 for a in self.start) or any(b > s for b, s in zip(self.stop, vshape)):
+            raise ValueError(f"bbox {self} is outside the volume of shape {vshape}")
+        return self
+
+    def clip(self, shape: Sequence[int]) -> "BBox":
+        """The part of the box inside a volume of ``shape``; ``ValueError`` (naming the box and
+        the volume shape) if nothing is left."""
+        vshape = _int3(shape, "volume shape")
+        start = tuple(max(a, 0) for a in self.start)
+        stop = tuple(min(b, s) for b, s in zip(self.stop, vshape))
+        out = BBox(start, stop)  # type: ignore[arg-type]
+        if out.empty:
+            raise ValueError(
+                f"bbox {self} does not overlap the volume of shape {vshape} (or is empty)"
+            )
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# attributes
+
+
+def _decode_attr(value: Any) -> Any:
+    """HDF5/zarr attribute -> plain Python (JSON-encoded dicts/lists are decoded back)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        s = value.strip()
+        if s[:1] in ("{", "["):
+            try:
+                return json.loads(s)
+            except ValueError:
+                return value
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in ("S", "O", "U"):
+            return [_decode_attr(v) for v in value.tolist()]
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+_SCALAR_TYPES = (bool, int, float, np.bool_, np.integer, np.floating)
+
+
+def _encode_attr(name: str, value: Any) -> Any:
+    """Plain Python value -> something h5py stores natively.
+
+    Strings, numbers and numeric arrays are stored as they are; flat lists/tuples of numbers
+    become numeric arrays (e.g. ``resolution_zyx_nm``); dicts and any other list are stored as
+    JSON strings (decoded again by :attr:`Volume.attrs`).
+    """
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, _SCALAR_TYPES):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return value
+        raise VolumeError(f"attribute '{name}': unsupported array dtype {value.dtype}")
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, _SCALAR_TYPES) for v in value
+    ):
+        return np.asarray(value)
+    if isinstance(value, (dict, list, tuple)):
+        try:
+            return json.dumps(value, default=_json_default, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise VolumeError(f"attribute '{name}' is not JSON serialisable: {exc}") from None
+    raise VolumeError(
+        f"attribute '{name}' has unsupported type {type(value).__name__}; "
+        f"use str, numbers, arrays, lists or dicts"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _check_volume_array(where: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if len(shape) != 3:
+        raise VolumeError(f"{where}: expected a 3-D (z, y, x) volume, got shape {tuple(shape)}")
+    if dtype.kind not in "iuf":
+        raise VolumeError(
+            f"{where}: unsupported dtype {dtype}; expected an integer or floating-point type"
+        )
+
+
+def _hdf5_datasets(h5file: Any) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            names.append(name)
+
+    h5file.visititems(visit)
+    return sorted(names)
+
+
+def _import_zarr() -> Any:
+    try:
+        import zarr
+    except ImportError as exc:
+        raise VolumeError(
+            "reading or writing .zarr volumes needs the optional zarr package: "
+            "install floodfilling[zarr] (pip install 'floodfilling[zarr]')"
+        ) from exc
+    return zarr
+
+
+class Volume:
+    """A lazy, read-only handle on one 3-D array in an HDF5 file or a zarr store.
+
+    Attributes: ``spec`` (:class:`VolumeSpec`), ``path``, ``dataset``, ``shape``, ``dtype``,
+    ``attrs`` (plain-Python dict), ``resolution_zyx_nm``. Data are read on demand with
+    :meth:`read` or indexing. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, spec: VolumeSpec, array: Any, closer: Any = None) -> None:
+        self.spec = spec
+        self._array = array
+        self._closer = closer
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape)  # type: ignore
+        self.dtype: np.dtype = np.dtype(array.dtype)
+        raw_attrs = dict(array.attrs.items()) if hasattr(array.attrs, "items") else {}
+        self.attrs: dict[str, Any] = {str(k): _decode_attr(v) for k, v in raw_attrs.items()}
+
+    @property
+    def path(self) -> str:
+        return self.spec.path
+
+    @property
+    def dataset(self) -> str | None:
+        return self.spec.dataset
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def closed(self) -> bool:
+        return self._array is None
+
+    @property
+    def resolution_zyx_nm(self) -> tuple[float, float, float] | None:
+        """Voxel size in nm, (z, y, x): attribute ``resolution_zyx_nm``, else the CREMI-style
+        ``resolution`` (taken as z, y, x), else ``None``."""
+        for key in ("resolution_zyx_nm", "resolution"):
+            if key not in self.attrs:
+                continue
+            value = self.attrs[key]
+            try:
+                res = tuple(float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1))
+            except (TypeError, ValueError):
+                res = ()
+            if len(res) == 3:
+                return res  # type: ignore[return-value]
+            logger.warning("%s: ignoring attribute %s=%r (expected 3 numbers)", self.spec, key, value)
+        return None
+
+    def _live(self) -> Any:
+        if self._array is None:
+            raise VolumeError(f"{self.spec}: volume is closed")
+        return self._array
+
+    def read(self, bbox: BBox | str | None = None) -> np.ndarray:
+        """Read the whole volume, or the part in ``bbox`` (a :class:`BBox` or its text form),
+        as a NumPy array. The box must lie inside the volume (``ValueError`` otherwise)."""
+        array = self._live()
+        if bbox is None:
+            return np.asarray(array[...])
+        try:
+            if isinstance(bbox, str):
+                bbox = BBox.parse(bbox)
+            bbox.validate(self.shape)
+        except VolumeError:
+            raise
+        except ValueError as exc:
+            raise VolumeError(f"{self.spec}: {exc}") from None
+        return np.asarray(array[bbox.slices])
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(self._live()[index])
+
+    def close(self) -> None:
+        """Release the file (idempotent)."""
+        if self._closer is not None:
+            try:
+                self._closer()
+            finally:
+                self._closer = None
+        self._array = None
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"shape={self.shape}, dtype={self.dtype}"
+        return f"Volume('{self.spec}', {state})"
+
+
+def _open_hdf5(spec: VolumeSpec) -> Volume:
+    import h5py
+
+    path, name = spec.path, spec.dataset
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: no such file (volume '{spec}')")
+    if not os.path.isfile(path):
+        raise VolumeError(f"{path}: not an HDF5 file (it is a directory)")
+    try:
+        is_h5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot read file: {exc}") from None
+    if not is_h5:
+        raise VolumeError(f"{path}: not an HDF5 file")
+    try:
+        h5file = h5py.File(path, "r")
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot open HDF5 file: {exc}") from None
+    try:
+        obj = h5file.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            available = ", ".join(_hdf5_datasets(h5file)) or "none"
+            what = "is a group, not a dataset" if obj is not None else "no dataset"
+            if obj is None:
+                msg = f"{path}: no dataset '{name}' (available datasets: {available})"
+            else:
+                msg = f"{path}: '{name}' {what} (available datasets: {available})"
+            raise VolumeError(msg)
+        _check_volume_array(f"{path}:{name}", obj.shape, obj.dtype)
+        return Volume(spec, obj, closer=h5file.close)
+    except BaseException:
+        h5file.close()
+        raise
+
+
+def _open_zarr(spec: VolumeSpec) -> Volume:
+    path, name = spec.path, spec.dataset
+    zarr = _import_zarr()
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: no such zarr store (volume '{spec}')")
+    try:
+        root = zarr.open(path, mode="r")
+    except Exception as exc:  # zarr raises various types across versions
+        raise VolumeError(f"{path}: cannot open zarr store: {exc}") from None
+    where = f"{path}/{name}" if name else path
+    if name:
+        try:
+            obj = root[name]
+        except (KeyError, TypeError, ValueError):
+            obj = None
+        if obj is None or not hasattr(obj, "dtype"):
+            try:
+                keys = sorted(root.array_keys()) if hasattr(root, "array_keys") else []
+            except Exception:  # pragma: no cover
+                keys = []
+            available = ", ".join(keys) or "none"
+            raise VolumeError(f"{path}: no array '{name}' (available arrays: {available})")
+    else:
+        obj = root
+        if not hasattr(obj, "dtype"):
+            keys = sorted(root.array_keys()) if hasattr(root, "array_keys") else []
+            available = ", ".join(keys) or "none"
+            raise VolumeError(
+                f"{path}: is a zarr group; name an array as {path}/ARRAY "
+                f"(available arrays: {available})"
+            )
+    _check_volume_array(where, tuple(obj.shape), np.dtype(obj.dtype))
+    return Volume(spec, obj)
+
+
+def open_volume(spec: PathLike | VolumeSpec, default_dataset: str | None = None) -> Volume:
+    """Open a volume lazily, read-only (see :func:`parse_volume_spec` for the spec forms).
+
+    Raises :class:`VolumeError` for a missing file, a missing dataset (the message lists the
+    available ones), a non-HDF5 file, an array that is not 3-D or whose dtype is neither
+    integer nor floating point, and for zarr when the zarr package is not installed.
+    """
+    parsed = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec, default_dataset)
+    if parsed.kind == "zarr":
+        return _open_zarr(parsed)
+    return _open_hdf5(parsed)
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # pragma: no cover
+        logger.warning("could not remove temporary file %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary file path next to ``path``; on success, fsync it and ``os.replace``
+    it onto ``path``; on any exception, remove it and re-raise (``path`` is left untouched).
+
+    The temporary name is ``path + ".tmp-<pid>"`` (same directory, so the rename is atomic).
+    With ``overwrite=False`` an existing ``path`` raises :class:`VolumeError` before anything
+    is written. Files only (not directories).
+    """
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise VolumeError(f"{target}: directory {directory} does not exist")
+    if os.path.isdir(target):
+        raise VolumeError(f"{target}: is a directory")
+    if not overwrite and os.path.exists(target):
+        raise VolumeError(f"{target} exists; pass --overwrite")
+    tmp = f"{target}.tmp-{os.getpid()}"
+    _remove_quietly(tmp)  # stale leftover of a crashed process with the same pid
+    try:
+        yield tmp
+        if not os.path.isfile(tmp):
+            raise VolumeError(f"{target}: nothing was written to the temporary file {tmp}")
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_hdf5_atomic(
+    path: PathLike,
+    datasets: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    file_attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    compression: str | None = "gzip",
+) -> str:
+    """Write a whole HDF5 file atomically and return its path.
+
+    ``datasets`` maps dataset names (``"a/b"`` creates group ``a``) to arrays; ``attrs`` maps
+    dataset names to their attribute dicts; ``file_attrs`` go on the root group. Attribute
+    values: strings, numbers, numeric arrays and flat numeric lists are stored natively; dicts
+    and other lists as JSON strings (:attr:`Volume.attrs` decodes them). Everything goes into
+    ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto ``path``; a failure
+    leaves no partial file and any previous ``path`` intact. An existing ``path`` without
+    ``overwrite`` raises :class:`VolumeError` ("... exists; pass --overwrite").
+    """
+    import h5py
+
+    target = os.fspath(path)
+    if not datasets:
+        raise VolumeError(f"{target}: no datasets to write")
+    attrs = dict(attrs or {})
+    unknown = sorted(set(attrs) - set(datasets))
+    if unknown:
+        raise VolumeError(f"{target}: attrs given for unknown datasets: {', '.join(unknown)}")
+    # Encode (and validate) every attribute before touching the disk.
+    enc_attrs = {
+        name: {str(k): _encode_attr(f"{name}:{k}", v) for k, v in (attrs.get(name) or {}).items()}
+        for name in datasets
+    }
+    enc_file_attrs = {str(k): _encode_attr(str(k), v) for k, v in (file_attrs or {}).items()}
+    arrays = {}
+    for name, arr in datasets.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in "biuf":
+            raise VolumeError(f"{target}:{name}: unsupported dtype {arr.dtype}")
+        arrays[str(name).strip("/")] = arr
+
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for k, v in enc_file_attrs.items():
+                f.attrs[k] = v
+            for name, arr in arrays.items():
+                kwargs: dict[str, Any] = {}
+                if compression and arr.ndim > 0 and arr.size > 0:
+                    kwargs["compression"] = compression
+                dset = f.create_dataset(name, data=arr, **kwargs)
+                for k, v in enc_attrs[name].items():
+                    dset.attrs[k] = v
+            f.flush()
+    logger.debug("wrote %s (%s)", target, ", ".join(arrays))
+    return target
+
+
+def write_volume(
+    spec: PathLike | VolumeSpec,
+    array: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    compression: str | None = "gzip",
+) -> VolumeSpec:
+    """Write one 3-D array as ``file.h5:dataset`` atomically; the file then holds only that
+    dataset (an existing file is replaced as a whole, and only with ``overwrite=True``).
+    Returns the parsed spec. zarr output is not supported."""
+    parsed = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
+    if parsed.kind != "hdf5":
+        raise VolumeError(f"{parsed}: writing zarr volumes is not supported; use file.h5:dataset")
+    arr = np.asarray(array)
+    _check_volume_array(str(parsed), arr.shape, arr.dtype)
+    assert parsed.dataset is not None
+    write_hdf5_atomic(
+        parsed.path,
+        {parsed.dataset: arr},
+        attrs={parsed.dataset: dict(attrs or {})},
+        overwrite=overwrite,
+        compression=compression,
+    )
+    return parsed
