@@ -1,0 +1,154 @@
+"""``ffn``: the command line, a thin layer over the library.
+
+Errors the user can fix (bad paths, datasets, options, model files) print one line
+``ffn: error: ...`` naming the culprit and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("floodfilling")
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model file (.npz) or training directory; default: bundled FIB-25")
+    p.add_argument("--config", default=None, help="TOML file with [inference] options (see `ffn config`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one inference option (repeatable), e.g. --set min_segment_size=500")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or xpu[:N] (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="network precision; fp32 is exact, bf16 is faster on CPUs/GPUs with bf16 units")
+    p.add_argument("--checkpoint-interval", type=float, default=None,
+                   help="seconds between resumable-state saves (0: off; default 60)")
+
+
+def _build_config(args):
+    from .config import ConfigError, InferenceConfig
+
+    cfg = InferenceConfig.from_toml(args.config) if args.config else InferenceConfig()
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _parse_value(v.strip())
+    d = cfg.to_dict()
+    d.update(overrides)
+    cfg = InferenceConfig.from_dict(d, "--set")
+    return cfg.with_overrides(device=args.device, threads=args.threads, precision=args.precision,
+                              checkpoint_interval_s=args.checkpoint_interval)
+
+
+def _parse_value(v: str):
+    from .config import tomllib
+
+    try:
+        return tomllib.loads(f"x = {v}")["x"]
+    except Exception:  # noqa: BLE001 - bare words are strings
+        return v
+
+
+def cmd_segment(args) -> int:
+    from .inference.segment import segment
+
+    cfg = _build_config(args)
+    res = segment(args.image, args.out, model=args.model, config=cfg, bbox=args.bbox, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)
+    if not args.quiet:
+        print(f"wrote {args.out}: {int(res.counters['objects'])} objects, {int(res.counters['steps'])} FOV steps, "
+              f"{res.seconds:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import evaluation, volumes
+
+    with volumes.open_volume(args.seg) as a, volumes.open_volume(args.gt) as b:
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"{args.seg} has shape {tuple(a.shape)} but {args.gt} has shape {tuple(b.shape)}")
+        seg, gt = a.read(), b.read()
+    res = evaluation.evaluate(seg, gt, gt_zero=args.gt_zero, top=args.top)
+    print(json.dumps(res, indent=2) if args.json else evaluation.format_report(res))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), device=args.device or "auto", threads=args.threads or 0, progress=not args.quiet)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import InferenceConfig
+
+    print(InferenceConfig().to_toml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ffn", description="Flood-Filling Networks for connectomics")
+    ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment a volume with a flood-filling network")
+    p.add_argument("image", help="input image: file.h5:dataset or a Zarr array")
+    p.add_argument("out", help="output: file.h5:dataset (uint32 segmentation + _origins, _overlaps)")
+    p.add_argument("--bbox", default=None, help="only this box of the image: z0,y0,x0:z1,y1,x1 (half-open)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its resume state)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="compare a segmentation with ground truth (VI, adapted Rand)")
+    p.add_argument("seg", help="segmentation: file.h5:dataset")
+    p.add_argument("gt", help="ground truth labels: file.h5:dataset")
+    p.add_argument("--gt-zero", choices=["ignore", "label"], default="ignore",
+                   help="ignore: voxels with gt 0 are left out (CREMI/SNEMI convention, default); "
+                        "label: 0 is an ordinary label")
+    p.add_argument("--top", type=int, default=10, help="how many of the largest merges and splits to list")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="segment the bundled FIB-25 crop with the bundled model and evaluate it")
+    p.add_argument("--out", default="ffn-demo", help="output directory (segmentation .h5 and a PNG)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or xpu[:N]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the default inference options as TOML (with comments)")
+    p.set_defaults(func=cmd_config)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        if args.verbose >= 2:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        print(f"ffn: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ffn: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

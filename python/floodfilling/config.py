@@ -1,0 +1,182 @@
+"""Typed options for inference, loadable from and dumpable to TOML.
+
+Every field has a one-line comment saying what it changes. Defaults reproduce the
+reference (google/ffn) run of the bundled FIB-25 model unless a comment says otherwise.
+Probabilities are given as probabilities (0..1) as in the reference's configs; the code
+converts them to float32 logits once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad option value or an unreadable config file."""
+
+
+@dataclass
+class InferenceConfig:
+    # Seed probability placed at the seed voxel of every new object.
+    init_activation: float = 0.95
+    # Probability fed to the network where the canvas was never predicted.
+    pad_value: float = 0.05
+    # The FOV moves only to voxels with at least this probability; the seed must stay above it.
+    move_threshold: float = 0.9
+    # Voxels with at least this probability become part of the object.
+    segment_threshold: float = 0.6
+    # Objects with fewer new voxels are rejected (their seed is marked and never retried).
+    min_segment_size: int = 1000
+    # A seed closer than this (z, y, x) to an existing object is rejected.
+    min_boundary_dist_zyx: tuple[int, int, int] = (1, 1, 1)
+    # Disconnection rule: once more than this fraction of an FOV is >= move_threshold,
+    # voxels already below 0.5 cannot rise again (-1 disables the rule).
+    disco_seed_threshold: float = 0.0
+    # Seed policy: "peaks" (reference: distance-transform maxima away from edges) or "grid".
+    seed_policy: str = "peaks"
+    # Minimum spacing (voxels) between "peaks" seeds.
+    seed_min_distance: int = 3
+    # Grid spacing (voxels) for the "grid" seed policy.
+    seed_grid_step: int = 16
+    # Image normalisation: "model" uses the model's recorded mean/std as a fixed (x - mean) / std
+    # (the reference's behaviour); "fixed" uses image_mean/image_std below.
+    normalise: str = "model"
+    # Fixed intensity mean for normalise="fixed" (None: the model's).
+    image_mean: float | None = None
+    # Fixed intensity standard deviation for normalise="fixed" (None: the model's).
+    image_std: float | None = None
+    # Torch device: auto, cpu, cuda[:N] or xpu[:N].
+    device: str = "auto"
+    # CPU threads for the network (0: torch's default, all cores).
+    threads: int = 0
+    # Network precision: fp32 (exact mode, matches the reference) or bf16 (faster, changes results).
+    precision: str = "fp32"
+    # Seconds between resumable-state saves of a running segmentation (0: never).
+    checkpoint_interval_s: float = 60.0
+    # Post-processing: split each object into connected components (off: reference output).
+    split_components: bool = False
+    # Post-processing: objects smaller than this many voxels are removed (0: keep all).
+    dust_size: int = 0
+
+    def validate(self) -> "InferenceConfig":
+        for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
+            v = getattr(self, name)
+            if not (0.0 < float(v) < 1.0):
+                raise ConfigError(f"option {name}={v!r}: must be a probability strictly between 0 and 1")
+        if self.min_segment_size < 0:
+            raise ConfigError(f"option min_segment_size={self.min_segment_size!r}: must be >= 0")
+        if len(tuple(self.min_boundary_dist_zyx)) != 3 or any(int(v) < 0 for v in self.min_boundary_dist_zyx):
+            raise ConfigError(f"option min_boundary_dist_zyx={self.min_boundary_dist_zyx!r}: need 3 values >= 0")
+        self.min_boundary_dist_zyx = tuple(int(v) for v in self.min_boundary_dist_zyx)  # type: ignore[assignment]
+        if self.seed_policy not in ("peaks", "grid"):
+            raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks' or 'grid'")
+        if self.seed_min_distance < 1 or self.seed_grid_step < 1:
+            raise ConfigError("options seed_min_distance and seed_grid_step must be >= 1")
+        if self.normalise not in ("model", "fixed"):
+            raise ConfigError(f"option normalise={self.normalise!r}: expected 'model' or 'fixed'")
+        if self.image_std is not None and not float(self.image_std) > 0:
+            raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"option precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        if self.threads < 0:
+            raise ConfigError(f"option threads={self.threads!r}: must be >= 0")
+        if self.checkpoint_interval_s < 0:
+            raise ConfigError(f"option checkpoint_interval_s={self.checkpoint_interval_s!r}: must be >= 0")
+        return self
+
+    # -- TOML ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "InferenceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        vals = {}
+        for f in fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                if isinstance(v, list):
+                    v = tuple(v)
+                vals[f.name] = v
+        try:
+            return cls(**vals).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "InferenceConfig":
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: invalid TOML ({exc})") from None
+        data = data.get("inference", data)
+        return cls.from_dict(data, str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """TOML text with each option's comment (``None`` values are left commented out)."""
+        comments = _field_comments(type(self))
+        lines = ["[inference]"]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if comments.get(f.name):
+                lines.append(f"# {comments[f.name]}")
+            lines.append(("# " if v is None else "") + f"{f.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def with_overrides(self, **kw: Any) -> "InferenceConfig":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        return dataclasses.replace(self, **kw).validate()
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '""'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Reads the ``# comment`` line above each field from the source (one source of truth)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    try:
+        src = inspect.getsource(cls).splitlines()
+    except OSError:  # pragma: no cover - no source available
+        return out
+    pending: list[str] = []
+    for line in src:
+        s = line.strip()
+        if s.startswith("#"):
+            pending.append(s.lstrip("# ").strip())
+            continue
+        if ":" in s and not s.startswith(("def ", "@", "class ")) and pending:
+            out[s.split(":")[0].strip()] = " ".join(pending)
+        pending = []
+    return out
+
+
+def field_help(cls=InferenceConfig) -> dict[str, str]:
+    """One-line help for each option (used by the CLI)."""
+    return _field_comments(cls)
+

@@ -1,0 +1,265 @@
+"""One subvolume: the flood-fill loop with the reference's exact semantics.
+
+Geometry (all z, y, x)::
+
+      volume  0 ............................................ shape
+              |<- margin ->|  seeds / FOV centres allowed  |<- margin ->|
+                            c - f//2 ........ c ........ c + f//2   (one FOV, f = 33)
+                                   c-d ... c ... c+d                 (face-max box, d = 8)
+
+A FOV centred at ``c`` covers ``c - f//2 .. c + f//2`` inclusive; a centre is valid only if
+that box lies inside the volume (``c - margin >= 0`` and ``c + margin < shape``).
+
+The canvas holds float32 logits (NaN = never predicted) and an int32 segmentation
+(0 free, > 0 object ids, -1 a rejected seed that later objects may still claim).
+:meth:`Canvas.steps` is a generator: it yields the FOV centre of the next network call
+and receives the network's output logits for it, so one driver loop can run one canvas
+or interleave many (:mod:`floodfilling.inference.engine`). Only a few numbers per step
+are handled in Python; the FOV write and the face maxima are one native call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import kernels
+from ..config import InferenceConfig
+
+
+def logit32(p: float) -> float:
+    """logit(p) rounded to float32, as the reference stores its thresholds."""
+    return float(np.float32(np.log(p / (1.0 - p))))
+
+
+@dataclass
+class Origin:
+    """How an object was created: its seed, FOV steps and wall seconds."""
+
+    seed_zyx: tuple[int, int, int]
+    steps: int
+    seconds: float
+
+
+@dataclass
+class CanvasState:
+    """Everything needed to resume between objects (the canvas logits are not needed:
+    every object starts from an all-NaN canvas)."""
+
+    segmentation: np.ndarray
+    seed_index: int = 0
+    max_id: int = 0
+    origins: dict[int, Origin] = field(default_factory=dict)
+    overlaps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+COUNTER_NAMES = (
+    "steps",  # network calls (FOV inference steps)
+    "seeds_seen",  # seeds taken from the seed list
+    "seeds_skipped",  # seed outside the margin or already segmented
+    "seeds_too_close",  # seed within min_boundary_dist of an object (marked -1)
+    "objects_attempted",  # floods started
+    "rejected_weak_seed",  # seed fell below move_threshold during its flood
+    "rejected_too_small",  # fewer than min_segment_size new voxels
+    "objects",  # objects created
+    "voxels_segmented",  # voxels given to objects
+    "voxels_overlapping",  # voxels above segment_threshold that already had an id
+)
+
+
+class Canvas:
+    """Flood-fill state of one subvolume (reference semantics, float32 canvas)."""
+
+    def __init__(self, image: np.ndarray, seeds: np.ndarray, config: InferenceConfig,
+                 fov_zyx=(33, 33, 33), deltas_zyx=(8, 8, 8), state: CanvasState | None = None):
+        if image.ndim != 3:
+            raise ValueError(f"image must be 3-D, got shape {image.shape}")
+        self.image = np.ascontiguousarray(image, dtype=np.float32)
+        self.shape = self.image.shape
+        self.fov = np.asarray(fov_zyx, dtype=np.int64)
+        if np.any(self.fov > np.asarray(self.shape)):
+            raise ValueError(f"volume of shape {self.shape} is smaller than the FOV {tuple(fov_zyx)}")
+        self.margin = tuple(int(v) for v in self.fov // 2)
+        self.deltas = tuple(int(v) for v in deltas_zyx)
+        self.seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 3)
+        self.cfg = config
+        self.t_init = logit32(config.init_activation)
+        self.t_pad = logit32(config.pad_value)
+        self.t_move = logit32(config.move_threshold)
+        self.t_seg = logit32(config.segment_threshold)
+        self.logits = np.full(self.shape, np.nan, dtype=np.float32)
+        self.state = state or CanvasState(segmentation=np.zeros(self.shape, dtype=np.int32))
+        if self.state.segmentation.shape != self.shape:
+            raise ValueError("resumed segmentation does not match the image shape")
+        for k in COUNTER_NAMES:
+            self.state.counters.setdefault(k, 0)
+        self._dirty: tuple[slice, ...] | None = None
+        self.on_object_done = None  # optional callback(canvas) between objects
+
+    # -- public views ---------------------------------------------------------------
+    @property
+    def segmentation(self) -> np.ndarray:
+        return self.state.segmentation
+
+    @property
+    def done(self) -> bool:
+        return self.state.seed_index >= len(self.seeds)
+
+    def fov_slices(self, c) -> tuple[slice, slice, slice]:
+        m = self.margin
+        return (slice(c[0] - m[0], c[0] + m[0] + 1), slice(c[1] - m[1], c[1] + m[1] + 1),
+                slice(c[2] - m[2], c[2] + m[2] + 1))
+
+    # -- the loop ---------------------------------------------------------------------
+    def steps(self):
+        """Generator over the whole subvolume: yields FOV centres, receives logits.
+
+        Each value sent back must be the network output (float32 ``fov_zyx`` logits) for
+        the centre just yielded. Objects are committed between yields.
+        """
+        st = self.state
+        seg = st.segmentation
+        cnt = st.counters
+        shape = self.shape
+        m = self.margin
+        mbd = self.cfg.min_boundary_dist_zyx
+        while st.seed_index < len(self.seeds):
+            pos = tuple(int(v) for v in self.seeds[st.seed_index])
+            cnt["seeds_seen"] += 1
+            if (any(p - mm < 0 or p + mm >= s for p, mm, s in zip(pos, m, shape)) or seg[pos] > 0):
+                cnt["seeds_skipped"] += 1
+            elif np.any(seg[tuple(slice(max(p - b, 0), p + b + 1) for p, b in zip(pos, mbd))] > 0):
+                seg[pos] = -1
+                cnt["seeds_too_close"] += 1
+            else:
+                t0 = time.perf_counter()
+                cnt["objects_attempted"] += 1
+                steps, box = yield from self._flood(pos)
+                self._commit(pos, steps, box, time.perf_counter() - t0)
+            st.seed_index += 1
+            if self.on_object_done is not None:
+                self.on_object_done(self)
+
+    def _flood(self, pos):
+        """Floods one object from ``pos``; returns (steps, bounding box of the FOV centres)."""
+        L = self.logits
+        seg = self.state.segmentation
+        if self._dirty is not None:
+            L[self._dirty] = np.nan
+        L[pos] = self.t_init
+        t_move = self.t_move
+        shape = self.shape
+        m0, m1, m2 = self.margin
+        s0, s1, s2 = shape
+        d0, d1, d2 = self.deltas
+        h0, h1, h2 = d0 // 2, d1 // 2, d2 // 2
+        q0, q1, q2 = max(d0, 1), max(d1, 1), max(d2, 1)
+        p0, p1, p2 = pos
+        queue = deque([(2 * t_move, pos)])
+        done = set()
+        lo = list(pos)
+        hi = list(pos)
+        steps = 0
+        canvases = [L]
+        centers = np.zeros((1, 3), dtype=np.int64)
+        while True:
+            c = None
+            while queue:
+                _, cand = queue.popleft()
+                z, y, x = cand
+                key = ((z - p0 + h0) // q0, (y - p1 + h1) // q1, (x - p2 + h2) // q2)
+                if key in done:
+                    continue
+                if L[cand] < t_move:
+                    continue
+                if z - m0 < 0 or y - m1 < 0 or x - m2 < 0 or z + m0 >= s0 or y + m1 >= s1 or x + m2 >= s2:
+                    continue
+                if seg[cand] > 0:
+                    continue
+                c = cand
+                break
+            if c is None:
+                break
+            if L[pos] < t_move:  # the seed got too weak
+                break
+            out = yield c
+            centers[0] = c
+            scores, offsets = kernels.update_fovs(
+                canvases, out.reshape((1,) + out.shape), centers, move_threshold=t_move,
+                deltas=self.deltas, disco_seed_threshold=self.cfg.disco_seed_threshold)
+            done.add(key)
+            steps += 1
+            for i in range(3):
+                if c[i] < lo[i]:
+                    lo[i] = c[i]
+                if c[i] > hi[i]:
+                    hi[i] = c[i]
+            cands = set()
+            for s, (o0, o1, o2) in zip(scores[0].tolist(), offsets[0].tolist()):
+                if not (s < t_move):
+                    cands.add((s, (o0, o1, o2)))
+            for s, (o0, o1, o2) in sorted(cands, reverse=True):
+                queue.append((s, (z + o0, y + o1, x + o2)))  # (z, y, x) is c
+        box = tuple(slice(max(a - mm, 0), b + mm + 1) for a, b, mm in zip(lo, hi, self.margin))
+        self._dirty = box
+        return steps, box
+
+    def _commit(self, pos, steps: int, box, seconds: float) -> None:
+        st = self.state
+        seg = st.segmentation
+        cnt = st.counters
+        cnt["steps"] += steps
+        if steps <= 0:
+            return
+        if self.logits[pos] < self.t_move:
+            if seg[pos] == 0:
+                seg[pos] = -1
+            cnt["rejected_weak_seed"] += 1
+            return
+        seg_box = seg[box]
+        mask = self.logits[box] >= self.t_seg
+        raw = int(np.count_nonzero(mask))
+        ids, counts = np.unique(seg_box[mask], return_counts=True)
+        keep = ids > 0
+        ids, counts = ids[keep], counts[keep]
+        mask &= seg_box <= 0
+        actual = int(np.count_nonzero(mask))
+        if actual < self.cfg.min_segment_size:
+            if seg[pos] == 0:
+                seg[pos] = -1
+            cnt["rejected_too_small"] += 1
+            return
+        st.max_id += 1
+        while st.max_id in st.origins:
+            st.max_id += 1
+        seg_box[mask] = st.max_id
+        st.origins[st.max_id] = Origin(tuple(int(v) for v in pos), steps, seconds)
+        st.overlaps[st.max_id] = (ids.astype(np.int64), counts.astype(np.int64))
+        cnt["objects"] += 1
+        cnt["voxels_segmented"] += actual
+        cnt["voxels_overlapping"] += raw - actual
+
+    def flood_one(self, pos, predict) -> int:
+        """Floods a single object from ``pos`` with ``predict(canvas, centre) -> logits``
+        and commits it with the usual rules (for tests and parity checks). Returns steps."""
+        gen = self._flood(tuple(int(v) for v in pos))
+        t0 = time.perf_counter()
+        try:
+            c = next(gen)
+            while True:
+                c = gen.send(predict(self, c))
+        except StopIteration as stop:
+            steps, box = stop.value
+        self._commit(tuple(int(v) for v in pos), steps, box, time.perf_counter() - t0)
+        return steps
+
+    def final_segmentation(self) -> np.ndarray:
+        """The segmentation with rejected-seed marks (-1) cleared, as uint32."""
+        seg = self.state.segmentation
+        out = seg.astype(np.uint32)
+        out[seg < 0] = 0
+        return out

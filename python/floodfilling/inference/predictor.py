@@ -1,0 +1,96 @@
+"""Runs the network on FOVs cut from canvases.
+
+Input assembly per FOV: the image crop and the canvas crop (NaN -> logit(pad_value)),
+both ``fov_zyx``; output: float32 logits of the same shape (``seed + update``).
+On CPU the buffers are NumPy arrays shared with torch (no copies); on cuda/xpu they are
+copied to the device once per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..model import ConvStack3D, prepare_for_inference, select_device
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU advertises AVX512_BF16 or AMX-BF16 (fast bf16 matrix work)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Predictor:
+    """Batched network calls on FOVs; ``max_batch`` FOVs at most per call."""
+
+    def __init__(self, net: ConvStack3D, fov_zyx, *, device="cpu", precision: str = "fp32",
+                 max_batch: int = 1, threads: int = 0):
+        self.device = select_device(device)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(int(threads))
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
+            raise ValueError("precision bf16 on this CPU: it lacks AVX512_BF16/AMX, where bf16 runs "
+                             "many times slower than fp32; use fp32")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.precision = precision
+        self.net = prepare_for_inference(net, self.device)
+        self.fov = tuple(int(v) for v in fov_zyx)
+        self.max_batch = int(max_batch)
+        shape = (self.max_batch, 1) + self.fov
+        self._img = np.zeros(shape, dtype=np.float32)
+        self._seed = np.zeros(shape, dtype=np.float32)
+        self._img_t = torch.from_numpy(self._img)
+        self._seed_t = torch.from_numpy(self._seed)
+        self.calls = 0
+        self.fovs = 0
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def run(self, n: int) -> np.ndarray:
+        """Runs the network on the first ``n`` FOVs of the input buffers; (n, *fov) float32."""
+        img, seed = self._img_t[:n], self._seed_t[:n]
+        if self.device.type != "cpu":
+            img = img.to(self.device, non_blocking=True)
+            seed = seed.to(self.device, non_blocking=True)
+        img = img.contiguous(memory_format=torch.channels_last_3d)
+        seed = seed.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), self._autocast():
+            out = self.net(img, seed)
+        self.calls += 1
+        self.fovs += n
+        return out[:, 0].float().cpu().numpy()
+
+    def predict(self, canvases, centers, pad_logit: float) -> np.ndarray:
+        """Logits for FOV ``centers[k]`` of ``canvases[k]`` (each has .image and .logits)."""
+        n = len(centers)
+        out = []
+        for a in range(0, n, self.max_batch):
+            b = min(n, a + self.max_batch)
+            for k in range(a, b):
+                cv, c = canvases[k], centers[k]
+                sl = cv.fov_slices(c)
+                np.copyto(self._img[k - a, 0], cv.image[sl])
+            kernels.gather_fovs([cv.logits for cv in canvases[a:b]], np.asarray(centers[a:b], dtype=np.int64),
+                                self.fov, pad_logit, self._seed[: b - a, 0])
+            out.append(self.run(b - a))
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def __call__(self, canvas, center):
+        """Single-FOV convenience: logits (fov) for ``center`` of ``canvas``."""
+        return self.predict([canvas], [center], canvas.t_pad)[0]

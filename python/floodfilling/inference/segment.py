@@ -1,0 +1,261 @@
+"""``segment``: one volume (or a bounding box of it) with the reference semantics.
+
+Resumable: between objects, at most every ``checkpoint_interval_s`` seconds, the state
+(segmentation, seed index, origins, overlaps, counters) is written atomically to
+``<OUT file>.resume.npz`` together with a manifest of what is being computed (image,
+bbox, model, options). Rerunning the same command continues from there and produces the
+identical segmentation; a manifest that does not match is an error, never a silent mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import volumes
+from ..config import InferenceConfig
+from ..model import ModelInfo, load_model
+from . import seeds as seeds_mod
+from .canvas import Canvas, CanvasState, Origin
+from .predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class SegmentError(ValueError):
+    """A user-facing problem with the inputs of ``segment`` (message names the culprit)."""
+
+
+@dataclass
+class SegmentResult:
+    segmentation: np.ndarray  # uint32, 0 = unsegmented
+    origins: dict[int, Origin]
+    overlaps: dict[int, tuple[np.ndarray, np.ndarray]]
+    counters: dict[str, float]
+    seconds: float
+    normalisation: dict[str, Any]
+
+
+def normalise_image(raw: np.ndarray, mean: float, std: float, source: str = "image") -> np.ndarray:
+    """(raw - mean) / std as float32; NaN/inf input is an error naming ``source``."""
+    img = np.asarray(raw)
+    if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
+        raise SegmentError(f"{source}: contains NaN or infinite values")
+    out = img.astype(np.float32)
+    out -= np.float32(mean)
+    out /= np.float32(std)
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# -- resumable state ---------------------------------------------------------------------
+
+def state_path_for(out_path: str | os.PathLike) -> Path:
+    p = Path(out_path)
+    return p.with_name(p.name + ".resume.npz")
+
+
+def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
+    st = canvas.state
+    ids = np.array(sorted(st.origins), dtype=np.int64)
+    org = np.array([list(st.origins[i].seed_zyx) + [st.origins[i].steps] for i in ids], dtype=np.int64).reshape(-1, 4)
+    secs = np.array([st.origins[i].seconds for i in ids], dtype=np.float64)
+    ov_rows = [(i, a, c) for i in ids for a, c in zip(*st.overlaps.get(int(i), ((), ())))]
+    ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
+             max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs, overlaps=ov,
+             counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.ndarray]:
+    try:
+        with np.load(path) as z:
+            saved = json.loads(str(z["manifest"]))
+            if saved != json.loads(json.dumps(manifest, sort_keys=True)):
+                diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+                raise SegmentError(f"{path}: resume state belongs to a different run (differs in "
+                                   f"{', '.join(diff)}); delete it or pass --overwrite")
+            st = CanvasState(segmentation=z["segmentation"].copy(), seed_index=int(z["seed_index"]),
+                             max_id=int(z["max_id"]), counters=json.loads(str(z["counters"])))
+            for i, row, s in zip(z["origin_ids"].tolist(), z["origins"].tolist(), z["origin_seconds"].tolist()):
+                st.origins[i] = Origin(tuple(row[:3]), int(row[3]), float(s))
+            ov = z["overlaps"]
+            for i in st.origins:
+                rows = ov[ov[:, 0] == i]
+                st.overlaps[i] = (rows[:, 1].copy(), rows[:, 2].copy())
+            return st, z["seeds"].copy()
+    except SegmentError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SegmentError(f"{path}: unreadable resume state ({exc}); delete it or pass --overwrite") from None
+
+
+# -- running -------------------------------------------------------------------------------
+
+def run_canvas(canvas: Canvas, predictor: Predictor, progress=None) -> None:
+    """Drives one canvas to completion (one network call per step)."""
+    gen = canvas.steps()
+    pad = canvas.t_pad
+    cvs = [canvas]
+    last_seed = canvas.state.seed_index
+    try:
+        c = next(gen)
+        while True:
+            out = predictor.predict(cvs, [c], pad)[0]
+            if progress is not None and canvas.state.seed_index != last_seed:
+                progress.update(canvas.state.seed_index - last_seed)
+                last_seed = canvas.state.seed_index
+                progress.set_postfix(objects=canvas.state.counters["objects"],
+                                     steps=canvas.state.counters["steps"], refresh=False)
+            c = gen.send(out)
+    except StopIteration:
+        pass
+    if progress is not None:
+        progress.update(canvas.state.seed_index - last_seed)
+        progress.set_postfix(objects=canvas.state.counters["objects"], steps=canvas.state.counters["steps"])
+
+
+def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo) -> dict[str, Any]:
+    if cfg.normalise == "fixed":
+        mean = info.image_mean if cfg.image_mean is None else float(cfg.image_mean)
+        std = info.image_std if cfg.image_std is None else float(cfg.image_std)
+        return {"method": "fixed", "mean": mean, "std": std}
+    return {"method": "model", "mean": info.image_mean, "std": info.image_std}
+
+
+def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
+                  resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
+                  progress: bool = False, net_and_info=None) -> SegmentResult:
+    """Segments an in-memory raw volume. ``state_path`` enables resumable runs."""
+    cfg = (config or InferenceConfig()).validate()
+    t0 = time.perf_counter()
+    net, info = net_and_info or load_model(model, "cpu")
+    if raw.ndim != 3:
+        raise SegmentError(f"image must be 3-D, got shape {raw.shape}")
+    if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
+        raise SegmentError(f"image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
+    norm = resolve_normalisation(cfg, info)
+    image = normalise_image(raw, norm["mean"], norm["std"])
+    margin = tuple(f // 2 for f in info.fov_zyx)
+    state = None
+    seeds = None
+    if state_path is not None and state_path.exists():
+        state, seeds = load_state(state_path, manifest or {})
+        log.info("resuming from %s: seed %d of %d, %d objects", state_path, state.seed_index, len(seeds),
+                 len(state.origins))
+    if seeds is None:
+        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, resolution_zyx,
+                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+    canvas = Canvas(image, seeds, cfg, info.fov_zyx, info.deltas_zyx, state=state)
+    predictor = Predictor(net, info.fov_zyx, device=cfg.device, precision=cfg.precision, threads=cfg.threads)
+    if state_path is not None and cfg.checkpoint_interval_s > 0:
+        last = [time.monotonic()]
+
+        def maybe_save(cv: Canvas) -> None:
+            if time.monotonic() - last[0] >= cfg.checkpoint_interval_s:
+                save_state(state_path, cv, manifest or {})
+                last[0] = time.monotonic()
+
+        canvas.on_object_done = maybe_save
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(seeds), initial=canvas.state.seed_index, unit="seed", desc="segment",
+                   dynamic_ncols=True)
+    try:
+        run_canvas(canvas, predictor, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return SegmentResult(canvas.final_segmentation(), canvas.state.origins, canvas.state.overlaps,
+                         dict(canvas.state.counters), time.perf_counter() - t0, norm)
+
+
+def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
+            bbox: str | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
+    """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
+    cfg = (config or InferenceConfig()).validate()
+    out_path, out_ds = volumes.parse_volume_spec(out_spec)
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise SegmentError(f"output {out_path} exists; pass --overwrite to replace it")
+    with volumes.open_volume(image_spec) as vol:
+        box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
+        box.validate(vol.shape)
+        raw = vol.read(box)
+        res = vol.resolution_zyx_nm
+    net, info = load_model(model, "cpu")
+    model_path = Path(info.source)
+    manifest = {
+        "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
+        "bbox": [list(box.start), list(box.stop)],
+        "model": _file_digest(model_path),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s")},
+    }
+    sp = state_path_for(out_path)
+    if overwrite and sp.exists():
+        sp.unlink()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
+                           progress=progress, net_and_info=(net, info))
+    write_result(out_path, out_ds, result, attrs={
+        "resolution_zyx_nm": list(res) if res is not None else None,
+        "bbox_zyx": [list(box.start), list(box.stop)],
+        "source_image": image_spec,
+        "model": info.source,
+        "config": json.dumps(cfg.to_dict()),
+        "normalisation": json.dumps(result.normalisation),
+        "counters": json.dumps(result.counters),
+    }, overwrite=overwrite)
+    if sp.exists():
+        sp.unlink()
+    return result
+
+
+ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
+OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
+
+
+def origins_table(origins: dict[int, Origin]) -> np.ndarray:
+    ids = sorted(origins)
+    tab = np.zeros(len(ids), dtype=ORIGIN_DTYPE)
+    for r, i in enumerate(ids):
+        o = origins[i]
+        tab[r] = (i, *o.seed_zyx, o.steps, o.seconds)
+    return tab
+
+
+def overlaps_table(overlaps) -> np.ndarray:
+    rows = [(i, a, c) for i in sorted(overlaps) for a, c in zip(*overlaps[i])]
+    return np.array(rows, dtype=OVERLAP_DTYPE)
+
+
+def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool) -> None:
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    volumes.write_hdf5_atomic(
+        out_path,
+        {ds: result.segmentation, f"{ds}_origins": origins_table(result.origins),
+         f"{ds}_overlaps": overlaps_table(result.overlaps)},
+        attrs={ds: attrs},
+        overwrite=overwrite,
+    )

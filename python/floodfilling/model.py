@@ -1,0 +1,259 @@
+"""The FFN network (``ConvStack3D``), weight import/export and device selection.
+
+Tensor layout: inputs are ``(N, C, z, y, x)`` with ``C = 2`` channels in this order:
+the normalised image and the seed logits. The network returns *logits*
+``seed_logits + update`` with shape ``(N, 1, z, y, x)`` ("same" convolutions: the
+prediction covers the whole FOV).
+
+Model files are ``.npz`` archives holding the reference's TF-layout arrays
+(``conv0_a/weights`` ``[kz, ky, kx, in, out]``, ``conv0_a/biases`` ...) plus a
+``__meta__`` entry (UTF-8 JSON as uint8) with the architecture, geometry, inference
+settings and the intensity statistics the model was trained with. The bundled FIB-25
+model (google/ffn, Apache-2.0) ships in ``floodfilling/models/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL_NAME = "fib25_convstack3d_depth12.npz"
+
+
+class ModelError(ValueError):
+    """An unusable model file (missing arrays, wrong shapes, unknown architecture)."""
+
+
+class ConvStack3D(nn.Module):
+    """The reference "convstack_3d" FFN.
+
+    conv0_a (in->F, ReLU) -> conv0_b (F->F) -> (depth-1) x residual module
+    ``x = x + conv_i_b(relu(conv_i_a(relu(x))))`` -> ReLU -> conv_lom 1x1x1 (F->1).
+    The output is an additive update of the seed channel (``logits = seed + update``).
+    """
+
+    def __init__(self, depth: int = 12, features: int = 32, in_channels: int = 2):
+        super().__init__()
+        if depth < 1:
+            raise ModelError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+        self.features = features
+        self.in_channels = in_channels
+        self.conv0_a = nn.Conv3d(in_channels, features, 3, padding=1)
+        self.conv0_b = nn.Conv3d(features, features, 3, padding=1)
+        self.res_a = nn.ModuleList(nn.Conv3d(features, features, 3, padding=1) for _ in range(depth - 1))
+        self.res_b = nn.ModuleList(nn.Conv3d(features, features, 3, padding=1) for _ in range(depth - 1))
+        self.conv_lom = nn.Conv3d(features, 1, 1)
+
+    def forward(self, image: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        """``image``, ``seed``: (N, 1, z, y, x). Returns logits (N, 1, z, y, x)."""
+        x = torch.cat([image, seed], dim=1)
+        x = torch.relu(self.conv0_a(x))
+        x = self.conv0_b(x)
+        for ca, cb in zip(self.res_a, self.res_b):
+            x = x + cb(torch.relu(ca(torch.relu(x))))
+        x = torch.relu(x)
+        return seed + self.conv_lom(x)
+
+    # -- reference weight names ------------------------------------------------
+    def _named_convs(self):
+        yield "conv0_a", self.conv0_a
+        yield "conv0_b", self.conv0_b
+        for i, (ca, cb) in enumerate(zip(self.res_a, self.res_b), start=1):
+            yield f"conv{i}_a", ca
+            yield f"conv{i}_b", cb
+        yield "conv_lom", self.conv_lom
+
+    def load_reference_arrays(self, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> None:
+        """Loads TF-layout arrays ``name/weights`` [kz,ky,kx,in,out] and ``name/biases``."""
+        expected = set()
+        for name, conv in self._named_convs():
+            wk, bk = f"{name}/weights", f"{name}/biases"
+            expected |= {wk, bk}
+            if wk not in arrays or bk not in arrays:
+                raise ModelError(f"{source}: missing array {wk!r} or {bk!r} for a depth-{self.depth} model")
+            w = np.asarray(arrays[wk], dtype=np.float32)
+            want = tuple(conv.weight.shape[2:]) + (conv.in_channels, conv.out_channels)
+            if w.shape != want:
+                raise ModelError(f"{source}: {wk} has shape {w.shape}, expected {want}")
+            b = np.asarray(arrays[bk], dtype=np.float32)
+            if b.shape != (conv.out_channels,):
+                raise ModelError(f"{source}: {bk} has shape {b.shape}, expected ({conv.out_channels},)")
+            with torch.no_grad():
+                conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.transpose(4, 3, 0, 1, 2))))
+                conv.bias.copy_(torch.from_numpy(b))
+        extra = sorted(k for k in arrays if k not in expected and not k.startswith("__"))
+        if extra:
+            raise ModelError(f"{source}: unexpected arrays {extra[:4]} (is this a deeper model?)")
+
+    def reference_arrays(self) -> dict[str, np.ndarray]:
+        """The inverse of :meth:`load_reference_arrays`."""
+        out = {}
+        for name, conv in self._named_convs():
+            w = conv.weight.detach().cpu().numpy()
+            out[f"{name}/weights"] = np.ascontiguousarray(w.transpose(2, 3, 4, 1, 0))
+            out[f"{name}/biases"] = conv.bias.detach().cpu().numpy().copy()
+        return out
+
+
+@dataclass
+class ModelInfo:
+    """Everything about a model file besides its weights (zyx order throughout)."""
+
+    depth: int = 12
+    features: int = 32
+    fov_zyx: tuple[int, int, int] = (33, 33, 33)
+    deltas_zyx: tuple[int, int, int] = (8, 8, 8)
+    # Intensity statistics of the training data: the image is fed as (x - mean) / std.
+    image_mean: float = 128.0
+    image_std: float = 33.0
+    # Quantiles of the training intensities (for histogram matching), or None.
+    intensity_quantiles: list[float] | None = None
+    # Whether image_mean/std were recorded in the file (False: reference fallback).
+    stats_recorded: bool = True
+    # Inference settings the model was trained for (probabilities, as in the reference).
+    inference: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def bundled_model_path() -> Path:
+    """Path of the bundled FIB-25 model (google/ffn weights, Apache-2.0)."""
+    return Path(str(resources.files("floodfilling") / "models" / BUNDLED_MODEL_NAME))
+
+
+def _parse_meta(raw: Any, source: str) -> dict[str, Any]:
+    try:
+        return json.loads(bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8"))
+    except Exception as exc:  # noqa: BLE001 - reported with the file name
+        raise ModelError(f"{source}: __meta__ is not UTF-8 JSON ({exc})") from None
+
+
+def _xyz_to_zyx(v) -> tuple[int, int, int]:
+    return tuple(int(x) for x in reversed(list(v)))  # type: ignore[return-value]
+
+
+def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
+    """Builds ModelInfo from a model file's metadata (reference keys are x, y, z)."""
+    if meta.get("model", "convstack_3d") != "convstack_3d":
+        raise ModelError(f"{source}: unsupported architecture {meta.get('model')!r} (expected convstack_3d)")
+    inf = dict(meta.get("inference_settings", {}))
+    fov = meta.get("fov_zyx") or (_xyz_to_zyx(meta["fov_size_xyz"]) if "fov_size_xyz" in meta else (33, 33, 33))
+    deltas = meta.get("deltas_zyx") or (_xyz_to_zyx(meta["deltas_xyz"]) if "deltas_xyz" in meta else (8, 8, 8))
+    stats = meta.get("intensity", {})
+    mean = stats.get("mean", inf.get("image_mean"))
+    std = stats.get("std", inf.get("image_stddev"))
+    recorded = mean is not None and std is not None
+    if not recorded:
+        log.warning("%s records no intensity statistics; using the reference's mean 128, std 33", source)
+        mean, std = 128.0, 33.0
+    info = ModelInfo(
+        depth=int(meta.get("depth", 12)),
+        features=int(meta.get("features", 32)),
+        fov_zyx=tuple(int(v) for v in fov),  # type: ignore[arg-type]
+        deltas_zyx=tuple(int(v) for v in deltas),  # type: ignore[arg-type]
+        image_mean=float(mean),
+        image_std=float(std),
+        intensity_quantiles=stats.get("quantiles"),
+        stats_recorded=recorded,
+        inference=inf,
+        source=source,
+        meta=meta,
+    )
+    if any(f % 2 == 0 or f < 3 for f in info.fov_zyx):
+        raise ModelError(f"{source}: FOV {info.fov_zyx} must be odd and >= 3 on every axis")
+    return info
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[ConvStack3D, ModelInfo]:
+    """Loads a model file (``.npz``; a training checkpoint directory holds ``model.npz``).
+
+    ``path=None`` loads the bundled FIB-25 model. Returns the network in eval mode on
+    ``device`` and its :class:`ModelInfo`.
+    """
+    p = bundled_model_path() if path is None else Path(path)
+    if p.is_dir():
+        cand = p / "model.npz"
+        if not cand.exists():
+            raise ModelError(f"{p}: directory holds no model.npz")
+        p = cand
+    if not p.exists():
+        raise ModelError(f"model file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - reported with the file name
+        raise ModelError(f"{p}: not a readable .npz model file ({exc.__class__.__name__}: {exc})") from None
+    meta = _parse_meta(arrays.pop("__meta__"), str(p)) if "__meta__" in arrays else {}
+    if not meta:
+        log.warning("%s has no __meta__; assuming the reference FIB-25 geometry", p)
+    info = info_from_meta(meta, str(p))
+    net = ConvStack3D(depth=info.depth, features=info.features)
+    net.load_reference_arrays(arrays, str(p))
+    net.eval()
+    net = net.to(select_device(device))
+    return net, info
+
+
+def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) -> None:
+    """Writes ``net`` in the reference layout with ``meta`` as ``__meta__`` (atomically)."""
+    arrays = net.reference_arrays()
+    meta = dict(meta, model="convstack_3d", depth=net.depth, features=net.features)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    p = Path(path)
+    tmp = p.with_name(p.name + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, p)
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then xpu, then cpu. An unavailable device is a ValueError."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _xpu_available():
+            return torch.device("xpu")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build has no usable CUDA device")
+        return torch.device(name)
+    if kind == "xpu":
+        if not _xpu_available():
+            raise ValueError(f"--device {device}: no Intel XPU device (torch.xpu) is available")
+        return torch.device(name)
+    raise ValueError(f"--device {device!r}: expected auto, cpu, cuda[:N] or xpu[:N]")
+
+
+def _xpu_available() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    try:  # Older torch: Intel Extension for PyTorch provides the device.
+        import intel_extension_for_pytorch  # noqa: F401
+
+        return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+    except ImportError:
+        return False
+
+
+def prepare_for_inference(net: ConvStack3D, device: torch.device) -> ConvStack3D:
+    """Channels-last 3-D memory format (fastest for Conv3d on CPU and GPU)."""
+    return net.to(device=device, memory_format=torch.channels_last_3d)
