@@ -84,7 +84,14 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), device=args.device or "auto", threads=args.threads or 0, progress=not args.quiet)
+    from .evaluation import format_report
+
+    r = run_demo(Path(args.out), device=args.device or "auto", threads=args.threads or 0, progress=not args.quiet)
+    c = r.segment.counters
+    print(f"segmented the bundled FIB-25 crop: {int(c['objects'])} objects, {int(c['steps'])} FOV steps, "
+          f"{r.segment.seconds:.1f} s")
+    print(format_report(r.evaluation))
+    print(f"wrote {r.segmentation_path}, {r.png_path}, {r.report_path}")
     return 0
 
 

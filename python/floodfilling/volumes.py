@@ -620,7 +620,9 @@ def write_hdf5_atomic(
     arrays = {}
     for name, arr in datasets.items():
         arr = np.asarray(arr)
-        if arr.dtype.kind not in "biuf":
+        compound = arr.dtype.names is not None and all(
+            arr.dtype.fields[n][0].kind in "biuf" for n in arr.dtype.names)  # tables (origins, ...)
+        if arr.dtype.kind not in "biuf" and not compound:
             raise VolumeError(f"{target}:{name}: unsupported dtype {arr.dtype}")
         arrays[str(name).strip("/")] = arr
 

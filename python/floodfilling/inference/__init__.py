@@ -1,0 +1,1 @@
+"""Inference: seeds, the exact flood-fill canvas, the network predictor, drivers."""

@@ -1,0 +1,82 @@
+"""Many subvolumes in flight: one FOV of each active canvas per batched network call.
+
+Within one subvolume FFN inference is a chain (each step depends on the previous one), so
+the parallelism that feeds a GPU is *across* subvolumes. The engine keeps up to ``K``
+canvases active; every round it collects the next FOV centre of each, runs the network
+once on the batch (or, with ``max_batch=1`` on CPU where batch 1 is fastest per FOV, once
+per FOV), and sends each canvas its logits. A finished canvas is replaced by the next
+waiting job. Each canvas only ever sees its own FOVs, so its result is the one it would
+get alone (bit for bit whenever the network returns the same logits for a FOV regardless
+of its batch-mates, as it does at batch 1 and in fp32 on the CPU).
+
+No Python thread per canvas: canvases are generators (:meth:`Canvas.steps`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .canvas import Canvas
+from .predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One subvolume: ``make()`` builds its canvas when a slot frees (keeps memory ~K canvases)."""
+
+    key: object
+    make: Callable[[], Canvas]
+
+
+def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
+             on_done: Callable[[object, Canvas], None] | None = None, progress=None) -> dict[object, Canvas]:
+    """Runs every job to completion with up to ``inflight`` canvases active.
+
+    ``on_done(key, canvas)`` is called as each canvas finishes (write its result there and
+    drop it to keep memory at K canvases); returns {key: canvas} when ``on_done`` is None.
+    """
+    if inflight < 1:
+        raise ValueError(f"inflight (K) must be >= 1, got {inflight}")
+    waiting = deque(jobs)
+    active: list[tuple[object, Canvas, object, tuple]] = []  # (key, canvas, generator, centre)
+    results: dict[object, Canvas] = {}
+
+    def finish(key, cv):
+        if progress is not None:
+            progress.update(1)
+        if on_done is not None:
+            on_done(key, cv)
+        else:
+            results[key] = cv
+
+    def admit():
+        while len(active) < inflight and waiting:
+            job = waiting.popleft()
+            cv = job.make()
+            gen = cv.steps()
+            try:
+                c = next(gen)
+            except StopIteration:
+                finish(job.key, cv)
+                continue
+            active.append((job.key, cv, gen, c))
+
+    admit()
+    while active:
+        canvases = [a[1] for a in active]
+        centres = [a[3] for a in active]
+        logits = predictor.predict(canvases, centres, canvases[0].t_pad)
+        still = []
+        for (key, cv, gen, _), out in zip(active, logits):
+            try:
+                still.append((key, cv, gen, gen.send(out)))
+            except StopIteration:
+                finish(key, cv)
+        active = still
+        admit()
+    return results

@@ -1,0 +1,139 @@
+"""`ffn segment` end to end: outputs, resumability after SIGKILL, and one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from floodfilling.cli import main
+
+CROP = (slice(100, 148), slice(90, 170), slice(90, 170))  # 48 x 80 x 80, ~30-60 FOV steps
+
+
+@pytest.fixture(scope="module")
+def crop_file(tmp_path_factory, fib25):
+    p = tmp_path_factory.mktemp("data") / "crop.h5"
+    with h5py.File(p, "w") as f:
+        d = f.create_dataset("raw", data=fib25[0][CROP])
+        d.attrs["resolution_zyx_nm"] = [10, 10, 10]
+        f.create_dataset("labels", data=fib25[1][CROP])
+        f.create_dataset("flat", data=np.zeros((40, 40), np.uint8))
+        f.create_dataset("tiny", data=np.zeros((20, 40, 40), np.uint8))
+        nan = np.zeros((40, 40, 40), np.float32)
+        nan[3, 3, 3] = np.nan
+        f.create_dataset("nan", data=nan)
+    return p
+
+
+def ffn(*args):
+    return subprocess.run([sys.executable, "-m", "floodfilling.cli", *map(str, args)], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(crop_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "seg.h5"
+    r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def read_out(path):
+    with h5py.File(path, "r") as f:
+        return f["seg"][:], f["seg_origins"][:], dict(f["seg"].attrs)
+
+
+def test_segment_writes_outputs(reference_run, crop_file):
+    seg, origins, attrs = read_out(reference_run)
+    assert seg.dtype == np.uint32 and seg.shape == (48, 80, 80)
+    assert len(origins) == seg.max() >= 2
+    assert list(attrs["resolution_zyx_nm"]) == [10, 10, 10]
+    assert set(np.unique(seg)) == {0} | set(origins["id"].tolist())
+    for o in origins:  # every object contains its seed
+        assert seg[o["z"], o["y"], o["x"]] == o["id"]
+    assert not any(p.name.endswith((".resume.npz",)) or ".tmp-" in p.name for p in reference_run.parent.iterdir())
+
+
+def test_resume_after_sigkill(reference_run, crop_file, tmp_path):
+    out = tmp_path / "seg.h5"
+    state = tmp_path / "seg.h5.resume.npz"
+    cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
+           "--threads", "1", "--checkpoint-interval", "0.001"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not state.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-written
+    with np.load(state) as z:
+        done_seeds = int(z["seed_index"])
+        total = len(z["seeds"])
+    assert 0 < done_seeds < total
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert not state.exists()
+    seg, origins, _ = read_out(out)
+    seg0, origins0, _ = read_out(reference_run)
+    assert np.array_equal(seg, seg0)
+    for col in ("id", "z", "y", "x", "steps"):
+        assert np.array_equal(origins[col], origins0[col])
+
+
+def test_existing_output_needs_overwrite(reference_run, crop_file, capsys):
+    before = reference_run.read_bytes()
+    assert main(["segment", f"{crop_file}:raw", f"{reference_run}:seg", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ffn: error:") and "--overwrite" in err and str(reference_run) in err
+    assert reference_run.read_bytes() == before
+
+
+@pytest.mark.parametrize("spec_fmt, words", [
+    ("{d}/missing.h5:raw", ["missing.h5"]),
+    ("{crop}:nope", ["nope", "raw"]),  # names the dataset and lists what is there
+    ("{crop}:flat", ["flat", "3-D"]),
+    ("{crop}:tiny", ["smaller", "FOV"]),
+    ("{crop}:nan", ["NaN"]),
+])
+def test_bad_inputs_one_line_exit_2(spec_fmt, words, crop_file, tmp_path, capsys):
+    spec = spec_fmt.format(d=tmp_path, crop=crop_file)
+    out = tmp_path / "o.h5"
+    assert main(["segment", spec, f"{out}:seg", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ffn: error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+def test_bad_bbox_and_model(crop_file, tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    assert main(["segment", f"{crop_file}:raw", f"{out}:seg", "--bbox", "0,0,0:60,10,10", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "0,0,0:60,10,10" in err or "60" in err
+    bad = tmp_path / "model.npz"
+    bad.write_bytes(b"garbage")
+    assert main(["segment", f"{crop_file}:raw", f"{out}:seg", "--model", str(bad), "-q"]) == 2
+    assert "model.npz" in capsys.readouterr().err
+    assert main(["segment", f"{crop_file}:raw", f"{out}:seg", "--set", "move_threshold=2", "-q"]) == 2
+    assert "move_threshold" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_config_toml_roundtrip(tmp_path, capsys):
+    from floodfilling.config import InferenceConfig
+
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert "# Voxels with at least this probability become part of the object." in text
+    p = tmp_path / "c.toml"
+    p.write_text(text.replace("min_segment_size = 1000", "min_segment_size = 500"))
+    cfg = InferenceConfig.from_toml(p)
+    assert cfg.min_segment_size == 500 and cfg.move_threshold == 0.9
