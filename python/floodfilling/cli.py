@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the default inference options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
+
+    try:  # training subcommands (prepare, train) live with the training package
+        from .training.cli import add_parsers as add_training_parsers
+    except ImportError:  # pragma: no cover - training package not present
+        add_training_parsers = None
+    if add_training_parsers is not None:
+        add_training_parsers(sub)
     return ap
 
 

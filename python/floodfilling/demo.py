@@ -54,7 +54,7 @@ def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bo
     if state.exists():
         state.unlink()
     png = out_dir / "demo_slices.png"
-    viz.write_png(png, viz.orthogonal_slices(raw, res.segmentation))
+    viz.write_png(png, viz.orthogonal_slices(raw, res.segmentation, zoom=3))
     report = out_dir / "demo_evaluation.json"
     volumes.atomic_write_bytes(report, (json.dumps({"counters": res.counters, "seconds": res.seconds,
                                                      "evaluation": ev}, indent=2) + "\n").encode())

@@ -33,11 +33,12 @@ def overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nda
     return rgb.astype(np.uint8)
 
 
-def orthogonal_slices(raw: np.ndarray, labels: np.ndarray, center=None, gap: int = 4) -> np.ndarray:
-    """Side by side: the yx plane at z=c0, the zx plane at y=c1, the zy plane at x=c2."""
+def orthogonal_slices(raw: np.ndarray, labels: np.ndarray, center=None, gap: int = 4, zoom: int = 1) -> np.ndarray:
+    """Side by side: the yx plane at z=c0, the zx plane at y=c1, the zy plane at x=c2
+    (each enlarged ``zoom`` times, nearest neighbour)."""
     c = [s // 2 for s in raw.shape] if center is None else list(center)
     planes = [(raw[c[0]], labels[c[0]]), (raw[:, c[1]], labels[:, c[1]]), (raw[:, :, c[2]], labels[:, :, c[2]])]
-    imgs = [overlay(r, l) for r, l in planes]
+    imgs = [overlay(r, l).repeat(zoom, axis=0).repeat(zoom, axis=1) for r, l in planes]
     h = max(i.shape[0] for i in imgs)
     w = sum(i.shape[1] for i in imgs) + gap * (len(imgs) - 1)
     out = np.full((h, w, 3), 255, np.uint8)
