@@ -1,0 +1,360 @@
+"""Microbenchmarks: each native kernel vs its NumPy/scikit-image reference.
+
+Every kernel is first checked against its reference on the benchmark input (exact
+equality), then both are timed alternately ``--repeat`` times; the table reports medians.
+Results are printed as JSON and written to ``bench/results/kernels-<machine>.json`` where
+``<machine>`` is the slugified CPU model plus the core count.
+
+    python bench/kernels.py                # full sizes (needs ~2 GB RAM, a few minutes)
+    python bench/kernels.py --quick        # small sizes, smoke test
+
+Sizes (full): FOV update of 32 FOVs of 33^3 into one 250^3 canvas and into 32 distinct
+canvases; FOV gather of the same; peak finding on the 250^3 FIB-25 distance map (the
+seed pipeline: Sobel magnitude > its Gaussian blur, EDT, + 1e-4 noise; a synthetic edge
+map when the data file is missing); pair counting / relabel on 64x256x256 uint64 label
+arrays with ~1000 ids; union-find on 200k edges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from floodfilling import kernels as K
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fib25_train_250.h5"
+TARGETS = {"update_fovs": 10.0, "find_peaks": 5.0, "count_pairs": 10.0}
+
+
+# ----------------------------------------------------------------------- machine id
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def machine_id() -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    slug = re.sub(r"-(r|tm)-", "-", f"-{slug}-").strip("-")
+    return f"{slug}-{os.cpu_count()}c"
+
+
+# ------------------------------------------------------------------------- timing
+
+
+def bench_pair(name, size, ref_fn, nat_fn, repeat, target=None, setup=None):
+    """Alternate reference and native runs; medians and per-round speedup median."""
+    ref_t, nat_t = [], []
+    for _ in range(repeat):
+        for fn, acc in ((ref_fn, ref_t), (nat_fn, nat_t)):
+            state = setup() if setup else None
+            t0 = time.perf_counter()
+            fn(state) if setup else fn()
+            acc.append(time.perf_counter() - t0)
+    ref_s, nat_s = statistics.median(ref_t), statistics.median(nat_t)
+    row = {
+        "kernel": name,
+        "size": size,
+        "reference_s": ref_s,
+        "native_s": nat_s,
+        "speedup": ref_s / nat_s,
+        "speedup_round_median": statistics.median(r / n for r, n in zip(ref_t, nat_t)),
+        "reference_runs_s": ref_t,
+        "native_runs_s": nat_t,
+    }
+    if target is not None:
+        row["target"] = target
+        row["meets_target"] = row["speedup"] >= target
+    print(f"  {name:<34} {size:<40} ref {ref_s * 1e3:9.2f} ms  native {nat_s * 1e3:8.3f} ms"
+          f"  x{row['speedup']:7.1f}", file=sys.stderr)
+    return row
+
+
+# ---------------------------------------------------------------------- FOV update
+
+
+def fov_inputs(rng, k, canvas_shape, distinct, fov=33):
+    n_canvases = k if distinct else 1
+    canvases = []
+    for _ in range(n_canvases):
+        c = np.full(canvas_shape, np.nan, np.float32)
+        # a partially predicted canvas: a blob of logits around the middle
+        sl = tuple(slice(s // 4, 3 * s // 4) for s in canvas_shape)
+        c[sl] = rng.standard_normal(c[sl].shape).astype(np.float32) * 3
+        canvases.append(c)
+    if not distinct:
+        canvases = canvases * k
+    h = fov // 2
+    centers = np.stack([rng.integers(h, s - h, k) for s in canvas_shape], axis=1)
+    logits = (rng.standard_normal((k, fov, fov, fov)) * 3 + 1).astype(np.float32)
+    return canvases, logits, centers
+
+
+def check_update(canvases, logits, centers, kw):
+    def cp(cv):
+        memo = {}
+        return [memo.setdefault(id(c), c.copy()) for c in cv]
+
+    cn, cr, ln, lr = cp(canvases), cp(canvases), logits.copy(), logits.copy()
+    sn, on = K.update_fovs(cn, ln, centers, **kw)
+    sr, orf = K.update_fovs_reference(cr, lr, centers, **kw)
+    assert np.array_equal(sn.view(np.uint32), sr.view(np.uint32)), "update_fovs scores differ"
+    assert np.array_equal(on, orf), "update_fovs offsets differ"
+    assert np.array_equal(ln.view(np.uint32), lr.view(np.uint32)), "written logits differ"
+    for a, b in zip(cn, cr):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), "canvases differ"
+
+
+def bench_fov(rng, repeat, quick):
+    rows = []
+    kw = dict(move_threshold=2.1972245773362196, deltas=(8, 8, 8), disco_seed_threshold=0.0)
+    cshape = (96, 96, 96) if quick else (250, 250, 250)
+    dshape = (64, 64, 64) if quick else (96, 96, 96)
+    k = 32
+    for label, shape, distinct in ((f"32 FOVs 33^3 -> one {cshape[0]}^3 canvas", cshape, False),
+                                   (f"32 FOVs 33^3 -> 32 {dshape[0]}^3 canvases", dshape, True)):
+        canvases, logits, centers = fov_inputs(rng, k, shape, distinct)
+        check_update(canvases, logits, centers, kw)
+        work = logits.copy()
+
+        def setup():
+            np.copyto(work, logits)  # fresh network output each round (in-place API)
+            return work
+
+        rows.append(bench_pair("update_fovs", label,
+                               lambda w: K.update_fovs_reference(canvases, w, centers, **kw),
+                               lambda w: K.update_fovs(canvases, w, centers, **kw),
+                               repeat, TARGETS["update_fovs"], setup=setup))
+        out = np.empty((k, 33, 33, 33), np.float32)
+        ref = K.gather_fovs_reference(canvases, centers, 33, -2.944)
+        K.gather_fovs(canvases, centers, 33, -2.944, out)
+        assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), "gather differs"
+        rows.append(bench_pair("gather_fovs", label,
+                               lambda: K.gather_fovs_reference(canvases, centers, 33, -2.944, out),
+                               lambda: K.gather_fovs(canvases, centers, 33, -2.944, out),
+                               repeat))
+
+    # per-step latency (K = 1), the inference hot path
+    canvases, logits, centers = fov_inputs(rng, 1, cshape, False)
+    work = logits.copy()
+    n_calls = 200
+
+    def many(fn):
+        def run():
+            for _ in range(n_calls):
+                fn(canvases, work, centers, **kw)
+        return run
+
+    row = bench_pair("update_fovs K=1 (per call)", "1 FOV 33^3, x200 calls",
+                     many(K.update_fovs_reference), many(K.update_fovs), max(3, repeat))
+    row["reference_s"] /= n_calls
+    row["native_s"] /= n_calls
+    rows.append(row)
+    # binding overhead: a 1^3 FOV with deltas 0 does (almost) no work
+    one_c, one_l, one_x = [np.zeros((3, 3, 3), np.float32)], np.zeros((1, 1, 1, 1), np.float32), \
+        np.ones((1, 3), np.int64)
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        K.update_fovs(one_c, one_l, one_x, move_threshold=0.9, deltas=0)
+    t_py = (time.perf_counter() - t0) / n
+    raw = K._native()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        raw.update_fovs(one_c, one_l, one_x, 0.9, (0, 0, 0), 0.0)
+    t_raw = (time.perf_counter() - t0) / n
+    print(f"  call overhead: update_fovs {t_py * 1e6:.2f} us (binding alone {t_raw * 1e6:.2f} us)",
+          file=sys.stderr)
+    rows.append({"kernel": "update_fovs call overhead", "size": "1 FOV 1^3, deltas 0",
+                 "native_s": t_py, "binding_only_s": t_raw})
+    return rows
+
+
+# -------------------------------------------------------------------------- peaks
+
+
+def distance_map(quick):
+    """The seed pipeline's distance map (float64) on FIB-25, or a synthetic one."""
+    if not quick and DATA.exists():
+        try:
+            import h5py
+
+            with h5py.File(DATA, "r") as f:
+                raw = f["raw"][...]
+            img = raw.astype(np.float32)
+            img = (img - img.mean()) / img.std()
+            mag = ndimage.generic_gradient_magnitude(img, ndimage.sobel)
+            edges = mag > ndimage.gaussian_filter(mag, 49.0 / 6.0, mode="reflect")
+            source = "fib25_train_250 raw (Sobel edges)"
+        except ImportError:
+            edges = None
+    else:
+        edges = None
+    if edges is None:
+        shape = (96, 96, 96) if quick else (250, 250, 250)
+        rs = np.random.RandomState(0)
+        edges = ndimage.gaussian_filter(rs.random_sample(shape).astype(np.float32), 2) > 0.5
+        source = "synthetic random edge map"
+    dt = ndimage.distance_transform_edt(~edges).astype(np.float32)
+    return dt + 1e-4 * np.random.RandomState(42).random_sample(dt.shape), source
+
+
+def bench_peaks(repeat, quick):
+    dmap, source = distance_map(quick)
+    got = K.find_peaks(dmap, min_distance=3, threshold=0.0)
+    want = K.find_peaks_reference(dmap, min_distance=3, threshold=0.0)
+    assert np.array_equal(got, want), "find_peaks differs from skimage"
+    size = f"{'x'.join(map(str, dmap.shape))} float64, {len(got)} peaks"
+    print(f"  distance map: {source}: {len(got)} peaks", file=sys.stderr)
+    row = bench_pair("find_peaks", size, lambda: K.find_peaks_reference(dmap),
+                     lambda: K.find_peaks(dmap), repeat, TARGETS["find_peaks"])
+    row["source"] = source
+    rows = [row]
+    d32 = dmap.astype(np.float32)
+    assert np.array_equal(K.find_peaks(d32), K.find_peaks_reference(d32))
+    rows.append(bench_pair("find_peaks (float32)", size.replace("float64", "float32"),
+                           lambda: K.find_peaks_reference(d32), lambda: K.find_peaks(d32),
+                           repeat))
+    return rows
+
+
+# ---------------------------------------------------------------------- reconcile
+
+
+def voronoi_labels(shape, n_ids, rng, jitter=0, points_seed=0):
+    """Labels of the nearest of n_ids random seeds (a blocky, segmentation-like volume);
+    ids are random values < 2^31 drawn from rng.  The seed points come from points_seed;
+    jitter moves them (another block's segmentation of the same objects)."""
+    prng = np.random.default_rng(points_seed)
+    pts = np.stack([prng.integers(0, s, n_ids) for s in shape], axis=1)
+    if jitter:
+        pts = np.clip(pts + rng.integers(-jitter, jitter + 1, pts.shape), 0, np.array(shape) - 1)
+    mask = np.ones(shape, bool)
+    mask[tuple(pts.T)] = False
+    _, idx = ndimage.distance_transform_edt(mask, return_indices=True)
+    ids = np.zeros(shape, np.int64)
+    ids[tuple(pts.T)] = np.arange(1, n_ids + 1)
+    lut = np.concatenate([[0], rng.choice(2**31, n_ids, replace=False)]).astype(np.uint64)
+    return lut[ids[tuple(idx)]]
+
+
+def bench_reconcile(rng, repeat, quick):
+    shape = (16, 64, 64) if quick else (64, 256, 256)
+    a = voronoi_labels(shape, 1000, rng)
+    b = voronoi_labels(shape, 1000, rng, jitter=4)
+    b[rng.random(shape) < 0.01] = 0  # a little unlabelled space
+    p, c = K.count_pairs(a, b)
+    rp, rc = K.count_pairs_reference(a, b)
+    assert np.array_equal(p, rp) and np.array_equal(c, rc), "count_pairs differs"
+    size = f"{'x'.join(map(str, shape))} uint64, {len(np.unique(a))}+{len(np.unique(b))} ids"
+    rows = [bench_pair("count_pairs", size + f", {len(p)} pairs",
+                       lambda: K.count_pairs_reference(a, b), lambda: K.count_pairs(a, b),
+                       repeat, TARGETS["count_pairs"])]
+    # random (worst case: no runs) labels
+    ra = rng.integers(0, 1000, shape).astype(np.uint64)
+    rb = rng.integers(0, 1000, shape).astype(np.uint64)
+    p, c = K.count_pairs(ra, rb)
+    rp, rc = K.count_pairs_reference(ra, rb)
+    assert np.array_equal(p, rp) and np.array_equal(c, rc), "count_pairs differs (random)"
+    rows.append(bench_pair("count_pairs (i.i.d. random labels)",
+                           f"{'x'.join(map(str, shape))} uint64, {len(p)} pairs",
+                           lambda: K.count_pairs_reference(ra, rb),
+                           lambda: K.count_pairs(ra, rb), repeat))
+
+    keys = np.unique(a)[::2]
+    values = keys // np.uint64(3) + np.uint64(7)
+    want = K.relabel_reference(a.copy(), keys, values)
+    assert np.array_equal(K.relabel(a.copy(), keys, values), want), "relabel differs"
+    work = a.copy()
+
+    def setup():
+        np.copyto(work, a)
+        return work
+
+    rows.append(bench_pair("relabel", f"{'x'.join(map(str, shape))} uint64, {len(keys)} keys",
+                           lambda w: K.relabel_reference(w, keys, values),
+                           lambda w: K.relabel(w, keys, values), repeat, setup=setup))
+
+    m = 20000 if quick else 200000
+    edges = rng.integers(0, m, (m, 2)).astype(np.uint64) * np.uint64(977)
+    got, want = K.union_find(edges), K.union_find_reference(edges)
+    assert all(np.array_equal(x, y) for x, y in zip(got, want)), "union_find differs"
+    rows.append(bench_pair("union_find", f"{m} random edges", lambda: K.union_find_reference(edges),
+                           lambda: K.union_find(edges), repeat))
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=5, help="timed rounds per kernel (median)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--threads", type=int, default=0, help="native threads (0 = default)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: "
+                    "bench/results/kernels-<machine>.json; not written with --quick)")
+    args = ap.parse_args(argv)
+    if not K.HAVE_NATIVE:
+        sys.exit("floodfilling._kernels is not built")
+    K.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"machine {machine_id()}, native threads {K.get_num_threads()}, "
+          f"build {K.build_info()}", file=sys.stderr)
+    rows = []
+    rows += bench_fov(rng, args.repeat, args.quick)
+    rows += bench_peaks(max(3, args.repeat // 2 + 1) if not args.quick else args.repeat, args.quick)
+    rows += bench_reconcile(rng, args.repeat, args.quick)
+    import scipy
+    import skimage
+
+    result = {
+        "machine": machine_id(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "native_threads": K.get_num_threads(),
+        "build_info": K.build_info(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit_image": skimage.__version__,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = args.out
+    if out is None and not args.quick:
+        out = Path(__file__).resolve().parent / "results" / f"kernels-{machine_id()}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    missed = [r for r in rows if r.get("meets_target") is False]
+    for r in missed:
+        print(f"TARGET MISSED: {r['kernel']} x{r['speedup']:.1f} < x{r['target']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Bindings of the overlap-reconciliation family: count_pairs, union_find,
+// relabel.  floodfilling.kernels makes inputs contiguous and normalises the
+// key/value dtypes; the checks here keep direct calls safe too.
+#include <limits>
+#include <vector>
+
+#include "csrc/bind_common.hpp"
+#include "csrc/launch_omp.hpp"
+
+namespace ffn {
+namespace bind {
+
+namespace {
+
+py::tuple count_pairs(py::handle a_obj, py::handle b_obj, bool ignore_zero) {
+  py::array a = require_array(a_obj, "a");
+  py::array b = require_array(b_obj, "b");
+  const int abits = label_bits(a, "a");
+  const int bbits = label_bits(b, "b");
+  bool same = a.ndim() == b.ndim();
+  for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
+  if (!same) fail("b: shape " + shape_str(b) + " does not match a's shape " + shape_str(a));
+  require_c_contiguous(a, "a");
+  require_c_contiguous(b, "b");
+  const int64_t n = static_cast<int64_t>(a.size());
+  std::vector<launch::PairSlot> entries;
+  {
+    py::gil_scoped_release release;
+    entries = launch::count_pairs(a.data(), abits, b.data(), bbits, n, ignore_zero);
+  }
+  const int64_t m = static_cast<int64_t>(entries.size());
+  py::array_t<uint64_t> pairs({m, int64_t(2)});
+  py::array_t<int64_t> counts(m);
+  uint64_t* pp = pairs.mutable_data();
+  int64_t* cp = counts.mutable_data();
+  for (int64_t i = 0; i < m; ++i) {
+    pp[2 * i] = entries[i].a;
+    pp[2 * i + 1] = entries[i].b;
+    cp[i] = entries[i].count;
+  }
+  return py::make_tuple(std::move(pairs), std::move(counts));
+}
+
+py::tuple union_find(py::handle edges_obj) {
+  py::array edges = require_array(edges_obj, "edges");
+  if (!has_dtype<uint64_t>(edges))
+    fail("edges: expected dtype uint64, got " + dtype_str(edges));
+  if (edges.ndim() != 2 || edges.shape(1) != 2)
+    fail("edges: expected shape (M, 2), got " + shape_str(edges));
+  require_c_contiguous(edges, "edges");
+  std::vector<uint64_t> ids, roots;
+  {
+    py::gil_scoped_release release;
+    kernels::reconcile::union_find_min(static_cast<const uint64_t*>(edges.data()),
+                                       edges.shape(0), ids, roots);
+  }
+  const int64_t n = static_cast<int64_t>(ids.size());
+  py::array_t<uint64_t> ids_out(n), roots_out(n);
+  std::copy(ids.begin(), ids.end(), ids_out.mutable_data());
+  std::copy(roots.begin(), roots.end(), roots_out.mutable_data());
+  return py::make_tuple(std::move(ids_out), std::move(roots_out));
+}
+
+void relabel(py::handle labels_obj, py::handle keys_obj, py::handle values_obj) {
+  py::array labels = require_array(labels_obj, "labels");
+  const int bits = label_bits(labels, "labels");
+  require_c_contiguous(labels, "labels");
+  require_writeable(labels, "labels");
+  py::array keys = require_array(keys_obj, "keys");
+  py::array values = require_array(values_obj, "values");
+  if (!has_dtype<uint64_t>(keys)) fail("keys: expected dtype uint64, got " + dtype_str(keys));
+  if (!has_dtype<uint64_t>(values))
+    fail("values: expected dtype uint64, got " + dtype_str(values));
+  require_ndim(keys, 1, "keys");
+  require_ndim(values, 1, "values");
+  require_c_contiguous(keys, "keys");
+  require_c_contiguous(values, "values");
+  const int64_t nk = keys.shape(0);
+  if (values.shape(0) != nk)
+    fail("values: length " + std::to_string(values.shape(0)) + " does not match keys' " +
+         std::to_string(nk));
+  const uint64_t* kp = static_cast<const uint64_t*>(keys.data());
+  const uint64_t* vp = static_cast<const uint64_t*>(values.data());
+  for (int64_t i = 1; i < nk; ++i)
+    if (!(kp[i - 1] < kp[i]))
+      fail("keys: must be sorted in strictly increasing order (keys[" +
+           std::to_string(i - 1) + "] >= keys[" + std::to_string(i) + "])");
+  if (bits == 32) {
+    const uint64_t lim = std::numeric_limits<uint32_t>::max();
+    for (int64_t i = 0; i < nk && kp[i] <= lim; ++i)
+      if (vp[i] > lim)
+        fail("values: values[" + std::to_string(i) + "] = " + std::to_string(vp[i]) +
+             " does not fit in the uint32 labels");
+  }
+  py::gil_scoped_release release;
+  launch::relabel(labels.mutable_data(), bits, static_cast<int64_t>(labels.size()), kp, vp,
+                  nk);
+}
+
+}  // namespace
+
+void bind_reconcile(py::module_& m) {
+  m.def("count_pairs", &count_pairs, py::arg("a"), py::arg("b"), py::arg("ignore_zero"),
+        "Distinct (a, b) label pairs (uint64 (M, 2), lexicographic) and counts "
+        "(int64 (M,)).");
+  m.def("union_find", &union_find, py::arg("edges"),
+        "Sorted distinct ids of uint64 (M, 2) edges and their component minimum.");
+  m.def("relabel", &relabel, py::arg("labels"), py::arg("keys"), py::arg("values"),
+        "In place: labels equal to keys[j] become values[j].");
+}
+
+}  // namespace bind
+}  // namespace ffn

@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// CPU launcher (OpenMP when available) over the kernel bodies in kernels/.
+#include "csrc/launch_omp.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+
+namespace ffn {
+namespace launch {
+
+namespace {
+
+int default_threads() {
+#ifdef FFN_HAVE_OPENMP
+  const int n = omp_get_max_threads();
+  return n > 0 ? n : 1;
+#else
+  return 1;
+#endif
+}
+
+std::atomic<int>& thread_setting() {
+  static std::atomic<int> threads{default_threads()};
+  return threads;
+}
+
+// Work is split between threads only in chunks of at least this many
+// elements (~0.2-1 ms of work): below it, the fork/join cost and, on a busy
+// machine, waiting for a descheduled thread at the barrier (up to a
+// scheduler time slice) outweigh the gain.
+// (Adjustable for tests: see set_parallel_grain.)
+constexpr int64_t kDefaultGrain = int64_t(1) << 19;
+
+std::atomic<int64_t>& grain_setting() {
+  static std::atomic<int64_t> grain{kDefaultGrain};
+  return grain;
+}
+
+int64_t grain() { return grain_setting().load(std::memory_order_relaxed); }
+
+int64_t flat_chunks(int64_t n, int threads) {
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(threads, n / grain()));
+}
+
+}  // namespace
+
+bool have_openmp() {
+#ifdef FFN_HAVE_OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int num_threads() { return thread_setting().load(std::memory_order_relaxed); }
+
+void set_num_threads(int n) {
+  thread_setting().store(n > 0 ? n : default_threads(), std::memory_order_relaxed);
+}
+
+int64_t set_parallel_grain(int64_t n) {
+  return grain_setting().exchange(n > 0 ? n : kDefaultGrain, std::memory_order_relaxed);
+}
+
+// ---------------------------------------------------------------- FOV update
+
+void update_fovs(const FovTarget* targets, int64_t k, float* logits, const int64_t f[3],
+                 float move_threshold, double disco_seed_threshold,
+                 const int64_t deltas[3], float* scores, int64_t* offsets,
+                 bool parallel) {
+  const int64_t fsize = f[0] * f[1] * f[2];
+  auto body = [&](int64_t i) {
+    const FovTarget& t = targets[i];
+    kernels::update_fov(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2],
+                        logits + i * fsize, f[0], f[1], f[2], move_threshold,
+                        disco_seed_threshold, deltas, scores + 6 * i, offsets + 18 * i);
+  };
+  if (parallel && k * fsize >= grain())
+    parallel_for(k, num_threads(), body);
+  else
+    for (int64_t i = 0; i < k; ++i) body(i);  // in order: deterministic overlaps
+}
+
+void gather_fovs(const FovTarget* targets, int64_t k, float* out, const int64_t f[3],
+                 float pad_value) {
+  const int64_t fsize = f[0] * f[1] * f[2];
+  const int threads = k * fsize >= grain() ? num_threads() : 1;
+  parallel_for(k, threads, [&](int64_t i) {
+    const FovTarget& t = targets[i];
+    kernels::gather_fov(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2],
+                        out + i * fsize, f[0], f[1], f[2], pad_value);
+  });
+}
+
+// -------------------------------------------------------------------- peaks
+
+namespace {
+
+template <class T>
+std::vector<int64_t> find_peaks_impl(const T* image, const int64_t shape[3],
+                                     int64_t min_distance, T threshold,
+                                     const int64_t border[3], bool* has_nan) {
+  namespace pk = kernels::peaks;
+  *has_nan = false;
+  const int64_t nz = shape[0], ny = shape[1], nx = shape[2];
+  const int64_t n = nz * ny * nx;
+  if (n == 0) return {};
+  const bool plain = min_distance == 0 || n == 1;
+  const int threads = num_threads();
+  const int64_t nchunks = std::min<int64_t>(flat_chunks(n, threads), nz);
+  std::vector<std::vector<pk::Candidate<T>>> cands(static_cast<size_t>(nchunks));
+  std::vector<pk::SlabFlags> flags(static_cast<size_t>(nchunks));
+  parallel_for(nchunks, threads, [&](int64_t c) {
+    const int64_t z0 = nz * c / nchunks, z1 = nz * (c + 1) / nchunks;
+    pk::SlabScratch<T> scratch;
+    flags[c] = pk::filter_slab(image, nz, ny, nx, min_distance, threshold, border, plain,
+                               z0, z1, scratch, cands[c]);
+  });
+  bool non_max = false;
+  for (const auto& fl : flags) {
+    if (fl.has_nan) *has_nan = true;
+    if (fl.has_non_max) non_max = true;
+  }
+  if (*has_nan) return {};
+  if (!plain && !non_max) return {};  // every voxel is its own maximum: no peaks
+  std::vector<pk::Candidate<T>> all;
+  size_t total = 0;
+  for (const auto& c : cands) total += c.size();
+  all.reserve(total);
+  for (const auto& c : cands) all.insert(all.end(), c.begin(), c.end());
+  std::vector<int64_t> out;
+  if (min_distance <= 1) {  // no spacing step: already in raster order
+    out.reserve(all.size());
+    for (const auto& c : all) out.push_back(c.index);
+    return out;
+  }
+  pk::sort_candidates(all);
+  out = pk::greedy_spacing(all, nz, ny, nx, min_distance);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+std::vector<int64_t> find_peaks(const float* image, const int64_t shape[3],
+                                int64_t min_distance, float threshold,
+                                const int64_t border[3], bool* has_nan) {
+  return find_peaks_impl<float>(image, shape, min_distance, threshold, border, has_nan);
+}
+
+std::vector<int64_t> find_peaks(const double* image, const int64_t shape[3],
+                                int64_t min_distance, double threshold,
+                                const int64_t border[3], bool* has_nan) {
+  return find_peaks_impl<double>(image, shape, min_distance, threshold, border, has_nan);
+}
+
+// ---------------------------------------------------------------- reconcile
+
+namespace {
+
+template <class TA, class TB>
+std::vector<PairSlot> count_pairs_impl(const TA* a, const TB* b, int64_t n,
+                                       bool ignore_zero) {
+  using kernels::reconcile::PairCounter;
+  const int threads = num_threads();
+  const int64_t nchunks = flat_chunks(n, threads);
+  std::vector<PairCounter> counters(static_cast<size_t>(nchunks));
+  parallel_for(nchunks, threads, [&](int64_t c) {
+    const int64_t begin = n * c / nchunks, end = n * (c + 1) / nchunks;
+    kernels::reconcile::count_pairs_range(a, b, begin, end, ignore_zero, counters[c]);
+  });
+  return kernels::reconcile::finish_counts(counters);
+}
+
+template <class L>
+void relabel_impl(L* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
+                  int64_t nkeys) {
+  // Keys above the label type's range can never match: keys are sorted, so
+  // keep the prefix that fits.
+  const uint64_t lmax = static_cast<uint64_t>(std::numeric_limits<L>::max());
+  const int64_t usable = std::upper_bound(keys, keys + nkeys, lmax) - keys;
+  if (usable == 0 || n == 0) return;
+  const kernels::reconcile::KeyValueMap map(keys, values, usable);
+  const int threads = num_threads();
+  const int64_t nchunks = flat_chunks(n, threads);
+  parallel_for(nchunks, threads, [&](int64_t c) {
+    kernels::reconcile::relabel_range(labels, n * c / nchunks, n * (c + 1) / nchunks, map);
+  });
+}
+
+}  // namespace
+
+std::vector<PairSlot> count_pairs(const void* a, int a_bits, const void* b, int b_bits,
+                                  int64_t n, bool ignore_zero) {
+  if (a_bits == 32 && b_bits == 32)
+    return count_pairs_impl(static_cast<const uint32_t*>(a), static_cast<const uint32_t*>(b),
+                            n, ignore_zero);
+  if (a_bits == 32)
+    return count_pairs_impl(static_cast<const uint32_t*>(a), static_cast<const uint64_t*>(b),
+                            n, ignore_zero);
+  if (b_bits == 32)
+    return count_pairs_impl(static_cast<const uint64_t*>(a), static_cast<const uint32_t*>(b),
+                            n, ignore_zero);
+  return count_pairs_impl(static_cast<const uint64_t*>(a), static_cast<const uint64_t*>(b), n,
+                          ignore_zero);
+}
+
+void relabel(void* labels, int bits, int64_t n, const uint64_t* keys,
+             const uint64_t* values, int64_t nkeys) {
+  if (bits == 32)
+    relabel_impl(static_cast<uint32_t*>(labels), n, keys, values, nkeys);
+  else
+    relabel_impl(static_cast<uint64_t*>(labels), n, keys, values, nkeys);
+}
+
+}  // namespace launch
+}  // namespace ffn

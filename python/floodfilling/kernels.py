@@ -1,0 +1,503 @@
+"""Native kernels (``floodfilling._kernels``) and their NumPy reference implementations.
+
+Every kernel has two implementations with the same semantics:
+
+* the public function (``update_fovs``, ``gather_fovs``, ``find_peaks``, ``count_pairs``,
+  ``union_find``, ``relabel``) runs the C++ kernel (OpenMP on CPU);
+* the ``*_reference`` function is a plain NumPy/SciPy version (obviously correct, slow),
+  used by the tests, the benchmarks (``bench/kernels.py``) and as documentation.
+
+Native and reference agree exactly (float32 bitwise, NaN positions included).  Arrays are
+indexed (z, y, x).  Invalid arguments raise ``ValueError`` naming the argument.
+
+FOV geometry (``update_fovs``): a FOV of odd size ``f`` centred at ``c`` covers the box
+``c - f//2 .. c + f//2`` of its canvas.  The six movement faces, in this order, are
+``z-dz, z+dz, y-dy, y+dy, x-dx, x+dx``: the face for axis ``a`` and offset ``o`` is the plane
+at FOV index ``f//2 + o`` along ``a``, restricted to ``f//2 - d .. f//2 + d`` along the two
+other axes (a 17 x 17 plane for deltas 8).  Its score is the plane's first maximum in C
+order (``np.argmax`` semantics: a NaN, if any, wins) and its offset is that position
+relative to the FOV centre, ``(dz, dy, dx)``.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Sequence, Tuple
+
+import numpy as np
+
+try:
+    from . import _kernels
+except ImportError as _err:  # pragma: no cover - exercised only without a build
+    _kernels = None
+    _IMPORT_ERROR = _err
+else:
+    _IMPORT_ERROR = None
+
+__all__ = [
+    "HAVE_NATIVE",
+    "build_info",
+    "set_num_threads",
+    "get_num_threads",
+    "update_fovs",
+    "update_fovs_reference",
+    "gather_fovs",
+    "gather_fovs_reference",
+    "find_peaks",
+    "find_peaks_reference",
+    "count_pairs",
+    "count_pairs_reference",
+    "union_find",
+    "union_find_reference",
+    "relabel",
+    "relabel_reference",
+]
+
+HAVE_NATIVE = _kernels is not None
+"""Whether the compiled extension ``floodfilling._kernels`` could be imported."""
+
+
+def _native():
+    if _kernels is None:
+        raise ImportError(
+            "floodfilling._kernels (the compiled extension) is not available; reinstall "
+            f"floodfilling with a C++ compiler ({_IMPORT_ERROR})"
+        )
+    return _kernels
+
+
+def build_info() -> dict:
+    """Build configuration of the native extension: ``{'openmp': bool, 'sycl': bool,
+    'compiler': str, ...}`` (``{'native': False}`` when it is not built)."""
+    if _kernels is None:
+        return {"native": False, "openmp": False, "sycl": False, "compiler": None}
+    info = dict(_kernels.build_info())
+    info["native"] = True
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the parallel native kernels (``n <= 0`` restores the default)."""
+    _native().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads used by the parallel native kernels."""
+    return int(_native().get_num_threads())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _deltas3(deltas) -> Tuple[int, int, int]:
+    if deltas.__class__ is tuple and len(deltas) == 3 and all(d.__class__ is int for d in deltas):
+        return deltas  # fast path (per-step call)
+    try:
+        if isinstance(deltas, (int, np.integer)):
+            d = operator.index(deltas)
+            return (d, d, d)
+        out = tuple(operator.index(d) for d in deltas)
+    except TypeError:
+        raise ValueError(f"deltas: expected an int or 3 ints, got {deltas!r}") from None
+    if len(out) != 3:
+        raise ValueError(f"deltas: expected 3 values (z, y, x), got {deltas!r}")
+    return out
+
+
+def _fov3(fov_size) -> Tuple[int, int, int]:
+    try:
+        if isinstance(fov_size, (int, np.integer)):
+            f = operator.index(fov_size)
+            return (f, f, f)
+        out = tuple(operator.index(f) for f in fov_size)
+    except TypeError:
+        raise ValueError(f"fov_size: expected an int or 3 ints, got {fov_size!r}") from None
+    if len(out) != 3:
+        raise ValueError(f"fov_size: expected 3 values (z, y, x), got {fov_size!r}")
+    return out
+
+
+def _canvas_list(canvases, k: int):
+    """The reference's view of ``canvases`` (see update_fovs)."""
+    if isinstance(canvases, np.ndarray):
+        if canvases.ndim == 3:
+            return [canvases] * k
+        return [canvases[i] for i in range(canvases.shape[0])]
+    return list(canvases)
+
+
+def _box(center, fov) -> tuple:
+    return tuple(slice(int(c) - f // 2, int(c) + f // 2 + 1) for c, f in zip(center, fov))
+
+
+def _check_box(center, fov, shape, k: int) -> None:
+    for c, f, s in zip(center, fov, shape):
+        if int(c) - f // 2 < 0 or int(c) + f // 2 >= s:
+            raise ValueError(
+                f"centers[{k}] = {tuple(int(v) for v in center)}: the FOV box of size "
+                f"{tuple(fov)} does not fit inside canvas {k} of shape {tuple(shape)}"
+            )
+
+
+def _ids_array(x, name: str) -> np.ndarray:
+    """1-D non-negative integer ids as a contiguous uint64 array."""
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {a.shape}")
+    if a.size == 0:
+        return np.zeros(0, np.uint64)
+    if a.dtype.kind == "i":
+        if a.min() < 0:
+            raise ValueError(f"{name}: ids must be non-negative")
+    elif a.dtype.kind != "u":
+        raise ValueError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def _label_input(x, name: str) -> np.ndarray:
+    """A read-only label input: uint32/uint64 (uint8/uint16 widened), native byte order,
+    C-contiguous (copied if needed)."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype.kind != "u":
+        raise ValueError(f"{name}: expected an unsigned integer label array (uint32 or uint64), "
+                         f"got dtype {x.dtype}")
+    if x.dtype.itemsize <= 4:
+        dtype = np.dtype(np.uint32)
+    else:
+        dtype = np.dtype(np.uint64)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+# --------------------------------------------------------------------- FOV update
+
+
+def update_fovs(canvases, logits: np.ndarray, centers, *, move_threshold: float,
+                deltas=(8, 8, 8), disco_seed_threshold: float = 0.0):
+    """Write K FOVs of network logits into their canvases and return the movement faces.
+
+    Parameters
+    ----------
+    canvases : list of K float32 3-D C-contiguous arrays (updated IN PLACE)
+        Canvas ``k`` receives FOV ``k``.  Entries may be the same array (then the FOVs
+        are written in order k = 0..K-1, serially).  Also accepted: one 3-D array (used
+        for every FOV) or one C-contiguous 4-D array ``(K, z, y, x)``.
+    logits : float32 (K, fz, fy, fx), C-contiguous, odd FOV sizes
+        Network output, MODIFIED IN PLACE to the values actually written.
+    centers : int (K, 3)
+        FOV centres in canvas coordinates; each box ``centre -+ f//2`` must lie inside its
+        canvas (``ValueError`` naming ``centers`` otherwise).
+    move_threshold : float
+        Logit threshold (compared in float32) of the disco rule.
+    deltas : int or 3 ints (z, y, x)
+        Movement step per axis, ``0 <= d <= f//2``.  An axis with delta 0 has no faces.
+    disco_seed_threshold : float
+        The disco rule is applied when ``mean(logits[k] >= move_threshold)`` exceeds it; a
+        negative value disables the rule.  Rule: where ``old < 0`` and ``new > old``, keep
+        ``old`` (NaN old values never match).  Then ``canvas[box] = new``.
+
+    Returns
+    -------
+    scores : float32 (K, 6)
+        Face maxima in the order z-, z+, y-, y+, x-, x+ (``-inf`` for axes with delta 0).
+    offsets : int64 (K, 6, 3)
+        Argmax positions relative to the FOV centre, (dz, dy, dx).  The caller keeps a face
+        when ``not (score < move_threshold)``.
+    """
+    return _native().update_fovs(canvases, logits, centers, float(move_threshold),
+                                 _deltas3(deltas), float(disco_seed_threshold))
+
+
+def update_fovs_reference(canvases, logits: np.ndarray, centers, *, move_threshold: float,
+                          deltas=(8, 8, 8), disco_seed_threshold: float = 0.0):
+    """NumPy reference of :func:`update_fovs` (same in-place effects and outputs)."""
+    logits = np.asarray(logits)
+    if logits.dtype != np.float32 or logits.ndim != 4:
+        raise ValueError("logits: expected a float32 (K, fz, fy, fx) array")
+    k_total = logits.shape[0]
+    fov = logits.shape[1:]
+    if any(f % 2 == 0 for f in fov):
+        raise ValueError(f"logits: FOV sizes must be odd, got {fov}")
+    d = _deltas3(deltas)
+    if any(not 0 <= dd <= f // 2 for dd, f in zip(d, fov)):
+        raise ValueError(f"deltas: each delta must lie in [0, fov_size // 2], got {d}")
+    centers = np.asarray(centers).reshape(-1, 3) if k_total else np.zeros((0, 3), np.int64)
+    cvs = _canvas_list(canvases, k_total)
+    if len(cvs) != k_total or len(centers) != k_total:
+        raise ValueError("canvases: need one canvas and one centre per FOV")
+    thr = np.float32(move_threshold)
+    c = [f // 2 for f in fov]
+    scores = np.empty((k_total, 6), np.float32)
+    offsets = np.zeros((k_total, 6, 3), np.int64)
+    for k in range(k_total):
+        canvas = cvs[k]
+        _check_box(centers[k], fov, canvas.shape, k)
+        sel = _box(centers[k], fov)
+        new = logits[k]
+        if disco_seed_threshold >= 0 and np.mean(new >= thr) > disco_seed_threshold:
+            old = canvas[sel]
+            keep = (old < np.float32(0.0)) & (new > old)
+            new[keep] = old[keep]
+        canvas[sel] = new
+        for a in range(3):
+            others = [b for b in range(3) if b != a]
+            for side, sign in enumerate((-1, 1)):
+                face = 2 * a + side
+                if d[a] == 0:
+                    scores[k, face] = -np.inf
+                    continue
+                o = sign * d[a]
+                index = [slice(c[b] - d[b], c[b] + d[b] + 1) for b in range(3)]
+                index[a] = c[a] + o
+                plane = new[tuple(index)]
+                j = int(np.argmax(plane))
+                i0, i1 = np.unravel_index(j, plane.shape)
+                scores[k, face] = plane[i0, i1]
+                offsets[k, face, a] = o
+                offsets[k, face, others[0]] = i0 - d[others[0]]
+                offsets[k, face, others[1]] = i1 - d[others[1]]
+    return scores, offsets
+
+
+def gather_fovs(canvases, centers, fov_size, pad_value: float, out: np.ndarray) -> np.ndarray:
+    """``out[k] = canvas_k[FOV box at centers[k]]`` with NaN replaced by ``pad_value``.
+
+    ``canvases`` as in :func:`update_fovs` (read only); ``centers`` int (K, 3);
+    ``fov_size`` int or 3 odd ints; ``out`` float32 (K, fz, fy, fx) C-contiguous, written
+    and returned.
+    """
+    return _native().gather_fovs(canvases, centers, _fov3(fov_size), float(pad_value), out)
+
+
+def gather_fovs_reference(canvases, centers, fov_size, pad_value: float,
+                          out: np.ndarray | None = None) -> np.ndarray:
+    """NumPy reference of :func:`gather_fovs` (allocates ``out`` when it is None)."""
+    fov = _fov3(fov_size)
+    centers = np.asarray(centers).reshape(-1, 3)
+    k_total = len(centers)
+    cvs = _canvas_list(canvases, k_total)
+    if out is None:
+        out = np.empty((k_total,) + fov, np.float32)
+    pad = np.float32(pad_value)
+    for k in range(k_total):
+        _check_box(centers[k], fov, cvs[k].shape, k)
+        box = cvs[k][_box(centers[k], fov)]
+        out[k] = np.where(np.isnan(box), pad, box)
+    return out
+
+
+# -------------------------------------------------------------------------- peaks
+
+
+def _border_widths(exclude_border, min_distance: int) -> Tuple[int, int, int]:
+    if isinstance(exclude_border, (bool, np.bool_)):
+        return (min_distance if exclude_border else 0,) * 3
+    if isinstance(exclude_border, (int, np.integer)):
+        if exclude_border < 0:
+            raise ValueError("exclude_border: cannot be negative")
+        return (int(exclude_border),) * 3
+    if isinstance(exclude_border, tuple):
+        if len(exclude_border) != 3:
+            raise ValueError("exclude_border: a tuple must have one width per axis (3)")
+        if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+                   for w in exclude_border):
+            raise ValueError("exclude_border: a tuple must contain only ints")
+        if any(w < 0 for w in exclude_border):
+            raise ValueError("exclude_border: cannot be negative")
+        return tuple(int(w) for w in exclude_border)
+    raise ValueError("exclude_border: expected a bool, an int or a tuple of 3 ints, got "
+                     f"{exclude_border!r}")
+
+
+def _effective_threshold(image: np.ndarray, threshold) -> float:
+    """scikit-image's threshold: max(threshold_abs, 0 * image.max()), compared in the
+    image dtype (a Python float is a weak scalar under NumPy 2 promotion)."""
+    if threshold is None:
+        thr = float(image.min())
+    else:
+        try:
+            thr = float(threshold)
+        except (TypeError, ValueError):
+            raise ValueError(f"threshold: expected a number, got {threshold!r}") from None
+    if thr < 0:  # threshold_rel=0 clamps negative thresholds to 0 (unless max is +-inf)
+        rel = 0.0 * float(image.max())
+        if rel > thr:
+            thr = rel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow to +-inf, like numpy
+        return float(image.dtype.type(thr))
+
+
+def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None = 0.0,
+               exclude_border=True) -> np.ndarray:
+    """Local maxima of a 3-D float image, int64 (N, 3) in raster (z, y, x) order.
+
+    Exactly the set returned by ``skimage.feature.peak_local_max(image,
+    min_distance=min_distance, threshold_abs=threshold, threshold_rel=0,
+    exclude_border=exclude_border)``: voxels equal to the maximum of the
+    ``(2*min_distance+1)^3`` cube around them (``mode='nearest'``), greater than the
+    threshold, outside the excluded border, then thinned greedily by descending value
+    (ties in raster order) so that no two peaks are closer than ``min_distance``
+    (Chebyshev).  No peaks when every voxel is its own local maximum (e.g. a constant
+    image).  ``threshold`` is compared in the image dtype; ``None`` means ``image.min()``.
+    ``image`` must not contain NaN.  An empty image gives no peaks.
+    """
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image)
+    if image.dtype.kind != "f" or image.dtype.itemsize not in (4, 8):
+        raise ValueError(f"image: expected dtype float32 or float64, got {image.dtype}")
+    if image.ndim != 3:
+        raise ValueError(f"image: expected a 3-D (z, y, x) array, got shape {image.shape}")
+    try:
+        md = operator.index(min_distance)
+    except TypeError:
+        raise ValueError(f"min_distance: expected an int, got {min_distance!r}") from None
+    if md < 0:
+        raise ValueError(f"min_distance: must be >= 0, got {md}")
+    border = _border_widths(exclude_border, md)
+    if image.size == 0:
+        return np.zeros((0, 3), np.int64)
+    image = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("="))
+    thr = _effective_threshold(image, threshold)
+    return _native().find_peaks(image, md, thr, border)
+
+
+def find_peaks_reference(image: np.ndarray, min_distance: int = 3,
+                         threshold: float | None = 0.0, exclude_border=True) -> np.ndarray:
+    """``skimage.feature.peak_local_max(..., threshold_rel=0)`` sorted in raster order
+    (scikit-image is imported lazily: it is a test/bench dependency only)."""
+    from skimage.feature import peak_local_max
+
+    image = np.asarray(image)
+    if image.size == 0:  # scikit-image raises on empty images
+        return np.zeros((0, image.ndim), np.int64)
+    thr = None if threshold is None else float(threshold)
+    pts = peak_local_max(image, min_distance=min_distance, threshold_abs=thr,
+                         threshold_rel=0, exclude_border=exclude_border)
+    pts = np.asarray(pts, dtype=np.int64).reshape(-1, image.ndim)
+    order = np.lexsort(pts.T[::-1])
+    return pts[order]
+
+
+# ----------------------------------------------------------------------- reconcile
+
+
+def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
+    """Every distinct (a, b) label pair over the voxels of two same-shape label arrays.
+
+    ``a``, ``b``: uint32 or uint64 (uint8/uint16 are widened), any ndim, any strides
+    (non-contiguous inputs are copied).  Returns ``pairs`` uint64 (M, 2) sorted
+    lexicographically and ``counts`` int64 (M,).  ``ignore_zero`` drops pairs where either
+    label is 0.
+    """
+    a = _label_input(a, "a")
+    b = _label_input(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"b: shape {b.shape} does not match a's shape {a.shape}")
+    return _native().count_pairs(a, b, bool(ignore_zero))
+
+
+def count_pairs_reference(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
+    """np.unique reference of :func:`count_pairs` (combined 64-bit key when both labels
+    fit in 32 bits, row-wise unique otherwise)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"b: shape {b.shape} does not match a's shape {a.shape}")
+    a = a.reshape(-1).astype(np.uint64)
+    b = b.reshape(-1).astype(np.uint64)
+    if ignore_zero:
+        keep = (a != 0) & (b != 0)
+        a, b = a[keep], b[keep]
+    if a.size == 0:
+        return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
+    if int(a.max()) < 2**32 and int(b.max()) < 2**32:
+        key = (a << np.uint64(32)) | b
+        u, counts = np.unique(key, return_counts=True)
+        pairs = np.stack([u >> np.uint64(32), u & np.uint64(0xFFFFFFFF)], axis=1)
+    else:
+        pairs, counts = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+    return pairs.astype(np.uint64), counts.astype(np.int64)
+
+
+def _edges_input(edges) -> np.ndarray:
+    e = np.asarray(edges)
+    if e.size == 0:
+        return np.zeros((0, 2), np.uint64)
+    if e.ndim != 2 or e.shape[1] != 2:
+        raise ValueError(f"edges: expected shape (M, 2), got {e.shape}")
+    if e.dtype.kind == "i":
+        if e.min() < 0:
+            raise ValueError("edges: ids must be non-negative")
+    elif e.dtype.kind != "u":
+        raise ValueError(f"edges: expected an integer array, got dtype {e.dtype}")
+    return np.ascontiguousarray(e, dtype=np.uint64)
+
+
+def union_find(edges):
+    """Connected components of merge pairs.
+
+    ``edges``: (M, 2) non-negative integer ids (converted to uint64).  Returns ``ids``
+    uint64 (N,), the sorted distinct ids appearing in ``edges``, and ``roots`` uint64 (N,),
+    the minimum id of each id's component.
+    """
+    return _native().union_find(_edges_input(edges))
+
+
+def union_find_reference(edges):
+    """scipy.sparse.csgraph reference of :func:`union_find`."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    e = _edges_input(edges)
+    ids = np.unique(e)
+    if ids.size == 0:
+        return ids, ids.copy()
+    idx = np.searchsorted(ids, e)
+    n = ids.size
+    graph = coo_matrix((np.ones(len(e), np.int8), (idx[:, 0], idx[:, 1])), shape=(n, n))
+    _, lab = connected_components(graph, directed=False)
+    # ids are sorted: a component's first member is its minimum id
+    _, first = np.unique(lab, return_index=True)
+    return ids, ids[first][lab]
+
+
+def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
+    """In place: every voxel of ``labels`` equal to ``keys[j]`` becomes ``values[j]``.
+
+    ``labels``: uint32/uint64 C-contiguous writeable array (any ndim).  ``keys``: sorted,
+    strictly increasing non-negative integers; ``values``: same length (each must fit in
+    ``labels``' dtype where its key can occur).  Returns ``labels``.
+    """
+    if not isinstance(labels, np.ndarray):
+        raise ValueError(f"labels: expected a numpy.ndarray, got {type(labels).__name__}")
+    if labels.dtype not in (np.uint32, np.uint64) or not labels.dtype.isnative:
+        raise ValueError(f"labels: expected dtype uint32 or uint64, got {labels.dtype}")
+    if not labels.flags.c_contiguous:
+        raise ValueError("labels: must be C-contiguous (it is relabelled in place)")
+    if not labels.flags.writeable:
+        raise ValueError("labels: must be writeable (it is relabelled in place)")
+    keys = _ids_array(keys, "keys")
+    values = _ids_array(values, "values")
+    if values.shape != keys.shape:
+        raise ValueError(f"values: length {values.size} does not match keys' {keys.size}")
+    if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
+        raise ValueError("keys: must be sorted in strictly increasing order (unique)")
+    _native().relabel(labels, keys, values)
+    return labels
+
+
+def relabel_reference(labels: np.ndarray, keys, values) -> np.ndarray:
+    """np.searchsorted reference of :func:`relabel` (in place, returns ``labels``)."""
+    keys = _ids_array(keys, "keys")
+    values = _ids_array(values, "values")
+    if keys.size == 0 or labels.size == 0:
+        return labels
+    flat = labels.reshape(-1).copy()
+    lab = flat.astype(np.uint64)
+    idx = np.minimum(np.searchsorted(keys, lab), keys.size - 1)
+    match = keys[idx] == lab
+    flat[match] = values[idx[match]].astype(labels.dtype)
+    labels[...] = flat.reshape(labels.shape)
+    return labels

@@ -1,0 +1,293 @@
+"""Native overlap-reconciliation kernels (count_pairs, union_find, relabel) vs references."""
+
+from collections import Counter
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from floodfilling import kernels as K
+
+pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
+
+SETTINGS = dict(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BIG = np.uint64(2**40)  # ids that do not fit in 32 bits
+
+
+@contextmanager
+def forced_parallel(threads=3, grain=5):
+    """Run the native kernels multi-threaded even on tiny inputs."""
+    old = K._native()._set_parallel_grain(grain)
+    K.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        K.set_num_threads(0)
+        K._native()._set_parallel_grain(old)
+
+
+def labels(rng, shape, dtype, n_ids, big=False, blocky=False):
+    if blocky:  # spatially coherent labels (long runs), like segmentations
+        coarse = rng.integers(0, n_ids, tuple(max(1, s // 4) for s in shape))
+        a = coarse
+        for ax, s in enumerate(shape):
+            a = np.repeat(a, 4, axis=ax)
+            a = np.take(a, np.arange(s) % a.shape[ax], axis=ax)
+        a = a.reshape(shape)
+    else:
+        a = rng.integers(0, n_ids, shape)
+    a = a.astype(np.uint64)
+    if big:
+        a = np.where(a % 2 == 1, a + BIG, a)
+    return a.astype(dtype)
+
+
+@st.composite
+def pair_cases(draw):
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.integers(0, 9)) for _ in range(ndim))
+    da = draw(st.sampled_from([np.uint32, np.uint64]))
+    db = draw(st.sampled_from([np.uint32, np.uint64]))
+    big = draw(st.booleans())
+    n_ids = draw(st.sampled_from([1, 2, 5, 50]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    blocky = draw(st.booleans())
+    ignore_zero = draw(st.booleans())
+    return shape, da, db, big, n_ids, seed, blocky, ignore_zero
+
+
+def counter_pairs(a, b, ignore_zero):
+    c = Counter(zip(a.ravel().tolist(), b.ravel().tolist()))
+    items = sorted((k, v) for k, v in c.items() if not (ignore_zero and (k[0] == 0 or k[1] == 0)))
+    pairs = np.array([k for k, _ in items], np.uint64).reshape(-1, 2)
+    counts = np.array([v for _, v in items], np.int64)
+    return pairs, counts
+
+
+def check_pairs(a, b, ignore_zero=False):
+    p, c = K.count_pairs(a, b, ignore_zero=ignore_zero)
+    assert p.dtype == np.uint64 and p.ndim == 2 and p.shape[1] == 2
+    assert c.dtype == np.int64 and c.shape == (len(p),)
+    rp, rc = K.count_pairs_reference(a, b, ignore_zero=ignore_zero)
+    np.testing.assert_array_equal(p, rp)
+    np.testing.assert_array_equal(c, rc)
+    with forced_parallel():
+        pp, pc = K.count_pairs(a, b, ignore_zero=ignore_zero)
+    np.testing.assert_array_equal(pp, rp)
+    np.testing.assert_array_equal(pc, rc)
+    return p, c
+
+
+@settings(**SETTINGS)
+@given(pair_cases())
+def test_count_pairs_matches_reference(case):
+    shape, da, db, big, n_ids, seed, blocky, ignore_zero = case
+    rng = np.random.default_rng(seed)
+    a = labels(rng, shape, da, n_ids, big and da == np.uint64, blocky)
+    b = labels(rng, shape, db, n_ids, big and db == np.uint64, blocky)
+    p, c = check_pairs(a, b, ignore_zero)
+    cp, cc = counter_pairs(a, b, ignore_zero)
+    np.testing.assert_array_equal(p, cp)
+    np.testing.assert_array_equal(c, cc)
+
+
+@pytest.mark.parametrize("n_ids", [3000, 100000])
+def test_count_pairs_many_distinct_pairs(n_ids):
+    """Past a few thousand rarely repeated pairs the counter switches from a hash map to
+    sorted run lists; one chunk may hold only 32-bit labels and another wider ones."""
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, n_ids, 300_000).astype(np.uint64)
+    b = rng.integers(0, n_ids, 300_000).astype(np.uint64)
+    a[:1000] = a[:1000] // 64  # a repeated prefix: the map fills before spilling
+    check_pairs(a, b)
+    check_pairs(a, b, ignore_zero=True)
+    wide = a.copy()
+    wide[200_000:] += np.uint64(2**33)  # only the last chunk has ids >= 2^32
+    check_pairs(wide, b)
+    check_pairs(b.astype(np.uint32), wide[::-1])
+
+
+@pytest.mark.parametrize("blocky", [False, True])
+@pytest.mark.parametrize("big", [False, True])
+def test_count_pairs_large_threads_agree(blocky, big):
+    rng = np.random.default_rng(5)
+    a = labels(rng, (40, 64, 64), np.uint64, 300, big, blocky)
+    b = labels(rng, (40, 64, 64), np.uint32, 300, False, blocky)
+    try:
+        results = []
+        for t in (1, 2, 5):
+            K.set_num_threads(t)
+            results.append(check_pairs(a, b, ignore_zero=blocky))
+    finally:
+        K.set_num_threads(0)
+    for p, c in results[1:]:
+        np.testing.assert_array_equal(p, results[0][0])
+        np.testing.assert_array_equal(c, results[0][1])
+    assert results[0][1].sum() <= a.size
+
+
+def test_count_pairs_views_and_dtypes():
+    rng = np.random.default_rng(6)
+    a = labels(rng, (20, 30, 40), np.uint64, 20, blocky=True)
+    b = labels(rng, (40, 30, 20), np.uint32, 20, blocky=True)
+    check_pairs(a[:, ::2, 1:], b.transpose(2, 1, 0)[:, ::2, 1:])
+    check_pairs(a[::-1], b.T)
+    check_pairs(a.astype(np.uint16), b.astype(np.uint8).T)
+    check_pairs(a.astype(">u8"), b.T)
+    # empty and single voxel
+    p, c = check_pairs(np.zeros((0, 3), np.uint32), np.zeros((0, 3), np.uint64))
+    assert p.shape == (0, 2) and c.shape == (0,)
+    p, c = check_pairs(np.array([[[7]]], np.uint32), np.array([[[2**63]]], np.uint64))
+    np.testing.assert_array_equal(p, [[7, 2**63]])
+    np.testing.assert_array_equal(c, [1])
+    p, c = check_pairs(np.zeros(4, np.uint32), np.arange(4, dtype=np.uint32), ignore_zero=True)
+    assert len(p) == 0
+
+
+def test_count_pairs_bad_inputs():
+    a = np.zeros((3, 4), np.uint32)
+    with pytest.raises(ValueError, match="b"):
+        K.count_pairs(a, np.zeros((4, 3), np.uint32))
+    with pytest.raises(ValueError, match="a"):
+        K.count_pairs(a.astype(np.int32), a)
+    with pytest.raises(ValueError, match="b"):
+        K.count_pairs(a, a.astype(np.float64))
+    with pytest.raises(ValueError, match="a"):
+        K.count_pairs(a.tolist(), a)
+
+
+@st.composite
+def edge_cases(draw):
+    m = draw(st.integers(0, 40))
+    n_ids = draw(st.integers(1, 30))
+    big = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([np.uint64, np.uint32, np.int64]))
+    rng = np.random.default_rng(seed)
+    e = rng.integers(0, n_ids, (m, 2)).astype(np.uint64)
+    if big and dtype == np.uint64:
+        e = e * np.uint64(2**50 + 3)
+    return e.astype(dtype)
+
+
+@settings(**SETTINGS)
+@given(edge_cases())
+def test_union_find_matches_reference(edges):
+    ids, roots = K.union_find(edges)
+    rids, rroots = K.union_find_reference(edges)
+    assert ids.dtype == np.uint64 and roots.dtype == np.uint64
+    np.testing.assert_array_equal(ids, rids)
+    np.testing.assert_array_equal(roots, rroots)
+    # representatives are minima of their component and fixed points
+    lookup = dict(zip(ids.tolist(), roots.tolist()))
+    for a, b in edges.astype(np.uint64).tolist():
+        assert lookup[a] == lookup[b] <= min(a, b)
+    for r in set(roots.tolist()):
+        assert lookup[r] == r
+
+
+def test_union_find_edge_cases():
+    ids, roots = K.union_find(np.zeros((0, 2), np.uint64))
+    assert ids.shape == (0,) and roots.shape == (0,)
+    ids, roots = K.union_find([[5, 5]])
+    np.testing.assert_array_equal(ids, [5])
+    np.testing.assert_array_equal(roots, [5])
+    chain = np.array([[9, 8], [8, 7], [7, 2**64 - 1], [1, 3]], np.uint64)
+    ids, roots = K.union_find(chain)
+    np.testing.assert_array_equal(ids, [1, 3, 7, 8, 9, 2**64 - 1])
+    np.testing.assert_array_equal(roots, [1, 1, 7, 7, 7, 7])
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 5000, (20000, 2)).astype(np.uint64)
+    for got, want in zip(K.union_find(big), K.union_find_reference(big)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_union_find_bad_inputs():
+    with pytest.raises(ValueError, match="edges"):
+        K.union_find(np.zeros((3, 3), np.uint64))
+    with pytest.raises(ValueError, match="edges"):
+        K.union_find(np.array([[1, -2]]))
+    with pytest.raises(ValueError, match="edges"):
+        K.union_find(np.array([[1.0, 2.0]]))
+
+
+@st.composite
+def relabel_cases(draw):
+    ndim = draw(st.integers(0, 3))
+    shape = tuple(draw(st.integers(0, 8)) for _ in range(ndim))
+    dtype = draw(st.sampled_from([np.uint32, np.uint64]))
+    key_dtype = draw(st.sampled_from([np.uint32, np.uint64, np.int64]))
+    n_keys = draw(st.integers(0, 20))
+    seed = draw(st.integers(0, 2**31 - 1))
+    blocky = draw(st.booleans())
+    return shape, dtype, key_dtype, n_keys, seed, blocky
+
+
+@settings(**SETTINGS)
+@given(relabel_cases())
+def test_relabel_matches_reference(case):
+    shape, dtype, key_dtype, n_keys, seed, blocky = case
+    rng = np.random.default_rng(seed)
+    lab = labels(rng, shape, dtype, 25, blocky=blocky)
+    keys = np.sort(rng.choice(30, size=min(n_keys, 30), replace=False)).astype(key_dtype)
+    values = rng.integers(0, 1000, keys.size).astype(key_dtype)
+    got, want, par = lab.copy(), lab.copy(), lab.copy()
+    assert K.relabel(got, keys, values) is got
+    K.relabel_reference(want, keys, values)
+    np.testing.assert_array_equal(got, want)
+    with forced_parallel():
+        K.relabel(par, keys, values)
+    np.testing.assert_array_equal(par, want)
+    mapping = dict(zip(keys.tolist(), values.tolist()))
+    expected = np.vectorize(lambda v: mapping.get(v, v), otypes=[np.uint64])(lab)
+    np.testing.assert_array_equal(got.astype(np.uint64), expected.reshape(lab.shape))
+
+
+def test_relabel_large_threads_and_wide_keys():
+    rng = np.random.default_rng(7)
+    lab = labels(rng, (30, 64, 64), np.uint32, 400, blocky=True)
+    keys = np.concatenate([np.arange(0, 400, 3, dtype=np.uint64),
+                           np.array([2**32 + 1, 2**60], np.uint64)])
+    values = np.arange(keys.size, dtype=np.uint64) * 11
+    values[-2:] = 2**62  # keys that cannot occur in uint32 labels: values unchecked
+    want = K.relabel_reference(lab.copy(), keys, values)
+    try:
+        for t in (1, 2, 4):
+            K.set_num_threads(t)
+            np.testing.assert_array_equal(K.relabel(lab.copy(), keys, values), want)
+    finally:
+        K.set_num_threads(0)
+    lab64 = lab.astype(np.uint64) + np.uint64(2**40)
+    keys64 = np.unique(lab64)[::2]
+    want = K.relabel_reference(lab64.copy(), keys64, keys64 // np.uint64(2))
+    np.testing.assert_array_equal(K.relabel(lab64, keys64, keys64 // np.uint64(2)), want)
+
+
+def test_relabel_bad_inputs():
+    lab = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    keys, values = np.array([1, 2]), np.array([5, 6])
+    with pytest.raises(ValueError, match="labels"):
+        K.relabel(lab[:, ::2], keys, values)
+    ro = lab.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="labels"):
+        K.relabel(ro, keys, values)
+    with pytest.raises(ValueError, match="labels"):
+        K.relabel(lab.astype(np.int32), keys, values)
+    with pytest.raises(ValueError, match="labels"):
+        K.relabel(lab.tolist(), keys, values)
+    with pytest.raises(ValueError, match="keys"):
+        K.relabel(lab, np.array([2, 1]), values)
+    with pytest.raises(ValueError, match="keys"):
+        K.relabel(lab, np.array([2, 2]), values)
+    with pytest.raises(ValueError, match="keys"):
+        K.relabel(lab, np.array([-1, 2]), values)
+    with pytest.raises(ValueError, match="keys"):
+        K.relabel(lab, np.array([1.0, 2.0]), values)
+    with pytest.raises(ValueError, match="values"):
+        K.relabel(lab, keys, np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="values"):
+        K.relabel(lab, keys, np.array([1, 2**33]))
+    np.testing.assert_array_equal(lab, np.arange(12).reshape(3, 4))  # untouched
