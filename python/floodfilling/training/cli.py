@@ -1,0 +1,127 @@
+"""``ffn prepare`` and ``ffn train`` (added to the main ``ffn`` parser by :func:`add_parsers`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("floodfilling")
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    """``"24"`` or ``"24,24,24"`` (z, y, x) -> a tuple of 3 ints."""
+    try:
+        vals = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}") from None
+    if len(vals) == 1:
+        vals *= 3
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}")
+    return vals[0], vals[1], vals[2]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_prepare(args) -> int:
+    from .partitions import prepare
+
+    r = prepare(args.labels, args.out, radius_zyx=args.radius, thresholds=args.thresholds, min_size=args.min_size,
+                margin_zyx=args.margin, seed=args.seed, overwrite=args.overwrite)
+    counts = ", ".join(f"{k}:{v}" for k, v in sorted(r["partition_counts"].items()))
+    print(f"wrote {r['out']}: {r['coords']} coordinates; partitions computed in {r['partition_seconds']:.1f} s, "
+          f"total {r['seconds']:.1f} s; partition counts {counts}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(
+        image=args.image, labels=args.labels, out=args.out, coords=args.coords, depth=args.depth,
+        features=args.features, fov=args.fov, deltas=args.deltas, batch=args.batch, max_steps=args.max_steps,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, clip=args.clip, seed=args.seed,
+        device=args.device, threads=args.threads, min_size=args.min_size, thresholds=args.thresholds,
+        image_mean=args.image_mean, image_std=args.image_std, augment=not args.no_augment,
+        lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
+        checkpoint_secs=args.checkpoint_secs, log_every=args.log_every, resume=args.resume, init=args.init,
+        progress=not args.quiet, tensorboard=not args.no_tensorboard,
+    )
+    res = train(opts)
+    from .distributed import detect_rank_world
+
+    if detect_rank_world()[0] == 0 and not args.quiet:
+        last = res.last
+        extra = (f"; last loss {last['loss']:.4f}, precision {last['precision']:.3f}, recall {last['recall']:.3f}"
+                 if last else "")
+        print(f"trained to step {res.steps} in {res.seconds:.1f} s ({res.fov_per_s:.1f} FOV/s){extra}; "
+              f"model in {res.out / 'checkpoint'}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from .partitions import DEFAULT_MIN_SIZE, DEFAULT_RADIUS_ZYX, DEFAULT_THRESHOLDS
+
+    th = ",".join(str(t) for t in DEFAULT_THRESHOLDS)
+    p = sub.add_parser("prepare", help="partition a label volume and write balanced training coordinates")
+    p.add_argument("labels", help="ground-truth labels: file.h5:dataset")
+    p.add_argument("out", help="output HDF5 file (datasets 'partitions' and 'coords')")
+    p.add_argument("--radius", type=_triple, default=DEFAULT_RADIUS_ZYX,
+                   help="half-size Z,Y,X of the box for the same-object fraction (use fov//2 + deltas; default 24)")
+    p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
+                   help=f"increasing fraction thresholds separating the partitions (default {th})")
+    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
+                   help="objects with fewer voxels count as background (default 10000)")
+    p.add_argument("--margin", type=_triple, default=None,
+                   help="coordinates keep this distance Z,Y,X from the border (default: the radius)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the oversampling and shuffling (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a flood-filling network (resumable; DDP under mpiexec)")
+    p.add_argument("--image", required=True, help="training image: file.h5:dataset")
+    p.add_argument("--labels", required=True, help="training labels (same shape): file.h5:dataset")
+    p.add_argument("--out", required=True, help="run directory: metrics.csv/png, checkpoint/ (model.npz, state.pt)")
+    p.add_argument("--coords", default=None,
+                   help="`ffn prepare` output (file.h5[:coords]); default: partitions computed on the fly")
+    p.add_argument("--depth", type=int, default=None, help="residual modules of the network (default 12)")
+    p.add_argument("--features", type=int, default=None, help="feature maps per convolution (default 32)")
+    p.add_argument("--fov", type=_triple, default=None, help="field of view Z,Y,X, odd (default 33,33,33)")
+    p.add_argument("--deltas", type=_triple, default=None, help="FOV move Z,Y,X (default 8,8,8)")
+    p.add_argument("--batch", type=int, default=4, help="independent move sequences per step and rank (default 4)")
+    p.add_argument("--max-steps", type=int, default=10000, help="train until this many steps in total (default 10000)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd (the reference's plain gradient descent) or adam (default sgd)")
+    p.add_argument("--lr", type=float, default=0.001, help="learning rate before --lr-scaling (default 0.001)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    p.add_argument("--clip", type=float, default=0.7,
+                   help="clip each gradient entry to +-CLIP (reference 0.7; 0 disables)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, coordinates and augmentation (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or xpu[:N] (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--min-size", type=int, default=10000,
+                   help="on-the-fly partitions: smaller objects are background (default 10000)")
+    p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
+                   help="on-the-fly partitions: fraction thresholds (default as `ffn prepare`)")
+    p.add_argument("--image-mean", type=float, default=None, help="use this intensity mean instead of the measured one")
+    p.add_argument("--image-std", type=float, default=None, help="use this intensity std instead of the measured one")
+    p.add_argument("--no-augment", action="store_true", help="no random flips / y-x transposition")
+    p.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="sqrt",
+                   help="learning rate x ranks (linear), x sqrt(ranks) (sqrt, default) or unscaled (none)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="ramp the learning rate linearly from --lr to the scaled one over this many steps")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="steps between checkpoints (0: only time-based and at the end; default 1000)")
+    p.add_argument("--checkpoint-secs", type=float, default=600.0,
+                   help="seconds between checkpoints (0: off; default 600)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between rows of metrics.csv (default 100)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (fresh start if none)")
+    p.add_argument("--init", default=None, help="start from this model's weights (.npz or directory)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,601 @@
+"""The training loop: FOV-moving examples, sigmoid cross-entropy, checkpoints, resume, DDP.
+
+Directory layout of a run (``out``)::
+
+    metrics.csv           one row per --log-every steps (loss, precision/recall/F1 at 0.9, moves)
+    metrics.png           the same, plotted (loss; precision, recall, F1)
+    checkpoint/model.npz  the latest weights + meta (loadable by load_model(out/"checkpoint"))
+    checkpoint/state.pt   step, weights, optimizer, every rank's example stream and RNG states
+    tensorboard/          event files, when torch.utils.tensorboard imports
+
+Both checkpoint files are replaced atomically (temporary file + rename); ``state.pt`` is the
+one a resume reads. A resumed run continues the exact same computation: the example stream is
+a function of (seed, example number) plus the in-flight canvases saved in ``state.pt``, so on
+the CPU a run killed at any point and resumed ends with the same parameters as one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import volumes
+from ..model import ConvStack3D, ModelError, load_model, save_model
+from . import distributed
+from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry)
+from .partitions import DEFAULT_THRESHOLDS, build_coordinates, compute_partitions, read_attrs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.npz"
+METRICS_CSV = "metrics.csv"
+METRICS_PNG = "metrics.png"
+METRIC_COLUMNS = ["step", "examples", "lr", "loss", "precision", "recall", "f1", "accuracy", "sequences",
+                  "moves_per_sequence", "patch_precision", "patch_recall", "fov_per_s", "elapsed_s"]
+# Options that must be equal for a resume to continue the same computation.
+RESUME_KEYS = ["depth", "features", "fov", "deltas", "batch", "seed", "world", "optimizer", "momentum", "augment",
+               "image", "labels", "coords", "min_size", "thresholds"]
+
+
+class TrainError(ValueError):
+    """A user-facing problem with the training inputs or options (one-line message)."""
+
+
+@dataclass
+class TrainOptions:
+    image: str  # training image, file.h5:dataset
+    labels: str  # training labels, file.h5:dataset (same shape)
+    out: str  # run directory (metrics, checkpoint/)
+    coords: str | None = None  # `ffn prepare` output (file.h5[:coords]); None: computed from the labels
+    depth: int | None = None  # residual modules (None: 12, or --init's)
+    features: int | None = None  # feature maps per convolution (None: 32, or --init's)
+    fov: tuple[int, int, int] | None = None  # FOV (z, y, x) (None: 33^3, or --init's)
+    deltas: tuple[int, int, int] | None = None  # FOV move (z, y, x) (None: 8^3, or --init's)
+    batch: int = 4  # independent move sequences per step (per rank)
+    max_steps: int = 10000  # total training steps (batches) to reach
+    optimizer: str = "sgd"  # sgd (reference: plain gradient descent) or adam
+    lr: float = 0.001  # learning rate (per rank before --lr-scaling)
+    momentum: float = 0.0  # SGD momentum
+    clip: float = 0.7  # clip every gradient entry to +-clip (reference 0.7; 0: off)
+    seed: int = 0  # seeds weights, coordinates, augmentation
+    device: str = "auto"  # auto, cpu, cuda[:N], xpu[:N]
+    threads: int = 0  # CPU threads (0: torch default)
+    min_size: int = 10000  # objects smaller than this are background (on-the-fly partitions)
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # partition thresholds (on-the-fly)
+    image_mean: float | None = None  # override the measured intensity mean
+    image_std: float | None = None  # override the measured intensity standard deviation
+    augment: bool = True  # random flips (z, y, x) and y/x transposition
+    lr_scaling: str = "sqrt"  # learning rate x world size (linear), x sqrt(world) (sqrt) or x1 (none)
+    warmup_steps: int = 0  # ramp the learning rate from --lr to the scaled one over this many steps
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only time-based and final)
+    checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
+    log_every: int = 100  # steps between metrics rows
+    resume: bool = False  # continue the checkpoint in out/checkpoint
+    init: str | None = None  # start from this model's weights (.npz or directory)
+    progress: bool = False  # tqdm progress bar on rank 0
+    tensorboard: bool = True  # also write TensorBoard events when available
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    fov_per_s: float
+    last: dict[str, float] = field(default_factory=dict)
+    out: Path = Path(".")
+    net: ConvStack3D | None = field(default=None, repr=False)  # the trained network (this rank's copy)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def intensity_stats(raw: np.ndarray) -> tuple[float, float, list[float]]:
+    """Mean, standard deviation and the 101 quantiles (0, 1, ..., 100 %) of ``raw``."""
+    a = np.asarray(raw)
+    if a.dtype == np.uint8:  # exact, fast: from the histogram
+        hist = np.bincount(a.ravel(), minlength=256).astype(np.float64)
+        v = np.arange(256, dtype=np.float64)
+        n = hist.sum()
+        mean = float((hist * v).sum() / n)
+        std = float(np.sqrt((hist * (v - mean) ** 2).sum() / n))
+    else:
+        mean, std = float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64))
+    q = np.quantile(a, np.linspace(0.0, 1.0, 101)).astype(np.float64)
+    return mean, std, [float(x) for x in q]
+
+
+def _read(spec: str, what: str) -> tuple[np.ndarray, str]:
+    with volumes.open_volume(spec) as v:
+        return v.read(), str(v.spec)
+
+
+def load_coordinates(spec: str, shape) -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinates (N, 3) zyx from an ``ffn prepare`` file (``file.h5`` or ``file.h5:dataset``)."""
+    import h5py
+
+    try:
+        path, ds = volumes.parse_volume_spec(spec, default_dataset="coords")
+    except ValueError as exc:
+        raise TrainError(f"--coords {spec}: {exc}") from None
+    if not os.path.isfile(path):
+        raise TrainError(f"--coords {spec}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if ds not in f:
+                raise TrainError(f"--coords {spec}: no dataset {ds!r} (is it an `ffn prepare` output?)")
+            d = f[ds]
+            coords = d[...]
+            attrs = read_attrs(d)
+    except OSError as exc:
+        raise TrainError(f"--coords {spec}: cannot read HDF5 file ({exc})") from None
+    if coords.ndim != 2 or coords.shape[1] != 3 or coords.dtype.kind not in "iu":
+        raise TrainError(f"--coords {spec}: expected an (N, 3) integer array, got {coords.shape} {coords.dtype}")
+    vshape = attrs.get("volume_shape")
+    if vshape is not None and tuple(vshape) != tuple(shape):
+        raise TrainError(f"--coords {spec} was prepared for a volume of shape {tuple(vshape)}, "
+                         f"the labels have shape {tuple(shape)}")
+    return coords.astype(np.int64), attrs
+
+
+def load_data(opts: TrainOptions, geometry: Geometry):
+    """(raw, labels, coords, info) with every check the user can act on."""
+    raw, image_src = _read(opts.image, "image")
+    labels, labels_src = _read(opts.labels, "labels")
+    if raw.shape != labels.shape:
+        raise TrainError(f"image {image_src} has shape {raw.shape} but labels {labels_src} have shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise TrainError(f"labels {labels_src}: expected integer ids, got dtype {labels.dtype}")
+    try:
+        geometry.check_fits(raw.shape, f"volume {image_src}")
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    info: dict[str, Any] = {}
+    if opts.coords:
+        coords, attrs = load_coordinates(opts.coords, labels.shape)
+        info["coords"] = {"source": opts.coords, **{k: attrs[k] for k in ("radius_zyx", "margin_zyx", "min_size")
+                                                    if k in attrs}}
+    else:
+        parts = compute_partitions(labels, geometry.margin, opts.thresholds, opts.min_size, source=labels_src)
+        coords = build_coordinates(parts, geometry.margin, seed=opts.seed, source=labels_src)
+        info["coords"] = {"source": "computed", "radius_zyx": list(geometry.margin), "min_size": opts.min_size}
+    m = np.array(geometry.margin)
+    mt = tuple(int(x) for x in m)
+    ok = np.all((coords >= m) & (coords < np.array(labels.shape) - m), axis=1)
+    if not ok.any():
+        raise TrainError(f"no training coordinate is at least {mt} from the border (fov + 2*deltas = "
+                         f"{geometry.patch}); rerun `ffn prepare` with --margin {','.join(map(str, m))}")
+    if not ok.all():
+        log.warning("dropping %d of %d coordinates closer than %s to the border", int((~ok).sum()), len(coords), mt)
+        coords = coords[ok]
+    return raw, labels, coords, info
+
+
+# -- model / optimizer ------------------------------------------------------------------------
+
+def resolve_architecture(opts: TrainOptions) -> tuple[TrainOptions, ConvStack3D | None]:
+    """Fills depth/features/fov/deltas from --init (or the defaults); checks they agree."""
+    init_net = None
+    defaults: dict[str, Any] = {"depth": 12, "features": 32, "fov": (33, 33, 33), "deltas": (8, 8, 8)}
+    if opts.init:
+        init_net, info = load_model(opts.init, "cpu")
+        have = {"depth": info.depth, "features": info.features, "fov": tuple(info.fov_zyx),
+                "deltas": tuple(info.deltas_zyx)}
+        for k, v in have.items():
+            mine = getattr(opts, k)
+            if mine is not None and tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(v)):
+                raise ModelError(f"--init {opts.init}: model has {k}={v}, but {k}={mine} was requested "
+                                 f"(another architecture)")
+        defaults = have
+    kw = {k: (getattr(opts, k) if getattr(opts, k) is not None else defaults[k]) for k in defaults}
+    kw["fov"] = tuple(int(x) for x in kw["fov"])
+    kw["deltas"] = tuple(int(x) for x in kw["deltas"])
+    return TrainOptions(**{**asdict(opts), **kw}), init_net
+
+
+def make_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum)
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr)
+    raise TrainError(f"--optimizer {opts.optimizer!r}: expected sgd or adam")
+
+
+def learning_rate(opts: TrainOptions, step: int, world: int) -> float:
+    target = opts.lr * distributed.lr_scale(world, opts.lr_scaling)
+    if opts.warmup_steps > 0 and step < opts.warmup_steps:
+        return opts.lr + (target - opts.lr) * step / opts.warmup_steps
+    return target
+
+
+def model_meta(opts: TrainOptions, stats: dict[str, Any], step: int, world: int, info: dict[str, Any]) -> dict:
+    return {
+        "fov_zyx": list(opts.fov),
+        "deltas_zyx": list(opts.deltas),
+        "intensity": {"mean": stats["mean"], "std": stats["std"], "quantiles": stats["quantiles"]},
+        "inference_settings": {"init_activation": SEED_INIT, "pad_value": SEED_PAD, "move_threshold": MOVE_THRESHOLD,
+                               "segment_threshold": 0.6, "min_segment_size": 1000,
+                               "image_mean": stats["mean"], "image_stddev": stats["std"]},
+        "trained_steps": int(step),
+        "source": "floodfilling training",
+        "training": {"image": opts.image, "labels": opts.labels, "batch": opts.batch, "world": world,
+                     "optimizer": opts.optimizer, "lr": opts.lr, "lr_scaling": opts.lr_scaling, "seed": opts.seed,
+                     "init": opts.init, **info},
+    }
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def _fsync_replace(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+
+
+def save_checkpoint(ckdir: Path, net: ConvStack3D, opt: torch.optim.Optimizer, step: int, ranks: list[dict],
+                    resume_key: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Writes state.pt then model.npz, each atomically."""
+    ckdir.mkdir(parents=True, exist_ok=True)
+    state = {"format": 1, "step": int(step), "model": net.state_dict(), "optimizer": opt.state_dict(),
+             "ranks": ranks, "resume_key": resume_key, "meta": meta, "time": time.time()}
+    tmp = ckdir / f"{STATE_FILE}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    _fsync_replace(tmp, ckdir / STATE_FILE)
+    save_model(ckdir / MODEL_FILE, net, meta)
+
+
+def load_checkpoint(ckdir: Path) -> dict[str, Any]:
+    p = ckdir / STATE_FILE
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - reported with the file name
+        raise TrainError(f"{p}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def check_resume_key(saved: dict[str, Any], mine: dict[str, Any], path: Path) -> None:
+    for k in RESUME_KEYS:
+        a, b = saved.get(k), mine.get(k)
+        if json.dumps(a) != json.dumps(b):
+            what = "another architecture" if k in ("depth", "features", "fov", "deltas") else "another set-up"
+            raise TrainError(f"{path}: checkpoint was trained with {k}={a}, this run asks for {k}={b} ({what}); "
+                             f"use the same options or another --out")
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.6g}"
+    return str(v)
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(METRIC_COLUMNS)
+        for r in rows:
+            w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(METRIC_COLUMNS)
+        w.writerow([_fmt(row.get(c, float("nan"))) for c in METRIC_COLUMNS])
+
+
+_COLOURS = {"loss": (200, 40, 40), "precision": (40, 90, 200), "recall": (30, 160, 60), "f1": (150, 60, 170)}
+
+
+def _draw_line(img, x0, y0, x1, y1, colour) -> None:
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
+    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
+    h, w = img.shape[:2]
+    for dy in (0, 1):
+        ok = (ys + dy >= 0) & (ys + dy < h) & (xs >= 0) & (xs < w)
+        img[ys[ok] + dy, xs[ok]] = colour
+
+
+def plot_metrics(rows: list[dict[str, float]], width: int = 640, panel: int = 200) -> np.ndarray:
+    """RGB image: top panel loss (own scale), bottom panel precision, recall, F1 on [0, 1];
+    x is the step. Colours: loss red, precision blue, recall green, F1 purple; grey grid at
+    0.25 steps of the bottom panel and at the loss panel's quarter heights."""
+    pad = 10
+    img = np.full((2 * panel + 3 * pad, width, 3), 255, dtype=np.uint8)
+    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    if len(steps) == 0:
+        return img
+    s0, s1 = steps.min(), max(steps.max(), steps.min() + 1)
+
+    def xmap(s):
+        return pad + (s - s0) / (s1 - s0) * (width - 2 * pad - 1)
+
+    panels = [(["loss"], None), (["precision", "recall", "f1"], (0.0, 1.0))]
+    for p, (keys, yr) in enumerate(panels):
+        top = pad + p * (panel + pad)
+        img[top:top + panel, pad - 1] = img[top:top + panel, width - pad] = 0
+        img[top - 1, pad - 1:width - pad + 1] = img[top + panel, pad - 1:width - pad + 1] = 0
+        for q in (0.25, 0.5, 0.75):
+            img[top + int(panel * q), pad:width - pad:4] = 180
+        vals = {k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64) for k in keys}
+        if yr is None:
+            allv = np.concatenate([v[np.isfinite(v)] for v in vals.values()] + [np.zeros(0)])
+            if allv.size == 0:
+                continue
+            lo, hi = 0.0, float(allv.max()) * 1.05 or 1.0
+        else:
+            lo, hi = yr
+        for k, v in vals.items():
+            ys = top + panel - 1 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (panel - 1)
+            xs = xmap(steps)
+            ok = np.isfinite(ys)
+            pts = list(zip(xs[ok], ys[ok]))
+            for (a, b), (c, d) in zip(pts[:-1], pts[1:]):
+                _draw_line(img, a, b, c, d, _COLOURS[k])
+            if len(pts) == 1:
+                _draw_line(img, pts[0][0], pts[0][1], pts[0][0] + 1, pts[0][1], _COLOURS[k])
+    return img
+
+
+def save_plot(path: Path, rows: list[dict[str, float]]) -> None:
+    from ..viz import write_png
+
+    try:
+        write_png(path, plot_metrics(rows))
+    except Exception as exc:  # noqa: BLE001 - a plot must never stop training
+        log.warning("could not write %s: %s", path, exc)
+
+
+class _TensorBoard:
+    def __init__(self, logdir: Path, enabled: bool):
+        self.w = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            return
+        self.w = SummaryWriter(str(logdir))
+
+    def add(self, row: dict[str, float]) -> None:
+        if self.w is None:
+            return
+        for k, v in row.items():
+            if k not in ("step",) and isinstance(v, float) and math.isfinite(v):
+                self.w.add_scalar(f"train/{k}", v, int(row["step"]))
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def _all_reduce_sum(vec: np.ndarray, dist_info) -> np.ndarray:
+    if dist_info.world <= 1:
+        return vec
+    t = torch.from_numpy(vec.astype(np.float64)).to(dist_info.device)
+    torch.distributed.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def _broadcast_flag(flag: bool, dist_info) -> bool:
+    if dist_info.world <= 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dist_info.device)
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
+
+
+def _gather(obj: Any, dist_info) -> list[Any]:
+    if dist_info.world <= 1:
+        return [obj]
+    out = [None] * dist_info.world if dist_info.is_main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out  # type: ignore[return-value]
+
+
+def train(opts: TrainOptions) -> TrainResult:
+    """Runs (or resumes) a training run; see the module docstring."""
+    t_start = time.perf_counter()
+    if opts.batch < 1:
+        raise TrainError(f"--batch must be >= 1, got {opts.batch}")
+    if opts.max_steps < 0:
+        raise TrainError(f"--max-steps must be >= 0, got {opts.max_steps}")
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out)
+    ckdir = out / CHECKPOINT_DIR
+    opts, init_net = resolve_architecture(opts)
+    try:
+        geometry = Geometry(opts.fov, opts.deltas)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    if opts.depth < 1 or opts.features < 1:
+        raise TrainError(f"--depth and --features must be >= 1, got {opts.depth}, {opts.features}")
+    if (ckdir / STATE_FILE).exists() and not opts.resume:
+        raise TrainError(f"{ckdir} holds a checkpoint; pass --resume to continue it or choose another --out")
+    dinfo = distributed.setup(opts.device, out)
+    try:
+        return _train(opts, geometry, init_net, dinfo, out, ckdir, t_start)
+    finally:
+        distributed.teardown(dinfo)
+
+
+def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
+    rank, world = dinfo.rank, dinfo.world
+    raw, labels, coords, data_info = load_data(opts, geometry)
+    mean, std, quantiles = intensity_stats(raw)
+    if opts.image_mean is not None:
+        mean = float(opts.image_mean)
+    if opts.image_std is not None:
+        std = float(opts.image_std)
+    if not std > 0:
+        raise TrainError(f"image {opts.image}: intensity standard deviation is {std}; cannot normalise")
+    stats = {"mean": mean, "std": std, "quantiles": quantiles}
+    image = ((raw.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    del raw
+
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    np.random.seed(opts.seed)
+    net = ConvStack3D(opts.depth, opts.features)
+    if init_net is not None:
+        net.load_state_dict(init_net.state_dict())
+    net = net.to(dinfo.device)
+    opt = make_optimizer(opts, net.parameters())
+    source = ExampleSource(image, labels, coords, geometry, seed=opts.seed, rank=rank, world=world,
+                           augment=opts.augment)
+    stream = ExampleStream(source, opts.batch)
+    resume_key = {**{k: getattr(opts, k) for k in RESUME_KEYS if hasattr(opts, k)}, "world": world}
+    resume_key = json.loads(json.dumps(resume_key))
+
+    step = 0
+    if opts.resume and (ckdir / STATE_FILE).exists():
+        st = load_checkpoint(ckdir)
+        check_resume_key(st.get("resume_key", {}), resume_key, ckdir)
+        try:
+            net.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"{ckdir}: checkpoint does not fit this model ({str(exc).splitlines()[0]})") from None
+        mine = st["ranks"][rank]
+        stream.load_state_dict(mine["stream"])
+        stream.counts = Counts.from_vector(mine["counts"])
+        set_rng_state(mine["rng"])
+        step = int(st["step"])
+        log.info("resuming %s at step %d", ckdir, step)
+    elif opts.resume:
+        log.info("no checkpoint in %s: starting from step 0", ckdir)
+
+    metrics_path = out / METRICS_CSV
+    rows: list[dict[str, float]] = []
+    if dinfo.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []
+        write_metrics(metrics_path, rows)
+    tb = _TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
+
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net, device_ids=[dinfo.device.index] if dinfo.device.type in ("cuda", "xpu") else None)
+
+    bar = None
+    if opts.progress and dinfo.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=opts.max_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        ranks = _gather({"stream": stream.state_dict(), "counts": stream.counts.vector(), "rng": rng_state()}, dinfo)
+        if dinfo.is_main:
+            save_checkpoint(ckdir, net, opt, step, ranks, resume_key,
+                            model_meta(opts, stats, step, world, data_info))
+            log.info("checkpoint at step %d", step)
+
+    t_last_ck = time.monotonic()
+    t_log, step_log = time.perf_counter(), step
+    last_row: dict[str, float] = {}
+    t_loop = time.perf_counter()
+    step0 = step
+    net.train()
+    try:
+        while step < opts.max_steps:
+            lr = learning_rate(opts, step, world)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            img, seed, target = stream.next_batch()  # type: ignore[misc]
+            img_t = torch.from_numpy(img).to(dinfo.device, non_blocking=True)
+            seed_t = torch.from_numpy(seed).to(dinfo.device, non_blocking=True)
+            target_t = torch.from_numpy(target).to(dinfo.device, non_blocking=True)
+            logits = model(img_t, seed_t)
+            loss = F.binary_cross_entropy_with_logits(logits, target_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip > 0:
+                torch.nn.utils.clip_grad_value_(net.parameters(), opts.clip)
+            opt.step()
+            stream.write_back(logits.detach().float().cpu().numpy())
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise TrainError(f"loss became {lv} at step {step + 1}; lower --lr")
+            stream.counts.loss_sum += lv * img.shape[0]
+            stream.counts.loss_n += img.shape[0]
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % max(opts.log_every, 1) == 0 or step == opts.max_steps:
+                tot = Counts.from_vector(_all_reduce_sum(stream.counts.vector(), dinfo))
+                stream.counts = Counts()
+                now = time.perf_counter()
+                row = {"step": float(step), "examples": float(step * opts.batch * world), "lr": lr,
+                       **tot.summary(),
+                       "fov_per_s": (step - step_log) * opts.batch * world / max(now - t_log, 1e-9),
+                       "elapsed_s": now - t_start}
+                t_log, step_log = now, step
+                last_row = row
+                if dinfo.is_main:
+                    append_metrics(metrics_path, row)
+                    rows.append(row)
+                    tb.add(row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", f1=f"{row['f1']:.3f}", refresh=False)
+                    log.info("step %d: loss %.4f precision %.3f recall %.3f f1 %.3f moves/seq %.2f %.1f FOV/s",
+                             step, row["loss"], row["precision"], row["recall"], row["f1"],
+                             row["moves_per_sequence"], row["fov_per_s"])
+            due = step == opts.max_steps or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0)
+            if opts.checkpoint_secs > 0 and not due:
+                due = _broadcast_flag(time.monotonic() - t_last_ck >= opts.checkpoint_secs, dinfo)
+            if due:
+                checkpoint()
+                if dinfo.is_main:
+                    save_plot(out / METRICS_PNG, rows)
+                t_last_ck = time.monotonic()
+        if opts.max_steps == 0 and step == 0:
+            checkpoint()  # --max-steps 0: still leave a loadable (untrained) model
+    finally:
+        if bar is not None:
+            bar.close()
+        tb.close()
+    secs = time.perf_counter() - t_loop
+    fps = (step - step0) * opts.batch * world / secs if step > step0 and secs > 0 else 0.0
+    return TrainResult(steps=step, seconds=time.perf_counter() - t_start, fov_per_s=fps, last=last_row, out=out,
+                       net=net)
