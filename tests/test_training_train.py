@@ -1,0 +1,236 @@
+"""`ffn train`: a tiny run end to end, the trained model in inference, SIGKILL + resume,
+bad inputs, learning-rate schedule, DDP under mpiexec."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from floodfilling.cli import main
+from floodfilling.model import load_model
+from floodfilling.training.train import TrainOptions, learning_rate, read_metrics, train
+
+TINY = ["--depth", "1", "--features", "4", "--fov", "7", "--deltas", "2", "--min-size", "200", "--threads", "1",
+        "--device", "cpu", "-q", "--no-tensorboard"]
+
+
+def synthetic(shape=(30, 32, 34), n=12, seed=0):
+    """Voronoi cells as objects; dark 1-voxel boundaries, bright noisy interiors."""
+    rng = np.random.default_rng(seed)
+    pts = np.stack([rng.uniform(0, s, n) for s in shape], 1)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    d = ((grid[:, None, :] - pts[None]) ** 2).sum(-1)
+    order = np.sort(d, 1)
+    labels = (np.argmin(d, 1) + 1).reshape(shape).astype(np.uint32)
+    edge = (np.sqrt(order[:, 1]) - np.sqrt(order[:, 0]) < 1.0).reshape(shape)
+    raw = np.where(edge, 60, 170) + rng.normal(0, 12, shape)
+    return np.clip(raw, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    raw, labels = synthetic()
+    with h5py.File(d / "vol.h5", "w") as f:
+        f["raw"] = raw
+        f["labels"] = labels
+        f["labels_small"] = labels[:20]
+        f["raw_tiny"] = raw[:8, :8, :8]
+        f["labels_tiny"] = labels[:8, :8, :8]
+    return d / "vol.h5"
+
+
+def args_for(data, out, *extra):
+    return ["train", "--image", f"{data}:raw", "--labels", f"{data}:labels", "--out", str(out), *TINY, *extra]
+
+
+def test_tiny_run_and_inference(data, tmp_path):
+    from floodfilling.config import InferenceConfig
+    from floodfilling.inference.segment import segment_array
+
+    out = tmp_path / "run"
+    assert main(args_for(data, out, "--max-steps", "12", "--batch", "2", "--log-every", "4", "--optimizer", "adam",
+                         "--lr", "0.01")) == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["recall"] <= 1 for r in rows)
+    assert {"precision", "f1", "moves_per_sequence", "fov_per_s"} <= set(rows[0])
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    net, info = load_model(out / "checkpoint")
+    assert (info.depth, info.features, info.fov_zyx, info.deltas_zyx) == (1, 4, (7, 7, 7), (2, 2, 2))
+    raw = h5py.File(data, "r")["raw"][...]
+    assert info.image_mean == pytest.approx(raw.mean()) and info.image_std == pytest.approx(raw.std())
+    assert len(info.intensity_quantiles) == 101 and info.intensity_quantiles[0] == raw.min()
+    assert info.meta["trained_steps"] == 12
+    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, st["model"][k])
+    assert {"torch", "numpy", "python"} <= set(st["ranks"][0]["rng"])
+    # the checkpoint segments a crop with its own geometry and intensity statistics
+    res = segment_array(raw[:20, :20, :20], config=InferenceConfig(device="cpu", min_segment_size=10),
+                        net_and_info=(net, info))
+    assert res.segmentation.shape == (20, 20, 20) and res.segmentation.dtype == np.uint32
+
+
+def test_api_coords_file_and_existing_checkpoint(data, tmp_path):
+    prep = tmp_path / "prep.h5"
+    assert main(["prepare", f"{data}:labels", str(prep), "--radius", "5", "--min-size", "200"]) == 0
+    opts = TrainOptions(image=f"{data}:raw", labels=f"{data}:labels", out=str(tmp_path / "r"), coords=str(prep),
+                        depth=1, features=4, fov=(7, 7, 7), deltas=(2, 2, 2), batch=2, max_steps=3, threads=1,
+                        device="cpu", tensorboard=False)
+    res = train(opts)
+    assert res.steps == 3 and res.net is not None and res.fov_per_s > 0
+    assert load_model(tmp_path / "r" / "checkpoint")[1].meta["training"]["coords"]["source"] == str(prep)
+    with pytest.raises(ValueError, match="holds a checkpoint; pass --resume"):
+        train(opts)
+    # resume of a finished run: nothing to do, same weights
+    again = train(TrainOptions(**{**opts.__dict__, "resume": True}))
+    assert again.steps == 3
+    for k, v in res.net.state_dict().items():
+        assert torch.equal(v, again.net.state_dict()[k])
+
+
+def _params(path):
+    return torch.load(Path(path) / "checkpoint" / "state.pt", weights_only=False)
+
+
+def test_sigkill_and_resume_is_exact(data, tmp_path):
+    common = ["--max-steps", "300", "--batch", "3", "--log-every", "50", "--optimizer", "adam", "--lr", "0.003",
+              "--checkpoint-every", "5", "--seed", "4"]
+    ref = tmp_path / "ref"
+    assert main(args_for(data, ref, *common)) == 0
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "floodfilling.cli", *args_for(data, run, *common)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = _params(run)["step"]
+    assert 0 < killed_at < 300
+    assert main(args_for(data, run, *common, "--resume")) == 0
+    a, b = _params(ref), _params(run)
+    assert b["step"] == 300
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra, rb = read_metrics(ref / "metrics.csv"), read_metrics(run / "metrics.csv")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("ffn: error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_inputs(data, tmp_path, capsys):
+    base = ["train", "--out", str(tmp_path / "x"), *TINY, "--max-steps", "2"]
+    # image and labels of different shapes
+    assert main([*base, "--image", f"{data}:raw", "--labels", f"{data}:labels_small"]) == 2
+    assert "has shape (30, 32, 34) but labels" in _err(capsys)
+    # no object above --min-size
+    assert main([*base, "--image", f"{data}:raw", "--labels", f"{data}:labels", "--min-size", "1000000"]) == 2
+    assert "no object has >= 1000000 voxels" in _err(capsys)
+    # FOV (+ 2 deltas) larger than the volume
+    assert main([*base, "--image", f"{data}:raw_tiny", "--labels", f"{data}:labels_tiny"]) == 2
+    assert "does not fit in the volume" in _err(capsys)
+    assert main([*base, "--image", f"{data}:raw", "--labels", f"{data}:labels", "--fov", "8"]) == 2
+    assert "odd" in _err(capsys)
+    # a checkpoint from another architecture
+    out = tmp_path / "arch"
+    assert main(args_for(data, out, "--max-steps", "2")) == 0
+    assert main([*args_for(data, out, "--max-steps", "4", "--resume"), "--depth", "2"]) == 2
+    assert "depth=1" in (e := _err(capsys)) and "depth=2" in e and "another architecture" in e
+    # --init with a model of another architecture (4 features, 8 requested)
+    assert main([*args_for(data, tmp_path / "init", "--init", str(out / "checkpoint")), "--features", "8"]) == 2
+    assert "another architecture" in _err(capsys)
+    # missing coordinates file
+    assert main([*args_for(data, tmp_path / "c", "--coords", str(tmp_path / "nope.h5"))]) == 2
+    assert "no such file" in _err(capsys)
+
+
+def test_init_from_checkpoint_takes_geometry(data, tmp_path):
+    out = tmp_path / "a"
+    assert main(args_for(data, out, "--max-steps", "2")) == 0
+    res = train(TrainOptions(image=f"{data}:raw", labels=f"{data}:labels", out=str(tmp_path / "b"),
+                             init=str(out / "checkpoint"), max_steps=0, min_size=200, threads=1, device="cpu",
+                             tensorboard=False))
+    net, info = load_model(tmp_path / "b" / "checkpoint")
+    assert (info.depth, info.features, info.fov_zyx) == (1, 4, (7, 7, 7))
+    ref, _ = load_model(out / "checkpoint")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k])
+    assert res.steps == 0
+
+
+def test_learning_rate_schedule():
+    o = TrainOptions(image="", labels="", out="", lr=0.01, lr_scaling="linear", warmup_steps=10)
+    assert learning_rate(o, 0, 4) == pytest.approx(0.01)
+    assert learning_rate(o, 5, 4) == pytest.approx(0.025)
+    assert learning_rate(o, 10, 4) == pytest.approx(0.04) == learning_rate(o, 1000, 4)
+    o.lr_scaling = "sqrt"
+    assert learning_rate(o, 50, 4) == pytest.approx(0.02)
+    o.lr_scaling = "none"
+    assert learning_rate(o, 50, 4) == pytest.approx(0.01)
+    assert learning_rate(o, 0, 1) == pytest.approx(0.01)
+
+
+@pytest.mark.mpi
+def test_ddp_two_ranks_stay_identical(data, tmp_path):
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found (pip install 'floodfilling[mpi]')")
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        from floodfilling.training import TrainOptions, train
+        from floodfilling.training.distributed import detect_rank_world
+        out = sys.argv[1]
+        res = train(TrainOptions(image="{data}:raw", labels="{data}:labels", out=out, depth=1, features=4,
+                                 fov=(7, 7, 7), deltas=(2, 2, 2), batch=2, max_steps=6, log_every=3, min_size=200,
+                                 checkpoint_every=3, threads=1, optimizer="adam", lr=0.01, device="cpu",
+                                 lr_scaling="linear", tensorboard=False))
+        rank, world, _ = detect_rank_world()
+        assert world == 2
+        torch.save(res.net.state_dict(), f"{{out}}/params-rank{{rank}}.pt")
+    """))
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(out / "params-rank0.pt")
+    b = torch.load(out / "params-rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    st = _params(out)
+    assert st["step"] == 6 and len(st["ranks"]) == 2 and st["resume_key"]["world"] == 2
+    for k in a:
+        assert torch.equal(a[k], st["model"][k])
+    from floodfilling.model import ConvStack3D
+
+    torch.manual_seed(0)
+    init = ConvStack3D(1, 4).state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a)  # it trained
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [3, 6] and rows[0]["examples"] == 12 and rows[0]["lr"] == pytest.approx(0.02)
+    # the two ranks drew different coordinates: their stream states differ
+    s0, s1 = st["ranks"][0]["stream"], st["ranks"][1]["stream"]
+    assert any(not np.array_equal(x["canvas"], y["canvas"]) for x, y in zip(s0["slots"], s1["slots"]) if x and y)
