@@ -61,15 +61,21 @@ def machine_id() -> str:
 
 
 def bench_pair(name, size, ref_fn, nat_fn, repeat, target=None, setup=None):
-    """Alternate reference and native runs; medians and per-round speedup median."""
-    ref_t, nat_t = [], []
+    """Alternate reference, native (default threads) and native (1 thread) runs; report
+    medians and the per-round speedup median."""
+    ref_t, nat_t, one_t = [], [], []
+    threads = K.get_num_threads()
     for _ in range(repeat):
-        for fn, acc in ((ref_fn, ref_t), (nat_fn, nat_t)):
+        for fn, acc, nt in ((ref_fn, ref_t, threads), (nat_fn, nat_t, threads),
+                            (nat_fn, one_t, 1)):
+            K.set_num_threads(nt)
             state = setup() if setup else None
             t0 = time.perf_counter()
             fn(state) if setup else fn()
             acc.append(time.perf_counter() - t0)
+    K.set_num_threads(threads)
     ref_s, nat_s = statistics.median(ref_t), statistics.median(nat_t)
+    one_s = statistics.median(one_t)
     row = {
         "kernel": name,
         "size": size,
@@ -77,14 +83,19 @@ def bench_pair(name, size, ref_fn, nat_fn, repeat, target=None, setup=None):
         "native_s": nat_s,
         "speedup": ref_s / nat_s,
         "speedup_round_median": statistics.median(r / n for r, n in zip(ref_t, nat_t)),
+        "native_threads": threads,
+        "native_1thread_s": one_s,
+        "speedup_1thread": ref_s / one_s,
         "reference_runs_s": ref_t,
         "native_runs_s": nat_t,
+        "native_1thread_runs_s": one_t,
     }
     if target is not None:
         row["target"] = target
         row["meets_target"] = row["speedup"] >= target
-    print(f"  {name:<34} {size:<40} ref {ref_s * 1e3:9.2f} ms  native {nat_s * 1e3:8.3f} ms"
-          f"  x{row['speedup']:7.1f}", file=sys.stderr)
+    print(f"  {name:<34} {size:<44} ref {ref_s * 1e3:9.2f} ms  native {nat_s * 1e3:8.3f} ms"
+          f"  x{row['speedup']:6.1f}  | 1 thread {one_s * 1e3:8.3f} ms x{ref_s / one_s:6.1f}",
+          file=sys.stderr)
     return row
 
 
@@ -165,8 +176,8 @@ def bench_fov(rng, repeat, quick):
 
     row = bench_pair("update_fovs K=1 (per call)", "1 FOV 33^3, x200 calls",
                      many(K.update_fovs_reference), many(K.update_fovs), max(3, repeat))
-    row["reference_s"] /= n_calls
-    row["native_s"] /= n_calls
+    for key in ("reference_s", "native_s", "native_1thread_s"):
+        row[key] /= n_calls
     rows.append(row)
     # binding overhead: a 1^3 FOV with deltas 0 does (almost) no work
     one_c, one_l, one_x = [np.zeros((3, 3, 3), np.float32)], np.zeros((1, 1, 1, 1), np.float32), \
@@ -310,8 +321,10 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds per kernel (median)")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=0, help="native threads (0 = default)")
+    ap.add_argument("--only", choices=["fov", "peaks", "reconcile"], action="append",
+                    help="run only these groups (repeatable; default: all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: "
-                    "bench/results/kernels-<machine>.json; not written with --quick)")
+                    "bench/results/kernels-<machine>.json; not written with --quick or --only)")
     args = ap.parse_args(argv)
     if not K.HAVE_NATIVE:
         sys.exit("floodfilling._kernels is not built")
@@ -319,10 +332,15 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"machine {machine_id()}, native threads {K.get_num_threads()}, "
           f"build {K.build_info()}", file=sys.stderr)
+    groups = args.only or ["fov", "peaks", "reconcile"]
     rows = []
-    rows += bench_fov(rng, args.repeat, args.quick)
-    rows += bench_peaks(max(3, args.repeat // 2 + 1) if not args.quick else args.repeat, args.quick)
-    rows += bench_reconcile(rng, args.repeat, args.quick)
+    if "fov" in groups:
+        rows += bench_fov(rng, args.repeat, args.quick)
+    if "peaks" in groups:
+        rows += bench_peaks(max(3, args.repeat // 2 + 1) if not args.quick else args.repeat,
+                            args.quick)
+    if "reconcile" in groups:
+        rows += bench_reconcile(rng, args.repeat, args.quick)
     import scipy
     import skimage
 
@@ -344,7 +362,7 @@ def main(argv=None):
     text = json.dumps(result, indent=2)
     print(text)
     out = args.out
-    if out is None and not args.quick:
+    if out is None and not args.quick and args.only is None:
         out = Path(__file__).resolve().parent / "results" / f"kernels-{machine_id()}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

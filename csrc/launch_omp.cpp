@@ -27,11 +27,11 @@ std::atomic<int>& thread_setting() {
 }
 
 // Work is split between threads only in chunks of at least this many
-// elements (~0.2-1 ms of work): below it, the fork/join cost and, on a busy
+// elements (~1-5 ms of work): below it, the fork/join cost and, on a busy
 // machine, waiting for a descheduled thread at the barrier (up to a
-// scheduler time slice) outweigh the gain.
+// scheduler time slice, several ms) outweigh the gain.
 // (Adjustable for tests: see set_parallel_grain.)
-constexpr int64_t kDefaultGrain = int64_t(1) << 19;
+constexpr int64_t kDefaultGrain = int64_t(1) << 21;
 
 std::atomic<int64_t>& grain_setting() {
   static std::atomic<int64_t> grain{kDefaultGrain};
@@ -43,6 +43,50 @@ int64_t grain() { return grain_setting().load(std::memory_order_relaxed); }
 int64_t flat_chunks(int64_t n, int threads) {
   if (threads <= 1) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(threads, n / grain()));
+}
+
+// ISA dispatch.  The kernel bodies are compiled for the baseline ISA (the
+// wheel must run on any x86-64); these wrappers are cloned for AVX2 and
+// AVX-512 with GCC/Clang function multiversioning (resolved once, at load
+// time, by an ifunc) and the bodies are inlined into each clone, so the
+// vectorised loops use the widest vectors the CPU has.  Results are identical:
+// the loops only compare, select and copy floats (no reassociation).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__INTEL_LLVM_COMPILER) && !defined(FFN_NO_MULTIVERSIONING)
+#define FFN_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define FFN_CLONES
+#endif
+
+FFN_CLONES void update_fov_isa(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz,
+                               int64_t fy, int64_t fx, float move_threshold, double disco,
+                               const int64_t deltas[3], float* scores, int64_t* offsets) {
+  kernels::update_fov(box, sz, sy, fov, fz, fy, fx, move_threshold, disco, deltas, scores,
+                      offsets);
+}
+
+FFN_CLONES void gather_fov_isa(const float* box, int64_t sz, int64_t sy, float* out,
+                               int64_t fz, int64_t fy, int64_t fx, float pad_value) {
+  kernels::gather_fov(box, sz, sy, out, fz, fy, fx, pad_value);
+}
+
+template <class T>
+using Cands = std::vector<kernels::peaks::Candidate<T>>;
+
+FFN_CLONES kernels::peaks::SlabFlags filter_slab_isa(
+    const float* image, int64_t nz, int64_t ny, int64_t nx, int64_t r, float threshold,
+    const int64_t border[3], bool plain, int64_t z0, int64_t z1,
+    kernels::peaks::SlabScratch<float>& s, Cands<float>& out) {
+  return kernels::peaks::filter_slab(image, nz, ny, nx, r, threshold, border, plain, z0, z1, s,
+                                     out);
+}
+
+FFN_CLONES kernels::peaks::SlabFlags filter_slab_isa(
+    const double* image, int64_t nz, int64_t ny, int64_t nx, int64_t r, double threshold,
+    const int64_t border[3], bool plain, int64_t z0, int64_t z1,
+    kernels::peaks::SlabScratch<double>& s, Cands<double>& out) {
+  return kernels::peaks::filter_slab(image, nz, ny, nx, r, threshold, border, plain, z0, z1, s,
+                                     out);
 }
 
 }  // namespace
@@ -58,7 +102,11 @@ bool have_openmp() {
 int num_threads() { return thread_setting().load(std::memory_order_relaxed); }
 
 void set_num_threads(int n) {
+#ifdef FFN_HAVE_OPENMP
   thread_setting().store(n > 0 ? n : default_threads(), std::memory_order_relaxed);
+#else
+  (void)n;  // built without OpenMP: always one thread
+#endif
 }
 
 int64_t set_parallel_grain(int64_t n) {
@@ -74,9 +122,9 @@ void update_fovs(const FovTarget* targets, int64_t k, float* logits, const int64
   const int64_t fsize = f[0] * f[1] * f[2];
   auto body = [&](int64_t i) {
     const FovTarget& t = targets[i];
-    kernels::update_fov(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2],
-                        logits + i * fsize, f[0], f[1], f[2], move_threshold,
-                        disco_seed_threshold, deltas, scores + 6 * i, offsets + 18 * i);
+    update_fov_isa(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2], logits + i * fsize,
+                   f[0], f[1], f[2], move_threshold, disco_seed_threshold, deltas,
+                   scores + 6 * i, offsets + 18 * i);
   };
   if (parallel && k * fsize >= grain())
     parallel_for(k, num_threads(), body);
@@ -90,8 +138,8 @@ void gather_fovs(const FovTarget* targets, int64_t k, float* out, const int64_t 
   const int threads = k * fsize >= grain() ? num_threads() : 1;
   parallel_for(k, threads, [&](int64_t i) {
     const FovTarget& t = targets[i];
-    kernels::gather_fov(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2],
-                        out + i * fsize, f[0], f[1], f[2], pad_value);
+    gather_fov_isa(box_origin(t, f), t.shape[1] * t.shape[2], t.shape[2], out + i * fsize,
+                   f[0], f[1], f[2], pad_value);
   });
 }
 
@@ -116,7 +164,7 @@ std::vector<int64_t> find_peaks_impl(const T* image, const int64_t shape[3],
   parallel_for(nchunks, threads, [&](int64_t c) {
     const int64_t z0 = nz * c / nchunks, z1 = nz * (c + 1) / nchunks;
     pk::SlabScratch<T> scratch;
-    flags[c] = pk::filter_slab(image, nz, ny, nx, min_distance, threshold, border, plain,
+    flags[c] = filter_slab_isa(image, nz, ny, nx, min_distance, threshold, border, plain,
                                z0, z1, scratch, cands[c]);
   });
   bool non_max = false;

@@ -25,9 +25,9 @@ bool have_openmp();
 /// Threads used by the parallel kernels (>= 1).
 int num_threads();
 /// Set the threads used by the parallel kernels; n <= 0 restores the default
-/// (OpenMP's omp_get_max_threads() at import time).
+/// (OpenMP's omp_get_max_threads() at import time).  Without OpenMP: always 1.
 void set_num_threads(int n);
-/// Minimum elements per parallel chunk (default 2^19; n <= 0 restores it).
+/// Minimum elements per parallel chunk (default 2^21; n <= 0 restores it).
 /// Returns the previous value.  Lowered by the tests to exercise the
 /// multi-threaded paths on small inputs.
 int64_t set_parallel_grain(int64_t n);

@@ -43,11 +43,54 @@
 #include <cstdint>
 #include <limits>
 
+// FFN_KERNEL_INLINE: the bodies are always inlined into their launchers, so
+// that the CPU launcher's AVX2 / AVX-512 clones (function multiversioning in
+// csrc/launch_omp.cpp) compile them with the wider vectors.
+#ifndef FFN_KERNEL_INLINE
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)
+#define FFN_KERNEL_INLINE inline __attribute__((always_inline))
+#else
+#define FFN_KERNEL_INLINE inline
+#endif
+#endif
+
+// Software prefetch (host compilers only; a no-op in SYCL device code).
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)
+#define FFN_PREFETCH(ptr, rw) __builtin_prefetch((ptr), (rw), 3)
+#else
+#define FFN_PREFETCH(ptr, rw) ((void)0)
+#endif
+
 namespace ffn {
 namespace kernels {
 
+/// Prefetch the canvas box (fz x fy rows of fx floats) into the caches.  The
+/// rows of a FOV box are short (33 floats) and far apart (one canvas row /
+/// plane), which defeats the hardware prefetchers: issuing every row up front
+/// lets the memory system fetch them in parallel while the FOV's own buffer
+/// is being scanned.  `for_write` requests the lines in exclusive state.
+FFN_KERNEL_INLINE void prefetch_box(const float* box, int64_t sz, int64_t sy, int64_t fz, int64_t fy,
+                         int64_t fx, bool for_write) {
+  const int64_t bytes = fx * static_cast<int64_t>(sizeof(float));
+  for (int64_t z = 0; z < fz; ++z) {
+    for (int64_t y = 0; y < fy; ++y) {
+      const char* row = reinterpret_cast<const char*>(box + z * sz + y * sy);
+      for (int64_t b = 0; b < bytes; b += 64) {
+        if (for_write)
+          FFN_PREFETCH(row + b, 1);
+        else
+          FFN_PREFETCH(row + b, 0);
+      }
+      if (for_write)
+        FFN_PREFETCH(row + bytes - 1, 1);
+      else
+        FFN_PREFETCH(row + bytes - 1, 0);
+    }
+  }
+}
+
 /// Number of values v[i] >= thr among n floats (NaN never counts).
-inline int64_t count_at_least(const float* v, int64_t n, float thr) {
+FFN_KERNEL_INLINE int64_t count_at_least(const float* v, int64_t n, float thr) {
   int64_t total = 0;
   // Blocked int32 accumulation keeps the inner loop vectorisable.
   const int64_t block = 1 << 20;
@@ -60,32 +103,66 @@ inline int64_t count_at_least(const float* v, int64_t n, float thr) {
   return total;
 }
 
-/// Whether the disco rule is active for this FOV.
-/// disco_seed_threshold < 0 (or NaN) disables the rule.
-inline bool disco_active(const float* fov, int64_t n, float move_threshold,
+/// Smallest count c in [0, n] with (double)c / (double)n > t, i.e. the number
+/// of voxels >= move_threshold that activates the disco rule (the same double
+/// comparison as the reference's mean(...) > t); n + 1 when no count does.
+/// Requires 0 <= t and n > 0.
+inline int64_t disco_count_needed(int64_t n, double t) {
+  const double dn = static_cast<double>(n);
+  if (!(t < 1.0)) return n + 1;  // c / n <= 1 is never > t
+  int64_t c = static_cast<int64_t>(t * dn);  // in [0, n - 1]
+  while (c > 0 && static_cast<double>(c - 1) / dn > t) --c;
+  while (c <= n && !(static_cast<double>(c) / dn > t)) ++c;
+  return c;
+}
+
+/// Whether the disco rule is active for this FOV: mean(fov >= move_threshold)
+/// > disco_seed_threshold; disco_seed_threshold < 0 (or NaN) disables it.
+/// The count stops as soon as it reaches the activating number, and starts at
+/// the middle of the FOV, where an object seeded at the centre is most likely
+/// above threshold (the order of a count does not change it).
+FFN_KERNEL_INLINE bool disco_active(const float* fov, int64_t n, float move_threshold,
                          double disco_seed_threshold) {
   if (!(disco_seed_threshold >= 0.0) || n <= 0) return false;
-  const int64_t cnt = count_at_least(fov, n, move_threshold);
-  return static_cast<double>(cnt) / static_cast<double>(n) > disco_seed_threshold;
+  const int64_t need = disco_count_needed(n, disco_seed_threshold);
+  if (need > n) return false;
+  if (need <= 0) return true;
+  const int64_t block = 2048;
+  int64_t cnt = 0;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t lo = half == 0 ? n / 2 : 0;
+    const int64_t hi = half == 0 ? n : n / 2;
+    for (int64_t s = lo; s < hi; s += block) {
+      const int64_t e = (hi - s < block) ? hi : s + block;
+      cnt += count_at_least(fov + s, e - s, move_threshold);
+      if (cnt >= need) return true;
+    }
+  }
+  return false;
 }
 
 /// Write a FOV of shape (fz, fy, fx) into the canvas box whose origin element
 /// is `box` (canvas strides sz = cy*cx, sy = cx, x stride 1).  With `disco`,
 /// apply the disco rule first.  `fov` is overwritten with the values written.
-inline void write_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz,
+FFN_KERNEL_INLINE void write_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz,
                       int64_t fy, int64_t fx, bool disco) {
   for (int64_t z = 0; z < fz; ++z) {
     for (int64_t y = 0; y < fy; ++y) {
       float* __restrict c = box + z * sz + y * sy;
       float* __restrict f = fov + (z * fy + y) * fx;
       if (disco) {
+        // The FOV buffer only needs rewriting where the rule kept an old
+        // value: rows without a replacement are left untouched (no store).
+        int replaced = 0;
         for (int64_t x = 0; x < fx; ++x) {
           const float o = c[x];
           const float nv = f[x];
-          const float w = (o < 0.0f && nv > o) ? o : nv;
-          c[x] = w;
-          f[x] = w;
+          const bool keep_old = o < 0.0f && nv > o;
+          c[x] = keep_old ? o : nv;
+          replaced |= keep_old ? 1 : 0;
         }
+        if (replaced)
+          for (int64_t x = 0; x < fx; ++x) f[x] = c[x];
       } else {
         for (int64_t x = 0; x < fx; ++x) c[x] = f[x];
       }
@@ -96,7 +173,7 @@ inline void write_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz
 /// First maximum (np.argmax semantics) of a 2-D strided plane of n0 x n1
 /// elements starting at `base` (strides s0, s1 in elements).
 /// Returns the score; writes the (i0, i1) position.  n0, n1 >= 1.
-inline float plane_argmax(const float* base, int64_t n0, int64_t s0, int64_t n1,
+FFN_KERNEL_INLINE float plane_argmax(const float* base, int64_t n0, int64_t s0, int64_t n1,
                           int64_t s1, int64_t* i0, int64_t* i1) {
   float best = base[0];
   int64_t b0 = 0, b1 = 0;
@@ -128,7 +205,7 @@ inline float plane_argmax(const float* base, int64_t n0, int64_t s0, int64_t n1,
 
 /// The six face maxima of a FOV (see the geometry notes at the top).
 /// scores: 6 floats; offsets: 6 x 3 int64 (row-major), (dz, dy, dx) each.
-inline void face_maxima(const float* fov, int64_t fz, int64_t fy, int64_t fx,
+FFN_KERNEL_INLINE void face_maxima(const float* fov, int64_t fz, int64_t fy, int64_t fx,
                         const int64_t deltas[3], float* scores, int64_t* offsets) {
   const int64_t stride[3] = {fy * fx, fx, 1};
   const int64_t c[3] = {fz / 2, fy / 2, fx / 2};
@@ -160,10 +237,11 @@ inline void face_maxima(const float* fov, int64_t fz, int64_t fy, int64_t fx,
 
 /// One complete FOV update: disco decision, write, face maxima.
 /// `box` is the canvas element at the FOV box origin (centre - f/2).
-inline void update_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz,
+FFN_KERNEL_INLINE void update_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t fz,
                        int64_t fy, int64_t fx, float move_threshold,
                        double disco_seed_threshold, const int64_t deltas[3],
                        float* scores, int64_t* offsets) {
+  prefetch_box(box, sz, sy, fz, fy, fx, true);
   const bool disco =
       disco_active(fov, fz * fy * fx, move_threshold, disco_seed_threshold);
   write_fov(box, sz, sy, fov, fz, fy, fx, disco);
@@ -171,8 +249,9 @@ inline void update_fov(float* box, int64_t sz, int64_t sy, float* fov, int64_t f
 }
 
 /// Gather one FOV: out = canvas box with NaN replaced by pad_value.
-inline void gather_fov(const float* box, int64_t sz, int64_t sy, float* out,
+FFN_KERNEL_INLINE void gather_fov(const float* box, int64_t sz, int64_t sy, float* out,
                        int64_t fz, int64_t fy, int64_t fx, float pad_value) {
+  if (fz * fy > 1) prefetch_box(box, sz, sy, fz, fy, fx, false);
   for (int64_t z = 0; z < fz; ++z) {
     for (int64_t y = 0; y < fy; ++y) {
       const float* __restrict c = box + z * sz + y * sy;

@@ -36,18 +36,26 @@
 #include <cstring>
 #include <vector>
 
+#ifndef FFN_KERNEL_INLINE
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)
+#define FFN_KERNEL_INLINE inline __attribute__((always_inline))
+#else
+#define FFN_KERNEL_INLINE inline
+#endif
+#endif
+
 namespace ffn {
 namespace kernels {
 namespace peaks {
 
 template <class T>
-inline T maxv(T a, T b) {
+FFN_KERNEL_INLINE T maxv(T a, T b) {
   return a > b ? a : b;
 }
 
 /// out[x] = max(in[x - r .. x + r] truncated to [0, n)).  in != out.
 template <class T>
-inline void row_max(const T* __restrict in, T* __restrict out, int64_t n, int64_t r) {
+FFN_KERNEL_INLINE void row_max(const T* __restrict in, T* __restrict out, int64_t n, int64_t r) {
   for (int64_t x = 0; x < n; ++x) out[x] = in[x];
   for (int64_t k = 1; k <= r && k < n; ++k) {
     for (int64_t x = 0; x < n - k; ++x) out[x] = maxv(out[x], in[x + k]);
@@ -57,14 +65,14 @@ inline void row_max(const T* __restrict in, T* __restrict out, int64_t n, int64_
 
 /// dst[i] = max(dst[i], src[i]) for n elements.
 template <class T>
-inline void accumulate_max(T* __restrict dst, const T* __restrict src, int64_t n) {
+FFN_KERNEL_INLINE void accumulate_max(T* __restrict dst, const T* __restrict src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = maxv(dst[i], src[i]);
 }
 
 /// 2-D (y, x) maximum filter of one plane (ny, nx) with radius r:
 /// tmp and out are ny*nx buffers, out != plane.
 template <class T>
-inline void plane_max2d(const T* plane, int64_t ny, int64_t nx, int64_t r,
+FFN_KERNEL_INLINE void plane_max2d(const T* plane, int64_t ny, int64_t nx, int64_t r,
                         T* __restrict tmp, T* __restrict out) {
   for (int64_t y = 0; y < ny; ++y) row_max(plane + y * nx, tmp + y * nx, nx, r);
   for (int64_t y = 0; y < ny; ++y) {
@@ -102,7 +110,7 @@ struct SlabFlags {
 /// raster order to `out`.  border: widths (bz, by, bx).  r = min_distance.
 /// plain: see header notes.
 template <class T>
-inline SlabFlags filter_slab(const T* image, int64_t nz, int64_t ny, int64_t nx,
+FFN_KERNEL_INLINE SlabFlags filter_slab(const T* image, int64_t nz, int64_t ny, int64_t nx,
                              int64_t r, T threshold, const int64_t border[3],
                              bool plain, int64_t z0, int64_t z1,
                              SlabScratch<T>& s, std::vector<Candidate<T>>& out) {

@@ -96,8 +96,10 @@ class PairCountMap {
   }
 
  private:
+  // Multiply-xor hash (cheap; the probe loop compares full keys anyway).
   static uint64_t hash(uint64_t a, uint64_t b) {
-    return mix64(a * 0x9E3779B97F4A7C15ULL + mix64(b));
+    const uint64_t h = (a * 0x9E3779B97F4A7C15ULL) ^ (b * 0xC2B2AE3D27D4EB4FULL);
+    return h ^ (h >> 32);
   }
 
   void grow() {
@@ -306,26 +308,36 @@ inline std::vector<PairEntry> finish_counts(std::vector<PairCounter>& counters) 
 
 /// Count the pairs (a[i], b[i]) for begin <= i < end into `counter`.
 /// ignore_zero: skip pairs where either label is 0.
+///
+/// Run boundaries are first collected branch-free per block of voxels (a
+/// data-dependent branch per voxel would mispredict at most run ends), then
+/// each run costs one counter update.
 template <class TA, class TB, class Counter>
 inline void count_pairs_range(const TA* a, const TB* b, int64_t begin, int64_t end,
                               bool ignore_zero, Counter& map) {
   if (begin >= end) return;
-  TA pa = a[begin];
-  TB pb = b[begin];
-  int64_t run = 1;
-  for (int64_t i = begin + 1; i < end; ++i) {
-    const TA va = a[i];
-    const TB vb = b[i];
-    if (va == pa && vb == pb) {
-      ++run;
-      continue;
+  constexpr int64_t kBlock = 4096;
+  int32_t starts[kBlock];
+  int64_t run_start = begin;
+  auto emit = [&](int64_t p, int64_t len) {
+    const TA va = a[p];
+    const TB vb = b[p];
+    if (!(ignore_zero && (va == 0 || vb == 0))) map.add(va, vb, len);
+  };
+  for (int64_t s = begin + 1; s < end; s += kBlock) {
+    const int64_t e = (end - s < kBlock) ? end : s + kBlock;
+    int64_t k = 0;
+    for (int64_t i = s; i < e; ++i) {
+      starts[k] = static_cast<int32_t>(i - s);
+      k += static_cast<int64_t>((a[i] != a[i - 1]) | (b[i] != b[i - 1]));
     }
-    if (!(ignore_zero && (pa == 0 || pb == 0))) map.add(pa, pb, run);
-    pa = va;
-    pb = vb;
-    run = 1;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = s + starts[j];
+      emit(run_start, i - run_start);
+      run_start = i;
+    }
   }
-  if (!(ignore_zero && (pa == 0 || pb == 0))) map.add(pa, pb, run);
+  emit(run_start, end - run_start);
 }
 
 /// Union-find over `m` edges (2*m uint64 values, row-major (m, 2)).
