@@ -144,7 +144,7 @@ def bench_real(crop: int, repeats: int) -> dict:
     try:
         raw = volume_crop(crop)
         t0 = time.perf_counter()
-        res = segment_array(raw, config=InferenceConfig(device="cpu"), net_and_info=(net, info))
+        res = segment_array(raw, config=InferenceConfig(device="cpu", normalise="fixed"), net_and_info=(net, info))
         wall = time.perf_counter() - t0
     finally:
         pmod.Predictor.run = orig_run

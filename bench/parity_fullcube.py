@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     result_path = wd / f"result-{args.precision}.npz"
-    cfg = InferenceConfig(threads=args.threads, precision=args.precision, checkpoint_interval_s=120, device="cpu")
+    cfg = InferenceConfig(threads=args.threads, precision=args.precision, checkpoint_interval_s=120, device="cpu",
+                          normalise="fixed")  # the reference's (x - 128) / 33
     with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
         raw = f["raw"][:]
         labels = f["labels"][:]

@@ -26,6 +26,11 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="network precision; fp32 is exact, bf16 is faster on CPUs/GPUs with bf16 units")
+    p.add_argument("--normalise", choices=["standardise", "histogram", "fixed"], default=None,
+                   help="intensity normalisation: standardise (default: map the volume's mean/std onto the "
+                        "model's), histogram (match quantiles), fixed (the reference's (x - mean) / std)")
+    p.add_argument("--image-mean", type=float, default=None, help="fixed intensity mean (implies --normalise fixed)")
+    p.add_argument("--image-std", type=float, default=None, help="fixed intensity std (implies --normalise fixed)")
     p.add_argument("--checkpoint-interval", type=float, default=None,
                    help="seconds between resumable-state saves (0: off; default 60)")
 
@@ -43,8 +48,14 @@ def _build_config(args):
     d = cfg.to_dict()
     d.update(overrides)
     cfg = InferenceConfig.from_dict(d, "--set")
+    normalise = args.normalise
+    if normalise is None and (args.image_mean is not None or args.image_std is not None):
+        normalise = "fixed"
+    if normalise not in (None, "fixed") and (args.image_mean is not None or args.image_std is not None):
+        raise ConfigError(f"--image-mean/--image-std need --normalise fixed, not {normalise}")
     return cfg.with_overrides(device=args.device, threads=args.threads, precision=args.precision,
-                              checkpoint_interval_s=args.checkpoint_interval)
+                              checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
+                              image_mean=args.image_mean, image_std=args.image_std)
 
 
 def _parse_value(v: str):
@@ -60,6 +71,13 @@ def cmd_segment(args) -> int:
     from .inference.segment import segment
 
     cfg = _build_config(args)
+    if args.block is not None or args.workdir is not None:
+        from .distributed.run import segment_blocks
+
+        segment_blocks(args.image, args.out, block=args.block, halo=args.halo, workdir=args.workdir,
+                       model=args.model, config=cfg, bbox=args.bbox, overwrite=args.overwrite,
+                       inflight=args.inflight, progress=not args.quiet)
+        return 0
     res = segment(args.image, args.out, model=args.model, config=cfg, bbox=args.bbox, overwrite=args.overwrite,
                   progress=not args.quiet)
     log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)
@@ -114,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", default=None, help="only this box of the image: z0,y0,x0:z1,y1,x1 (half-open)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its resume state)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--block", default=None, help="block inference: core block size z,y,x (e.g. 128,256,256); "
+                   "runs under mpiexec too")
+    p.add_argument("--halo", default=None, help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
+    p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
+                   "manifest (rerun to resume)")
+    p.add_argument("--inflight", type=int, default=None,
+                   help="blocks in flight per process sharing each network call (default: 1 on CPU, 8 on GPU)")
     _add_inference_options(p)
     p.set_defaults(func=cmd_segment)
 

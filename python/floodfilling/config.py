@@ -47,12 +47,13 @@ class InferenceConfig:
     seed_min_distance: int = 3
     # Grid spacing (voxels) for the "grid" seed policy.
     seed_grid_step: int = 16
-    # Image normalisation: "model" uses the model's recorded mean/std as a fixed (x - mean) / std
-    # (the reference's behaviour); "fixed" uses image_mean/image_std below.
-    normalise: str = "model"
-    # Fixed intensity mean for normalise="fixed" (None: the model's).
+    # Image normalisation: "standardise" maps the volume's robust mean/std onto the model's
+    # (default; travels between datasets), "histogram" matches intensity quantiles to the
+    # model's, "fixed" uses (x - image_mean) / image_std like the reference.
+    normalise: str = "standardise"
+    # Intensity mean for normalise="fixed" (None: the model's recorded mean, 128 for FIB-25).
     image_mean: float | None = None
-    # Fixed intensity standard deviation for normalise="fixed" (None: the model's).
+    # Intensity standard deviation for normalise="fixed" (None: the model's, 33 for FIB-25).
     image_std: float | None = None
     # Torch device: auto, cpu, cuda[:N] or xpu[:N].
     device: str = "auto"
@@ -81,8 +82,8 @@ class InferenceConfig:
             raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks' or 'grid'")
         if self.seed_min_distance < 1 or self.seed_grid_step < 1:
             raise ConfigError("options seed_min_distance and seed_grid_step must be >= 1")
-        if self.normalise not in ("model", "fixed"):
-            raise ConfigError(f"option normalise={self.normalise!r}: expected 'model' or 'fixed'")
+        if self.normalise not in ("standardise", "histogram", "fixed"):
+            raise ConfigError(f"option normalise={self.normalise!r}: expected 'standardise', 'histogram' or 'fixed'")
         if self.image_std is not None and not float(self.image_std) > 0:
             raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
         if self.precision not in ("fp32", "bf16"):

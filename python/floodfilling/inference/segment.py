@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import normalise as norm_mod
 from .. import volumes
 from ..config import InferenceConfig
 from ..model import ModelInfo, load_model
+from ..normalise import Normalisation
 from . import seeds as seeds_mod
 from .canvas import Canvas, CanvasState, Origin
 from .predictor import Predictor
@@ -46,13 +48,7 @@ class SegmentResult:
 
 def normalise_image(raw: np.ndarray, mean: float, std: float, source: str = "image") -> np.ndarray:
     """(raw - mean) / std as float32; NaN/inf input is an error naming ``source``."""
-    img = np.asarray(raw)
-    if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
-        raise SegmentError(f"{source}: contains NaN or infinite values")
-    out = img.astype(np.float32)
-    out -= np.float32(mean)
-    out /= np.float32(std)
-    return out
+    return Normalisation("fixed", mean, std).apply(raw, source)
 
 
 def _file_digest(path: Path) -> str:
@@ -134,18 +130,18 @@ def run_canvas(canvas: Canvas, predictor: Predictor, progress=None) -> None:
         progress.set_postfix(objects=canvas.state.counters["objects"], steps=canvas.state.counters["steps"])
 
 
-def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo) -> dict[str, Any]:
-    if cfg.normalise == "fixed":
-        mean = info.image_mean if cfg.image_mean is None else float(cfg.image_mean)
-        std = info.image_std if cfg.image_std is None else float(cfg.image_std)
-        return {"method": "fixed", "mean": mean, "std": std}
-    return {"method": "model", "mean": info.image_mean, "std": info.image_std}
+def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo, vol, source: str = "image") -> Normalisation:
+    """The normalisation ``cfg`` asks for, with statistics of ``vol`` (array or volume handle)."""
+    return norm_mod.resolve(cfg.normalise, vol, info.image_mean, info.image_std, info.intensity_quantiles,
+                            cfg.image_mean, cfg.image_std, source)
 
 
 def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
                   resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
-                  progress: bool = False, net_and_info=None) -> SegmentResult:
-    """Segments an in-memory raw volume. ``state_path`` enables resumable runs."""
+                  progress: bool = False, net_and_info=None, normalisation: Normalisation | None = None,
+                  source: str = "image") -> SegmentResult:
+    """Segments an in-memory raw volume. ``state_path`` enables resumable runs;
+    ``normalisation`` (default: from ``config`` and the statistics of ``raw``)."""
     cfg = (config or InferenceConfig()).validate()
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
@@ -153,8 +149,11 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
         raise SegmentError(f"image must be 3-D, got shape {raw.shape}")
     if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
         raise SegmentError(f"image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
-    norm = resolve_normalisation(cfg, info)
-    image = normalise_image(raw, norm["mean"], norm["std"])
+    try:
+        norm = normalisation or resolve_normalisation(cfg, info, raw, source)
+        image = norm.apply(raw, source)
+    except norm_mod.NormalisationError as exc:
+        raise SegmentError(str(exc)) from None
     margin = tuple(f // 2 for f in info.fov_zyx)
     state = None
     seeds = None
@@ -187,8 +186,10 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
     finally:
         if bar is not None:
             bar.close()
-    return SegmentResult(canvas.final_segmentation(), canvas.state.origins, canvas.state.overlaps,
-                         dict(canvas.state.counters), time.perf_counter() - t0, norm)
+    seg = canvas.final_segmentation()
+    norm_mod.check_dominant_object(seg, norm, f"{source} ({'x'.join(map(str, seg.shape))} voxels)")
+    return SegmentResult(seg, canvas.state.origins, canvas.state.overlaps, dict(canvas.state.counters),
+                         time.perf_counter() - t0, norm.to_dict())
 
 
 def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
@@ -204,20 +205,27 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
         box.validate(vol.shape)
         raw = vol.read(box)
         res = vol.resolution_zyx_nm
-    net, info = load_model(model, "cpu")
+        net, info = load_model(model, "cpu")
+        if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
+            raise SegmentError(f"{image_spec}: image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
+        try:  # one set of values for the whole volume, whatever the bbox
+            norm = resolve_normalisation(cfg, info, vol if box.shape != tuple(vol.shape) else raw, image_spec)
+        except norm_mod.NormalisationError as exc:
+            raise SegmentError(str(exc)) from None
     model_path = Path(info.source)
     manifest = {
         "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
         "bbox": [list(box.start), list(box.stop)],
         "model": _file_digest(model_path),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s")},
+        "normalisation": norm.to_dict(),
     }
     sp = state_path_for(out_path)
     if overwrite and sp.exists():
         sp.unlink()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
-                           progress=progress, net_and_info=(net, info))
+                           progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec)
     write_result(out_path, out_ds, result, attrs={
         "resolution_zyx_nm": list(res) if res is not None else None,
         "bbox_zyx": [list(box.start), list(box.stop)],
