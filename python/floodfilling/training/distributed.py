@@ -115,8 +115,9 @@ def _init_method(rank: int, world: int, workdir: Path) -> str:
         return f"tcp://{addr}:{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     key = f"{socket.gethostname()}-{os.getppid()}"
-    (log.warning if rank == 0 else log.debug)("no mpi4py and no MASTER_ADDR/MASTER_PORT: using a file rendezvous in %s (single node only; "
-                "install floodfilling[mpi] for multi-node runs)", workdir)
+    (log.warning if rank == 0 else log.debug)(
+        "no mpi4py and no MASTER_ADDR/MASTER_PORT: using a file rendezvous in %s (single node only; "
+        "install floodfilling[mpi] for multi-node runs)", workdir)
     return f"file://{(workdir / f'.rendezvous-{key}').resolve()}"
 
 

@@ -128,7 +128,8 @@ class ExampleSource:
         m = np.array(geometry.margin)
         ok = np.all((coords >= m) & (coords < np.array(image.shape) - m), axis=1)
         if not ok.all():
-            raise ExampleError(f"{int((~ok).sum())} of {len(coords)} coordinates are closer than {tuple(int(x) for x in m)} to "
+            raise ExampleError(f"{int((~ok).sum())} of {len(coords)} coordinates are closer than "
+                               f"{tuple(int(x) for x in m)} to "
                                f"the border (the training patch would not fit)")
         self.image = image
         self.labels = labels
@@ -345,6 +346,8 @@ def run_sequences(net, stream: ExampleStream, device="cpu") -> Counts:
             if b is None:
                 break
             img, seed, _ = b
-            out = net(torch.from_numpy(img).to(device), torch.from_numpy(seed).to(device))
+            cl = torch.channels_last_3d
+            out = net(torch.from_numpy(img).to(device).contiguous(memory_format=cl),
+                      torch.from_numpy(seed).to(device).contiguous(memory_format=cl))
             stream.write_back(out.float().cpu().numpy())
     return stream.counts

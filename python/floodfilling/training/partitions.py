@@ -88,7 +88,8 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
     shape = np.array(labels.shape)
     diam = 2 * r + 1
     if np.any(shape < diam):
-        raise PartitionError(f"{source}: volume of shape {tuple(int(x) for x in shape)} is smaller than the partition box "
+        raise PartitionError(f"{source}: volume of shape {tuple(int(x) for x in shape)} is smaller than the "
+                             f"partition box "
                              f"2*radius+1 = {tuple(int(d) for d in diam)}")
     t0 = time.perf_counter()
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)

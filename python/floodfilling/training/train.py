@@ -478,7 +478,8 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     net = ConvStack3D(opts.depth, opts.features)
     if init_net is not None:
         net.load_state_dict(init_net.state_dict())
-    net = net.to(dinfo.device)
+    # channels-last 3-D: about 2x faster convolutions on CPU (and on GPUs)
+    net = net.to(dinfo.device, memory_format=torch.channels_last_3d)
     opt = make_optimizer(opts, net.parameters())
     source = ExampleSource(image, labels, coords, geometry, seed=opts.seed, rank=rank, world=world,
                            augment=opts.augment)
@@ -508,6 +509,8 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     rows: list[dict[str, float]] = []
     if dinfo.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
+            stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
         rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []
         write_metrics(metrics_path, rows)
     tb = _TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
@@ -543,9 +546,9 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
             for g in opt.param_groups:
                 g["lr"] = lr
             img, seed, target = stream.next_batch()  # type: ignore[misc]
-            img_t = torch.from_numpy(img).to(dinfo.device, non_blocking=True)
-            seed_t = torch.from_numpy(seed).to(dinfo.device, non_blocking=True)
-            target_t = torch.from_numpy(target).to(dinfo.device, non_blocking=True)
+            img_t = torch.from_numpy(img).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
+            seed_t = torch.from_numpy(seed).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
+            target_t = torch.from_numpy(target).to(dinfo.device)
             logits = model(img_t, seed_t)
             loss = F.binary_cross_entropy_with_logits(logits, target_t)
             opt.zero_grad(set_to_none=True)
