@@ -215,7 +215,10 @@ std::vector<PairSlot> count_pairs_impl(const TA* a, const TB* b, int64_t n,
   using kernels::reconcile::PairCounter;
   const int threads = num_threads();
   const int64_t nchunks = flat_chunks(n, threads);
-  std::vector<PairCounter> counters(static_cast<size_t>(nchunks));
+  std::vector<PairCounter> counters;
+  counters.reserve(static_cast<size_t>(nchunks));
+  for (int64_t c = 0; c < nchunks; ++c)
+    counters.emplace_back(static_cast<size_t>(n * (c + 1) / nchunks - n * c / nchunks));
   parallel_for(nchunks, threads, [&](int64_t c) {
     const int64_t begin = n * c / nchunks, end = n * (c + 1) / nchunks;
     kernels::reconcile::count_pairs_range(a, b, begin, end, ignore_zero, counters[c]);

@@ -135,8 +135,10 @@ struct KeyCount {
 /// while every label fits in 32 bits, 24-byte (a, b, count) records otherwise).
 class PairCounter {
  public:
-  explicit PairCounter(size_t max_map_entries = size_t(1) << 15)
-      : map_(1024), max_entries_(max_map_entries) {}
+  /// max_runs: an upper bound of the runs this counter will see (the length
+  /// of its voxel range), used to size the run list once when it spills.
+  explicit PairCounter(size_t max_runs = 0, size_t max_map_entries = size_t(1) << 15)
+      : map_(1024), max_entries_(max_map_entries), max_runs_(max_runs) {}
 
   void add(uint64_t a, uint64_t b, int64_t n) {
     if (!spilled_) {
@@ -156,6 +158,7 @@ class PairCounter {
   bool wide() const { return wide_; }
   PairCountMap& map() { return map_; }
   const std::vector<KeyCount>& narrow_runs() const { return narrow_; }
+  std::vector<KeyCount>& narrow_runs() { return narrow_; }
   const std::vector<PairEntry>& wide_runs() const { return wide_runs_; }
 
   /// Switch the run list to 24-byte records.
@@ -170,6 +173,7 @@ class PairCounter {
  private:
   void spill() {
     spilled_ = true;
+    if (max_runs_ > 0) narrow_.reserve(max_runs_);  // no regrowth copies
     uint64_t hi = 0;
     for (const PairEntry& s : map_.slots())
       if (s.count != 0) hi |= s.a | s.b;
@@ -188,6 +192,7 @@ class PairCounter {
   std::vector<KeyCount> narrow_;
   std::vector<PairEntry> wide_runs_;
   size_t max_entries_;
+  size_t max_runs_;
   size_t runs_ = 0;
   bool spilled_ = false;
   bool wide_ = false;
@@ -242,7 +247,10 @@ inline std::vector<PairEntry> sort_reduce_narrow(std::vector<KeyCount>& all) {
   int bits = 0;
   while (bits < 64 && (top >> bits) != 0) ++bits;
   radix_sort(all, bits);
+  size_t distinct = all.empty() ? 0 : 1;
+  for (size_t i = 1; i < all.size(); ++i) distinct += all[i].key != all[i - 1].key;
   std::vector<PairEntry> out;
+  out.reserve(distinct);
   uint64_t last = 0;
   for (const KeyCount& e : all) {
     if (!out.empty() && e.key == last) {
@@ -276,12 +284,18 @@ inline std::vector<PairEntry> finish_counts(std::vector<PairCounter>& counters) 
     wide = (hi >> 32) != 0;
   }
   if (!wide) {
-    std::vector<KeyCount> all;
     size_t total = 0;
     for (PairCounter& c : counters) total += c.narrow_runs().size() + c.map().size();
+    // Reuse the largest run list as the destination (no copy of it).
+    size_t big = 0;
+    for (size_t i = 1; i < counters.size(); ++i)
+      if (counters[i].narrow_runs().capacity() > counters[big].narrow_runs().capacity()) big = i;
+    std::vector<KeyCount> all;
+    all.swap(counters[big].narrow_runs());
     all.reserve(total);
-    for (PairCounter& c : counters) {
-      all.insert(all.end(), c.narrow_runs().begin(), c.narrow_runs().end());
+    for (size_t i = 0; i < counters.size(); ++i) {
+      PairCounter& c = counters[i];
+      if (i != big) all.insert(all.end(), c.narrow_runs().begin(), c.narrow_runs().end());
       for (const PairEntry& s : c.map().slots())
         if (s.count != 0) all.push_back(KeyCount{(s.a << 32) | s.b, s.count});
     }
