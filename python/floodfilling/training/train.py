@@ -458,6 +458,16 @@ def train(opts: TrainOptions) -> TrainResult:
         distributed.teardown(dinfo)
 
 
+def _absolute_spec(spec: str | None) -> str | None:
+    if not spec:
+        return spec
+    try:
+        path, ds = volumes.parse_volume_spec(spec)
+    except ValueError:
+        path, ds = spec, None
+    return os.path.abspath(path) + (f":{ds}" if ds else "")
+
+
 def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     rank, world = dinfo.rank, dinfo.world
     raw, labels, coords, data_info = load_data(opts, geometry)
@@ -485,6 +495,8 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
                            augment=opts.augment)
     stream = ExampleStream(source, opts.batch)
     resume_key = {**{k: getattr(opts, k) for k in RESUME_KEYS if hasattr(opts, k)}, "world": world}
+    for k in ("image", "labels", "coords"):  # the same files, wherever the run is resumed from
+        resume_key[k] = _absolute_spec(resume_key[k])
     resume_key = json.loads(json.dumps(resume_key))
 
     step = 0
