@@ -4,8 +4,9 @@
 //
 // Header-only C++17, no Python, no I/O, no exceptions.  The launcher
 // (csrc/launch_omp.cpp) splits the z range between threads, calls
-// `filter_slab` on each slab, then `sort_candidates`, `greedy_spacing` and
-// `sort_raster` serially.
+// `filter_slab` on each slab, then, serially, `sort_candidates` and
+// `greedy_spacing` (when min_distance > 1) and sorts the accepted linear
+// indices (raster order); `indices_to_zyx` writes the (N, 3) result.
 //
 // Semantics reproduced (scikit-image's peak_local_max with labels=None,
 // footprint=None, num_peaks=inf, p_norm=inf):
@@ -134,7 +135,9 @@ FFN_KERNEL_INLINE SlabFlags filter_slab(const T* image, int64_t nz, int64_t ny, 
     }
     return flags;
   }
-  const int64_t w = 2 * r + 1;
+  // Ring of 2-D maxima: the (truncated) z window never holds more than
+  // min(2r + 1, nz) consecutive planes, so slot zz % w is unique within it.
+  const int64_t w = (2 * r + 1 < nz) ? 2 * r + 1 : nz;
   s.tmp.resize(plane);
   s.ring.resize(static_cast<size_t>(w * plane));
   s.tag.assign(static_cast<size_t>(w), -1);

@@ -8,8 +8,11 @@
 // arrays may have any ndim: only the flat order matters here).
 //
 //   * count_pairs_range: counts every (a[i], b[i]) over i in [begin, end)
-//     into a PairCountMap.  Runs of identical consecutive pairs (the common
-//     case in label volumes) are counted with one map update per run.
+//     into a PairCounter (one per thread).  Runs of identical consecutive
+//     pairs (the common case in label volumes) cost one update per run; the
+//     counter hashes while pairs repeat and otherwise collects runs for a
+//     radix sort.  finish_counts merges the counters into the distinct pairs
+//     sorted lexicographically.
 //   * union_find_min: connected components of an edge list; the
 //     representative of a component is its minimum id.
 //   * relabel_range / relabel_one: labels[i] := values[j] where keys[j] ==

@@ -106,6 +106,13 @@ def test_distance_map(dtype, md):
     assert len(pts) > 10
 
 
+@pytest.mark.parametrize("md", [6, 25])
+def test_large_min_distance(md):
+    img = distance_map((12, 40, 30), 4)
+    check(img, md, 0.0, exclude_border=False)
+    check(img, md, 0.0, exclude_border=2)
+
+
 def test_threads_agree():
     img = distance_map((64, 40, 40), 3)
     try:
