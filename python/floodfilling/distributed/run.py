@@ -1,0 +1,669 @@
+"""Block inference: ``[mpiexec -n N] ffn segment IMAGE OUT --block z,y,x [--halo z,y,x] [--workdir DIR]``.
+
+Phases (every rank runs this function; rank 0 is also a worker):
+
+1. **Plan** (rank 0, result broadcast): parse and validate the options, open the volume,
+   compute ONE normalisation for the whole volume, build the block grid (:mod:`.blocks`),
+   check/write ``DIR/manifest.json`` (a workdir of a different image, box, model, options or
+   geometry is an error, or is cleared with ``--overwrite``), take the workdir lock
+   (``DIR/run.json``) and remove what a killed run left (claims, temporary files).
+2. **Blocks** (all ranks, dynamic): a rank takes the next block by creating its claim file
+   ``DIR/claims/<name>`` with ``O_CREAT | O_EXCL`` (atomic on POSIX file systems, Lustre and
+   GPFS included), so a slow block never idles other ranks and no scheduler is needed. Ranks
+   start their scan at different blocks (rank r at block r*n/N) to avoid contention. Each rank
+   keeps ``inflight`` blocks active in the multi-canvas engine; a finished block is written
+   atomically to ``DIR/blocks/<name>.h5`` (temp + fsync + rename): segmentation of the outer
+   box, local origins and the ids present in the core. A block whose file exists is done and
+   skipped on a rerun; claims of a previous (killed) run are removed in phase 1.
+3. **Reconcile** (pairs spread over ranks, union-find on rank 0, :mod:`.reconcile`): match
+   objects in every overlap, merge, number the objects 1..N.
+4. **Write** (rank 0): each block's core, relabelled, into ``OUT`` (HDF5, written to a temp file
+   and renamed: nothing half-written is ever at ``OUT``), with ``<ds>_origins``.
+
+Killing any rank at any moment (mpiexec then ends the others) and rerunning the same command
+finishes the job with the same output. A rerun after ``OUT`` was written does nothing.
+One job per workdir at a time (checked through ``DIR/run.json`` on the same host).
+
+Block results depend only on the block (its image, the global normalisation, the model and
+options), never on the rank that ran it or on ``inflight`` (on CPU every FOV runs at batch 1;
+with several threads per rank, bitwise equality across thread counts is up to the BLAS/oneDNN
+build, so compare runs at the same ``--threads``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import kernels, volumes
+from ..config import InferenceConfig
+from ..model import load_model, select_device
+from ..normalise import Normalisation
+from . import mpi
+from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, fmt_zyx, make_grid, parse_zyx
+from .reconcile import GlobalLabels, MergeRule, global_labels, match_overlap, relabel_core
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "floodfilling-blocks/1"
+# options that do not change block results (left out of the manifest)
+_NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "split_components", "dust_size",
+                    "merge_min_fraction", "merge_min_voxels", "merge_min_iou")
+
+
+@dataclass
+class Plan:
+    image_spec: str
+    box: volumes.BBox
+    resolution: tuple | None
+    grid: BlockGrid
+    norm: Normalisation
+    workdir: str
+    out_path: str
+    out_ds: str
+    manifest: dict
+    digest: str
+    run_id: str
+    rule: MergeRule
+    n_done: int = 0
+    complete: bool = False
+
+    @property
+    def blocks_dir(self) -> Path:
+        return Path(self.workdir) / "blocks"
+
+    @property
+    def claims_dir(self) -> Path:
+        return Path(self.workdir) / "claims"
+
+    def block_path(self, b: Block) -> Path:
+        return self.blocks_dir / f"{b.name(self.box.start)}.h5"
+
+
+@dataclass
+class BlocksResult:
+    """Summary of a block run (the same on every rank)."""
+
+    out: str
+    workdir: str
+    n_objects: int = 0
+    n_blocks: int = 0
+    blocks_run: int = 0  # blocks segmented by this invocation (all ranks)
+    blocks_skipped: int = 0  # blocks found finished at the start
+    n_pairs: int = 0
+    n_merges: int = 0
+    ranks: int = 1
+    counters: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    already_complete: bool = False
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+def _file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _canonical(d: Any) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _h5_attr(value: Any) -> Any:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    return value
+
+
+# -- phase 1: plan ------------------------------------------------------------------------
+
+def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path: str, cfg: InferenceConfig,
+          bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
+    from ..inference.segment import resolve_normalisation
+
+    out = volumes.parse_volume_spec(out_spec)
+    if out.kind != "hdf5":
+        raise BlockError(f"output {out}: block inference writes HDF5 (out.h5:dataset); Zarr output is not supported")
+    out_path = Path(out.path)
+    wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
+    if wd.exists() and not wd.is_dir():
+        raise BlockError(f"--workdir {wd}: exists and is not a directory")
+    mpath = wd / "manifest.json"
+    old = None
+    if mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+            if old.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {old.get('format')!r}")
+        except (ValueError, OSError) as exc:
+            raise BlockError(f"--workdir {wd}: unreadable manifest.json ({exc}); use another --workdir or delete it") from None
+    fov = tuple(info.fov_zyx)
+    default_halo = tuple(f // 2 + d for f, d in zip(fov, info.deltas_zyx))
+    if block is not None:
+        block_v = parse_zyx(block, "--block", 1)
+    else:
+        block_v = tuple(old["block"]) if old and not overwrite else DEFAULT_BLOCK
+    if halo is not None:
+        halo_v = parse_zyx(halo, "--halo", 0)
+    else:
+        halo_v = tuple(old["halo"]) if old and not overwrite else default_halo
+    with volumes.open_volume(image_spec) as vol:
+        try:
+            box = volumes.BBox.parse(bbox) if bbox else volumes.BBox.from_shape(vol.shape)
+            box.validate(vol.shape)
+        except volumes.VolumeError:
+            raise
+        except ValueError as exc:
+            raise BlockError(f"--bbox {bbox}: {exc}") from None
+        grid = make_grid(box.shape, block_v, halo_v, fov)
+        norm = resolve_normalisation(cfg, info, vol, image_spec)  # one normalisation for the whole volume
+        res = vol.resolution_zyx_nm
+        vshape, vdtype = list(vol.shape), str(vol.dtype)
+        ipath, ids = volumes.parse_volume_spec(image_spec)
+    manifest = _canonical({
+        "format": MANIFEST_FORMAT,
+        "image": f"{os.path.abspath(ipath)}:{ids}",
+        "image_shape": vshape,
+        "image_dtype": vdtype,
+        "bbox": [list(box.start), list(box.stop)],
+        "block": list(block_v),
+        "halo": list(halo_v),
+        "model": _file_digest(model_path),
+        "fov_zyx": list(fov),
+        "deltas_zyx": list(info.deltas_zyx),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_MANIFEST},
+        "normalisation": norm.to_dict(),
+    })
+    digest = _digest(manifest)
+    plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
+                run_id, rule)
+
+    # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
+    if out_path.exists() and not overwrite:
+        if _output_digest(out_path, plan.out_ds) == digest:
+            plan.complete = True
+        else:
+            raise BlockError(f"output {out_path} exists; pass --overwrite to replace it")
+
+    if old is not None and old != manifest:
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if not overwrite:
+            raise BlockError(f"--workdir {wd} holds blocks of a different run (differs in: {', '.join(diff)}); "
+                             "use another --workdir, the same options as before, or --overwrite to discard them")
+        log.warning("--overwrite: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
+    _take_lock(wd, run_id, size)
+    if old is not None and old != manifest:
+        _clear_workdir(wd)
+    for d in (plan.blocks_dir, plan.claims_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(plan)
+    volumes.atomic_write_bytes(mpath, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
+    return plan
+
+
+def _output_digest(path: Path, ds: str) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            v = f[ds].attrs.get("block_manifest")
+            return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
+    except Exception:  # noqa: BLE001 - not ours / unreadable: treated as foreign
+        return None
+
+
+def _take_lock(wd: Path, run_id: str, size: int) -> None:
+    wd.mkdir(parents=True, exist_ok=True)
+    lock = wd / "run.json"
+    host = socket.gethostname()
+    if lock.exists():
+        try:
+            cur = json.loads(lock.read_text())
+        except (ValueError, OSError):
+            cur = {}
+        pid = int(cur.get("pid", -1))
+        if cur.get("host") == host and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+            raise BlockError(f"--workdir {wd} is in use by a running job (pid {pid} on {host}, started "
+                             f"{cur.get('started', '?')}); wait for it or stop it first")
+        if cur.get("host") not in (None, host):
+            log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
+                        "one job per workdir)", wd, cur.get("host"))
+    volumes.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
+                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+
+
+def _clear_workdir(wd: Path) -> None:
+    """Removes our files only (blocks, claims, manifest)."""
+    for sub in ("blocks", "claims"):
+        d = wd / sub
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.is_file() and p.name.startswith("seg_"):
+                    p.unlink()
+    for name in ("manifest.json", "reconcile.json"):
+        (wd / name).unlink(missing_ok=True)
+
+
+def _cleanup_stale(plan: Plan) -> None:
+    """Claims and temporary files of a killed run (we hold the workdir lock)."""
+    n = 0
+    for p in plan.claims_dir.iterdir():
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    for p in plan.blocks_dir.iterdir():
+        if ".tmp-" in p.name:
+            p.unlink(missing_ok=True)
+    out = Path(plan.out_path)
+    if out.parent.is_dir():
+        host_pids = [p for p in out.parent.glob(out.name + ".tmp-*")]
+        for p in host_pids:
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                p.unlink(missing_ok=True)
+    if n:
+        log.info("removed %d stale block claims of an interrupted run", n)
+
+
+# -- phase 2: blocks ------------------------------------------------------------------------
+
+class _Ticket:
+    __slots__ = ("block", "t0")
+
+    def __init__(self):
+        self.block: Block | None = None
+        self.t0 = 0.0
+
+
+def _rank_device_threads(cfg: InferenceConfig, comm: mpi.Comm) -> tuple[str, int]:
+    dev = select_device(cfg.device)
+    device = str(cfg.device)
+    if comm.local_size > 1 and dev.type in ("cuda", "xpu") and dev.index is None:
+        import torch
+
+        count = torch.cuda.device_count() if dev.type == "cuda" else torch.xpu.device_count()
+        device = f"{dev.type}:{comm.local_rank % max(count, 1)}"
+    threads = int(cfg.threads)
+    if threads == 0 and comm.local_size > 1 and dev.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // comm.local_size)
+    return device, threads
+
+
+def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
+                progress: bool) -> dict:
+    from ..inference import seeds as seeds_mod
+    from ..inference.canvas import Canvas
+    from ..inference.engine import Job, run_jobs
+    from ..inference.predictor import Predictor
+    from ..inference.segment import origins_table
+
+    grid = plan.grid
+    n = len(grid)
+    device, threads = _rank_device_threads(cfg, comm)
+    if threads > 0:
+        kernels.set_num_threads(threads)
+    dev = select_device(device)
+    k = int(inflight) if inflight else (1 if dev.type == "cpu" else 8)
+    if k < 1:
+        raise BlockError(f"--inflight {inflight}: must be >= 1")
+    predictor = Predictor(net, info.fov_zyx, device=device, precision=cfg.precision,
+                          max_batch=1 if dev.type == "cpu" else k, threads=threads)
+    log.info("rank %d/%d: device %s, %d thread(s), %d block(s) in flight", comm.rank, comm.size, device,
+             threads, k)
+    fov = tuple(info.fov_zyx)
+    margin = tuple(f // 2 for f in fov)
+    host, pid = socket.gethostname(), os.getpid()
+    start = (comm.rank * n) // comm.size
+    order = iter([(start + i) % n for i in range(n)])
+    exhausted = [False]
+    stats = {"blocks": 0, "steps": 0, "seconds": 0.0, "voxels": 0}
+
+    def claim_next() -> Block | None:
+        if exhausted[0]:
+            return None
+        for i in order:
+            b = grid[i]
+            if plan.block_path(b).exists():
+                continue
+            try:
+                fd = os.open(plan.claims_dir / b.name(plan.box.start), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, f"{plan.run_id} {host} {pid} {comm.rank}\n".encode())
+            finally:
+                os.close(fd)
+            return b
+        exhausted[0] = True
+        return None
+
+    vol = volumes.open_volume(plan.image_spec)
+    bar = None
+    if progress and comm.is_root:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=plan.n_done, unit="block", desc=f"segment ({comm.size} rank"
+                   f"{'s' if comm.size > 1 else ''})", dynamic_ncols=True)
+    last_sync = [time.monotonic()]
+
+    def make(t: _Ticket):
+        b = claim_next()
+        if b is None:  # nothing left: an empty canvas finishes at once
+            return Canvas(np.zeros(fov, np.float32), np.zeros((0, 3), np.int64), cfg, fov, info.deltas_zyx)
+        t.block, t.t0 = b, time.perf_counter()
+        box = volumes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
+                           tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
+        image = plan.norm.apply(vol.read(box), f"{plan.image_spec} block {box}")
+        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, plan.resolution or (1, 1, 1),
+                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(seeds))
+        return Canvas(image, seeds, cfg, fov, info.deltas_zyx)
+
+    def on_done(t: _Ticket, cv) -> None:
+        b = t.block
+        if b is None:
+            return
+        seg = cv.final_segmentation()
+        core_ids = np.unique(seg[b.core_in_outer])
+        core_ids = core_ids[core_ids > 0]
+        secs = time.perf_counter() - t.t0
+        counters = {k2: float(v) for k2, v in cv.state.counters.items()}
+        volumes.write_hdf5_atomic(
+            plan.block_path(b),
+            {"seg": seg, "origins": origins_table(cv.state.origins), "core_ids": core_ids.astype(np.uint32)},
+            file_attrs={"core_start": list(b.core_start), "core_stop": list(b.core_stop),
+                        "outer_start": list(b.outer_start), "outer_stop": list(b.outer_stop),
+                        "box_start": list(plan.box.start), "max_id": int(cv.state.max_id),
+                        "counters": json.dumps(counters), "seconds": secs, "manifest": plan.digest,
+                        "rank": comm.rank, "host": host},
+            overwrite=True, compression="gzip")
+        stats["blocks"] += 1
+        stats["steps"] += int(counters.get("steps", 0))
+        stats["seconds"] += secs
+        stats["voxels"] += b.outer_voxels
+        log.info("rank %d: block %d/%d %s: %d objects, %d steps, %.1f s", comm.rank, b.index + 1, n,
+                 b.name(plan.box.start), int(counters.get("objects", 0)), int(counters.get("steps", 0)), secs)
+        if bar is not None:
+            if time.monotonic() - last_sync[0] > 10:  # other ranks' blocks too
+                bar.n = sum(1 for p in plan.blocks_dir.iterdir() if p.name.endswith(".h5"))
+                last_sync[0] = time.monotonic()
+                bar.refresh()
+            else:
+                bar.update(1)
+
+    tickets = [_Ticket() for _ in range(n - plan.n_done)]
+    try:
+        run_jobs([Job(t, (lambda t=t: make(t))) for t in tickets], predictor, inflight=k, on_done=on_done)
+    finally:
+        vol.close()
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+# -- phase 3 + 4: reconcile, write -------------------------------------------------------------
+
+def _read_region(path: Path, start, stop) -> np.ndarray:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            o = f.attrs["outer_start"]
+            sl = tuple(slice(int(a) - int(p), int(b) - int(p)) for a, b, p in zip(start, stop, o))
+            return np.ascontiguousarray(f["seg"][sl])
+    except (OSError, KeyError) as exc:
+        raise BlockError(f"{path}: unreadable block result ({exc}); delete it and rerun") from None
+
+
+def _read_meta(path: Path) -> dict:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {"max_id": int(f.attrs["max_id"]), "core_ids": f["core_ids"][:],
+                    "origins": f["origins"][:], "counters": json.loads(f.attrs["counters"]),
+                    "seconds": float(f.attrs["seconds"]), "outer_start": tuple(int(v) for v in f.attrs["outer_start"])}
+    except (OSError, KeyError, ValueError) as exc:
+        raise BlockError(f"{path}: unreadable block result ({exc}); delete it and rerun") from None
+
+
+def _match_pairs(plan: Plan, mine: list[tuple[int, int]]) -> tuple[list, dict]:
+    out = []
+    t = {"pairs": 0, "read_s": 0.0, "match_s": 0.0, "voxels": 0, "candidates": 0}
+    for i, j in mine:
+        ov = plan.grid.overlap(i, j)
+        if ov is None:
+            continue
+        t0 = time.perf_counter()
+        a = _read_region(plan.block_path(plan.grid[i]), *ov)
+        b = _read_region(plan.block_path(plan.grid[j]), *ov)
+        t1 = time.perf_counter()
+        m = match_overlap(a, b, plan.rule)
+        t["read_s"] += t1 - t0
+        t["match_s"] += time.perf_counter() - t1
+        t["pairs"] += 1
+        t["voxels"] += a.size
+        t["candidates"] += len(m.pairs)
+        if m.merge.any():
+            out.append((i, j, m.edges))
+    return out, t
+
+
+def _origins(plan: Plan, lab: GlobalLabels, metas: dict[int, dict]) -> np.ndarray:
+    from ..inference.segment import ORIGIN_DTYPE
+
+    prov, seeds, steps, secs, incore = [], [], [], [], []
+    for k, b in enumerate(plan.grid):
+        o = metas[k]["origins"]
+        if not len(o):
+            continue
+        s = np.stack([o["z"], o["y"], o["x"]], axis=1) + np.asarray(b.outer_start)
+        prov.append(o["id"].astype(np.uint64) + lab.offsets[k])
+        seeds.append(s)
+        steps.append(o["steps"])
+        secs.append(o["seconds"])
+        incore.append(np.all((s >= np.asarray(b.core_start)) & (s < np.asarray(b.core_stop)), axis=1))
+    if not prov:
+        return np.zeros(0, ORIGIN_DTYPE)
+    prov_a, seeds_a = np.concatenate(prov), np.concatenate(seeds)
+    steps_a, secs_a, incore_a = np.concatenate(steps), np.concatenate(secs), np.concatenate(incore)
+    fin = lab.final_of(prov_a)
+    keep = fin > 0
+    prov_a, seeds_a, steps_a, secs_a, incore_a, fin = (x[keep] for x in (prov_a, seeds_a, steps_a, secs_a, incore_a, fin))
+    # representative: the member whose seed lies in its block's core, smallest provisional id first
+    order = np.lexsort((prov_a, ~incore_a, fin))
+    first = order[np.r_[True, fin[order][1:] != fin[order][:-1]]]
+    tab = np.zeros(lab.n_objects, ORIGIN_DTYPE)
+    idx = (fin[first] - 1).astype(np.int64)
+    tab["id"] = np.arange(1, lab.n_objects + 1)
+    tab["z"][idx], tab["y"][idx], tab["x"][idx] = seeds_a[first, 0], seeds_a[first, 1], seeds_a[first, 2]
+    tab["steps"] = np.bincount((fin - 1).astype(np.int64), weights=steps_a, minlength=lab.n_objects).astype(np.int64)
+    tab["seconds"] = np.bincount((fin - 1).astype(np.int64), weights=secs_a, minlength=lab.n_objects)
+    return tab
+
+
+def _write_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs: dict, overwrite: bool) -> None:
+    import h5py
+
+    out = Path(plan.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shape = plan.box.shape
+    chunks = tuple(min(64, s) for s in shape)
+    origins = _origins(plan, lab, metas)
+    with volumes.atomic_path(out, overwrite=True) as tmp:
+        with h5py.File(tmp, "w") as f:
+            d = f.create_dataset(plan.out_ds, shape=shape, dtype=lab.dtype, chunks=chunks, compression="gzip",
+                                 fillvalue=0)
+            for k, b in enumerate(plan.grid):
+                core = _read_region(plan.block_path(b), b.core_start, b.core_stop)
+                d[tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop))] = relabel_core(
+                    core, lab.keys[k], lab.values[k], lab.dtype)
+            for key, v in attrs.items():
+                if v is not None:
+                    d.attrs[key] = _h5_attr(v)
+            f.create_dataset(f"{plan.out_ds}_origins", data=origins)
+            f.flush()
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, workdir=None, model=None,
+                   config: InferenceConfig | None = None, bbox=None, overwrite: bool = False,
+                   inflight: int | None = None, progress: bool = False, merge_rule: MergeRule | None = None,
+                   comm: mpi.Comm | None = None) -> BlocksResult:
+    """Segments ``image_spec`` block by block (on every rank of an MPI launch) into ``out_spec``.
+
+    ``block``/``halo``: "z,y,x" strings or 3-sequences (default block 128,256,256, halo the
+    FOV radius + deltas; on a rerun, those recorded in the workdir); ``workdir``: block results
+    and manifest (default ``OUT.blocks`` next to the output file); ``merge_rule``: overlap rule
+    (default from ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise
+    :class:`~.blocks.BlockError` (a ValueError) with a one-line message on every rank.
+    """
+    t_start = time.perf_counter()
+    comm = comm or mpi.world()
+    cfg = (config or InferenceConfig()).validate()
+    rule = (merge_rule or MergeRule.from_config(cfg)).validate()
+    if inflight is not None and int(inflight) < 1:
+        raise BlockError(f"--inflight {inflight}: must be >= 1")
+    net, info = comm.collective(lambda: load_model(model, "cpu"))
+    run_id = uuid.uuid4().hex[:12]
+    plan: Plan = comm.on_root(lambda: _plan(image_spec, out_spec, block, halo, workdir, info, info.source, cfg,
+                                            bbox, overwrite, rule, run_id, comm.size))
+    n = len(plan.grid)
+    if plan.complete:
+        if comm.is_root:
+            log.info("%s is already complete (blocks in %s); nothing to do", plan.out_path, plan.workdir)
+            _finish_workdir(plan)
+        comm.wait_all()
+        return BlocksResult(plan.out_path, plan.workdir, n_blocks=n, blocks_skipped=n, ranks=comm.size,
+                            already_complete=True)
+    if comm.is_root:
+        log.info("%d blocks (grid %s, block %s, halo %s; halo overhead %.0f%%), %d already done, %d rank(s)",
+                 n, fmt_zyx(plan.grid.grid_shape), fmt_zyx(plan.grid.block), fmt_zyx(plan.grid.halo),
+                 100 * plan.grid.halo_overhead(), plan.n_done, comm.size)
+    t_plan = time.perf_counter() - t_start
+
+    # phase 2: blocks
+    with comm.abort_on_error("block inference"):
+        stats = _run_blocks(plan, net, info, cfg, comm, inflight, progress)
+    t_idle0 = time.perf_counter()
+    comm.wait_all()
+    t_blocks_end = time.perf_counter()
+
+    # phase 3: matching, spread over ranks
+    pairs = plan.grid.pairs()
+    with comm.abort_on_error("reconciliation"):
+        missing = [b.index for b in plan.grid if not plan.block_path(b).exists()] if comm.is_root else []
+        if missing:
+            raise BlockError(f"{len(missing)} block result(s) missing after all ranks finished "
+                             f"(first: {plan.block_path(plan.grid[missing[0]])})")
+        edges, mt = _match_pairs(plan, pairs[comm.rank::comm.size])
+        metas = {k: _read_meta(plan.block_path(plan.grid[k])) for k in range(comm.rank, n, comm.size)}
+    gathered = comm.gather((edges, mt, metas, stats, t_blocks_end - t_idle0), root=0)
+    t_match_end = time.perf_counter()
+
+    summary = None
+    if comm.is_root:
+        with comm.abort_on_error("writing the output"):
+            summary = _reconcile_and_write(plan, gathered, cfg, info, overwrite, comm.size,
+                                           {"plan_s": t_plan, "blocks_s": t_blocks_end - t_plan - t_start,
+                                            "match_s": t_match_end - t_blocks_end}, t_match_end)
+    comm.wait_all()
+    summary = comm.bcast(summary, root=0)
+    summary.timings["total_s"] = time.perf_counter() - t_start
+    return summary
+
+
+def _reconcile_and_write(plan: Plan, gathered, cfg, info, overwrite, size, timings, t0) -> BlocksResult:
+    n = len(plan.grid)
+    all_edges, metas, block_stats, idle = [], {}, [], []
+    match_t = {"pairs": 0, "read_s": 0.0, "match_s": 0.0, "voxels": 0, "candidates": 0}
+    for edges, mt, m, st, wait in gathered:
+        all_edges += edges
+        metas.update(m)
+        block_stats.append(st)
+        idle.append(wait)
+        for key in match_t:
+            match_t[key] += mt[key]
+    t1 = time.perf_counter()
+    lab = global_labels([metas[k]["max_id"] for k in range(n)], [metas[k]["core_ids"] for k in range(n)],
+                        all_edges)
+    t2 = time.perf_counter()
+    counters: dict[str, float] = {}
+    for k in range(n):
+        for key, v in metas[k]["counters"].items():
+            counters[key] = counters.get(key, 0) + v
+    attrs = {
+        "resolution_zyx_nm": list(plan.resolution) if plan.resolution is not None else None,
+        "bbox_zyx": [list(plan.box.start), list(plan.box.stop)],
+        "source_image": plan.image_spec,
+        "model": info.source,
+        "config": json.dumps(cfg.to_dict()),
+        "normalisation": json.dumps(plan.norm.to_dict()),
+        "counters": json.dumps(counters),
+        "block_zyx": list(plan.grid.block),
+        "halo_zyx": list(plan.grid.halo),
+        "merge_rule": json.dumps(plan.rule.to_dict()),
+        "block_manifest": plan.digest,
+        "workdir": os.path.abspath(plan.workdir),
+    }
+    _write_output(plan, lab, metas, attrs, overwrite)
+    t3 = time.perf_counter()
+    run = sum(s["blocks"] for s in block_stats)
+    timings = dict(timings, union_find_s=t2 - t1, write_s=t3 - t2, gather_s=t1 - t0,
+                   block_seconds_sum=sum(s["seconds"] for s in block_stats),
+                   block_seconds_max_rank=max(s["seconds"] for s in block_stats),
+                   wait_for_others_s_max=max(idle), pair_read_s=match_t["read_s"], pair_match_s=match_t["match_s"],
+                   pairs_matched=match_t["pairs"], pair_voxels=match_t["voxels"])
+    res = BlocksResult(plan.out_path, plan.workdir, n_objects=lab.n_objects, n_blocks=n, blocks_run=run,
+                       blocks_skipped=plan.n_done, n_pairs=len(plan.grid.pairs()), n_merges=lab.n_merges,
+                       ranks=size, counters=counters, timings=timings)
+    rep = {"n_blocks": n, "grid": list(plan.grid.grid_shape), "block": list(plan.grid.block),
+           "halo": list(plan.grid.halo), "halo_overhead": plan.grid.halo_overhead(), "n_pairs": res.n_pairs,
+           "candidate_pairs": match_t["candidates"], "merges": lab.n_merges, "objects": lab.n_objects,
+           "merge_rule": plan.rule.to_dict(), "ranks": size, "blocks_run": run, "blocks_skipped": plan.n_done,
+           "timings": timings, "per_rank": block_stats}
+    volumes.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(rep, indent=1) + "\n").encode())
+    _finish_workdir(plan)
+    log.info("wrote %s: %d objects from %d blocks (%d run now, %d reused), %d merges over %d block pairs",
+             plan.out_path, lab.n_objects, n, run, plan.n_done, lab.n_merges, res.n_pairs)
+    return res
+
+
+def _finish_workdir(plan: Plan) -> None:
+    shutil.rmtree(plan.claims_dir, ignore_errors=True)
+    (Path(plan.workdir) / "run.json").unlink(missing_ok=True)
