@@ -103,7 +103,7 @@ def add_parsers(sub) -> None:
                    help="clip each gradient entry to +-CLIP (reference 0.7; 0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, coordinates and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or xpu[:N] (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default; cores / ranks per node under mpiexec)")
     p.add_argument("--min-size", type=int, default=10000,
                    help="on-the-fly partitions: smaller objects are background (default 10000)")
     p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,

@@ -33,6 +33,8 @@ _RANK_VARS = [("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORL
               ("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")]
 _LOCAL_VARS = ["MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",
                "PALS_LOCAL_RANKID", "LOCAL_RANK", "SLURM_LOCALID"]
+_LOCAL_SIZE_VARS = ["MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE", "PALS_LOCAL_SIZE",
+                    "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
 _MPI_HINTS = ["PMI_FD", "PMI_PORT", "PMIX_RANK", "HYDRA_CONTROL_FD"]
 
 
@@ -78,6 +80,14 @@ def detect_rank_world() -> tuple[int, int, int]:
         if comm is not None:
             return comm.Get_rank(), comm.Get_size(), comm.Get_rank()
     return 0, 1, 0
+
+
+def local_size(world: int) -> int:
+    """Ranks on this node, from the launcher's environment (``world`` when unknown)."""
+    for v in _LOCAL_SIZE_VARS:
+        if os.environ.get(v, "").isdigit():
+            return max(1, int(os.environ[v]))
+    return max(1, world)
 
 
 def _backend_for(device: torch.device) -> str:

@@ -74,7 +74,7 @@ class TrainOptions:
     clip: float = 0.7  # clip every gradient entry to +-clip (reference 0.7; 0: off)
     seed: int = 0  # seeds weights, coordinates, augmentation
     device: str = "auto"  # auto, cpu, cuda[:N], xpu[:N]
-    threads: int = 0  # CPU threads (0: torch default)
+    threads: int = 0  # CPU threads (0: torch default; under MPI on CPU: cores / ranks per node)
     min_size: int = 10000  # objects smaller than this are background (on-the-fly partitions)
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # partition thresholds (on-the-fly)
     image_mean: float | None = None  # override the measured intensity mean
@@ -452,6 +452,9 @@ def train(opts: TrainOptions) -> TrainResult:
     if (ckdir / STATE_FILE).exists() and not opts.resume:
         raise TrainError(f"{ckdir} holds a checkpoint; pass --resume to continue it or choose another --out")
     dinfo = distributed.setup(opts.device, out)
+    if opts.threads <= 0 and dinfo.world > 1 and dinfo.device.type == "cpu":
+        # ranks, not threads, share the cores: split them instead of oversubscribing
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // distributed.local_size(dinfo.world)))
     try:
         return _train(opts, geometry, init_net, dinfo, out, ckdir, t_start)
     finally:
@@ -490,6 +493,9 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
         net.load_state_dict(init_net.state_dict())
     # channels-last 3-D: about 2x faster convolutions on CPU (and on GPUs)
     net = net.to(dinfo.device, memory_format=torch.channels_last_3d)
+    for p in net.parameters():  # 1x1x1 kernels: keep the strides their gradients get (DDP buckets)
+        if p.dim() == 5 and p.shape[2:] == (1, 1, 1):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
     opt = make_optimizer(opts, net.parameters())
     source = ExampleSource(image, labels, coords, geometry, seed=opts.seed, rank=rank, world=world,
                            augment=opts.augment)
