@@ -71,8 +71,7 @@ def prepare_coords(workdir: Path, margin: int) -> Path:
 def speed(args, workdir: Path) -> dict:
     import torch
 
-    from floodfilling.training import TrainOptions, train
-    from floodfilling.training.train import read_metrics
+    from floodfilling.training.train import TrainOptions, read_metrics, train
 
     configs = [
         ("depth12_fov33_delta8", dict(depth=12, features=32, fov=(33,) * 3, deltas=(8,) * 3, batch=args.batch12,
@@ -129,8 +128,8 @@ def learn(args, workdir: Path) -> dict:
     import torch
 
     from floodfilling.model import ConvStack3D, load_model
-    from floodfilling.training import Geometry, TrainOptions, train
-    from floodfilling.training.train import read_metrics
+    from floodfilling.training.examples import Geometry
+    from floodfilling.training.train import TrainOptions, read_metrics, train
 
     geometry = Geometry((17,) * 3, (4,) * 3)
     run = workdir / "learn"

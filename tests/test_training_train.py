@@ -199,7 +199,7 @@ def test_ddp_two_ranks_stay_identical(data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
-        from floodfilling.training import TrainOptions, train
+        from floodfilling.training.train import TrainOptions, train
         from floodfilling.training.distributed import detect_rank_world
         out = sys.argv[1]
         res = train(TrainOptions(image="{data}:raw", labels="{data}:labels", out=out, depth=1, features=4,

@@ -32,7 +32,6 @@ import time
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,8 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
         raise PartitionError(f"{source}: volume of shape {tuple(int(x) for x in shape)} is smaller than the "
                              f"partition box "
                              f"2*radius+1 = {tuple(int(d) for d in diam)}")
+    from scipy import ndimage
+
     t0 = time.perf_counter()
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
     inv = inv.reshape(labels.shape).astype(np.int32 if ids.size < 2**31 else np.int64)
