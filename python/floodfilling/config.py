@@ -67,6 +67,12 @@ class InferenceConfig:
     split_components: bool = False
     # Post-processing: objects smaller than this many voxels are removed (0: keep all).
     dust_size: int = 0
+    # Block inference: merge two blocks' objects that share this fraction of the smaller one's overlap voxels.
+    merge_min_fraction: float = 0.5
+    # Block inference: ... and at least this many voxels of the overlap.
+    merge_min_voxels: int = 10
+    # Block inference: ... and at least this IoU in the overlap (0: off; 0.5 makes matches one-to-one).
+    merge_min_iou: float = 0.0
 
     def validate(self) -> "InferenceConfig":
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
@@ -92,6 +98,11 @@ class InferenceConfig:
             raise ConfigError(f"option threads={self.threads!r}: must be >= 0")
         if self.checkpoint_interval_s < 0:
             raise ConfigError(f"option checkpoint_interval_s={self.checkpoint_interval_s!r}: must be >= 0")
+        if not (0.0 < float(self.merge_min_fraction) <= 1.0) or not (0.0 <= float(self.merge_min_iou) <= 1.0):
+            raise ConfigError(f"options merge_min_fraction={self.merge_min_fraction!r} / merge_min_iou="
+                              f"{self.merge_min_iou!r}: must be in (0, 1] / [0, 1]")
+        if int(self.merge_min_voxels) < 1:
+            raise ConfigError(f"option merge_min_voxels={self.merge_min_voxels!r}: must be >= 1")
         return self
 
     # -- TOML ----------------------------------------------------------------------

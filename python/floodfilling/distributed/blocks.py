@@ -113,7 +113,7 @@ def axis_bounds(extent: int, block: int, min_last: int = 1) -> list[int]:
     if extent <= 0:
         raise BlockError(f"empty extent {extent}")
     bounds = list(range(0, extent, block)) + [extent]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_last:
+    while len(bounds) > 2 and bounds[-1] - bounds[-2] < min_last:
         del bounds[-2]
     return bounds
 

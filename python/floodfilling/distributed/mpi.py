@@ -180,6 +180,7 @@ class MPIComm(Comm):
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+        os._exit(code)  # some MPI builds return from MPI_Abort and leave the killing to mpiexec
 
 
 _WORLD: Comm | None = None

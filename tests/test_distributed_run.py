@@ -1,0 +1,276 @@
+"""Block inference end to end on a real FIB-25 crop with a tiny hand-set model that floods
+bright regions (so objects cross block borders): invariants and brute-force reconciliation
+in one process, independence of K, resume after deleting blocks, bad inputs, and under
+``mpiexec``: 2 ranks == 1 rank, SIGKILL of a rank + rerun, more ranks than blocks, an error
+on one rank aborting all."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from floodfilling.cli import main
+from floodfilling.config import InferenceConfig
+
+CROP = (slice(100, 148), slice(60, 156), slice(60, 156))  # 48 x 96 x 96 -> 2 x 2 x 2 blocks
+BLOCK, HALO = "24,48,48", "6,6,6"
+CORE = (24, 48, 48)
+
+
+def tiny_model(path):
+    """ConvStack3D(depth=1, features=4), FOV 9, deltas 2: logits = seed + 6 * mean3x3x3(image),
+    i.e. it floods bright (above-mean) regions; deterministic, hand-set weights."""
+    from floodfilling.model import ConvStack3D, save_model
+
+    net = ConvStack3D(depth=1, features=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.conv0_a.weight[0, 0] = 1 / 27.0
+        net.conv0_a.weight[1, 0] = -1 / 27.0
+        net.conv0_b.weight[0, 0, 1, 1, 1] = 1
+        net.conv0_b.weight[1, 1, 1, 1, 1] = 1
+        net.conv_lom.weight[0, 0] = 6
+        net.conv_lom.weight[0, 1] = -6
+    save_model(path, net, {"fov_zyx": [9, 9, 9], "deltas_zyx": [2, 2, 2], "intensity": {"mean": 128, "std": 33}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, fib25):
+    d = tmp_path_factory.mktemp("blocks")
+    with h5py.File(d / "crop.h5", "w") as f:
+        f.create_dataset("raw", data=fib25[0][CROP]).attrs["resolution_zyx_nm"] = [10, 10, 10]
+        bad = fib25[0][CROP].astype(np.float32)
+        bad[40, 90, 90] = np.nan  # only the last block sees it
+        f.create_dataset("nan", data=bad)
+    tiny_model(d / "tiny.npz")
+    return d
+
+
+def cfg():
+    return InferenceConfig(min_segment_size=200, threads=1, device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    t = torch.get_num_threads()
+    yield
+    torch.set_num_threads(t)
+    from floodfilling import kernels
+
+    kernels.set_num_threads(0)
+
+
+def run_api(data, out, workdir, **kw):
+    from floodfilling.distributed.run import segment_blocks
+
+    kw = dict(dict(block=BLOCK, halo=HALO, workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg()), **kw)
+    return segment_blocks(f"{data / 'crop.h5'}:raw", f"{out}:seg", **kw)
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return f["seg"][:], f["seg_origins"][:], dict(f["seg"].attrs)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Single-process run (the reference output for everything else)."""
+    t = torch.get_num_threads()
+    d = tmp_path_factory.mktemp("ref")
+    res = run_api(data, d / "seg.h5", d / "work")
+    torch.set_num_threads(t)
+    return d / "seg.h5", d / "work", res
+
+
+def test_single_process_invariants(reference):
+    from floodfilling.distributed.blocks import make_grid
+    from floodfilling.distributed.reconcile import MergeRule
+    from test_distributed_reconcile import reference_reconcile
+
+    out, work, res = reference
+    seg, origins, attrs = read(out)
+    assert seg.shape == (48, 96, 96) and seg.dtype == np.uint32
+    n = int(seg.max())
+    assert n == res.n_objects >= 5 and res.n_blocks == 8 and res.blocks_run == 8
+    assert np.array_equal(np.unique(seg[seg > 0]), np.arange(1, n + 1))  # contiguous 1..N
+    assert list(origins["id"]) == list(range(1, n + 1))
+    # objects cross block borders and keep one id
+    spans = [len({tuple(c) for c in np.argwhere(seg == i) // CORE}) for i in range(1, n + 1)]
+    assert max(spans) >= 3 and res.n_merges > 0
+    # brute-force reconciliation of the stored block results gives the same volume
+    grid = make_grid((48, 96, 96), (24, 48, 48), (6, 6, 6), (9, 9, 9))
+    segs, max_ids = [], []
+    for b in grid:
+        with h5py.File(work / "blocks" / f"{b.name()}.h5", "r") as f:
+            segs.append(f["seg"][:])
+            max_ids.append(int(f.attrs["max_id"]))
+            assert f["seg"].shape == b.outer_shape
+    assert np.array_equal(seg, reference_reconcile(grid, segs, max_ids, MergeRule()))
+    assert attrs["block_zyx"].tolist() == [24, 48, 48] and attrs["halo_zyx"].tolist() == [6, 6, 6]
+    assert sorted(p.name for p in work.iterdir()) == ["blocks", "manifest.json", "reconcile.json"]
+
+
+def test_inflight_does_not_change_results(data, reference, tmp_path, one_thread):
+    res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=3)
+    assert res.n_objects == reference[2].n_objects
+    assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
+
+
+def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    blocks = sorted((work / "blocks").iterdir())
+    for p in blocks[2:4]:
+        p.unlink()
+    (work / "claims").mkdir()
+    (work / "claims" / blocks[2].stem).write_text("stale claim of a killed run\n")  # must not block the rerun
+    (work / "blocks" / (blocks[3].name + ".tmp-999999")).write_bytes(b"half-written")
+    kept = {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]}
+    out = tmp_path / "seg.h5"
+    res = run_api(data, out, work)
+    assert (res.blocks_run, res.blocks_skipped) == (2, 6)
+    assert {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]} == kept
+    assert np.array_equal(read(out)[0], read(reference[0])[0])
+    assert not (work / "claims").exists() and not any(".tmp-" in p.name for p in (work / "blocks").iterdir())
+    # the output is complete: rerunning does nothing
+    mtime = os.stat(out).st_mtime_ns
+    assert run_api(data, out, work).already_complete and os.stat(out).st_mtime_ns == mtime
+
+
+def test_bad_inputs(data, reference, tmp_path, capsys):
+    common = [f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", "--model", str(data / "tiny.npz"), "-q",
+              "--set", "min_segment_size=200", "--threads", "1"]
+
+    def err(*args):
+        assert main(["segment", *common, *args]) == 2
+        e = capsys.readouterr().err.strip()
+        assert e.startswith("ffn: error:") and "\n" not in e, e
+        return e
+
+    assert "--halo 2,2,2: z halo 2 is smaller than the FOV radius 4,4,4" in err("--block", BLOCK, "--halo", "2,2,2")
+    assert "--block 6,48,48: z size 6 is smaller than the model's FOV 9,9,9" in err("--block", "6,48,48")
+    assert "--block" in err("--block", "24,48")
+    assert "--halo 30,6,6" in err("--block", BLOCK, "--halo", "30,6,6")
+    assert "Zarr" in main_err(["segment", *common[:1], f"{tmp_path / 'o.zarr'}", *common[2:], "--block", BLOCK], capsys)
+    # a workdir of a different model / options
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    other = tiny_model(tmp_path / "other.npz")
+    with np.load(other) as z:
+        arrays = dict(z)
+    arrays["conv_lom/biases"] = arrays["conv_lom/biases"] + 0.25
+    np.savez(other, **arrays)
+    e = err("--block", BLOCK, "--halo", HALO, "--workdir", str(work), "--model", str(other))
+    assert f"--workdir {work} holds blocks of a different run (differs in: model)" in e
+    e = err("--workdir", str(work), "--set", "min_segment_size=300")
+    assert "differs in: config" in e
+    assert "differs in: block" in err("--workdir", str(work), "--block", "24,48,96")
+    # an existing output that is not ours
+    (tmp_path / "o.h5").write_bytes(b"x")
+    assert "exists; pass --overwrite" in err("--block", BLOCK)
+
+
+def main_err(argv, capsys):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+# -- under mpiexec ------------------------------------------------------------------------------
+
+def mpiexec():
+    exe = shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("mpiexec not found (pip install 'floodfilling[mpi]')")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py not installed (pip install 'floodfilling[mpi]')")
+    return exe
+
+
+def ffn_cmd(data, out, work, n, *extra, image="raw"):
+    return [mpiexec(), "-n", str(n), sys.executable, "-m", "floodfilling.cli", "-v", "segment", f"{data / 'crop.h5'}:{image}",
+            f"{out}:seg", "--model", str(data / "tiny.npz"), "--block", BLOCK, "--halo", HALO, "--workdir", str(work),
+            "--set", "min_segment_size=200", "--threads", "1", "-q", *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.mark.mpi
+def test_mpi_two_ranks_equal_one_rank(data, reference, tmp_path):
+    out = tmp_path / "seg.h5"
+    p = subprocess.run(ffn_cmd(data, out, tmp_path / "work", 2), capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 1/2" in p.stderr  # both ranks worked
+    seg, origins, _ = read(out)
+    ref, ref_origins, _ = read(reference[0])
+    assert np.array_equal(seg, ref)
+    assert np.array_equal(origins[["id", "z", "y", "x", "steps"]], ref_origins[["id", "z", "y", "x", "steps"]])
+    i = np.bincount(seg.ravel())[1:].argmax() + 1  # the largest object spans several blocks, one id
+    assert len({tuple(c) for c in np.argwhere(seg == i) // CORE}) >= 3
+
+
+@pytest.mark.mpi
+def test_mpi_sigkill_one_rank_and_rerun(data, reference, tmp_path):
+    out, work = tmp_path / "seg.h5", tmp_path / "work"
+    cmd = ffn_cmd(data, out, work, 2)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=log)
+    blocks = work / "blocks"
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 120:
+        if blocks.is_dir() and any(p.suffix == ".h5" for p in blocks.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    pids = {}
+    for c in (work / "claims").iterdir():
+        run_id, host, pid, rank = c.read_text().split()
+        pids[int(rank)] = int(pid)
+    os.kill(pids.get(1, pids[0]), signal.SIGKILL)
+    proc.wait(timeout=60)  # mpiexec ends the other rank: no hang
+    assert proc.returncode != 0
+    assert not out.exists()  # nothing half-written
+    done = {p.name: os.stat(p).st_ino for p in blocks.iterdir() if p.suffix == ".h5"}
+    assert 0 < len(done) < 8
+    for name in done:  # every finished block file is complete
+        with h5py.File(blocks / name, "r") as f:
+            assert f["seg"].shape and "max_id" in f.attrs
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{len(done)} already done" in p.stderr
+    assert {n: os.stat(blocks / n).st_ino for n in done} == done  # skipped, not redone
+    assert np.array_equal(read(out)[0], read(reference[0])[0])
+
+
+@pytest.mark.mpi
+def test_mpi_more_ranks_than_blocks(data, tmp_path, one_thread):
+    bbox = "0,0,0:24,96,48"  # 2 blocks, 3 ranks
+    out = tmp_path / "seg.h5"
+    p = subprocess.run(ffn_cmd(data, out, tmp_path / "work", 3, "--bbox", bbox), capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = run_api(data, tmp_path / "one.h5", tmp_path / "work1", bbox=bbox)
+    assert res.n_blocks == 2
+    assert np.array_equal(read(out)[0], read(tmp_path / "one.h5")[0])
+
+
+@pytest.mark.mpi
+def test_mpi_error_on_one_rank_aborts_all(data, tmp_path):
+    out = tmp_path / "seg.h5"
+    p = subprocess.run(ffn_cmd(data, out, tmp_path / "work", 2, "--normalise", "fixed", image="nan"),
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode != 0
+    assert "contains NaN" in p.stderr and "aborting all ranks" in p.stderr
+    assert not out.exists()
