@@ -18,8 +18,9 @@ block/halo, the number of blocks and blocks per rank, the halo overhead (segment
 output voxels - 1, exact from the block grid), the block time from this run's measured cost
 per segmented voxel (so it is as representative as the model and data of this run), the
 reconciliation time from the measured cost per overlap voxel (reading both blocks' overlap +
-pair counting) times the target grid's overlap voxels, spread over the ranks, and the serial
-parts: union-find and the single HDF5 writer (measured per output voxel).
+pair counting) times the target grid's overlap voxels, spread over the ranks, union-find
+(serial, rank 0; cost per edge measured on a random 1 M-edge graph), and writing: all ranks write their cores (per-rank bandwidth measured in the
+multi-rank run, capped by ``--fs-gbs``); the single-writer time (1 rank, gzip) is shown too.
 
 Results: ``bench/results/scaling-<machine>.json``. Never run this while another job uses the
 cores: every figure is meaningless then (the script records the load average and warns).
@@ -120,7 +121,19 @@ def axis_terms(extent: int, block: int, halo: int, fov: int):
     return n, float((hi - lo).sum()), ov, hi - lo
 
 
-def cost_model(measured: dict, args, fov) -> dict:
+def union_find_cost(n_edges: int = 1_000_000) -> float:
+    """Seconds per merge edge of the native union-find on a random 1 M-edge graph (the run's
+    own handful of edges is all fixed overhead)."""
+    from floodfilling import kernels
+
+    rng = np.random.default_rng(0)
+    e = rng.integers(1, 4 * n_edges, (n_edges, 2)).astype(np.uint64)
+    t0 = time.perf_counter()
+    kernels.union_find(e)
+    return (time.perf_counter() - t0) / n_edges
+
+
+def cost_model(measured: dict, args, fov, parallel: dict | None = None) -> dict:
     """Time at N nodes for the target volume, from the 1-rank measurement's unit costs.
 
     Computed axis by axis (a 3-D block is a product of intervals), so targets with millions
@@ -131,8 +144,14 @@ def cost_model(measured: dict, args, fov) -> dict:
     per_ov = (t["pair_read_s"] + t["pair_match_s"]) / max(t["pair_voxels"], 1)  # per overlap voxel
     per_pair = (t["pair_read_s"] + t["pair_match_s"]) / max(t["pairs_matched"], 1)
     out_vox = float(np.prod(measured["shape"]))
-    write_per_vox = t["write_s"] / out_vox
-    uf_per_edge = t["union_find_s"] / max(measured["merges"], 1)
+    write_per_vox = t["write_s"] / out_vox  # rank 0 alone, gzip (the 1-rank path)
+    # several ranks: each writes its cores uncompressed; per-rank bandwidth from a multi-rank run
+    if parallel and parallel["timings"].get("parallel_write_s_max"):
+        rank_bw = parallel["timings"]["parallel_write_bytes"] / parallel["ranks"] / parallel["timings"]["parallel_write_s_max"]
+    else:
+        rank_bw = 4.0 / write_per_vox
+    itemsize = 4
+    uf_per_edge = union_find_cost()
     target, block, halo = tuple(args.target), tuple(args.model_block), tuple(args.model_halo)
     terms = [axis_terms(e, b, h, f) for e, b, h, f in zip(target, block, halo, fov)]
     n_blocks = int(np.prod([tm[0] for tm in terms]))
@@ -153,17 +172,19 @@ def cost_model(measured: dict, args, fov) -> dict:
         t_blocks = np.ceil(per_rank_blocks) * mean_outer * per_vox  # dynamic scheduling: at most one block of tail
         t_match = pair_vox * per_ov / ranks
         t_uf = edges * uf_per_edge
-        t_write = float(np.prod(target)) * write_per_vox  # ONE writer (rank 0)
-        total = t_blocks + t_match + t_uf + t_write
+        t_single = float(np.prod(target)) * write_per_vox  # ONE writer (rank 0, gzip)
+        t_write = float(np.prod(target)) * itemsize / min(ranks * rank_bw, args.fs_gbs * 1e9)  # all ranks
+        total = t_blocks + t_match + t_uf + (t_write if ranks > 1 else t_single)
         rows.append({"nodes": nodes, "ranks": ranks, "blocks_per_rank": per_rank_blocks,
                      "block_phase_s": t_blocks, "reconcile_pairs_s": t_match, "union_find_s": t_uf,
-                     "single_writer_s": t_write, "total_s": total,
+                     "single_writer_s": t_single, "parallel_write_s": t_write, "total_s": total,
                      "parallel_efficiency": (n_blocks * mean_outer * per_vox) / (ranks * total)})
     return {"target_shape": list(target), "block": list(block), "halo": list(halo), "fov": list(fov),
             "ranks_per_node": args.ranks_per_node, "n_blocks": n_blocks, "n_pairs": n_pairs,
             "overlap_voxels": pair_vox, "halo_overhead": outer_total / float(np.prod(target)) - 1,
             "seconds_per_segmented_voxel": per_vox, "reconcile_seconds_per_overlap_voxel": per_ov,
             "reconcile_seconds_per_pair_measured": per_pair, "write_seconds_per_output_voxel": write_per_vox,
+            "parallel_write_bytes_per_s_per_rank": rank_bw, "fs_bandwidth_gbs": args.fs_gbs,
             "union_find_seconds_per_edge": uf_per_edge, "rows": rows}
 
 
@@ -175,6 +196,8 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=512, help="largest node count in the cost model")
     ap.add_argument("--ranks-per-node", type=int, default=1, help="ranks per node in the cost model")
     ap.add_argument("--target", default="8192,8192,8192", help="target volume z,y,x for the cost model")
+    ap.add_argument("--fs-gbs", type=float, default=100.0,
+                    help="file-system write bandwidth (GB/s) that caps the parallel writer in the cost model")
     ap.add_argument("--model-block", default="128,256,256", help="block z,y,x for the cost model")
     ap.add_argument("--model-halo", default="24,24,24", help="halo z,y,x for the cost model")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -220,7 +243,7 @@ def main() -> int:
             speedups[f"{base['ranks']}->{res['ranks']}"] = {"wall": s, "blocks_phase": sb}
             print(f"speed-up {base['ranks']} -> {res['ranks']} ranks: {s:.2f}x wall, {sb:.2f}x block phase "
                   f"(target >= 1.7x for 1 -> 2)")
-        model_cost = cost_model(base, args, tuple(info.fov_zyx))
+        model_cost = cost_model(base, args, tuple(info.fov_zyx), results[-1] if len(results) > 1 else None)
         print(f"\ncost model: target {args.target} voxels, block {args.model_block}, halo {args.model_halo}, "
               f"{args.ranks_per_node} rank(s) per node: {model_cost['n_blocks']} blocks, "
               f"{model_cost['n_pairs']} pairs, halo overhead {100 * model_cost['halo_overhead']:.0f}%; measured "
@@ -228,10 +251,11 @@ def main() -> int:
               f"{model_cost['reconcile_seconds_per_pair_measured'] * 1e3:.2f} ms per block pair "
               f"({model_cost['reconcile_seconds_per_overlap_voxel'] * 1e9:.1f} ns per overlap voxel)")
         print(f"{'nodes':>6} {'ranks':>6} {'blocks/rank':>11} {'blocks h':>9} {'reconcile s':>11} "
-              f"{'union-find s':>12} {'1 writer h':>10} {'total h':>8} {'efficiency':>10}")
+              f"{'union-find s':>12} {'write s':>8} {'(1 writer h)':>12} {'total h':>8} {'efficiency':>10}")
         for row in model_cost["rows"]:
             print(f"{row['nodes']:>6} {row['ranks']:>6} {row['blocks_per_rank']:>11.1f} {row['block_phase_s'] / 3600:>9.2f} "
-                  f"{row['reconcile_pairs_s']:>11.1f} {row['union_find_s']:>12.2f} {row['single_writer_s'] / 3600:>10.2f} "
+                  f"{row['reconcile_pairs_s']:>11.1f} {row['union_find_s']:>12.2f} {row['parallel_write_s']:>8.1f} "
+                  f"{row['single_writer_s'] / 3600:>12.2f} "
                   f"{row['total_s'] / 3600:>8.2f} {row['parallel_efficiency']:>10.2f}")
         doc = {"machine": machine_id(), "preset": name, "threads_per_rank": 1, "OMP_NUM_THREADS": 1,
                "load_average_at_start": load, "valid": load <= 0.5, "crop": preset["crop"],

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from floodfilling.distributed.blocks import BlockError, BlockGrid, axis_bounds, make_grid, parse_zyx
 
-SETTINGS = dict(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_parse_zyx():
@@ -46,7 +46,7 @@ def test_small_example():
 
 
 @settings(**SETTINGS)
-@given(shape=st.tuples(*[st.integers(1, 40)] * 3), block=st.tuples(*[st.integers(1, 15)] * 3),
+@given(shape=st.tuples(*[st.integers(1, 30)] * 3), block=st.tuples(*[st.integers(3, 15)] * 3),
        halo=st.tuples(*[st.integers(0, 12)] * 3), min_core=st.integers(1, 6))
 def test_grid_against_brute_force(shape, block, halo, min_core):
     g = BlockGrid(shape, block, halo, min_core=(min_core,) * 3)

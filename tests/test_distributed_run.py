@@ -136,11 +136,13 @@ def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     (work / "blocks" / (blocks[3].name + ".tmp-999999")).write_bytes(b"half-written")
     kept = {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]}
     out = tmp_path / "seg.h5"
+    (tmp_path / "seg.h5.tmp-0123456789ab").write_bytes(b"output of a killed run")
     res = run_api(data, out, work)
     assert (res.blocks_run, res.blocks_skipped) == (2, 6)
     assert {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]} == kept
     assert np.array_equal(read(out)[0], read(reference[0])[0])
     assert not (work / "claims").exists() and not any(".tmp-" in p.name for p in (work / "blocks").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.h5", "work"]
     # the output is complete: rerunning does nothing
     mtime = os.stat(out).st_mtime_ns
     assert run_api(data, out, work).already_complete and os.stat(out).st_mtime_ns == mtime

@@ -70,6 +70,9 @@ class Comm:
     def allgather(self, obj: Any) -> list:
         return [obj]
 
+    def scatter(self, objs: list | None, root: int = 0) -> Any:
+        return objs[0]  # type: ignore[index]
+
     def wait_all(self, poll_s: float = 0.05) -> None:
         """Barrier (no-op for one process)."""
 
@@ -170,6 +173,9 @@ class MPIComm(Comm):
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
+
+    def scatter(self, objs, root=0):
+        return self.comm.scatter(objs, root=root)
 
     def wait_all(self, poll_s: float = 0.05) -> None:
         """Barrier that sleeps between polls (MPI_Barrier spins and would steal the core of a
