@@ -209,5 +209,9 @@ def world() -> Comm:
                            "pip install 'floodfilling[mpi]' (or mpi4py built against your MPI)") from None
         _WORLD = Comm()
         return _WORLD
-    _WORLD = MPIComm(MPI.COMM_WORLD) if MPI.COMM_WORLD.Get_size() > 1 else Comm()
+    size = MPI.COMM_WORLD.Get_size()
+    if size == 1 and env[1] > 1:
+        raise MPIError(f"the launcher started {env[1]} ranks but MPI sees 1: mpiexec and mpi4py come from different "
+                       "MPI libraries (use the mpiexec of the MPI that mpi4py was built against)")
+    _WORLD = MPIComm(MPI.COMM_WORLD) if size > 1 else Comm()
     return _WORLD
