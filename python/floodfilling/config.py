@@ -63,9 +63,10 @@ class InferenceConfig:
     precision: str = "fp32"
     # Seconds between resumable-state saves of a running segmentation (0: never).
     checkpoint_interval_s: float = 60.0
-    # Post-processing: split each object into connected components (off: reference output).
+    # Post-processing: split each object into its 6-connected components and renumber 1..N
+    # (off: the reference's output).
     split_components: bool = False
-    # Post-processing: objects smaller than this many voxels are removed (0: keep all).
+    # Post-processing: objects smaller than this many voxels are removed, ids renumbered (0: keep all).
     dust_size: int = 0
     # Block inference: merge two blocks' objects that share this fraction of the smaller one's overlap voxels.
     merge_min_fraction: float = 0.5
@@ -94,6 +95,8 @@ class InferenceConfig:
             raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"option precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        if self.dust_size < 0:
+            raise ConfigError(f"option dust_size={self.dust_size!r}: must be >= 0")
         if self.threads < 0:
             raise ConfigError(f"option threads={self.threads!r}: must be >= 0")
         if self.checkpoint_interval_s < 0:

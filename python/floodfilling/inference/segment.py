@@ -25,6 +25,7 @@ from .. import volumes
 from ..config import InferenceConfig
 from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
+from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from .canvas import Canvas, CanvasState, Origin
 from .predictor import Predictor
@@ -188,8 +189,12 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
             bar.close()
     seg = canvas.final_segmentation()
     norm_mod.check_dominant_object(seg, norm, f"{source} ({'x'.join(map(str, seg.shape))} voxels)")
-    return SegmentResult(seg, canvas.state.origins, canvas.state.overlaps, dict(canvas.state.counters),
-                         time.perf_counter() - t0, norm.to_dict())
+    origins, overlaps = canvas.state.origins, canvas.state.overlaps
+    if cfg.split_components or cfg.dust_size > 0:
+        seg, origins = postprocess(seg, origins, split=cfg.split_components, dust_size=cfg.dust_size)
+        overlaps = {}  # refer to pre-processing ids: dropped
+    return SegmentResult(seg, origins, overlaps, dict(canvas.state.counters), time.perf_counter() - t0,
+                         norm.to_dict())
 
 
 def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
