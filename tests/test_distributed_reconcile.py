@@ -24,7 +24,7 @@ def rule_holds(n_ab, n_a, n_b, rule):
             and n_ab >= rule.min_iou * (n_a + n_b - n_ab))
 
 
-def reference_reconcile(grid, segs, max_ids, rule):
+def reference_reconcile(grid, segs, max_ids, rule, dust_size=0):
     """Python loops over voxels and dicts: the specification of the reconciled volume."""
     offsets = [sum(max_ids[:k]) for k in range(len(segs))]
     parent = {}
@@ -65,10 +65,16 @@ def reference_reconcile(grid, segs, max_ids, rule):
         for v in np.unique(core).tolist():
             if v:
                 dst[core == v] = final[roots[v + offsets[k]]]
+    if dust_size:  # objects smaller than dust_size go, the others are renumbered in order
+        ids, counts = np.unique(out[out > 0], return_counts=True)
+        lut = np.zeros(int(out.max()) + 1, np.uint32)
+        big = ids[counts >= dust_size]
+        lut[big] = np.arange(1, big.size + 1)
+        out = lut[out]
     return out
 
 
-def library_reconcile(grid, segs, max_ids, rule):
+def library_reconcile(grid, segs, max_ids, rule, dust_size=0):
     edges = []
     for i, j in grid.pairs():
         s, e = grid.overlap(i, j)
@@ -76,8 +82,8 @@ def library_reconcile(grid, segs, max_ids, rule):
         a = segs[i][tuple(slice(x - o, y - o) for x, y, o in zip(s, e, bi.outer_start))]
         b = segs[j][tuple(slice(x - o, y - o) for x, y, o in zip(s, e, bj.outer_start))]
         edges.append((i, j, match_overlap(a, b, rule).edges))
-    cores = [np.unique(segs[k][b.core_in_outer]) for k, b in enumerate(grid)]
-    lab = global_labels(max_ids, cores, edges)
+    cores = [np.unique(segs[k][b.core_in_outer], return_counts=True) for k, b in enumerate(grid)]
+    lab = global_labels(max_ids, [c[0] for c in cores], edges, [c[1] for c in cores], dust_size)
     out = np.zeros(grid.shape, lab.dtype)
     for k, b in enumerate(grid):
         out[tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop))] = relabel_core(
@@ -138,16 +144,16 @@ def block_segs(rng, grid, gt, perturb):
 @settings(**SETTINGS)
 @given(seed=st.integers(0, 2**31 - 1), perturb=st.booleans(),
        frac=st.sampled_from([0.5, 0.3, 0.9, 1.0]), minv=st.sampled_from([1, 10]),
-       iou=st.sampled_from([0.0, 0.5]))
-def test_library_equals_brute_force(seed, perturb, frac, minv, iou):
+       iou=st.sampled_from([0.0, 0.5]), dust=st.sampled_from([0, 0, 30]))
+def test_library_equals_brute_force(seed, perturb, frac, minv, iou, dust):
     rng = np.random.default_rng(seed)
     shape = tuple(int(v) for v in rng.integers(12, 28, 3))
     grid = BlockGrid(shape, tuple(int(v) for v in rng.integers(6, 14, 3)), tuple(int(v) for v in rng.integers(0, 5, 3)))
     gt = blocky_labels(rng, shape, int(rng.integers(2, 30)))
     segs, max_ids = block_segs(rng, grid, gt, perturb)
     rule = MergeRule(frac, minv, iou)
-    got, lab = library_reconcile(grid, segs, max_ids, rule)
-    want = reference_reconcile(grid, segs, max_ids, rule)
+    got, lab = library_reconcile(grid, segs, max_ids, rule, dust)
+    want = reference_reconcile(grid, segs, max_ids, rule, dust)
     assert np.array_equal(got, want)
     ids = np.unique(got[got > 0])
     assert np.array_equal(ids, np.arange(1, lab.n_objects + 1))  # contiguous 1..N

@@ -148,6 +148,28 @@ def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     assert run_api(data, out, work).already_complete and os.stat(out).st_mtime_ns == mtime
 
 
+def test_dust_size_and_merge_options_reuse_blocks(data, reference, tmp_path, one_thread):
+    """Reconciliation options are not in the manifest: a rerun with others reuses every block;
+    dust removal acts on whole objects (summed over blocks) and renumbers 1..N in order."""
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    out = tmp_path / "seg.h5"
+    res = run_api(data, out, work, config=cfg().with_overrides(dust_size=800))
+    assert res.blocks_run == 0
+    ref = read(reference[0])[0]
+    ids, counts = np.unique(ref[ref > 0], return_counts=True)
+    lut = np.zeros(ids.max() + 1, np.uint32)
+    lut[ids[counts >= 800]] = np.arange(1, (counts >= 800).sum() + 1)
+    seg, origins, _ = read(out)
+    assert 0 < res.n_objects < reference[2].n_objects and np.array_equal(seg, lut[ref])
+    assert list(origins["id"]) == list(range(1, res.n_objects + 1))
+    # other options and an existing output: not "already complete"
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        run_api(data, out, work, config=cfg().with_overrides(merge_min_fraction=0.9))
+    res = run_api(data, out, work, config=cfg().with_overrides(merge_min_fraction=0.9), overwrite=True)
+    assert res.blocks_run == 0 and res.n_objects >= reference[2].n_objects
+
+
 def test_bad_inputs(data, reference, tmp_path, capsys):
     common = [f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", "--model", str(data / "tiny.npz"), "-q",
               "--set", "min_segment_size=200", "--threads", "1"]
@@ -161,6 +183,7 @@ def test_bad_inputs(data, reference, tmp_path, capsys):
     assert "--halo 2,2,2: z halo 2 is smaller than the FOV radius 4,4,4" in err("--block", BLOCK, "--halo", "2,2,2")
     assert "--block 6,48,48: z size 6 is smaller than the model's FOV 9,9,9" in err("--block", "6,48,48")
     assert "--block" in err("--block", "24,48")
+    assert "split_components" in err("--block", BLOCK, "--set", "split_components=true")
     assert "--halo 30,6,6" in err("--block", BLOCK, "--halo", "30,6,6")
     assert "Zarr" in main_err(["segment", *common[:1], f"{tmp_path / 'o.zarr'}", *common[2:], "--block", BLOCK], capsys)
     # a workdir of a different model / options

@@ -26,7 +26,9 @@ merge edges go through union-find (root = the smallest provisional id of the com
 the roots of the ids present in some block's *core* are sorted and numbered 1..N. So the
 final ids are contiguous, deterministic (independent of ranks and scheduling), an object
 that crosses block borders keeps one id, and two objects get the same id only through a
-chain of matches. Each core is then relabelled in place (:func:`floodfilling.kernels.relabel`).
+chain of matches. With ``dust_size`` (option ``dust_size``), objects with fewer voxels in total
+(summed over the cores) become 0 and the rest are renumbered 1..N in the same order. Each core
+is then relabelled (:func:`floodfilling.kernels.relabel`).
 """
 
 from __future__ import annotations
@@ -155,11 +157,14 @@ class GlobalLabels:
 
 
 def global_labels(max_ids: Sequence[int], core_ids: Sequence[np.ndarray],
-                  local_edges: Sequence[tuple[int, int, np.ndarray]]) -> GlobalLabels:
+                  local_edges: Sequence[tuple[int, int, np.ndarray]],
+                  core_counts: Sequence[np.ndarray] | None = None, dust_size: int = 0) -> GlobalLabels:
     """Union-find over all blocks.
 
     ``max_ids[k]``: largest local id of block k; ``core_ids[k]``: the local ids present in its
     core; ``local_edges``: (block i, block j, (M, 2) local ids (in i, in j)) merge edges.
+    ``dust_size`` > 0 (needs ``core_counts[k]``, the core voxels of each of ``core_ids[k]``):
+    final objects with fewer voxels become 0 and the others are renumbered 1..N in order.
     """
     offsets = offsets_from_max_ids(max_ids)
     edges = [np.stack([e[:, 0].astype(np.uint64) + offsets[i], e[:, 1].astype(np.uint64) + offsets[j]], axis=1)
@@ -171,12 +176,27 @@ def global_labels(max_ids: Sequence[int], core_ids: Sequence[np.ndarray],
         uf_ids = uf_roots = np.zeros(0, np.uint64)
     lab = GlobalLabels(offsets, 0, [], [], np.asarray(uf_ids, np.uint64), np.asarray(uf_roots, np.uint64),
                        np.zeros(0, np.uint64), int(all_edges.shape[0]))
-    keys = [np.unique(np.asarray(c, dtype=np.uint64)) for c in core_ids]
-    keys = [k[k > 0] for k in keys]
+    if dust_size > 0:
+        if core_counts is None:
+            raise ValueError("dust_size needs core_counts")
+        keys, counts = [], []
+        for c, n in zip(core_ids, core_counts):
+            c, n = np.asarray(c, dtype=np.uint64), np.asarray(n, dtype=np.int64)
+            keys.append(c[c > 0])
+            counts.append(n[c > 0])
+        if any(np.any(k[1:] <= k[:-1]) for k in keys):
+            raise ValueError("core_ids must be sorted and unique when core_counts are given")
+    else:
+        keys = [np.unique(np.asarray(c, dtype=np.uint64)) for c in core_ids]
+        keys = [k[k > 0] for k in keys]
     roots = [lab.root_of(k + offsets[i]) for i, k in enumerate(keys)]
     lab.final_roots = np.unique(np.concatenate(roots)) if roots else np.zeros(0, np.uint64)
-    lab.n_objects = int(lab.final_roots.size)
     lab.keys = keys
+    if dust_size > 0 and lab.final_roots.size:
+        fin = np.concatenate([lab.final_of(k + offsets[i]) for i, k in enumerate(keys)]).astype(np.int64)
+        sizes = np.bincount(fin, weights=np.concatenate(counts), minlength=lab.final_roots.size + 1)
+        lab.final_roots = lab.final_roots[sizes[1:] >= dust_size]  # final_of now renumbers, dust -> 0
+    lab.n_objects = int(lab.final_roots.size)
     lab.values = [lab.final_of(k + offsets[i]) for i, k in enumerate(keys)]
     return lab
 

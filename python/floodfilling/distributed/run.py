@@ -83,6 +83,7 @@ class Plan:
     rule: MergeRule
     n_done: int = 0
     complete: bool = False
+    out_digest: str = ""
 
     @property
     def blocks_dir(self) -> Path:
@@ -156,6 +157,9 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
           bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
     from ..inference.segment import resolve_normalisation
 
+    if cfg.split_components:
+        raise BlockError("option split_components=true is not supported with block inference (--block) yet; "
+                         "dust_size is")
     out = volumes.parse_volume_spec(out_spec)
     if out.kind != "hdf5":
         raise BlockError(f"output {out}: block inference writes HDF5 (out.h5:dataset); Zarr output is not supported")
@@ -210,12 +214,13 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
         "normalisation": norm.to_dict(),
     })
     digest = _digest(manifest)
+    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size)})
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
-                run_id, rule)
+                run_id, rule, out_digest=out_digest)
 
     # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
     if out_path.exists() and not overwrite:
-        if _output_digest(out_path, plan.out_ds) == digest:
+        if _output_digest(out_path, plan.out_ds) == out_digest:
             plan.complete = True
         else:
             raise BlockError(f"output {out_path} exists; pass --overwrite to replace it")
@@ -399,13 +404,14 @@ def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inf
         if b is None:
             return
         seg = cv.final_segmentation()
-        core_ids = np.unique(seg[b.core_in_outer])
-        core_ids = core_ids[core_ids > 0]
+        core_ids, core_counts = np.unique(seg[b.core_in_outer], return_counts=True)
+        core_ids, core_counts = core_ids[core_ids > 0], core_counts[core_ids > 0]
         secs = time.perf_counter() - t.t0
         counters = {k2: float(v) for k2, v in cv.state.counters.items()}
         volumes.write_hdf5_atomic(
             plan.block_path(b),
-            {"seg": seg, "origins": origins_table(cv.state.origins), "core_ids": core_ids.astype(np.uint32)},
+            {"seg": seg, "origins": origins_table(cv.state.origins), "core_ids": core_ids.astype(np.uint32),
+             "core_counts": core_counts.astype(np.int64)},
             file_attrs={"core_start": list(b.core_start), "core_stop": list(b.core_stop),
                         "outer_start": list(b.outer_start), "outer_stop": list(b.outer_stop),
                         "box_start": list(plan.box.start), "max_id": int(cv.state.max_id),
@@ -455,7 +461,7 @@ def _read_meta(path: Path) -> dict:
 
     try:
         with h5py.File(path, "r") as f:
-            return {"max_id": int(f.attrs["max_id"]), "core_ids": f["core_ids"][:],
+            return {"max_id": int(f.attrs["max_id"]), "core_ids": f["core_ids"][:], "core_counts": f["core_counts"][:],
                     "origins": f["origins"][:], "counters": json.loads(f.attrs["counters"]),
                     "seconds": float(f.attrs["seconds"]), "outer_start": tuple(int(v) for v in f.attrs["outer_start"])}
     except (OSError, KeyError, ValueError) as exc:
@@ -691,7 +697,7 @@ def _reconcile(plan: Plan, gathered, cfg, info, size, timings) -> dict:
             match_t[key] += mt[key]
     t1 = time.perf_counter()
     lab = global_labels([metas[k]["max_id"] for k in range(n)], [metas[k]["core_ids"] for k in range(n)],
-                        all_edges)
+                        all_edges, [metas[k]["core_counts"] for k in range(n)], int(cfg.dust_size))
     t2 = time.perf_counter()
     counters: dict[str, float] = {}
     for k in range(n):
@@ -708,7 +714,7 @@ def _reconcile(plan: Plan, gathered, cfg, info, size, timings) -> dict:
         "block_zyx": list(plan.grid.block),
         "halo_zyx": list(plan.grid.halo),
         "merge_rule": json.dumps(plan.rule.to_dict()),
-        "block_manifest": plan.digest,
+        "block_manifest": plan.out_digest,  # blocks + reconciliation options: a rerun's "already complete" test
         "workdir": os.path.abspath(plan.workdir),
     }
     timings = dict(timings, gather_s=t1 - t0, union_find_s=t2 - t1,
