@@ -222,7 +222,8 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
         "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
         "bbox": [list(box.start), list(box.stop)],
         "model": _file_digest(model_path),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s")},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s", "merge_min_fraction",
+                                                                "merge_min_voxels", "merge_min_iou")},
         "normalisation": norm.to_dict(),
     }
     sp = state_path_for(out_path)
