@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from parity_fullcube import SHARED, machine_id  # noqa: E402
+from common import SHARED, machine_id  # noqa: E402
 
 
 class CheapPredictor:

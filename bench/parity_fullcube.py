@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,22 +26,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("FFN_SHARED", HERE.parent.parent / "shared"))
-
-
-def machine_id() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    slug = "".join(ch if ch.isalnum() else "-" for ch in model.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return f"{slug}-{os.cpu_count()}cpu"
+sys.path.insert(0, str(HERE))
+from common import SHARED, machine_id  # noqa: E402
 
 
 def main(argv=None) -> int:

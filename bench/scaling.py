@@ -42,7 +42,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from parity_fullcube import SHARED, machine_id  # noqa: E402
+from common import SHARED, machine_id  # noqa: E402
 
 PRESETS = {
     # tiny hand-set model (FOV 9, deltas 2) that floods bright regions: engine + scheduling cost

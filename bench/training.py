@@ -34,7 +34,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from parity_fullcube import SHARED, machine_id  # noqa: E402
+from common import SHARED, machine_id  # noqa: E402
 
 TRAIN = SHARED / "data" / "fib25_train_250.h5"
 DEV = SHARED / "data" / "fib_medulla_dev_50x100x200.h5"
