@@ -222,26 +222,25 @@ class Canvas:
             return
         seg_box = seg[box]
         mask = self.logits[box] >= self.t_seg
-        raw = int(np.count_nonzero(mask))
-        ids, counts = np.unique(seg_box[mask], return_counts=True)
-        keep = ids > 0
-        ids, counts = ids[keep], counts[keep]
-        mask &= seg_box <= 0
-        actual = int(np.count_nonzero(mask))
+        taken = seg_box > 0
+        new = mask & ~taken  # -1 marks (rejected seeds) may be claimed
+        actual = int(np.count_nonzero(new))
         if actual < self.cfg.min_segment_size:
             if seg[pos] == 0:
                 seg[pos] = -1
             cnt["rejected_too_small"] += 1
             return
+        mask &= taken
+        ids, counts = np.unique(seg_box[mask], return_counts=True)  # the ids this object overlaps
         st.max_id += 1
         while st.max_id in st.origins:
             st.max_id += 1
-        seg_box[mask] = st.max_id
+        seg_box[new] = st.max_id
         st.origins[st.max_id] = Origin(tuple(int(v) for v in pos), steps, seconds)
         st.overlaps[st.max_id] = (ids.astype(np.int64), counts.astype(np.int64))
         cnt["objects"] += 1
         cnt["voxels_segmented"] += actual
-        cnt["voxels_overlapping"] += raw - actual
+        cnt["voxels_overlapping"] += int(counts.sum())
 
     def flood_one(self, pos, predict) -> int:
         """Floods a single object from ``pos`` with ``predict(canvas, centre) -> logits``
