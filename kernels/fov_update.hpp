@@ -43,16 +43,7 @@
 #include <cstdint>
 #include <limits>
 
-// FFN_KERNEL_INLINE: the bodies are always inlined into their launchers, so
-// that the CPU launcher's AVX2 / AVX-512 clones (function multiversioning in
-// csrc/launch_omp.cpp) compile them with the wider vectors.
-#ifndef FFN_KERNEL_INLINE
-#if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)
-#define FFN_KERNEL_INLINE inline __attribute__((always_inline))
-#else
-#define FFN_KERNEL_INLINE inline
-#endif
-#endif
+#include "common.hpp"
 
 // Software prefetch (host compilers only; a no-op in SYCL device code).
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)

@@ -37,13 +37,7 @@
 #include <cstring>
 #include <vector>
 
-#ifndef FFN_KERNEL_INLINE
-#if (defined(__GNUC__) || defined(__clang__)) && !defined(__SYCL_DEVICE_ONLY__)
-#define FFN_KERNEL_INLINE inline __attribute__((always_inline))
-#else
-#define FFN_KERNEL_INLINE inline
-#endif
-#endif
+#include "common.hpp"
 
 namespace ffn {
 namespace kernels {
