@@ -289,6 +289,8 @@ def bench_reconcile(rng, repeat, quick):
                            f"{'x'.join(map(str, shape))} uint64, {len(p)} pairs",
                            lambda: K.count_pairs_reference(ra, rb),
                            lambda: K.count_pairs(ra, rb), repeat))
+    for row in rows:  # timings on a shared machine: record how busy it was
+        row["loadavg_1min"] = round(os.getloadavg()[0], 2)
 
     keys = np.unique(a)[::2]
     values = keys // np.uint64(3) + np.uint64(7)

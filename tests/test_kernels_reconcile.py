@@ -20,12 +20,24 @@ BIG = np.uint64(2**40)  # ids that do not fit in 32 bits
 def forced_parallel(threads=3, grain=5):
     """Run the native kernels multi-threaded even on tiny inputs."""
     old = K._native()._set_parallel_grain(grain)
+    old_pairs = K._native()._set_count_pairs_grain(grain)
     K.set_num_threads(threads)
     try:
         yield
     finally:
         K.set_num_threads(0)
         K._native()._set_parallel_grain(old)
+        K._native()._set_count_pairs_grain(old_pairs)
+
+
+@contextmanager
+def portable_scan():
+    """count_pairs without its SIMD run scan (the path of CPUs without AVX2)."""
+    old = K._native()._set_count_pairs_simd(False)
+    try:
+        yield
+    finally:
+        K._native()._set_count_pairs_simd(old)
 
 
 def labels(rng, shape, dtype, n_ids, big=False, blocky=False):
@@ -77,6 +89,10 @@ def check_pairs(a, b, ignore_zero=False):
         pp, pc = K.count_pairs(a, b, ignore_zero=ignore_zero)
     np.testing.assert_array_equal(pp, rp)
     np.testing.assert_array_equal(pc, rc)
+    with portable_scan():
+        sp, sc = K.count_pairs(a, b, ignore_zero=ignore_zero)
+    np.testing.assert_array_equal(sp, rp)
+    np.testing.assert_array_equal(sc, rc)
     return p, c
 
 
@@ -95,8 +111,9 @@ def test_count_pairs_matches_reference(case):
 
 @pytest.mark.parametrize("n_ids", [3000, 100000])
 def test_count_pairs_many_distinct_pairs(n_ids):
-    """Past a few thousand rarely repeated pairs the counter switches from a hash map to
-    sorted run lists; one chunk may hold only 32-bit labels and another wider ones."""
+    """Past a few thousand labels per input the dense (label x label) matrix would be too
+    large: the counter moves its counts to the sparse one (hash map, then sorted run lists)
+    part way; one thread's ranges may hold only 32-bit labels and another's wider ones."""
     rng = np.random.default_rng(11)
     a = rng.integers(0, n_ids, 300_000).astype(np.uint64)
     b = rng.integers(0, n_ids, 300_000).astype(np.uint64)
@@ -115,6 +132,7 @@ def test_count_pairs_large_threads_agree(blocky, big):
     rng = np.random.default_rng(5)
     a = labels(rng, (40, 64, 64), np.uint64, 300, big, blocky)
     b = labels(rng, (40, 64, 64), np.uint32, 300, False, blocky)
+    old_grain = K._native()._set_count_pairs_grain(20_000)
     try:
         results = []
         for t in (1, 2, 5):
@@ -122,6 +140,7 @@ def test_count_pairs_large_threads_agree(blocky, big):
             results.append(check_pairs(a, b, ignore_zero=blocky))
     finally:
         K.set_num_threads(0)
+        K._native()._set_count_pairs_grain(old_grain)
     for p, c in results[1:]:
         np.testing.assert_array_equal(p, results[0][0])
         np.testing.assert_array_equal(c, results[0][1])
@@ -144,6 +163,94 @@ def test_count_pairs_views_and_dtypes():
     np.testing.assert_array_equal(c, [1])
     p, c = check_pairs(np.zeros(4, np.uint32), np.arange(4, dtype=np.uint32), ignore_zero=True)
     assert len(p) == 0
+
+
+def segmentation(rng, shape, n_ids, jitter=0, points_seed=0, dtype=np.uint64, big=False):
+    """Nearest-seed labels (blocky objects with oblique boundaries, like a segmentation);
+    jitter moves the seeds (another segmentation of the same objects)."""
+    prng = np.random.default_rng(points_seed)
+    pts = np.stack([prng.integers(0, s, n_ids) for s in shape], axis=1)
+    if jitter:
+        pts = np.clip(pts + rng.integers(-jitter, jitter + 1, pts.shape), 0, np.array(shape) - 1)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    nearest = np.zeros(shape, np.int64)
+    best = np.full(shape, np.inf)
+    for i, p in enumerate(pts):
+        d = ((grid - p) ** 2).sum(axis=-1)
+        closer = d < best
+        best[closer] = d[closer]
+        nearest[closer] = i
+    top = 2**40 if big else 2**31
+    lut = rng.choice(top, n_ids, replace=False).astype(np.uint64)
+    return lut[nearest].astype(dtype)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_count_pairs_segmentations(big):
+    """Two segmentations of the same objects (the use case): long runs, few pairs, a
+    little unlabelled space; one thread and several, both scans."""
+    rng = np.random.default_rng(21)
+    shape = (12, 40, 72)  # rows not a multiple of the 64-voxel scan words
+    a = segmentation(rng, shape, 60, big=big)
+    b = segmentation(rng, shape, 60, jitter=3, dtype=np.uint64 if big else np.uint32)
+    b[rng.random(shape) < 0.02] = 0
+    a[:2] = 0
+    for ignore_zero in (False, True):
+        p, c = check_pairs(a, b, ignore_zero)
+        cp, cc = counter_pairs(a, b, ignore_zero)
+        np.testing.assert_array_equal(p, cp)
+        np.testing.assert_array_equal(c, cc)
+    check_pairs(b, a)
+
+
+def test_count_pairs_dense_to_sparse_midway():
+    """Few labels first (dense counting), then many (the counts move to the sparse counter
+    part way through a scan block), with zeros to drop."""
+    rng = np.random.default_rng(22)
+    n = 200_000
+    a = np.repeat(rng.integers(0, 5, n // 50), 50).astype(np.uint64)
+    b = np.repeat(rng.integers(0, 4, n // 20), 20).astype(np.uint64)
+    a[70_123:] = rng.integers(0, 5000, n - 70_123)
+    b[90_001:] = rng.integers(0, 5000, n - 90_001)
+    for ignore_zero in (False, True):
+        check_pairs(a, b, ignore_zero)
+        check_pairs(b.astype(np.uint32), a, ignore_zero)
+
+
+def test_count_pairs_reuses_scratch_exactly():
+    """Matrices and label tables are kept between calls: a call after one with many more
+    labels (a larger matrix, other ids) must not see its counts."""
+    rng = np.random.default_rng(23)
+    many_a = rng.integers(0, 1500, 300_000).astype(np.uint64)
+    many_b = rng.integers(0, 1500, 300_000).astype(np.uint64)
+    few_a = np.repeat(np.arange(7, dtype=np.uint64), 1000)
+    few_b = np.tile(np.arange(3, dtype=np.uint64), 7000 // 3 + 1)[:7000]
+    for _ in range(3):
+        check_pairs(many_a, many_b)
+        p, c = check_pairs(few_a, few_b)
+        assert c.sum() == few_a.size
+        check_pairs(many_a[:100_000], many_b[:100_000], ignore_zero=True)
+        check_pairs(few_a, few_b, ignore_zero=True)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_count_pairs_threads_claim_pieces(threads):
+    """Several threads claim pieces of the range dynamically; any split gives the same
+    counts (runs cut at piece boundaries are counted in two parts)."""
+    rng = np.random.default_rng(24)
+    a = labels(rng, (30, 50, 70), np.uint64, 200, blocky=True)
+    b = labels(rng, (30, 50, 70), np.uint64, 200, blocky=True)
+    want = K.count_pairs_reference(a, b)
+    old_grain = K._native()._set_count_pairs_grain(1000)
+    K.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            got = K.count_pairs(a, b)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+    finally:
+        K.set_num_threads(0)
+        K._native()._set_count_pairs_grain(old_grain)
 
 
 def test_count_pairs_bad_inputs():

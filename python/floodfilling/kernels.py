@@ -389,7 +389,8 @@ def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
     ``a``, ``b``: uint32 or uint64 (uint8/uint16 are widened), any ndim, any strides
     (non-contiguous inputs are copied).  Returns ``pairs`` uint64 (M, 2) sorted
     lexicographically and ``counts`` int64 (M,).  ``ignore_zero`` drops pairs where either
-    label is 0.
+    label is 0.  Memory-bound (about 2 ns per voxel): it uses several threads only from
+    2**22 voxels per thread.
     """
     a = _label_input(a, "a")
     b = _label_input(b, "b")
