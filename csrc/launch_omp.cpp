@@ -209,23 +209,6 @@ std::vector<int64_t> find_peaks(const double* image, const int64_t shape[3],
 
 namespace {
 
-template <class TA, class TB>
-std::vector<PairSlot> count_pairs_impl(const TA* a, const TB* b, int64_t n,
-                                       bool ignore_zero) {
-  using kernels::reconcile::PairCounter;
-  const int threads = num_threads();
-  const int64_t nchunks = flat_chunks(n, threads);
-  std::vector<PairCounter> counters;
-  counters.reserve(static_cast<size_t>(nchunks));
-  for (int64_t c = 0; c < nchunks; ++c)
-    counters.emplace_back(static_cast<size_t>(n * (c + 1) / nchunks - n * c / nchunks));
-  parallel_for(nchunks, threads, [&](int64_t c) {
-    const int64_t begin = n * c / nchunks, end = n * (c + 1) / nchunks;
-    kernels::reconcile::count_pairs_range(a, b, begin, end, ignore_zero, counters[c]);
-  });
-  return kernels::reconcile::finish_counts(counters);
-}
-
 template <class L>
 void relabel_impl(L* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
                   int64_t nkeys) {
@@ -243,21 +226,6 @@ void relabel_impl(L* labels, int64_t n, const uint64_t* keys, const uint64_t* va
 }
 
 }  // namespace
-
-std::vector<PairSlot> count_pairs(const void* a, int a_bits, const void* b, int b_bits,
-                                  int64_t n, bool ignore_zero) {
-  if (a_bits == 32 && b_bits == 32)
-    return count_pairs_impl(static_cast<const uint32_t*>(a), static_cast<const uint32_t*>(b),
-                            n, ignore_zero);
-  if (a_bits == 32)
-    return count_pairs_impl(static_cast<const uint32_t*>(a), static_cast<const uint64_t*>(b),
-                            n, ignore_zero);
-  if (b_bits == 32)
-    return count_pairs_impl(static_cast<const uint64_t*>(a), static_cast<const uint32_t*>(b),
-                            n, ignore_zero);
-  return count_pairs_impl(static_cast<const uint64_t*>(a), static_cast<const uint64_t*>(b), n,
-                          ignore_zero);
-}
 
 void relabel(void* labels, int bits, int64_t n, const uint64_t* keys,
              const uint64_t* values, int64_t nkeys) {

@@ -101,10 +101,7 @@ std::vector<int64_t> find_peaks(const double* image, const int64_t shape[3],
 
 using PairSlot = kernels::reconcile::PairCountMap::Slot;
 
-/// Distinct (a, b) pairs with counts, sorted lexicographically.
-/// a_bits / b_bits: 32 or 64 (element type uint32_t / uint64_t).
-std::vector<PairSlot> count_pairs(const void* a, int a_bits, const void* b, int b_bits,
-                                  int64_t n, bool ignore_zero);
+// count_pairs is launched from csrc/bind_reconcile.cpp (dense-matrix counter, own threading).
 
 /// In-place relabel of n labels (bits 32 or 64) through sorted unique keys.
 void relabel(void* labels, int bits, int64_t n, const uint64_t* keys,
