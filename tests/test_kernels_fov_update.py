@@ -1,6 +1,5 @@
 """Native FOV update / gather kernels vs their NumPy references (exact, bitwise)."""
 
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -8,23 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling import kernels as K
+from kernel_helpers import forced_parallel
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 
 SETTINGS = dict(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-
-
-@contextmanager
-def forced_parallel(threads=3, grain=5):
-    """Run the native kernels multi-threaded even on tiny inputs."""
-    old = K._native()._set_parallel_grain(grain)
-    K.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        K.set_num_threads(0)
-        K._native()._set_parallel_grain(old)
 
 
 def bits(a):

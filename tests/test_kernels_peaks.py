@@ -1,7 +1,6 @@
 """Native peak finding vs skimage.feature.peak_local_max (exact set, raster order)."""
 
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -10,21 +9,10 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from floodfilling import kernels as K
+from kernel_helpers import forced_parallel
 
 skimage_feature = pytest.importorskip("skimage.feature")
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
-
-
-@contextmanager
-def forced_parallel(threads=3, grain=5):
-    """Run the native kernels multi-threaded even on tiny inputs."""
-    old = K._native()._set_parallel_grain(grain)
-    K.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        K.set_num_threads(0)
-        K._native()._set_parallel_grain(old)
 
 
 def skimage_peaks(image, min_distance, threshold, exclude_border=True):

@@ -9,25 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling import kernels as K
+from kernel_helpers import forced_parallel
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 
 SETTINGS = dict(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BIG = np.uint64(2**40)  # ids that do not fit in 32 bits
-
-
-@contextmanager
-def forced_parallel(threads=3, grain=5):
-    """Run the native kernels multi-threaded even on tiny inputs."""
-    old = K._native()._set_parallel_grain(grain)
-    old_pairs = K._native()._set_count_pairs_grain(grain)
-    K.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        K.set_num_threads(0)
-        K._native()._set_parallel_grain(old)
-        K._native()._set_count_pairs_grain(old_pairs)
 
 
 @contextmanager
