@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,11 @@ def bench_ceiling(size: int, ks=(1, 8, 64)) -> dict:
         t0 = time.perf_counter()
         res = run_jobs(jobs, pred, inflight=k)
         dt = time.perf_counter() - t0
+        # Memory in a second, untimed run: NumPy reports its buffers to tracemalloc.
+        tracemalloc.start()
+        run_jobs(jobs, CheapPredictor((33, 33, 33)), inflight=k)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         steps = sum(int(cv.state.counters["steps"]) for cv in res.values())
         segs = [cv.final_segmentation() for cv in res.values()]
         if ref_seg is None:
@@ -102,7 +108,9 @@ def bench_ceiling(size: int, ks=(1, 8, 64)) -> dict:
         identical = all(np.array_equal(s, ref_seg) for s in segs)
         out["by_k"][str(k)] = {"fov_steps": steps, "seconds": dt, "steps_per_s": steps / dt,
                                "objects_per_canvas": int(res[0].state.counters["objects"]),
-                               "all_canvases_identical_to_k1": bool(identical)}
+                               "all_canvases_identical_to_k1": bool(identical),
+                               "peak_traced_mib": peak / 2**20,
+                               "peak_traced_mib_per_canvas": peak / 2**20 / k}
     return out
 
 
