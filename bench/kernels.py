@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,28 +31,11 @@ from scipy import ndimage
 
 from floodfilling import kernels as K
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fib25_train_250.h5"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED, cpu_model, machine_id  # noqa: E402
+
+DATA = SHARED / "data" / "fib25_train_250.h5"
 TARGETS = {"update_fovs": 10.0, "find_peaks": 5.0, "count_pairs": 10.0}
-
-
-# ----------------------------------------------------------------------- machine id
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def machine_id() -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
-    slug = re.sub(r"-(r|tm)-", "-", f"-{slug}-").strip("-")
-    return f"{slug}-{os.cpu_count()}c"
 
 
 # ------------------------------------------------------------------------- timing
