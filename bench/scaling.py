@@ -57,22 +57,9 @@ PRESETS = {
 
 def tiny_model(path: Path) -> Path:
     """logits = seed + 6 * mean3x3x3(normalised image): floods bright regions (as the tests)."""
-    import torch
+    from floodfilling.testing import mean_flood_model
 
-    from floodfilling.model import ConvStack3D, save_model
-
-    net = ConvStack3D(depth=1, features=4)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.conv0_a.weight[0, 0] = 1 / 27.0
-        net.conv0_a.weight[1, 0] = -1 / 27.0
-        net.conv0_b.weight[0, 0, 1, 1, 1] = 1
-        net.conv0_b.weight[1, 1, 1, 1, 1] = 1
-        net.conv_lom.weight[0, 0] = 6
-        net.conv_lom.weight[0, 1] = -6
-    save_model(path, net, {"fov_zyx": [9, 9, 9], "deltas_zyx": [2, 2, 2], "intensity": {"mean": 128, "std": 33}})
-    return path
+    return mean_flood_model(path)
 
 
 def make_image(tmp: Path, crop: str) -> str:

@@ -14,6 +14,8 @@ import time
 import h5py
 import numpy as np
 import pytest
+
+from floodfilling.testing import mean_flood_model
 import torch
 
 from floodfilling.cli import main
@@ -27,20 +29,7 @@ CORE = (24, 48, 48)
 def tiny_model(path):
     """ConvStack3D(depth=1, features=4), FOV 9, deltas 2: logits = seed + 6 * mean3x3x3(image),
     i.e. it floods bright (above-mean) regions; deterministic, hand-set weights."""
-    from floodfilling.model import ConvStack3D, save_model
-
-    net = ConvStack3D(depth=1, features=4)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.conv0_a.weight[0, 0] = 1 / 27.0
-        net.conv0_a.weight[1, 0] = -1 / 27.0
-        net.conv0_b.weight[0, 0, 1, 1, 1] = 1
-        net.conv0_b.weight[1, 1, 1, 1, 1] = 1
-        net.conv_lom.weight[0, 0] = 6
-        net.conv_lom.weight[0, 1] = -6
-    save_model(path, net, {"fov_zyx": [9, 9, 9], "deltas_zyx": [2, 2, 2], "intensity": {"mean": 128, "std": 33}})
-    return path
+    return mean_flood_model(path)
 
 
 @pytest.fixture(scope="module")

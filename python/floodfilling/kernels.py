@@ -90,32 +90,28 @@ def get_num_threads() -> int:
 # --------------------------------------------------------------------------- helpers
 
 
+def _triple(value, name: str) -> Tuple[int, int, int]:
+    """An int or 3 ints (z, y, x) as a tuple of 3 ints; ValueError naming ``name``."""
+    try:
+        if isinstance(value, (int, np.integer)):
+            v = operator.index(value)
+            return (v, v, v)
+        out = tuple(operator.index(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}") from None
+    if len(out) != 3:
+        raise ValueError(f"{name}: expected 3 values (z, y, x), got {value!r}")
+    return out
+
+
 def _deltas3(deltas) -> Tuple[int, int, int]:
     if deltas.__class__ is tuple and len(deltas) == 3 and all(d.__class__ is int for d in deltas):
         return deltas  # fast path (per-step call)
-    try:
-        if isinstance(deltas, (int, np.integer)):
-            d = operator.index(deltas)
-            return (d, d, d)
-        out = tuple(operator.index(d) for d in deltas)
-    except TypeError:
-        raise ValueError(f"deltas: expected an int or 3 ints, got {deltas!r}") from None
-    if len(out) != 3:
-        raise ValueError(f"deltas: expected 3 values (z, y, x), got {deltas!r}")
-    return out
+    return _triple(deltas, "deltas")
 
 
 def _fov3(fov_size) -> Tuple[int, int, int]:
-    try:
-        if isinstance(fov_size, (int, np.integer)):
-            f = operator.index(fov_size)
-            return (f, f, f)
-        out = tuple(operator.index(f) for f in fov_size)
-    except TypeError:
-        raise ValueError(f"fov_size: expected an int or 3 ints, got {fov_size!r}") from None
-    if len(out) != 3:
-        raise ValueError(f"fov_size: expected 3 values (z, y, x), got {fov_size!r}")
-    return out
+    return _triple(fov_size, "fov_size")
 
 
 def _canvas_list(canvases, k: int):
