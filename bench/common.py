@@ -28,3 +28,16 @@ def machine_id() -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
     slug = re.sub(r"-(r|tm)-", "-", f"-{slug}-").strip("-")
     return f"{slug}-{os.cpu_count()}c"
+
+
+def fib25_crop(size: int):
+    """The central ``size``^3 crop of the 250^3 FIB-25 cube's raw uint8 image (whole cube
+    from 250)."""
+    import h5py
+
+    with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
+        raw = f["raw"][:]
+    if size >= 250:
+        return raw
+    o = (250 - size) // 2
+    return raw[o:o + size, o:o + size, o:o + size]

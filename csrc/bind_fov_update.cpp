@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Bindings of the FOV update family: update_fovs, gather_fovs.
+// Bindings of the FOV update family: update_fovs, gather_fovs, commit_object.
 // These run once per inference step, so the argument checks are done here in
 // C++ (a few hundred nanoseconds) rather than in Python.
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -81,6 +82,73 @@ py::array gather_fovs(py::handle canvases, py::handle centers, std::array<int64_
   return out;
 }
 
+// Object commit (see floodfilling.kernels.commit_object): returns
+// (new voxels, overlapped ids int64 sorted, their voxel counts); writes new_id
+// only when new voxels >= min_size.
+py::tuple commit_object(py::handle logits_obj, std::array<int64_t, 3> logits_start,
+                        py::handle seg_obj, std::array<int64_t, 3> seg_start,
+                        std::array<int64_t, 3> size, double seg_threshold, int64_t min_size,
+                        int64_t new_id) {
+  py::array L = require_array(logits_obj, "logits");
+  if (!has_dtype<float>(L)) fail("logits: expected dtype float32, got " + dtype_str(L));
+  require_ndim(L, 3, "logits");
+  require_c_contiguous(L, "logits");
+  py::array S = require_array(seg_obj, "seg");
+  if (!has_dtype<int32_t>(S)) fail("seg: expected dtype int32, got " + dtype_str(S));
+  require_ndim(S, 3, "seg");
+  require_c_contiguous(S, "seg");
+  require_writeable(S, "seg");
+  for (int d = 0; d < 3; ++d) {
+    if (size[d] < 0) fail("size: must be >= 0 on every axis");
+    if (logits_start[d] < 0 || logits_start[d] + size[d] > L.shape(d))
+      fail("logits_start: box does not fit logits of shape " + shape_str(L));
+    if (seg_start[d] < 0 || seg_start[d] + size[d] > S.shape(d))
+      fail("seg_start: box does not fit seg of shape " + shape_str(S));
+  }
+  if (new_id < 1 || new_id > INT32_MAX) fail("new_id: must lie in [1, 2^31 - 1]");
+  const int64_t lsz = L.shape(1) * L.shape(2), lsy = L.shape(2);
+  const int64_t ssz = S.shape(1) * S.shape(2), ssy = S.shape(2);
+  const float* lp = static_cast<const float*>(L.data()) + logits_start[0] * lsz +
+                    logits_start[1] * lsy + logits_start[2];
+  int32_t* sp = static_cast<int32_t*>(S.mutable_data()) + seg_start[0] * ssz +
+                seg_start[1] * ssy + seg_start[2];
+  const float t = static_cast<float>(seg_threshold);
+  int64_t n_new = 0;
+  std::vector<std::pair<int32_t, int64_t>> merged;
+  {
+    py::gil_scoped_release release;
+    // Count only until min_size is reached (an accepted object's claim pass counts all).
+    n_new = kernels::commit_count_new(lp, lsz, lsy, sp, ssz, ssy, size[0], size[1], size[2], t,
+                                      std::max<int64_t>(min_size, 0));
+    if (n_new >= min_size) {
+      const int64_t cap = size[0] * size[1] * size[2];
+      std::vector<int32_t> ids(static_cast<size_t>(cap));
+      std::vector<int64_t> lens(static_cast<size_t>(cap));
+      int64_t runs = 0;
+      n_new = kernels::commit_claim(lp, lsz, lsy, sp, ssz, ssy, size[0], size[1], size[2], t,
+                            static_cast<int32_t>(new_id), ids.data(), lens.data(), &runs);
+      merged.reserve(static_cast<size_t>(runs));
+      for (int64_t i = 0; i < runs; ++i) merged.emplace_back(ids[i], lens[i]);
+      std::sort(merged.begin(), merged.end());
+      size_t w = 0;
+      for (size_t i = 0; i < merged.size(); ++i) {
+        if (w > 0 && merged[w - 1].first == merged[i].first)
+          merged[w - 1].second += merged[i].second;
+        else
+          merged[w++] = merged[i];
+      }
+      merged.resize(w);
+    }
+  }
+  const int64_t m = static_cast<int64_t>(merged.size());
+  py::array_t<int64_t> out_ids(m), out_counts(m);
+  for (int64_t i = 0; i < m; ++i) {
+    out_ids.mutable_data()[i] = merged[i].first;
+    out_counts.mutable_data()[i] = merged[i].second;
+  }
+  return py::make_tuple(n_new, std::move(out_ids), std::move(out_counts));
+}
+
 }  // namespace
 
 void bind_fov_update(py::module_& m) {
@@ -93,6 +161,11 @@ void bind_fov_update(py::module_& m) {
   m.def("gather_fovs", &gather_fovs, py::arg("canvases"), py::arg("centers"),
         py::arg("fov_size"), py::arg("pad_value"), py::arg("out"),
         "out[k] = canvas_k[FOV box at centers[k]] with NaN -> pad_value. Returns out.");
+  m.def("commit_object", &commit_object, py::arg("logits"), py::arg("logits_start"),
+        py::arg("seg"), py::arg("seg_start"), py::arg("size"), py::arg("seg_threshold"),
+        py::arg("min_size"), py::arg("new_id"),
+        "Object commit over a box: (new voxels, overlapped ids, counts); writes new_id to "
+        "the new voxels when there are >= min_size. See floodfilling.kernels.commit_object.");
 }
 
 }  // namespace bind

@@ -255,5 +255,59 @@ FFN_KERNEL_INLINE void gather_fov(const float* box, int64_t sz, int64_t sy, floa
   }
 }
 
+/// Object commit, pass 1: the voxels of a box with logit >= seg_threshold whose
+/// segment is free (<= 0: unlabelled or a rejected-seed mark).  `L` and `S` point
+/// at the box origin in their arrays (row strides lsz, lsy and ssz, ssy; x stride 1).
+/// The count stops after the row where it reaches `limit` (the caller only needs to
+/// know whether the object is large enough; commit_claim counts them all).
+FFN_KERNEL_INLINE int64_t commit_count_new(const float* L, int64_t lsz, int64_t lsy,
+                                const int32_t* S, int64_t ssz, int64_t ssy, int64_t bz,
+                                int64_t by, int64_t bx, float seg_threshold,
+                                int64_t limit) {
+  int64_t n = 0;
+  for (int64_t z = 0; z < bz; ++z)
+    for (int64_t y = 0; y < by; ++y) {
+      if (n >= limit) return n;
+      const float* __restrict l = L + z * lsz + y * lsy;
+      const int32_t* __restrict s = S + z * ssz + y * ssy;
+      for (int64_t x = 0; x < bx; ++x)
+        n += static_cast<int64_t>((l[x] >= seg_threshold) & (s[x] <= 0));
+    }
+  return n;
+}
+
+/// Object commit, pass 2: give `new_id` to those voxels (returns how many), and
+/// append the labelled ones under the mask (segment > 0) as (id, run length) runs
+/// of consecutive equal ids (the caller merges runs of the same id).
+FFN_KERNEL_INLINE int64_t commit_claim(const float* L, int64_t lsz, int64_t lsy, int32_t* S,
+                         int64_t ssz, int64_t ssy, int64_t bz, int64_t by, int64_t bx,
+                         float seg_threshold, int32_t new_id, int32_t* run_ids,
+                         int64_t* run_lengths, int64_t* n_runs) {
+  int64_t k = 0, n_new = 0;
+  int32_t last = 0;
+  for (int64_t z = 0; z < bz; ++z)
+    for (int64_t y = 0; y < by; ++y) {
+      const float* __restrict l = L + z * lsz + y * lsy;
+      int32_t* __restrict s = S + z * ssz + y * ssy;
+      for (int64_t x = 0; x < bx; ++x) {
+        if (!(l[x] >= seg_threshold)) continue;
+        const int32_t v = s[x];
+        if (v <= 0) {
+          s[x] = new_id;
+          ++n_new;
+        } else if (k > 0 && v == last) {
+          ++run_lengths[k - 1];
+        } else {
+          run_ids[k] = v;
+          run_lengths[k] = 1;
+          last = v;
+          ++k;
+        }
+      }
+    }
+  *n_runs = k;
+  return n_new;
+}
+
 }  // namespace kernels
 }  // namespace ffn

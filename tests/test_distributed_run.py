@@ -114,6 +114,16 @@ def test_inflight_does_not_change_results(data, reference, tmp_path, one_thread)
     assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
 
 
+def test_device_resident_blocks_equal_host_blocks(data, reference, tmp_path, one_thread):
+    """The device-resident engine (torch tensors; here on the cpu device), 3 blocks sharing
+    each batched call, gives the host path's volume."""
+    c = cfg()
+    c.resident = "on"
+    res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=3, config=c)
+    assert res.n_objects == reference[2].n_objects
+    assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
+
+
 def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     work = tmp_path / "work"
     shutil.copytree(reference[1], work)

@@ -305,3 +305,65 @@ def test_gather_fovs_bad_inputs():
     # read-only canvases are fine for gathering
     c.flags.writeable = False
     K.gather_fovs([c], x, 5, 0.0, out)
+
+
+# ------------------------------------------------------------------------ object commit
+
+
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["normal", "ties", "special"]),
+       min_size=st.sampled_from([0, 1, 5, 40, 10**6]), same_array=st.booleans())
+def test_commit_object_matches_reference(seed, kind, min_size, same_array):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(1, 9, 3))
+    logits = random_values(rng, shape, kind)
+    seg = rng.choice(np.array([-1, 0, 0, 0, 3, 7, 2**31 - 1], np.int32), size=shape)
+    size = tuple(int(rng.integers(0, s + 1)) for s in shape)
+    start = tuple(int(rng.integers(0, s - n + 1)) for s, n in zip(shape, size))
+    if same_array:  # host canvases: the box in the full canvas
+        lg, lstart = logits, start
+    else:  # device canvases: a contiguous copy of the box
+        lg = np.ascontiguousarray(logits[tuple(slice(a, a + n) for a, n in zip(start, size))])
+        lstart = (0, 0, 0)
+    got_seg, want_seg = seg.copy(), seg.copy()
+    kw = dict(seg_threshold=0.405, min_size=min_size, new_id=11)
+    got = K.commit_object(lg, lstart, got_seg, start, size, **kw)
+    want = K.commit_object_reference(lg, lstart, want_seg, start, size, **kw)
+    assert got[0] == want[0]
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
+    assert got[1].dtype == np.int64 and got[2].dtype == np.int64
+    assert np.array_equal(got_seg, want_seg)
+
+
+def test_commit_object_hand_case():
+    logits = np.array([[[1.0, 1.0, -1.0, 1.0, 1.0, 1.0]]], np.float32)
+    seg = np.array([[[0, 5, 5, -1, 2, 5]]], np.int32)
+    n, ids, counts = K.commit_object(logits, (0, 0, 0), seg, (0, 0, 0), (1, 1, 6), seg_threshold=0.5,
+                                     min_size=2, new_id=9)
+    assert n == 2 and ids.tolist() == [2, 5] and counts.tolist() == [1, 2]
+    assert seg.tolist() == [[[9, 5, 5, 9, 2, 5]]]
+    n, ids, _ = K.commit_object(logits, (0, 0, 0), seg, (0, 0, 0), (1, 1, 6), seg_threshold=0.5,
+                                min_size=1, new_id=10)
+    assert n == 0 and len(ids) == 0 and seg.tolist() == [[[9, 5, 5, 9, 2, 5]]]
+
+
+def test_commit_object_bad_inputs():
+    lg = np.zeros((4, 4, 4), np.float32)
+    seg = np.zeros((4, 4, 4), np.int32)
+    kw = dict(seg_threshold=0.5, min_size=1, new_id=1)
+    with pytest.raises(ValueError, match="logits_start"):
+        K.commit_object(lg, (1, 0, 0), seg, (0, 0, 0), (4, 4, 4), **kw)
+    with pytest.raises(ValueError, match="seg_start"):
+        K.commit_object(lg, (0, 0, 0), seg, (0, 0, 2), (3, 3, 3), **kw)
+    with pytest.raises(ValueError, match="seg: expected dtype int32"):
+        K.commit_object(lg, (0, 0, 0), seg.astype(np.int64), (0, 0, 0), (4, 4, 4), **kw)
+    with pytest.raises(ValueError, match="seg: must be C-contiguous"):
+        K.commit_object(lg, (0, 0, 0), np.zeros((4, 4, 8), np.int32)[:, :, ::2], (0, 0, 0), (4, 4, 4), **kw)
+    with pytest.raises(ValueError, match="logits: expected dtype float32"):
+        K.commit_object(lg.astype(np.float64), (0, 0, 0), seg, (0, 0, 0), (4, 4, 4), **kw)
+    with pytest.raises(ValueError, match="new_id"):
+        K.commit_object(lg, (0, 0, 0), seg, (0, 0, 0), (4, 4, 4), seg_threshold=0.5, min_size=1, new_id=0)
+    ro = seg.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="seg: must be writeable"):
+        K.commit_object(lg, (0, 0, 0), ro, (0, 0, 0), (4, 4, 4), **kw)

@@ -26,6 +26,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="network precision; fp32 is exact, bf16 is faster on CPUs/GPUs with bf16 units")
+    p.add_argument("--resident", choices=["auto", "on", "off"], default=None,
+                   help="keep image and canvases on the device (auto: on for cuda/xpu, off for cpu)")
     p.add_argument("--normalise", choices=["standardise", "histogram", "fixed"], default=None,
                    help="intensity normalisation: standardise (default: map the volume's mean/std onto the "
                         "model's), histogram (match quantiles), fixed (the reference's (x - mean) / std)")
@@ -54,7 +56,7 @@ def _build_config(args):
     if normalise not in (None, "fixed") and (args.image_mean is not None or args.image_std is not None):
         raise ConfigError(f"--image-mean/--image-std need --normalise fixed, not {normalise}")
     return cfg.with_overrides(device=args.device, threads=args.threads, precision=args.precision,
-                              checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
+                              resident=args.resident, checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
                               image_mean=args.image_mean, image_std=args.image_std)
 
 
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,
-                   help="blocks in flight per process sharing each network call (default: 1 on CPU, 8 on GPU)")
+                   help="blocks in flight per process sharing each network call (default: 1 on CPU, 8 on GPU); "
+                        "K >= 1")
     _add_inference_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -57,6 +57,9 @@ class InferenceConfig:
     image_std: float | None = None
     # Torch device: auto, cpu, cuda[:N] or xpu[:N].
     device: str = "auto"
+    # Keep the image and canvas logits on the torch device, one device->host copy of a few
+    # numbers per step: "auto" (on for cuda/xpu, off for cpu), "on" (any device), "off".
+    resident: str = "auto"
     # CPU threads for the network (0: torch's default, all cores).
     threads: int = 0
     # Network precision: fp32 (exact mode, matches the reference) or bf16 (faster, changes results).
@@ -93,6 +96,8 @@ class InferenceConfig:
             raise ConfigError(f"option normalise={self.normalise!r}: expected 'standardise', 'histogram' or 'fixed'")
         if self.image_std is not None and not float(self.image_std) > 0:
             raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
+        if self.resident not in ("auto", "on", "off"):
+            raise ConfigError(f"option resident={self.resident!r}: expected 'auto', 'on' or 'off'")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"option precision={self.precision!r}: expected 'fp32' or 'bf16'")
         if self.dust_size < 0:

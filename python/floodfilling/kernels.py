@@ -283,6 +283,41 @@ def gather_fovs_reference(canvases, centers, fov_size, pad_value: float,
     return out
 
 
+def commit_object(logits: np.ndarray, logits_start, seg: np.ndarray, seg_start, size, *,
+                  seg_threshold: float, min_size: int, new_id: int):
+    """Commit one flooded object over a box of ``size`` (z, y, x).
+
+    The box starts at ``logits_start`` in ``logits`` (float32, 3-D, C-contiguous) and at
+    ``seg_start`` in ``seg`` (int32, 3-D, C-contiguous, modified IN PLACE). The object's
+    mask is ``logits >= seg_threshold`` (float32 comparison); its *new* voxels are those of
+    the mask whose segment is ``<= 0`` (free or a rejected-seed mark). When there are at
+    least ``min_size`` new voxels they get ``new_id``, and the ids ``> 0`` under the mask
+    are counted.
+
+    Returns ``(n_new, ids, counts)``: ids int64 sorted ascending with their voxel counts
+    (both empty, and ``seg`` untouched, when ``n_new < min_size``).
+    """
+    return _native().commit_object(logits, _triple(logits_start, "logits_start"), seg,
+                                   _triple(seg_start, "seg_start"), _triple(size, "size"),
+                                   float(seg_threshold), int(min_size), int(new_id))
+
+
+def commit_object_reference(logits, logits_start, seg, seg_start, size, *, seg_threshold: float,
+                            min_size: int, new_id: int):
+    """NumPy reference of :func:`commit_object` (same in-place effect and outputs)."""
+    lb = logits[tuple(slice(a, a + n) for a, n in zip(logits_start, size))]
+    seg_box = seg[tuple(slice(a, a + n) for a, n in zip(seg_start, size))]
+    mask = lb >= np.float32(seg_threshold)
+    taken = seg_box > 0
+    new = mask & ~taken
+    n_new = int(np.count_nonzero(new))
+    if n_new < min_size:
+        return n_new, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids, counts = np.unique(seg_box[mask & taken], return_counts=True)
+    seg_box[new] = new_id
+    return n_new, ids.astype(np.int64), counts.astype(np.int64)
+
+
 # -------------------------------------------------------------------------- peaks
 
 

@@ -234,11 +234,17 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this torch build has no usable CUDA device")
-        return torch.device(name)
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
     if kind == "xpu":
         if not _xpu_available():
             raise ValueError(f"--device {device}: no Intel XPU device (torch.xpu) is available")
-        return torch.device(name)
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.xpu.device_count():
+            raise ValueError(f"--device {device}: only {torch.xpu.device_count()} XPU device(s) visible")
+        return dev
     raise ValueError(f"--device {device!r}: expected auto, cpu, cuda[:N] or xpu[:N]")
 
 

@@ -332,9 +332,7 @@ def _rank_device_threads(cfg: InferenceConfig, comm: mpi.Comm) -> tuple[str, int
 def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
                 progress: bool) -> dict:
     from ..inference import seeds as seeds_mod
-    from ..inference.canvas import Canvas
-    from ..inference.engine import Job, run_jobs
-    from ..inference.predictor import Predictor
+    from ..inference.engine import Job, make_predictor, run_jobs
     from ..inference.segment import origins_table
 
     grid = plan.grid
@@ -346,8 +344,7 @@ def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inf
     k = int(inflight) if inflight else (1 if dev.type == "cpu" else 8)
     if k < 1:
         raise BlockError(f"--inflight {inflight}: must be >= 1")
-    predictor = Predictor(net, info.fov_zyx, device=device, precision=cfg.precision,
-                          max_batch=1 if dev.type == "cpu" else k, threads=threads)
+    predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, threads=threads, inflight=k)
     log.info("rank %d/%d: device %s, %d thread(s), %d block(s) in flight", comm.rank, comm.size, device,
              threads, k)
     fov = tuple(info.fov_zyx)
@@ -389,7 +386,7 @@ def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inf
     def make(t: _Ticket):
         b = claim_next()
         if b is None:  # nothing left: an empty canvas finishes at once
-            return Canvas(np.zeros(fov, np.float32), np.zeros((0, 3), np.int64), cfg, fov, info.deltas_zyx)
+            return predictor.new_canvas(np.zeros(fov, np.float32), np.zeros((0, 3), np.int64), cfg, info.deltas_zyx)
         t.block, t.t0 = b, time.perf_counter()
         box = volumes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
                            tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
@@ -397,7 +394,7 @@ def _run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inf
         seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, plan.resolution or (1, 1, 1),
                                      min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
         log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(seeds))
-        return Canvas(image, seeds, cfg, fov, info.deltas_zyx)
+        return predictor.new_canvas(image, seeds, cfg, info.deltas_zyx)
 
     def on_done(t: _Ticket, cv) -> None:
         b = t.block

@@ -91,14 +91,50 @@ class Canvas:
         self.t_pad = logit32(config.pad_value)
         self.t_move = logit32(config.move_threshold)
         self.t_seg = logit32(config.segment_threshold)
-        self.logits = np.full(self.shape, np.nan, dtype=np.float32)
+        self.logits = self._alloc_logits()
         self.state = state or CanvasState(segmentation=np.zeros(self.shape, dtype=np.int32))
         if self.state.segmentation.shape != self.shape:
             raise ValueError("resumed segmentation does not match the image shape")
         for k in COUNTER_NAMES:
             self.state.counters.setdefault(k, 0)
         self._dirty: tuple[slice, ...] | None = None
+        self._one = [self.logits]  # update_fovs arguments of the host path
+        self._centre = np.zeros((1, 3), dtype=np.int64)
         self.on_object_done = None  # optional callback(canvas) between objects
+
+    # -- storage hooks (host arrays here; floodfilling.inference.device keeps the image and
+    #    logits on a torch device and overrides these) ---------------------------------
+    def _alloc_logits(self):
+        return np.full(self.shape, np.nan, dtype=np.float32)
+
+    def _start_object(self, pos) -> None:
+        """Clears the previous object's FOV box to NaN and sets the seed to logit(init)."""
+        if self._dirty is not None:
+            self.logits[self._dirty] = np.nan
+        self.logits[pos] = self.t_init
+
+    def _value_getter(self):
+        """Callable position -> current float32 canvas logit (for queued candidates and the seed)."""
+        return self.logits.__getitem__
+
+    def _track(self, pos, value) -> None:
+        """Called for each candidate queued with its current logit (host: nothing to do)."""
+
+    def _apply(self, c, out):
+        """Writes the network output for centre ``c`` (disco rule) and returns the 6 face
+        maxima and their offsets as lists."""
+        self._centre[0] = c
+        scores, offsets = kernels.update_fovs(
+            self._one, out.reshape((1,) + out.shape), self._centre, move_threshold=self.t_move,
+            deltas=self.deltas, disco_seed_threshold=self.cfg.disco_seed_threshold)
+        return scores[0].tolist(), offsets[0].tolist()
+
+    def _commit_logits(self, box):
+        """(host float32 C-contiguous array, start of ``box`` in it) read at commit."""
+        return self.logits, tuple(b.start for b in box)
+
+    def release(self) -> None:
+        """Frees device storage when the canvas is done (host: nothing to do)."""
 
     # -- public views ---------------------------------------------------------------
     @property
@@ -146,11 +182,10 @@ class Canvas:
 
     def _flood(self, pos):
         """Floods one object from ``pos``; returns (steps, bounding box of the FOV centres)."""
-        L = self.logits
         seg = self.state.segmentation
-        if self._dirty is not None:
-            L[self._dirty] = np.nan
-        L[pos] = self.t_init
+        self._start_object(pos)
+        value = self._value_getter()
+        track = self._track
         t_move = self.t_move
         shape = self.shape
         m0, m1, m2 = self.margin
@@ -164,8 +199,6 @@ class Canvas:
         lo = list(pos)
         hi = list(pos)
         steps = 0
-        canvases = [L]
-        centers = np.zeros((1, 3), dtype=np.int64)
         while True:
             c = None
             while queue:
@@ -174,7 +207,7 @@ class Canvas:
                 key = ((z - p0 + h0) // q0, (y - p1 + h1) // q1, (x - p2 + h2) // q2)
                 if key in done:
                     continue
-                if L[cand] < t_move:
+                if value(cand) < t_move:
                     continue
                 if z - m0 < 0 or y - m1 < 0 or x - m2 < 0 or z + m0 >= s0 or y + m1 >= s1 or x + m2 >= s2:
                     continue
@@ -184,13 +217,10 @@ class Canvas:
                 break
             if c is None:
                 break
-            if L[pos] < t_move:  # the seed got too weak
+            if value(pos) < t_move:  # the seed got too weak
                 break
             out = yield c
-            centers[0] = c
-            scores, offsets = kernels.update_fovs(
-                canvases, out.reshape((1,) + out.shape), centers, move_threshold=t_move,
-                deltas=self.deltas, disco_seed_threshold=self.cfg.disco_seed_threshold)
+            scores, offsets = self._apply(c, out)
             done.add(key)
             steps += 1
             for i in range(3):
@@ -199,11 +229,13 @@ class Canvas:
                 if c[i] > hi[i]:
                     hi[i] = c[i]
             cands = set()
-            for s, (o0, o1, o2) in zip(scores[0].tolist(), offsets[0].tolist()):
+            for s, (o0, o1, o2) in zip(scores, offsets):
                 if not (s < t_move):
                     cands.add((s, (o0, o1, o2)))
             for s, (o0, o1, o2) in sorted(cands, reverse=True):
-                queue.append((s, (z + o0, y + o1, x + o2)))  # (z, y, x) is c
+                p = (z + o0, y + o1, x + o2)  # (z, y, x) is c
+                queue.append((s, p))
+                track(p, s)
         box = tuple(slice(max(a - mm, 0), b + mm + 1) for a, b, mm in zip(lo, hi, self.margin))
         self._dirty = box
         return steps, box
@@ -215,27 +247,25 @@ class Canvas:
         cnt["steps"] += steps
         if steps <= 0:
             return
-        if self.logits[pos] < self.t_move:
+        if self._value_getter()(pos) < self.t_move:
             if seg[pos] == 0:
                 seg[pos] = -1
             cnt["rejected_weak_seed"] += 1
             return
-        seg_box = seg[box]
-        mask = self.logits[box] >= self.t_seg
-        taken = seg_box > 0
-        new = mask & ~taken  # -1 marks (rejected seeds) may be claimed
-        actual = int(np.count_nonzero(new))
+        new_id = st.max_id + 1
+        while new_id in st.origins:
+            new_id += 1
+        start = tuple(b.start for b in box)
+        size = tuple(b.stop - b.start for b in box)
+        lg, lstart = self._commit_logits(box)
+        actual, ids, counts = kernels.commit_object(lg, lstart, seg, start, size, seg_threshold=self.t_seg,
+                                                    min_size=self.cfg.min_segment_size, new_id=new_id)
         if actual < self.cfg.min_segment_size:
             if seg[pos] == 0:
                 seg[pos] = -1
             cnt["rejected_too_small"] += 1
             return
-        mask &= taken
-        ids, counts = np.unique(seg_box[mask], return_counts=True)  # the ids this object overlaps
-        st.max_id += 1
-        while st.max_id in st.origins:
-            st.max_id += 1
-        seg_box[new] = st.max_id
+        st.max_id = new_id
         st.origins[st.max_id] = Origin(tuple(int(v) for v in pos), steps, seconds)
         st.overlaps[st.max_id] = (ids.astype(np.int64), counts.astype(np.int64))
         cnt["objects"] += 1

@@ -47,6 +47,7 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
     results: dict[object, Canvas] = {}
 
     def finish(key, cv):
+        cv.release()
         if progress is not None:
             progress.update(1)
         if on_done is not None:
@@ -80,3 +81,23 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
         active = still
         admit()
     return results
+
+
+def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: int | None = None,
+                   threads: int = 0, inflight: int = 1) -> Predictor:
+    """The predictor for ``config`` on ``device`` (default ``config.device``): the host path
+    (NumPy canvases, native kernels; batch 1, the fastest per FOV on CPU) or, with
+    ``config.resident`` "on" or "auto" on cuda/xpu, the device-resident one
+    (:mod:`floodfilling.inference.device`) with room for ``inflight`` canvases."""
+    from ..model import select_device
+
+    dev = select_device(device if device is not None else config.device)
+    resident = config.resident == "on" or (config.resident == "auto" and dev.type != "cpu")
+    if max_batch is None:
+        max_batch = 1 if dev.type == "cpu" else max(1, int(inflight))
+    if resident:
+        from .device import DevicePredictor
+
+        return DevicePredictor(net, fov_zyx, deltas_zyx, config, device=dev, precision=config.precision,
+                               max_batch=max_batch, slots=max(1, int(inflight)), threads=threads)
+    return Predictor(net, fov_zyx, device=dev, precision=config.precision, max_batch=max_batch, threads=threads)

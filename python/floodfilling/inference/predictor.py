@@ -2,8 +2,10 @@
 
 Input assembly per FOV: the image crop and the canvas crop (NaN -> logit(pad_value)),
 both ``fov_zyx``; output: float32 logits of the same shape (``seed + update``).
-On CPU the buffers are NumPy arrays shared with torch (no copies); on cuda/xpu they are
-copied to the device once per call.
+On CPU the buffers are NumPy arrays shared with torch (no copies). This host path on cuda/xpu
+copies each batch of FOVs to the device and the logits back; the default there is the
+device-resident path (:mod:`floodfilling.inference.device`), which keeps image and canvases
+on the device.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Predictor:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.precision = precision
+        if self.device.type == "cuda" and precision == "fp32":
+            # Exact mode: no TF32 tensor-core convolutions (torch allows them in cuDNN by
+            # default; they round inputs to 10-bit mantissas and change the segmentation).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.net = prepare_for_inference(net, self.device)
         self.fov = tuple(int(v) for v in fov_zyx)
         self.max_batch = int(max_batch)
@@ -56,6 +63,12 @@ class Predictor:
         self._seed_t = torch.from_numpy(self._seed)
         self.calls = 0
         self.fovs = 0
+
+    def new_canvas(self, image, seeds, config, deltas_zyx, state=None):
+        """A canvas this predictor can drive (host arrays here)."""
+        from .canvas import Canvas
+
+        return Canvas(image, seeds, config, self.fov, deltas_zyx, state)
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -28,6 +28,7 @@ from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from .canvas import Canvas, CanvasState, Origin
+from .engine import make_predictor
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
     if seeds is None:
         seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, resolution_zyx,
                                      min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
-    canvas = Canvas(image, seeds, cfg, info.fov_zyx, info.deltas_zyx, state=state)
-    predictor = Predictor(net, info.fov_zyx, device=cfg.device, precision=cfg.precision, threads=cfg.threads)
+    predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
+    canvas = predictor.new_canvas(image, seeds, cfg, info.deltas_zyx, state=state)
     if state_path is not None and cfg.checkpoint_interval_s > 0:
         last = [time.monotonic()]
 
@@ -185,6 +186,7 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
     try:
         run_canvas(canvas, predictor, bar)
     finally:
+        canvas.release()
         if bar is not None:
             bar.close()
     seg = canvas.final_segmentation()

@@ -1,0 +1,292 @@
+"""Device-resident flood filling: image and canvas logits live on a torch device.
+
+For cuda and xpu (and, for tests, any torch device including cpu). The flood-fill loop is
+the host :class:`~floodfilling.inference.canvas.Canvas` loop, unchanged: only its storage
+hooks differ. Per batched step, for the ``n`` canvases in flight, everything runs on the
+device in a fixed number of kernels regardless of ``n``:
+
+1. one flat index per FOV voxel (slot, z, y, x) -> gather image and canvas FOVs;
+2. the network on the batch (NaN canvas -> logit(pad_value) as seed input);
+3. the disco rule and the write back (scatter through the same index);
+4. the 6 face maxima and argmaxes, and the current logits at the canvas's *query*
+   positions (queued move candidates and the seed that lie inside the FOV just written);
+5. ONE device -> host copy of ``n x (6 + 18 + Q)`` numbers.
+
+The host never reads canvas logits per step: it keeps the value of every queued candidate
+(its face-maximum score when queued, refreshed from the query results whenever a later
+FOV overwrites it), which is all the loop needs (``value(cand) < move_threshold`` when a
+candidate is popped, ``value(seed)`` for the weak-seed test). At each object commit the
+object's box of logits is copied to the host once; the segmentation stays on the host.
+
+Storage: a :class:`SlotPool` holds ``slots`` canvases as one ``(slots, Z, Y, X)`` tensor
+for the logits and one for the image, ``Z, Y, X`` the largest canvas shape seen (it grows
+when a larger canvas arrives); a canvas occupies ``[slot, :z, :y, :x]`` and gives its slot
+back when it finishes, so memory is ``2 x 4 bytes x slots x block voxels``.
+
+Exactness: the disco decision counts voxels >= move_threshold and compares the count with
+the smallest count that makes ``count / n > disco_seed_threshold`` in double precision (as
+the native kernel); face maxima take the first maximum in C order of each face (as
+``torch.max`` returns). In fp32 the results equal the host path's whenever the network
+returns the same logits for a FOV (tests: torch cpu device vs the native host path).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..config import InferenceConfig
+from .canvas import Canvas, CanvasState
+from .predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def disco_count_needed(n: int, t: float) -> int:
+    """Smallest count c in [0, n] with c / n > t (double precision); n + 1 when none."""
+    if not (t < 1.0):
+        return n + 1
+    c = int(t * n)
+    while c > 0 and (c - 1) / n > t:
+        c -= 1
+    while c <= n and not (c / n > t):
+        c += 1
+    return c
+
+
+class SlotPool:
+    """``slots`` canvases (image + logits) stacked in two device tensors; grows on demand."""
+
+    def __init__(self, device: torch.device, slots: int, shape=(0, 0, 0)):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.device = device
+        self.slots = int(slots)
+        self.shape = tuple(int(v) for v in shape)
+        self.image = torch.zeros((self.slots,) + self.shape, dtype=torch.float32, device=device)
+        self.logits = torch.full((self.slots,) + self.shape, float("nan"), dtype=torch.float32, device=device)
+        self.free = list(range(self.slots))[::-1]
+
+    def _grow(self, shape, slots) -> None:
+        new_shape = tuple(max(a, int(b)) for a, b in zip(self.shape, shape))
+        img = torch.zeros((slots,) + new_shape, dtype=torch.float32, device=self.device)
+        lg = torch.full((slots,) + new_shape, float("nan"), dtype=torch.float32, device=self.device)
+        z, y, x = self.shape
+        img[: self.slots, :z, :y, :x] = self.image
+        lg[: self.slots, :z, :y, :x] = self.logits
+        self.free = list(range(slots - 1, self.slots - 1, -1)) + self.free
+        self.image, self.logits, self.shape, self.slots = img, lg, new_shape, slots
+        log.debug("slot pool grown to %d x %s", slots, new_shape)
+
+    def acquire(self, image: np.ndarray) -> int:
+        """Copies ``image`` into a free slot (growing the pool if needed); returns the slot."""
+        if any(s > p for s, p in zip(image.shape, self.shape)):
+            self._grow(image.shape, self.slots)
+        if not self.free:
+            self._grow(self.shape, self.slots * 2)
+        slot = self.free.pop()
+        z, y, x = image.shape
+        self.image[slot, :z, :y, :x] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)
+        self.logits[slot, :z, :y, :x] = float("nan")
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def nbytes(self) -> int:
+        return 2 * 4 * self.slots * int(np.prod(self.shape))
+
+
+class DeviceCanvas(Canvas):
+    """A :class:`Canvas` whose image and logits live in a :class:`SlotPool` slot."""
+
+    def __init__(self, pool: SlotPool, image: np.ndarray, seeds: np.ndarray, config: InferenceConfig,
+                 fov_zyx=(33, 33, 33), deltas_zyx=(8, 8, 8), state: CanvasState | None = None):
+        self.pool = pool
+        self.slot = None
+        super().__init__(image, seeds, config, fov_zyx, deltas_zyx, state)
+        self.slot = pool.acquire(self.image)
+        self.image = None  # the device copy is the only one needed
+        # Queued candidates (and the seed) with their current logits: row i of _qpos/_qval.
+        self._rows: dict[tuple, int] = {}
+        self._qpos = np.zeros((64, 3), np.int64)
+        self._qval = np.zeros(64, np.float64)
+        self._pending = None  # rows queried by the step in flight
+        self._strides = np.array([self.fov[1] * self.fov[2], self.fov[2], 1], np.int64)
+
+    def _alloc_logits(self):
+        return None  # in the pool
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        z, y, x = self.shape
+        return t[self.slot, :z, :y, :x]
+
+    def _start_object(self, pos) -> None:
+        lg = self._view(self.pool.logits)
+        if self._dirty is not None:
+            lg[self._dirty] = float("nan")
+        lg[pos] = self.t_init
+        self._rows.clear()
+        self._track(pos, self.t_init)
+
+    def _value_getter(self):
+        rows = self._rows
+        return lambda p: self._qval[rows[p]]  # _qval may be reallocated as it grows
+
+    def _track(self, pos, value) -> None:
+        i = self._rows.get(pos)
+        if i is None:
+            i = len(self._rows)
+            if i == len(self._qval):
+                self._qpos = np.concatenate([self._qpos, np.zeros_like(self._qpos)])
+                self._qval = np.concatenate([self._qval, np.zeros_like(self._qval)])
+            self._rows[pos] = i
+            self._qpos[i] = pos
+        self._qval[i] = value
+
+    def queries(self, c) -> np.ndarray:
+        """Flat FOV indices of the tracked positions inside the FOV at ``c`` (remembered for
+        :meth:`_apply`)."""
+        n = len(self._rows)
+        rel = self._qpos[:n] - np.asarray(c, np.int64) + np.asarray(self.margin, np.int64)
+        inside = np.all((rel >= 0) & (rel < self.fov), axis=1)
+        self._pending = np.flatnonzero(inside)
+        return rel[self._pending] @ self._strides
+
+    def _apply(self, c, out):
+        scores, offsets, qvals = out
+        self._qval[self._pending] = qvals
+        self._pending = None
+        return scores, offsets
+
+    def _commit_logits(self, box):
+        return np.ascontiguousarray(self._view(self.pool.logits)[box].cpu().numpy()), (0, 0, 0)
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.pool.release(self.slot)
+            self.slot = None
+
+    def device_logits(self) -> np.ndarray:
+        """Host copy of the canvas logits (for tests)."""
+        return self._view(self.pool.logits).cpu().numpy()
+
+
+class DevicePredictor(Predictor):
+    """Runs whole flood steps on the device for :class:`DeviceCanvas` objects.
+
+    ``predict(canvases, centers, pad)`` returns, per canvas, ``(scores, offsets, qvals)``
+    as lists (what :meth:`DeviceCanvas._apply` expects), after writing each FOV.
+    """
+
+    def __init__(self, net, fov_zyx, deltas_zyx, config: InferenceConfig, *, device="cuda",
+                 precision: str = "fp32", max_batch: int = 8, slots: int | None = None, threads: int = 0):
+        super().__init__(net, fov_zyx, device=device, precision=precision, max_batch=max_batch, threads=threads)
+        dev = self.device
+        self.cfg = config
+        self.deltas = tuple(int(v) for v in deltas_zyx)
+        f = self.fov
+        if any(not 0 <= d <= ff // 2 for d, ff in zip(self.deltas, f)):
+            raise ValueError(f"deltas {self.deltas}: each must lie in [0, fov // 2] for FOV {f}")
+        self.pool = SlotPool(dev, slots or self.max_batch)
+        tmp = Canvas(np.zeros(f, np.float32), np.zeros((0, 3)), config, f, self.deltas)
+        self.t_move, self.t_pad = tmp.t_move, tmp.t_pad
+        n = int(np.prod(f))
+        t = float(config.disco_seed_threshold)
+        self.disco_need = disco_count_needed(n, t) if t >= 0 else n + 1
+        self._ar = [torch.arange(v, device=dev, dtype=torch.int64) for v in f]
+        # Face tables: flat FOV index of each face voxel (C order of the plane), padded with
+        # n (an extra -inf column), and the (dz, dy, dx) offset of each entry.
+        c = [v // 2 for v in f]
+        strides = (f[1] * f[2], f[2], 1)
+        faces, offs = [], []
+        for a in range(3):
+            for sign in (-1, 1):
+                if self.deltas[a] == 0:
+                    faces.append([])
+                    offs.append([])
+                    continue
+                rng = [range(-self.deltas[b], self.deltas[b] + 1) for b in range(3)]
+                rng[a] = [sign * self.deltas[a]]
+                o = np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3)
+                faces.append(((o + c) @ np.asarray(strides)).tolist())
+                offs.append(o.tolist())
+        width = max(1, max(len(x) for x in faces))
+        face_idx = np.full((6, width), n, np.int64)
+        face_off = np.zeros((6, width, 3), np.int64)
+        for i, (fi, fo) in enumerate(zip(faces, offs)):
+            face_idx[i, : len(fi)] = fi
+            if fo:
+                face_off[i, : len(fo)] = fo
+        self._face_idx = torch.from_numpy(face_idx.reshape(-1)).to(dev)
+        self._face_off = face_off
+        self._face_w = width
+
+    def new_canvas(self, image, seeds, config, deltas_zyx, state=None) -> DeviceCanvas:
+        if tuple(int(v) for v in deltas_zyx) != self.deltas:
+            raise ValueError(f"deltas {tuple(deltas_zyx)} differ from this predictor's {self.deltas}")
+        return DeviceCanvas(self.pool, image, seeds, config, self.fov, self.deltas, state)
+
+    def _flat_index(self, slots, centers) -> torch.Tensor:
+        """(n, fz, fy, fx) flat indices into the pool tensors."""
+        dev = self.device
+        _, Z, Y, X = self.pool.logits.shape
+        m = torch.as_tensor(np.asarray(self.fov) // 2, device=dev)
+        c = torch.as_tensor(np.asarray(centers, np.int64), device=dev) - m
+        s = torch.as_tensor(np.asarray(slots, np.int64), device=dev)
+        z = (c[:, 0:1] + self._ar[0]) * (Y * X)
+        y = (c[:, 1:2] + self._ar[1]) * X
+        x = c[:, 2:3] + self._ar[2]
+        return (s * (Z * Y * X))[:, None, None, None] + z[:, :, None, None] + y[:, None, :, None] + x[:, None, None, :]
+
+    def _step(self, canvases, centers) -> list:
+        n = len(centers)
+        idx = self._flat_index([cv.slot for cv in canvases], centers)
+        lg_flat = self.pool.logits.view(-1)
+        old = lg_flat[idx]
+        img = self.pool.image.view(-1)[idx]
+        seed = torch.nan_to_num(old, nan=self.t_pad)
+        img = img[:, None].contiguous(memory_format=torch.channels_last_3d)
+        seed = seed[:, None].contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), self._autocast():
+            out = self.net(img, seed)
+        new = out[:, 0].float()
+        self.calls += 1
+        self.fovs += n
+        if self.disco_need <= new[0].numel():
+            t = torch.tensor(self.t_move, dtype=torch.float32, device=self.device)
+            active = (new >= t).flatten(1).sum(1) >= self.disco_need
+            keep = active[:, None, None, None] & (old < 0) & (new > old)
+            new = torch.where(keep, old, new)
+        lg_flat[idx] = new
+        flat = new.reshape(n, -1)
+        ext = torch.cat([flat, torch.full((n, 1), float("-inf"), device=self.device)], 1)
+        faces = ext[:, self._face_idx].view(n, 6, self._face_w)
+        scores, arg = faces.max(dim=2)
+        qs = [cv.queries(c) for cv, c in zip(canvases, centers)]
+        qmax = max(len(q) for q in qs)
+        parts = [scores, arg.to(torch.float32)]
+        if qmax:
+            qi = np.zeros((n, qmax), np.int64)
+            for i, q in enumerate(qs):
+                qi[i, : len(q)] = q
+            parts.append(flat.gather(1, torch.from_numpy(qi).to(self.device)))
+        res = torch.cat(parts, 1).cpu().numpy()  # the one device -> host copy of the step
+        out_list = []
+        for i in range(n):
+            a = res[i, 6:12].astype(np.int64)
+            offs = self._face_off[np.arange(6), a].tolist()
+            out_list.append((res[i, :6].tolist(), offs, res[i, 12:12 + len(qs[i])].tolist()))
+        return out_list
+
+    def predict(self, canvases, centers, pad_logit: float = None) -> list:
+        out = []
+        for a in range(0, len(centers), self.max_batch):
+            b = min(len(centers), a + self.max_batch)
+            out.extend(self._step(canvases[a:b], centers[a:b]))
+        return out
+
+    def __call__(self, canvas, center):
+        return self.predict([canvas], [center])[0]
