@@ -20,8 +20,9 @@ Parts:
   real     bundled depth-12 model, fp32, on the CPU: seconds per FOV at K = 1 and K = 8
            (batch 1 round robin, the default; and batch 8) on 8 overlapping 64^3 blocks of the
            cube; results must be identical.
-  gpu      (cuda/xpu, or --device cpu for a smoke run) FOV steps/s against K and voxels/s of
-           block inference on a >= 512^3 volume (the FIB-25 cube mirrored), fp32 and bf16.
+  gpu      (cuda/xpu, or --device cpu for a smoke run) FOV steps/s against K (fp32 and bf16,
+           eager and torch.compile with CUDA graphs) and voxels/s of block inference on a
+           >= 512^3 volume (the FIB-25 cube mirrored).
   model    the arithmetic that predicts the GPU figure: FLOP per FOV (counted from the
            network), steps per voxel (the reference run of the cube), halo overhead per block
            size, and voxels/s for assumed sustained TFLOP/s.
@@ -53,15 +54,14 @@ KS = (1, 8, 64)
 # ---------------------------------------------------------------- cheap networks
 
 
-class CheapPredictor:
-    """Host-path stand-in for Predictor: gathers FOVs exactly as the real one (it *is*
-    Predictor.predict), then a one-addition 'network' in NumPy."""
+from floodfilling.inference.predictor import Predictor  # noqa: E402
 
-    def __init__(self, fov, max_batch=1):
-        from floodfilling.inference.predictor import Predictor
 
-        self._gather = Predictor.predict
-        self.new_canvas = lambda *a, **k: Predictor.new_canvas(self, *a, **k)
+class CheapPredictor(Predictor):
+    """Host-path Predictor whose network is a one-addition in NumPy (FOV gathering, launch
+    and collect are Predictor's own)."""
+
+    def __init__(self, fov, max_batch=1):  # no torch network to prepare
         self.fov = tuple(fov)
         self.max_batch = max_batch
         shape = (max_batch, 1) + self.fov
@@ -76,9 +76,6 @@ class CheapPredictor:
         self.fovs += n
         # into a reused buffer: the caller consumes the logits before the next call
         return np.add(self._seed[:n, 0], self._img[:n, 0], out=self._out[:n])
-
-    def predict(self, canvases, centers, pad_logit):
-        return self._gather(self, canvases, centers, pad_logit)
 
 
 def add_net():
@@ -257,7 +254,8 @@ def mirrored_volume(edge: int) -> np.ndarray:
     return np.ascontiguousarray(tiles[:edge, :edge, :edge])
 
 
-def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: int, max_steps: int) -> dict:
+def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: int, max_steps: int,
+              compiles=("off",)) -> dict:
     import h5py
     import torch
 
@@ -274,15 +272,15 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
                                                str(dev)), "by_precision": {}}
     img = normalise_image(fib25_crop(sweep_size), 128, 33)
     sd = seeds.make_seeds("peaks", img, (16, 16, 16))
-    for prec in precisions:
-        cfg = InferenceConfig(device=str(dev), precision=prec, resident="on")
+    for prec, comp in [(p, c) for p in precisions for c in compiles]:
+        cfg = InferenceConfig(device=str(dev), precision=prec, resident="on", compile=comp)
         sweep = {}
         for k in ks:
             pred = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, inflight=k, max_batch=k)
             # K copies of the sweep volume; stop after max_steps steps of canvas 0 (steady state)
             jobs = [Job(i, lambda: pred.new_canvas(img, sd, cfg, info.deltas_zyx)) for i in range(k)]
-            warm = [Job(0, lambda: pred.new_canvas(img[:48, :48, :48], sd[:0], cfg, info.deltas_zyx))]
-            run_jobs(warm, pred, inflight=1)
+            # warm-up (cuDNN autotuning, compilation at batch K): a few steps of every canvas
+            run_jobs(_limited(jobs, 3), pred, inflight=k)
             _sync(dev)
             calls0, fovs0 = pred.calls, pred.fovs
             t0 = time.perf_counter()
@@ -292,9 +290,9 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
             fovs = pred.fovs - fovs0
             sweep[str(k)] = {"fov_steps": fovs, "network_calls": pred.calls - calls0, "seconds": dt,
                              "steps_per_s": fovs / dt}
-            print(f"gpu {prec} K={k}: {fovs / dt:.0f} steps/s", file=sys.stderr, flush=True)
+            print(f"gpu {prec} compile={comp} K={k}: {fovs / dt:.0f} steps/s", file=sys.stderr, flush=True)
         row = {"steps_per_s_by_k": sweep}
-        if edge:
+        if edge and comp == compiles[0]:
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "vol.h5"
                 with h5py.File(src, "w") as f:
@@ -308,7 +306,7 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
                                  "voxels_per_s": edge ** 3 / dt, "objects": res.n_objects,
                                  "blocks": res.n_blocks}
                 print(f"gpu {prec} {edge}^3: {edge ** 3 / dt / 1e6:.2f} M voxels/s", file=sys.stderr, flush=True)
-        out["by_precision"][prec] = row
+        out["by_precision"][prec if comp == "off" else f"{prec}+compile={comp}"] = row
     return out
 
 
@@ -408,6 +406,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-edge", type=int, default=512, help="edge of the mirrored volume (0: skip)")
     ap.add_argument("--gpu-block", type=int, default=256, help="block edge of the volume run")
     ap.add_argument("--gpu-precisions", default="fp32,bf16")
+    ap.add_argument("--gpu-compile", default="off,reduce-overhead", help="compile modes of the gpu sweep")
     ap.add_argument("--gpu-sweep-size", type=int, default=160, help="edge of each canvas of the K sweep")
     ap.add_argument("--gpu-max-steps", type=int, default=200, help="steps per canvas in the K sweep")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/throughput-<machine>.json)")
@@ -435,7 +434,8 @@ def main(argv=None) -> int:
             res = bench_real(args.real_block)
         elif part == "gpu":
             res = bench_gpu(device, args.gpu_edge, args.gpu_block, tuple(int(v) for v in args.gpu_ks.split(",")),
-                            args.gpu_precisions.split(","), args.gpu_sweep_size, args.gpu_max_steps)
+                            args.gpu_precisions.split(","), args.gpu_sweep_size, args.gpu_max_steps,
+                            tuple(args.gpu_compile.split(",")))
         else:
             res = bench_model()
         res["date"] = t

@@ -104,16 +104,23 @@ def run_blocks(blocks, predictor_factory, k):  # noqa: F811
     return out, pred
 
 
-def test_device_path_equals_host_path_k1_and_k8(blocks):  # noqa: F811
+def test_device_path_equals_host_path_k1_k8_and_pipelined(blocks):  # noqa: F811
     net = bright_flood_net()
     host, _ = run_blocks(blocks, lambda cfg, k: Predictor(net, FOV, device="cpu"), 1)
     assert sum(r[2]["steps"] for r in host.values()) > 50
-    for k in (1, 8):
-        dev, pred = run_blocks(blocks, lambda cfg, k: make_predictor(
-            net, FOV, DELTAS, InferenceConfig(min_segment_size=50, resident="on"), device="cpu",
-            max_batch=k, inflight=k), k)
+    def factory(k, pipeline):
+        def make(cfg, k):
+            pred = make_predictor(net, FOV, DELTAS, InferenceConfig(min_segment_size=50, resident="on"),
+                                  device="cpu", max_batch=k, inflight=k)
+            pred.pipeline = pipeline  # two alternating groups (the cuda/xpu default)
+            return pred
+        return make
+
+    for k, pipeline in ((1, False), (8, False), (8, True), (5, True)):
+        dev, pred = run_blocks(blocks, factory(k, pipeline), k)
         assert isinstance(pred, DevicePredictor)
-        if k == 8:
+        assert pred.pipeline_groups(k) == (2 if pipeline else 1)
+        if k > 1:
             assert pred.calls < sum(r[2]["steps"] for r in host.values())  # batched calls
         assert sorted(pred.pool.free) == list(range(pred.pool.slots))  # every slot given back
         for i in host:
@@ -166,3 +173,46 @@ def test_device_errors():
         SlotPool(torch.device("cpu"), 0)
     with pytest.raises(ValueError, match="resident"):
         InferenceConfig(resident="yes").validate()
+
+
+def test_compiled_forward_pads_batches_to_powers_of_two(blocks):  # noqa: F811
+    """compile != "off": batches go to the compiled network padded to 1, 2, 4, ... (at most
+    max_batch) and the results are those of the eager network. The compiled callable is
+    replaced by a recorder around the eager network (compiling every size would take
+    minutes on this CPU; test_torch_compile_matches_eager compiles one)."""
+    net = bright_flood_net()
+    cfg = InferenceConfig(min_segment_size=50, resident="on", compile="default")
+    pred = make_predictor(net, FOV, DELTAS, cfg, device="cpu", max_batch=6, inflight=6)
+    sizes = []
+
+    def recorder(img, seed):
+        sizes.append(img.shape[0])
+        assert img.is_contiguous(memory_format=torch.channels_last_3d)
+        return pred.net(img, seed)
+
+    pred._compiled = recorder
+    jobs = [Job(i, (lambda b=b: pred.new_canvas(b[0], b[1], cfg, DELTAS))) for i, b in enumerate(blocks)]
+    got = run_jobs(jobs, pred, inflight=6)
+    assert set(sizes) <= {1, 2, 4, 6} and 4 in sizes  # 3 -> 4, 5 -> 6 (max_batch)
+    host, _ = run_blocks(blocks, lambda c, k: Predictor(net, FOV, device="cpu"), 1)
+    for i, cv in got.items():
+        assert np.array_equal(cv.final_segmentation(), host[i][0])
+
+
+def test_torch_compile_matches_eager():
+    net = bright_flood_net()
+    pred = Predictor(net, FOV, device="cpu", max_batch=2, compile="default")
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.standard_normal((2, 1) + FOV).astype(np.float32))
+    seed = torch.from_numpy(rng.standard_normal((2, 1) + FOV).astype(np.float32))
+    img = img.contiguous(memory_format=torch.channels_last_3d)
+    seed = seed.contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        got = pred.forward(img, seed)
+        want = pred.net(img, seed)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="compile"):
+        Predictor(net, FOV, device="cpu", compile="fast")
+    with pytest.raises(ValueError, match="compile"):
+        InferenceConfig(compile="fast").validate()

@@ -28,6 +28,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="network precision; fp32 is exact, bf16 is faster on CPUs/GPUs with bf16 units")
     p.add_argument("--resident", choices=["auto", "on", "off"], default=None,
                    help="keep image and canvases on the device (auto: on for cuda/xpu, off for cpu)")
+    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default=None,
+                   help="torch.compile the network (reduce-overhead: CUDA graphs); off by default")
     p.add_argument("--normalise", choices=["standardise", "histogram", "fixed"], default=None,
                    help="intensity normalisation: standardise (default: map the volume's mean/std onto the "
                         "model's), histogram (match quantiles), fixed (the reference's (x - mean) / std)")
@@ -56,7 +58,7 @@ def _build_config(args):
     if normalise not in (None, "fixed") and (args.image_mean is not None or args.image_std is not None):
         raise ConfigError(f"--image-mean/--image-std need --normalise fixed, not {normalise}")
     return cfg.with_overrides(device=args.device, threads=args.threads, precision=args.precision,
-                              resident=args.resident, checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
+                              resident=args.resident, compile=args.compile, checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
                               image_mean=args.image_mean, image_std=args.image_std)
 
 

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A bad option value or an unreadable config file."""
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass
 class InferenceConfig:
     # Seed probability placed at the seed voxel of every new object.
@@ -60,6 +63,10 @@ class InferenceConfig:
     # Keep the image and canvas logits on the torch device, one device->host copy of a few
     # numbers per step: "auto" (on for cuda/xpu, off for cpu), "on" (any device), "off".
     resident: str = "auto"
+    # torch.compile the network: "off" (default), "default", "reduce-overhead" (CUDA graphs on
+    # cuda) or "max-autotune"; batches are padded to powers of two (few recompilations).
+    # Compiling takes tens of seconds per batch size; on this project's CPU it did not pay.
+    compile: str = "off"
     # CPU threads for the network (0: torch's default, all cores).
     threads: int = 0
     # Network precision: fp32 (exact mode, matches the reference) or bf16 (faster, changes results).
@@ -96,6 +103,8 @@ class InferenceConfig:
             raise ConfigError(f"option normalise={self.normalise!r}: expected 'standardise', 'histogram' or 'fixed'")
         if self.image_std is not None and not float(self.image_std) > 0:
             raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"option compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.resident not in ("auto", "on", "off"):
             raise ConfigError(f"option resident={self.resident!r}: expected 'auto', 'on' or 'off'")
         if self.precision not in ("fp32", "bf16"):

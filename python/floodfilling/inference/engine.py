@@ -39,11 +39,20 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
 
     ``on_done(key, canvas)`` is called as each canvas finishes (write its result there and
     drop it to keep memory at K canvases); returns {key: canvas} when ``on_done`` is None.
+
+    With ``predictor.pipeline_groups(K) == 2`` (the device-resident path on an asynchronous
+    device) the active canvases form two groups of up to ceil(K / 2): while the device runs
+    one group's step, the host processes the other group's results (flood loop, commits)
+    and launches its next step. A canvas belongs to one group and never has two steps in
+    flight, so its results do not depend on the grouping.
     """
     if inflight < 1:
         raise ValueError(f"inflight (K) must be >= 1, got {inflight}")
     waiting = deque(jobs)
-    active: list[tuple[object, Canvas, object, tuple]] = []  # (key, canvas, generator, centre)
+    n_groups = max(1, min(int(predictor.pipeline_groups(inflight)), inflight))
+    cap = -(-inflight // n_groups)
+    groups: list[list[tuple[object, Canvas, object, tuple]]] = [[] for _ in range(n_groups)]
+    pending: list[object] = [None] * n_groups  # launched, not yet collected
     results: dict[object, Canvas] = {}
 
     def finish(key, cv):
@@ -55,8 +64,8 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
         else:
             results[key] = cv
 
-    def admit():
-        while len(active) < inflight and waiting:
+    def admit(active):
+        while len(active) < cap and waiting:
             job = waiting.popleft()
             cv = job.make()
             gen = cv.steps()
@@ -67,19 +76,25 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
                 continue
             active.append((job.key, cv, gen, c))
 
-    admit()
-    while active:
-        canvases = [a[1] for a in active]
-        centres = [a[3] for a in active]
-        logits = predictor.predict(canvases, centres, canvases[0].t_pad)
-        still = []
-        for (key, cv, gen, _), out in zip(active, logits):
-            try:
-                still.append((key, cv, gen, gen.send(out)))
-            except StopIteration:
-                finish(key, cv)
-        active = still
-        admit()
+    for g in range(n_groups):
+        admit(groups[g])
+    while any(groups):
+        for g in range(n_groups):
+            active = groups[g]
+            if pending[g] is not None:
+                outs = predictor.collect(pending[g])
+                pending[g] = None
+                still = []
+                for (key, cv, gen, _), out in zip(active, outs):
+                    try:
+                        still.append((key, cv, gen, gen.send(out)))
+                    except StopIteration:
+                        finish(key, cv)
+                active[:] = still
+                admit(active)
+            if active:
+                canvases = [a[1] for a in active]
+                pending[g] = predictor.launch(canvases, [a[3] for a in active], canvases[0].t_pad)
     return results
 
 
@@ -99,5 +114,7 @@ def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: 
         from .device import DevicePredictor
 
         return DevicePredictor(net, fov_zyx, deltas_zyx, config, device=dev, precision=config.precision,
-                               max_batch=max_batch, slots=max(1, int(inflight)), threads=threads)
-    return Predictor(net, fov_zyx, device=dev, precision=config.precision, max_batch=max_batch, threads=threads)
+                               max_batch=max_batch, slots=max(1, int(inflight)), threads=threads,
+                               compile=config.compile)
+    return Predictor(net, fov_zyx, device=dev, precision=config.precision, max_batch=max_batch, threads=threads,
+                     compile=config.compile)

@@ -36,7 +36,7 @@ class Predictor:
     """Batched network calls on FOVs; ``max_batch`` FOVs at most per call."""
 
     def __init__(self, net: ConvStack3D, fov_zyx, *, device="cpu", precision: str = "fp32",
-                 max_batch: int = 1, threads: int = 0):
+                 max_batch: int = 1, threads: int = 0, compile: str = "off"):
         self.device = select_device(device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(int(threads))
@@ -54,6 +54,14 @@ class Predictor:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.net = prepare_for_inference(net, self.device)
+        from ..config import COMPILE_MODES
+
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile {compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self._compiled = None
+        if compile != "off":
+            self._compiled = torch.compile(self.net, mode=None if compile == "default" else compile,
+                                           dynamic=False)
         self.fov = tuple(int(v) for v in fov_zyx)
         self.max_batch = int(max_batch)
         shape = (self.max_batch, 1) + self.fov
@@ -70,6 +78,19 @@ class Predictor:
 
         return Canvas(image, seeds, config, self.fov, deltas_zyx, state)
 
+    def forward(self, img: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        """The network on a batch (compiled: padded to a power of two, at most max_batch)."""
+        if self._compiled is None:
+            return self.net(img, seed)
+        n = img.shape[0]
+        m = min(1 << (n - 1).bit_length(), max(self.max_batch, n))
+        if m > n:  # padding rows: any valid input, their outputs are dropped
+            img = torch.cat([img, img[:1].expand((m - n,) + tuple(img.shape[1:]))])
+            seed = torch.cat([seed, seed[:1].expand((m - n,) + tuple(seed.shape[1:]))])
+            img = img.contiguous(memory_format=torch.channels_last_3d)
+            seed = seed.contiguous(memory_format=torch.channels_last_3d)
+        return self._compiled(img, seed)[:n]
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -84,7 +105,7 @@ class Predictor:
         img = img.contiguous(memory_format=torch.channels_last_3d)
         seed = seed.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), self._autocast():
-            out = self.net(img, seed)
+            out = self.forward(img, seed)
         self.calls += 1
         self.fovs += n
         return out[:, 0].float().cpu().numpy()
@@ -103,6 +124,17 @@ class Predictor:
                                 self.fov, pad_logit, self._seed[: b - a, 0])
             out.append(self.run(b - a))
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    # The engine's interface (floodfilling.inference.engine): on the host path a launched
+    # step is already done, and there is one group of canvases.
+    def launch(self, canvases, centers, pad_logit: float):
+        return self.predict(canvases, centers, pad_logit)
+
+    def collect(self, handle):
+        return handle
+
+    def pipeline_groups(self, inflight: int) -> int:
+        return 1
 
     def __call__(self, canvas, center):
         """Single-FOV convenience: logits (fov) for ``center`` of ``canvas``."""
