@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/fullcube", help="resumable state and the finished result")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="network precision")
+    ap.add_argument("--resident", default="off", choices=["off", "on"],
+                    help="on: the device-resident path (torch tensors; here on the cpu device)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/parity-fullcube[-bf16]-<machine>.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -47,19 +49,21 @@ def main(argv=None) -> int:
 
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    result_path = wd / f"result-{args.precision}.npz"
+    tag = args.precision + ("-resident" if args.resident == "on" else "")
+    result_path = wd / f"result-{tag}.npz"
     cfg = InferenceConfig(threads=args.threads, precision=args.precision, checkpoint_interval_s=120, device="cpu",
-                          normalise="fixed")  # the reference's (x - 128) / 33
+                          normalise="fixed",  # the reference's (x - 128) / 33
+                          resident=args.resident)
     with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
         raw = f["raw"][:]
         labels = f["labels"][:]
     if not result_path.exists():
-        manifest = {"bench": "parity_fullcube", "precision": args.precision}
+        manifest = {"bench": "parity_fullcube", "precision": args.precision, "resident": args.resident}
         t0 = time.time()
-        res = segment_array(raw, config=cfg, state_path=wd / f"state-{args.precision}.npz", manifest=manifest,
+        res = segment_array(raw, config=cfg, state_path=wd / f"state-{tag}.npz", manifest=manifest,
                             progress=True)
         ids = np.array(sorted(res.origins), dtype=np.int64)
-        tmp = wd / f"result-{args.precision}.tmp.npz"
+        tmp = wd / f"result-{tag}.tmp.npz"
         np.savez_compressed(tmp, segmentation=res.segmentation, ids=ids,
                             seeds=np.array([res.origins[i].seed_zyx for i in ids]).reshape(-1, 3),
                             steps=np.array([res.origins[i].steps for i in ids]),
@@ -86,8 +90,10 @@ def main(argv=None) -> int:
         "benchmark": "parity_fullcube",
         "machine": machine_id(),
         "command": "python bench/parity_fullcube.py --workdir " + str(args.workdir)
-        + (f" --precision {args.precision}" if args.precision != "fp32" else ""),
+        + (f" --precision {args.precision}" if args.precision != "fp32" else "")
+        + (" --resident on" if args.resident == "on" else ""),
         "precision": args.precision,
+        "path": "device-resident (torch, cpu device)" if args.resident == "on" else "host (native kernels)",
         "objects": int(len(r["ids"])),
         "reference_objects": len(ref_origins),
         "objects_identical_voxels": same_voxels,
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
     text = json.dumps(out, indent=2)
     print(text)
     dest = Path(args.out) if args.out else HERE / "results" / (
-        f"parity-fullcube{'' if args.precision == 'fp32' else '-' + args.precision}-{machine_id()}.json")
+        f"parity-fullcube{'' if tag == 'fp32' else '-' + tag}-{machine_id()}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text + "\n")
     return 0

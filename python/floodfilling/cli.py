@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,
-                   help="blocks in flight per process sharing each network call (default: 1 on CPU, 8 on GPU); "
+                   help="blocks in flight per process sharing each network call (default: 1 on CPU, 16 on GPU: two groups of 8 alternating); "
                         "K >= 1")
     _add_inference_options(p)
     p.set_defaults(func=cmd_segment)
