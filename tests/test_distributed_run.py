@@ -184,6 +184,10 @@ def test_bad_inputs(data, reference, tmp_path, capsys):
     assert "--block" in err("--block", "24,48")
     assert "split_components" in err("--block", BLOCK, "--set", "split_components=true")
     assert "--halo 30,6,6" in err("--block", BLOCK, "--halo", "30,6,6")
+    assert "--inflight 0: must be >= 1" in err("--block", BLOCK, "--inflight", "0")
+    assert "--device cuda:7" in err("--block", BLOCK, "--device", "cuda:7")
+    assert "--device 'tpu': expected auto, cpu, cuda[:N] or xpu[:N]" in err("--block", BLOCK, "--device", "tpu")
+    assert "compile" in err("--set", "compile=fast")
     assert "Zarr" in main_err(["segment", *common[:1], f"{tmp_path / 'o.zarr'}", *common[2:], "--block", BLOCK], capsys)
     # a workdir of a different model / options
     work = tmp_path / "work"
