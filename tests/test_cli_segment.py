@@ -137,3 +137,41 @@ def test_config_toml_roundtrip(tmp_path, capsys):
     p.write_text(text.replace("min_segment_size = 1000", "min_segment_size = 500"))
     cfg = InferenceConfig.from_toml(p)
     assert cfg.min_segment_size == 500 and cfg.move_threshold == 0.9
+
+
+def test_zarr_input_and_output(reference_run, crop_file, tmp_path, capsys):
+    """A zarr store in, the segmentation written into the same store beside the raw image
+    (each array atomically, other arrays untouched): the same result as HDF5 in and out."""
+    zarr = pytest.importorskip("zarr")
+    store = tmp_path / "vol.zarr"
+    with h5py.File(crop_file, "r") as f:
+        raw = f["raw"][:]
+    group = zarr.open_group(str(store), mode="w")
+    arr = group.create_array("raw", shape=raw.shape, dtype=raw.dtype, chunks=(16, 32, 32))
+    arr[...] = raw
+    arr.attrs["resolution_zyx_nm"] = [10, 10, 10]
+    args = ["segment", f"{store}/raw", f"{store}/seg", "-q", "--threads", "1"]
+    assert main(args) == 0
+    want_seg, want_origins, _ = read_out(reference_run)
+    out = zarr.open_group(str(store), mode="r")
+    assert np.array_equal(out["seg"][...], want_seg) and out["seg"].dtype == np.uint32
+    assert list(out["seg"].attrs["resolution_zyx_nm"]) == [10, 10, 10]
+    for col in ("id", "z", "y", "x", "steps"):
+        assert np.array_equal(out["seg_origins"][col][...], want_origins[col])
+    assert np.array_equal(out["raw"][...], raw)  # untouched
+    assert not any(".tmp-" in p.name or ".old-" in p.name for p in store.iterdir())
+    assert not any(p.name.endswith(".resume.npz") for p in tmp_path.iterdir())
+    # exists: refused without --overwrite; replaced with it
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    zarr.open_group(str(store), mode="a")["seg"].attrs["marker"] = 1
+    assert main(args + ["--overwrite"]) == 0
+    out = zarr.open_group(str(store), mode="r")
+    assert "marker" not in out["seg"].attrs  # a new array
+    assert np.array_equal(out["seg"][...], want_seg) and np.array_equal(out["raw"][...], raw)
+    assert not any(".tmp-" in p.name or ".old-" in p.name for p in store.iterdir())
+    # evaluate reads zarr too
+    assert main(["evaluate", f"{store}/seg", f"{crop_file}:labels", "--json"]) == 0
+    # an output store named without an array
+    assert main(["segment", f"{store}/raw", str(tmp_path / "o.zarr"), "-q"]) == 2
+    assert "name the array" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import importlib.util
 import sys
 import types
 
@@ -454,8 +455,42 @@ def test_write_volume(tmp_path):
         write_volume(f"{tmp_path / 'b.h5'}:x", np.zeros((2, 2)))
     with pytest.raises(VolumeError, match="unsupported dtype"):
         write_volume(f"{tmp_path / 'b.h5'}:x", np.zeros((2, 2, 2), bool))
-    with pytest.raises(VolumeError, match="zarr"):
-        write_volume(f"{tmp_path / 'b.zarr'}/x", seg)
     with pytest.raises(VolumeError, match="names no dataset"):
         write_volume(tmp_path / "b.h5", seg)
     assert sorted(os.listdir(tmp_path)) == ["seg.h5"]
+    if importlib.util.find_spec("zarr") is not None:  # zarr output (see test_zarr_write_roundtrip_and_errors)
+        write_volume(f"{tmp_path / 'b.zarr'}/x", seg)
+        with open_volume(f"{tmp_path / 'b.zarr'}/x") as v:
+            np.testing.assert_array_equal(v.read(), seg)
+
+
+def test_zarr_write_roundtrip_and_errors(tmp_path):
+    pytest.importorskip("zarr")
+    from floodfilling.volumes import write_volume, write_zarr_atomic
+
+    store = tmp_path / "v.zarr"
+    a = np.arange(5 * 70 * 3, dtype=np.uint32).reshape(5, 70, 3)
+    write_volume(f"{store}/g/seg", a, attrs={"resolution_zyx_nm": [8, 8, 30], "cfg": {"k": 1}})
+    with open_volume(f"{store}/g/seg") as v:  # a nested name; read back lazily
+        assert np.array_equal(v.read(), a) and v.resolution_zyx_nm == (8.0, 8.0, 30.0)
+        assert v.attrs["cfg"] == {"k": 1}
+    table = np.zeros(3, dtype=[("id", "<u8"), ("steps", "<i8")])
+    table["id"] = [1, 2, 3]
+    write_zarr_atomic(store, {"t": table})
+    import zarr
+
+    t = zarr.open_group(str(store), mode="r")["t"]
+    assert t["id"][...].tolist() == [1, 2, 3] and list(t.attrs["columns"]) == ["id", "steps"]
+    with pytest.raises(VolumeError, match=r"g/seg exists; pass --overwrite"):
+        write_volume(f"{store}/g/seg", a)
+    write_volume(f"{store}/g/seg", a[:2], overwrite=True)
+    with open_volume(f"{store}/g/seg") as v:
+        assert v.shape == (2, 70, 3)
+    assert sorted(p.name for p in store.iterdir()) == ["g", "t", "zarr.json"]  # no leftovers
+    with pytest.raises(VolumeError, match="name the array"):
+        write_volume(f"{store}", a)
+    (tmp_path / "file.zarr").write_text("x")
+    with pytest.raises(VolumeError, match="not a zarr store"):
+        write_volume(f"{tmp_path / 'file.zarr'}/a", a)
+    with pytest.raises(VolumeError, match="unsupported dtype"):
+        write_zarr_atomic(store, {"c": np.zeros(3, complex)})

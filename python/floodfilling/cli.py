@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment a volume with a flood-filling network")
     p.add_argument("image", help="input image: file.h5:dataset or a Zarr array")
-    p.add_argument("out", help="output: file.h5:dataset (uint32 segmentation + _origins, _overlaps)")
+    p.add_argument("out", help="output: file.h5:dataset or dir.zarr/array (uint32 segmentation + "
+                   "_origins, _overlaps)")
     p.add_argument("--bbox", default=None, help="only this box of the image: z0,y0,x0:z1,y1,x1 (half-open)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its resume state)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -6,7 +6,8 @@ wrong rank or dtype, existing output) raises :class:`VolumeError`, a ``ValueErro
 message is one line naming the file and dataset, so a command line can print it as is.
 
 zarr is an optional dependency (``pip install 'floodfilling[zarr]'``); it is imported only when
-a ``.zarr`` volume is opened.
+a ``.zarr`` volume is opened or written. Writes replace one array of a zarr group atomically
+(:func:`write_zarr_atomic`), leaving the group's other arrays (the raw image, say) alone.
 """
 
 from __future__ import annotations
@@ -642,6 +643,100 @@ def write_hdf5_atomic(
     return target
 
 
+def _zarr_chunks(shape: tuple[int, ...], chunks: Sequence[int] | None) -> tuple[int, ...]:
+    if not shape:
+        return ()
+    if chunks is None:
+        chunks = (64,) * len(shape) if len(shape) == 3 else (max(1, min(65536, shape[0])),) + tuple(shape[1:])
+    return tuple(max(1, min(int(c), int(n))) if n else 1 for c, n in zip(chunks, shape))
+
+
+def _zarr_create(group: Any, name: str, shape, dtype, chunks) -> Any:
+    """An empty (zero-filled) array in a zarr group; zarr 3 (create_array) or 2 (create_dataset)."""
+    make = getattr(group, "create_array", None) or group.create_dataset
+    return make(name, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0)
+
+
+def write_zarr_atomic(
+    store: PathLike,
+    arrays: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+    chunks: Sequence[int] | None = None,
+) -> str:
+    """Write arrays into the zarr group ``store`` (created when missing), each atomically.
+
+    Each array is written complete under a hidden temporary name in the group
+    (``.NAME.tmp-<pid>``), then renamed onto ``NAME``; an existing ``NAME`` is moved aside
+    first and removed after the rename (only with ``overwrite``; otherwise
+    :class:`VolumeError` before anything is written). Other arrays of the group (the raw
+    image beside its segmentation, say) are left alone. Structured arrays (tables such as
+    origins) become a subgroup with one 1-D array per field. 3-D volumes are chunked
+    ``chunks`` (default 64^3, clipped to the shape); attributes as for HDF5 (JSON for dicts).
+    """
+    import shutil
+
+    zarr = _import_zarr()
+    root_path = os.fspath(store)
+    attrs = dict(attrs or {})
+    targets = {str(name).strip("/"): np.asarray(arr) for name, arr in arrays.items()}
+    if not targets:
+        raise VolumeError(f"{root_path}: no arrays to write")
+    for name, arr in targets.items():
+        if arr.dtype.names is None and arr.dtype.kind not in "biuf":
+            raise VolumeError(f"{root_path}/{name}: unsupported dtype {arr.dtype}")
+        if os.path.exists(os.path.join(root_path, name)) and not overwrite:
+            raise VolumeError(f"{root_path}/{name} exists; pass --overwrite")
+    enc = {name: {str(k): _decode_attr(_encode_attr(f"{name}:{k}", v)) for k, v in (attrs.get(name) or {}).items()}
+           for name in targets}
+    if os.path.exists(root_path) and not os.path.isdir(root_path):
+        raise VolumeError(f"{root_path}: exists and is not a zarr store (directory)")
+    try:
+        group = zarr.open_group(root_path, mode="a")
+    except Exception as exc:  # zarr raises various types across versions
+        raise VolumeError(f"{root_path}: cannot open or create a zarr group: {exc}") from None
+    pid = os.getpid()
+    for name, arr in targets.items():
+        tmp_name = f".{name.replace('/', '_')}.tmp-{pid}"
+        tmp_path = os.path.join(root_path, tmp_name)
+        shutil.rmtree(tmp_path, ignore_errors=True)  # a crashed run's leftover
+        try:
+            if arr.dtype.names is not None:  # a table: one array per field
+                sub = group.create_group(tmp_name)
+                for field in arr.dtype.names:
+                    col = np.ascontiguousarray(arr[field])
+                    z = _zarr_create(sub, field, col.shape, col.dtype, _zarr_chunks(col.shape, None))
+                    if col.size:
+                        z[...] = col
+                sub.attrs["columns"] = list(arr.dtype.names)
+                target_obj = sub
+            else:
+                z = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
+                if arr.size:
+                    z[...] = arr
+                target_obj = z
+            for k, v in enc[name].items():
+                target_obj.attrs[k] = v
+            final = os.path.join(root_path, name)
+            old = None
+            if os.path.exists(final):
+                old = os.path.join(root_path, f".{name.replace('/', '_')}.old-{pid}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            parent = name.rpartition("/")[0]
+            if parent:  # intermediate groups, with their metadata
+                group.require_group(parent)
+            os.replace(tmp_path, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+            raise
+    _fsync_dir(root_path)
+    logger.debug("wrote %s (%s)", root_path, ", ".join(targets))
+    return root_path
+
+
 def write_volume(
     spec: PathLike | VolumeSpec,
     array: np.ndarray,
@@ -651,12 +746,17 @@ def write_volume(
 ) -> VolumeSpec:
     """Write one 3-D array as ``file.h5:dataset`` atomically; the file then holds only that
     dataset (an existing file is replaced as a whole, and only with ``overwrite=True``).
-    Returns the parsed spec. zarr output is not supported."""
+    Returns the parsed spec. ``dir.zarr/array`` writes that array of the zarr group
+    (:func:`write_zarr_atomic`; other arrays of the group stay)."""
     parsed = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
-    if parsed.kind != "hdf5":
-        raise VolumeError(f"{parsed}: writing zarr volumes is not supported; use file.h5:dataset")
     arr = np.asarray(array)
     _check_volume_array(str(parsed), arr.shape, arr.dtype)
+    if parsed.kind == "zarr":
+        if not parsed.dataset:
+            raise VolumeError(f"{parsed}: name the array to write, as {parsed.path}/ARRAY")
+        write_zarr_atomic(parsed.path, {parsed.dataset: arr}, attrs={parsed.dataset: dict(attrs or {})},
+                          overwrite=overwrite)
+        return parsed
     assert parsed.dataset is not None
     write_hdf5_atomic(
         parsed.path,

@@ -63,8 +63,12 @@ def _file_digest(path: Path) -> str:
 
 # -- resumable state ---------------------------------------------------------------------
 
-def state_path_for(out_path: str | os.PathLike) -> Path:
+def state_path_for(out_path: str | os.PathLike, dataset: str | None = None) -> Path:
+    """The resume state beside the output: ``out.h5.resume.npz``, or for a zarr output
+    ``out.zarr.<array>.resume.npz`` (outside the store)."""
     p = Path(out_path)
+    if p.suffix.lower() == ".zarr" and dataset:
+        return p.with_name(f"{p.name}.{dataset.replace('/', '_')}.resume.npz")
     return p.with_name(p.name + ".resume.npz")
 
 
@@ -203,9 +207,15 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
             bbox: str | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
     cfg = (config or InferenceConfig()).validate()
-    out_path, out_ds = volumes.parse_volume_spec(out_spec)
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
+    out = volumes.parse_volume_spec(out_spec)
+    out_path, out_ds = Path(out.path), out.dataset
+    if out.kind == "zarr":
+        if not out_ds:
+            raise SegmentError(f"output {out_path}: name the array to write, as {out_path}/ARRAY")
+        volumes._import_zarr()  # a clear error before any work when zarr is missing
+        if (out_path / out_ds).exists() and not overwrite:
+            raise SegmentError(f"output {out_path / out_ds} exists; pass --overwrite to replace it")
+    elif out_path.exists() and not overwrite:
         raise SegmentError(f"output {out_path} exists; pass --overwrite to replace it")
     with volumes.open_volume(image_spec) as vol:
         box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
@@ -228,7 +238,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
                                                                 "merge_min_voxels", "merge_min_iou")},
         "normalisation": norm.to_dict(),
     }
-    sp = state_path_for(out_path)
+    sp = state_path_for(out_path, out_ds if out.kind == "zarr" else None)
     if overwrite and sp.exists():
         sp.unlink()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,11 +277,12 @@ def overlaps_table(overlaps) -> np.ndarray:
 
 
 def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool) -> None:
+    """``ds`` + ``ds_origins`` + ``ds_overlaps`` into an HDF5 file (replaced as a whole) or
+    into a zarr group (each array replaced atomically; tables as groups of columns)."""
     attrs = {k: v for k, v in attrs.items() if v is not None}
-    volumes.write_hdf5_atomic(
-        out_path,
-        {ds: result.segmentation, f"{ds}_origins": origins_table(result.origins),
-         f"{ds}_overlaps": overlaps_table(result.overlaps)},
-        attrs={ds: attrs},
-        overwrite=overwrite,
-    )
+    arrays = {ds: result.segmentation, f"{ds}_origins": origins_table(result.origins),
+              f"{ds}_overlaps": overlaps_table(result.overlaps)}
+    if str(out_path).lower().endswith(".zarr"):
+        volumes.write_zarr_atomic(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)
+    else:
+        volumes.write_hdf5_atomic(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)
