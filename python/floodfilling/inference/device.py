@@ -224,7 +224,9 @@ class DevicePredictor(Predictor):
         f = self.fov
         if any(not 0 <= d <= ff // 2 for d, ff in zip(self.deltas, f)):
             raise ValueError(f"deltas {self.deltas}: each must lie in [0, fov // 2] for FOV {f}")
-        self.pool = SlotPool(dev, slots or self.max_batch)
+        # initial slots (default 1): the pool doubles when a canvas finds none free, so it
+        # holds as many canvases as are ever in flight at once, not K when fewer jobs exist
+        self.pool = SlotPool(dev, slots or 1)
         tmp = Canvas(np.zeros(f, np.float32), np.zeros((0, 3)), config, f, self.deltas)
         self.t_move, self.t_pad = tmp.t_move, tmp.t_pad
         n = int(np.prod(f))

@@ -103,7 +103,7 @@ def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: 
     """The predictor for ``config`` on ``device`` (default ``config.device``): the host path
     (NumPy canvases, native kernels; batch 1, the fastest per FOV on CPU) or, with
     ``config.resident`` "on" or "auto" on cuda/xpu, the device-resident one
-    (:mod:`floodfilling.inference.device`) with room for ``inflight`` canvases."""
+    (:mod:`floodfilling.inference.device`; its canvas pool grows to the canvases in flight)."""
     from ..model import select_device
 
     dev = select_device(device if device is not None else config.device)
@@ -114,7 +114,7 @@ def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: 
         from .device import DevicePredictor
 
         return DevicePredictor(net, fov_zyx, deltas_zyx, config, device=dev, precision=config.precision,
-                               max_batch=max_batch, slots=max(1, int(inflight)), threads=threads,
+                               max_batch=max_batch, threads=threads,
                                compile=config.compile)
     return Predictor(net, fov_zyx, device=dev, precision=config.precision, max_batch=max_batch, threads=threads,
                      compile=config.compile)
