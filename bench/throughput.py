@@ -218,7 +218,7 @@ def bench_real(block: int = 64) -> dict:
     for name, k, batch in (("K=1 batch 1", 1, 1), ("K=8 batch 1 (round robin, CPU default)", 8, 1),
                            ("K=8 batch 8", 8, 8)):
         pred = Predictor(net, info.fov_zyx, device="cpu", max_batch=batch)
-        jobs = [Job(i, (lambda b=b: Canvas_(pred, b, cfg, info))) for i, b in enumerate(blocks)]
+        jobs = [Job(i, (lambda b=b: _block_canvas(pred, b, cfg, info))) for i, b in enumerate(blocks)]
         t0 = time.perf_counter()
         res = run_jobs(jobs, pred, inflight=k)
         dt = time.perf_counter() - t0
@@ -236,7 +236,7 @@ def bench_real(block: int = 64) -> dict:
     return out
 
 
-def Canvas_(pred, b, cfg, info):
+def _block_canvas(pred, b, cfg, info):
     return pred.new_canvas(b[0], b[1], cfg, info.deltas_zyx)
 
 
