@@ -267,7 +267,7 @@ class Canvas:
             return
         st.max_id = new_id
         st.origins[st.max_id] = Origin(tuple(int(v) for v in pos), steps, seconds)
-        st.overlaps[st.max_id] = (ids.astype(np.int64), counts.astype(np.int64))
+        st.overlaps[st.max_id] = (ids, counts)  # int64 from commit_object
         cnt["objects"] += 1
         cnt["voxels_segmented"] += actual
         cnt["voxels_overlapping"] += int(counts.sum())

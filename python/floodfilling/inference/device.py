@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..config import InferenceConfig
-from .canvas import Canvas, CanvasState
+from .canvas import Canvas, CanvasState, logit32
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ class DevicePredictor(Predictor):
         # initial slots (default 1): the pool doubles when a canvas finds none free, so it
         # holds as many canvases as are ever in flight at once, not K when fewer jobs exist
         self.pool = SlotPool(dev, slots or 1)
-        tmp = Canvas(np.zeros(f, np.float32), np.zeros((0, 3)), config, f, self.deltas)
-        self.t_move, self.t_pad = tmp.t_move, tmp.t_pad
+        self.t_move, self.t_pad = logit32(config.move_threshold), logit32(config.pad_value)  # as Canvas
         n = int(np.prod(f))
         t = float(config.disco_seed_threshold)
         self.disco_need = disco_count_needed(n, t) if t >= 0 else n + 1

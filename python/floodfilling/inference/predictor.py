@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import kernels
+from ..config import COMPILE_MODES
 from ..model import ConvStack3D, prepare_for_inference, select_device
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ class Predictor:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.net = prepare_for_inference(net, self.device)
-        from ..config import COMPILE_MODES
-
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile {compile!r}: expected one of {', '.join(COMPILE_MODES)}")
         self._compiled = None
