@@ -16,6 +16,7 @@ Backends: gloo (cpu), nccl (cuda), xccl or oneCCL's ``ccl`` (xpu).
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -161,9 +162,37 @@ def setup(device: str = "auto", workdir: str | os.PathLike = ".", timeout_s: flo
     return info
 
 
-def teardown(info: DistInfo) -> None:
-    if info.initialized and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def teardown(info: DistInfo, ok: bool = True) -> None:
+    """Leaves the process group; in step with the other ranks when ``ok``.
+
+    Order matters: objects that hold the group (a DDP wrapper's reducer sits in reference
+    cycles) are collected first, every rank reaches a barrier, the group is destroyed, and
+    with mpi4py the ranks meet once more so that none exits, closing its sockets, while
+    another is still inside gloo's teardown. A group left to the interpreter's finalisation,
+    or a peer that vanished mid-teardown, aborts a process with "terminate called without an
+    active exception" now and then. After a failure (``ok`` False) the other ranks may be
+    stuck in a collective, so this rank only destroys its side and leaves: the launcher
+    then stops the rest.
+    """
+    if not (info.initialized and torch.distributed.is_initialized()):
+        return
+    dist = torch.distributed
+    gc.collect()
+    if not ok:
+        dist.destroy_process_group()
+        return
+    try:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index or 0])
+        else:
+            dist.barrier()
+    except Exception as exc:  # a peer already failed: still destroy our side  # noqa: BLE001
+        log.warning("rank %d: barrier before leaving the process group failed: %s", info.rank, exc)
+    dist.destroy_process_group()
+    gc.collect()
+    comm = _mpi4py_comm()
+    if comm is not None and comm.Get_size() == info.world:
+        comm.Barrier()
 
 
 def lr_scale(world: int, mode: str) -> float:

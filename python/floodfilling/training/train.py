@@ -455,10 +455,13 @@ def train(opts: TrainOptions) -> TrainResult:
     if opts.threads <= 0 and dinfo.world > 1 and dinfo.device.type == "cpu":
         # ranks, not threads, share the cores: split them instead of oversubscribing
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // distributed.local_size(dinfo.world)))
+    ok = False
     try:
-        return _train(opts, geometry, init_net, dinfo, out, ckdir, t_start)
+        res = _train(opts, geometry, init_net, dinfo, out, ckdir, t_start)
+        ok = True
+        return res
     finally:
-        distributed.teardown(dinfo)
+        distributed.teardown(dinfo, ok)
 
 
 def _absolute_spec(spec: str | None) -> str | None:
@@ -616,6 +619,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
         if bar is not None:
             bar.close()
         tb.close()
+        del model  # the DDP wrapper holds the process group: gone before teardown destroys it
     secs = time.perf_counter() - t_loop
     fps = (step - step0) * opts.batch * world / secs if step > step0 and secs > 0 else 0.0
     return TrainResult(steps=step, seconds=time.perf_counter() - t_start, fov_per_s=fps, last=last_row, out=out,
