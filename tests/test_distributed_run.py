@@ -169,6 +169,59 @@ def test_dust_size_and_merge_options_reuse_blocks(data, reference, tmp_path, one
     assert res.blocks_run == 0 and res.n_objects >= reference[2].n_objects
 
 
+def test_zarr_chunks_divide_the_block():
+    from floodfilling.distributed.run import zarr_chunks_for
+
+    assert zarr_chunks_for((128, 256, 256)) == (64, 64, 64)
+    assert zarr_chunks_for((24, 48, 100)) == (24, 48, 50)
+    assert zarr_chunks_for((97, 134, 17)) == (97, 134, 17)  # no divisor in 16..64: the block size
+    for b in [(24, 48, 48), (100, 200, 300), (97, 96, 95)]:
+        assert all(x % c == 0 for x, c in zip(b, zarr_chunks_for(b)))
+
+
+def read_zarr(store):
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(str(store), mode="r")
+    return g["seg"][...], g["seg_origins"], g["seg"]
+
+
+def test_zarr_output_beside_the_raw_image(data, reference, tmp_path, one_thread):
+    """Block output into a zarr group: the reference's volume and origins, chunks aligned to
+    block cores, the group's other arrays untouched, a killed run's hidden array removed, no
+    temporary left, a rerun does nothing, --overwrite replaces the array."""
+    zarr = pytest.importorskip("zarr")
+    from floodfilling.distributed.run import segment_blocks
+
+    store = tmp_path / "vol.zarr"
+    raw = zarr.open_group(str(store), mode="w").create_array("raw", shape=(4, 4, 4), dtype=np.uint8)
+    raw[...] = 7
+    (store / ".seg.tmp-0123456789ab").mkdir()  # the output of a killed run
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    kw = dict(block=BLOCK, halo=HALO, workdir=str(work), model=str(data / "tiny.npz"), config=cfg())
+    res = segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **kw)
+    assert res.blocks_run == 0 and res.n_objects == reference[2].n_objects
+    seg, origins, arr = read_zarr(store)
+    ref, ref_origins, ref_attrs = read(reference[0])
+    assert np.array_equal(seg, ref) and arr.dtype == np.uint32
+    for col in ("id", "z", "y", "x", "steps"):
+        assert np.array_equal(origins[col][...], ref_origins[col])
+    assert all(c0 % c == 0 for c0, c in zip(CORE, arr.chunks))
+    assert arr.attrs["block_manifest"] == ref_attrs["block_manifest"]
+    assert list(arr.attrs["resolution_zyx_nm"]) == [10, 10, 10]
+    assert np.all(zarr.open_group(str(store), mode="r")["raw"][...] == 7)
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith("zarr.json")) == ["raw", "seg", "seg_origins"]
+    assert segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **kw).already_complete
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **dict(kw, config=cfg().with_overrides(dust_size=800)))
+    zarr.open_group(str(store), mode="a")["seg"].attrs["marker"] = 1
+    res = segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", overwrite=True,
+                         **dict(kw, config=cfg().with_overrides(dust_size=800)))
+    seg, _, arr = read_zarr(store)
+    assert "marker" not in arr.attrs and 0 < int(seg.max()) == res.n_objects < reference[2].n_objects
+    assert not any(".tmp-" in p.name or ".old-" in p.name for p in store.iterdir())
+
+
 def test_bad_inputs(data, reference, tmp_path, capsys):
     common = [f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", "--model", str(data / "tiny.npz"), "-q",
               "--set", "min_segment_size=200", "--threads", "1"]
@@ -188,7 +241,8 @@ def test_bad_inputs(data, reference, tmp_path, capsys):
     assert "--device cuda:7" in err("--block", BLOCK, "--device", "cuda:7")
     assert "--device 'tpu': expected auto, cpu, cuda[:N] or xpu[:N]" in err("--block", BLOCK, "--device", "tpu")
     assert "compile" in err("--set", "compile=fast")
-    assert "Zarr" in main_err(["segment", *common[:1], f"{tmp_path / 'o.zarr'}", *common[2:], "--block", BLOCK], capsys)
+    assert "name the array to write" in main_err(["segment", *common[:1], f"{tmp_path / 'o.zarr'}", *common[2:],
+                                                  "--block", BLOCK], capsys)
     # a workdir of a different model / options
     work = tmp_path / "work"
     shutil.copytree(reference[1], work)
@@ -247,6 +301,23 @@ def test_mpi_two_ranks_equal_one_rank(data, reference, tmp_path):
     assert np.array_equal(origins[["id", "z", "y", "x", "steps"]], ref_origins[["id", "z", "y", "x", "steps"]])
     i = np.bincount(seg.ravel())[1:].argmax() + 1  # the largest object spans several blocks, one id
     assert len({tuple(c) for c in np.argwhere(seg == i) // CORE}) >= 3
+
+
+@pytest.mark.mpi
+def test_mpi_two_ranks_write_one_zarr_array(data, reference, tmp_path):
+    """Two ranks write their blocks' cores into one zarr array concurrently (chunks never
+    shared): the reference's volume. The blocks are the reference's (reconcile + write only)."""
+    pytest.importorskip("zarr")
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    store = tmp_path / "vol.zarr"
+    cmd = ffn_cmd(data, store, work, 2)
+    cmd[cmd.index(f"{store}:seg")] = f"{store}/seg"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seg, origins, _ = read_zarr(store)
+    assert np.array_equal(seg, read(reference[0])[0])
+    assert list(origins["id"][...]) == list(range(1, int(seg.max()) + 1))
 
 
 @pytest.mark.mpi

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
 
@@ -674,9 +675,6 @@ def write_zarr_atomic(
     origins) become a subgroup with one 1-D array per field. 3-D volumes are chunked
     ``chunks`` (default 64^3, clipped to the shape); attributes as for HDF5 (JSON for dicts).
     """
-    import shutil
-
-    zarr = _import_zarr()
     root_path = os.fspath(store)
     attrs = dict(attrs or {})
     targets = {str(name).strip("/"): np.asarray(arr) for name, arr in arrays.items()}
@@ -687,54 +685,85 @@ def write_zarr_atomic(
             raise VolumeError(f"{root_path}/{name}: unsupported dtype {arr.dtype}")
         if os.path.exists(os.path.join(root_path, name)) and not overwrite:
             raise VolumeError(f"{root_path}/{name} exists; pass --overwrite")
-    enc = {name: {str(k): _decode_attr(_encode_attr(f"{name}:{k}", v)) for k, v in (attrs.get(name) or {}).items()}
-           for name in targets}
-    if os.path.exists(root_path) and not os.path.isdir(root_path):
-        raise VolumeError(f"{root_path}: exists and is not a zarr store (directory)")
-    try:
-        group = zarr.open_group(root_path, mode="a")
-    except Exception as exc:  # zarr raises various types across versions
-        raise VolumeError(f"{root_path}: cannot open or create a zarr group: {exc}") from None
-    pid = os.getpid()
+    enc = {name: zarr_attrs(name, attrs.get(name)) for name in targets}
+    group = open_zarr_group(root_path)
+    tag = str(os.getpid())
     for name, arr in targets.items():
-        tmp_name = f".{name.replace('/', '_')}.tmp-{pid}"
+        tmp_name = zarr_tmp_name(name, tag)
         tmp_path = os.path.join(root_path, tmp_name)
         shutil.rmtree(tmp_path, ignore_errors=True)  # a crashed run's leftover
         try:
             if arr.dtype.names is not None:  # a table: one array per field
-                sub = group.create_group(tmp_name)
-                for field in arr.dtype.names:
-                    col = np.ascontiguousarray(arr[field])
-                    z = _zarr_create(sub, field, col.shape, col.dtype, _zarr_chunks(col.shape, None))
-                    if col.size:
-                        z[...] = col
-                sub.attrs["columns"] = list(arr.dtype.names)
-                target_obj = sub
+                target_obj = zarr_put_table(group, tmp_name, arr)
             else:
-                z = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
+                target_obj = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
                 if arr.size:
-                    z[...] = arr
-                target_obj = z
+                    target_obj[...] = arr
             for k, v in enc[name].items():
                 target_obj.attrs[k] = v
-            final = os.path.join(root_path, name)
-            old = None
-            if os.path.exists(final):
-                old = os.path.join(root_path, f".{name.replace('/', '_')}.old-{pid}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            parent = name.rpartition("/")[0]
-            if parent:  # intermediate groups, with their metadata
-                group.require_group(parent)
-            os.replace(tmp_path, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            zarr_commit(group, root_path, tmp_name, name, tag)
         except BaseException:
             shutil.rmtree(tmp_path, ignore_errors=True)
             raise
     _fsync_dir(root_path)
     logger.debug("wrote %s (%s)", root_path, ", ".join(targets))
     return root_path
+
+
+def zarr_tmp_name(name: str, tag: str) -> str:
+    """The hidden name an array of a zarr group is built under before :func:`zarr_commit`."""
+    return f".{name.strip('/').replace('/', '_')}.tmp-{tag}"
+
+
+def zarr_attrs(name: str, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Attributes as zarr stores them (JSON types; dicts and arrays as for HDF5)."""
+    return {str(k): _decode_attr(_encode_attr(f"{name}:{k}", v)) for k, v in (attrs or {}).items()}
+
+
+def open_zarr_group(store: PathLike) -> Any:
+    """The zarr group at ``store``, created when missing (:class:`VolumeError` otherwise)."""
+    zarr = _import_zarr()
+    root_path = os.fspath(store)
+    if os.path.exists(root_path) and not os.path.isdir(root_path):
+        raise VolumeError(f"{root_path}: exists and is not a zarr store (directory)")
+    try:
+        return zarr.open_group(root_path, mode="a")
+    except Exception as exc:  # zarr raises various types across versions
+        raise VolumeError(f"{root_path}: cannot open or create a zarr group: {exc}") from None
+
+
+def zarr_create_volume(group: Any, name: str, shape, dtype, chunks: Sequence[int] | None = None) -> Any:
+    """An empty (zero-filled, nothing stored) 3-D array ``name`` in a zarr group."""
+    return _zarr_create(group, name, tuple(shape), np.dtype(dtype), _zarr_chunks(tuple(shape), chunks))
+
+
+def zarr_put_table(group: Any, name: str, table: np.ndarray) -> Any:
+    """A structured array as a subgroup ``name`` with one 1-D array per field."""
+    sub = group.create_group(name)
+    for field in table.dtype.names:
+        col = np.ascontiguousarray(table[field])
+        z = _zarr_create(sub, field, col.shape, col.dtype, _zarr_chunks(col.shape, None))
+        if col.size:
+            z[...] = col
+    sub.attrs["columns"] = list(table.dtype.names)
+    return sub
+
+
+def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) -> None:
+    """Renames the finished ``tmp_name`` of the group onto ``name`` (an existing ``name`` is
+    moved aside first and removed after the rename)."""
+    final = os.path.join(root_path, name)
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(root_path, f".{name.replace('/', '_')}.old-{tag}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    parent = name.rpartition("/")[0]
+    if parent:  # intermediate groups, with their metadata
+        group.require_group(parent)
+    os.replace(os.path.join(root_path, tmp_name), final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_volume(

@@ -17,13 +17,22 @@ Phases (every rank runs this function; rank 0 is also a worker):
    skipped on a rerun; claims of a previous (killed) run are removed in phase 1.
 3. **Reconcile** (pairs spread over ranks, union-find on rank 0, :mod:`.reconcile`): match
    objects in every overlap, merge, number the objects 1..N.
-4. **Write**: each block's core, relabelled, into ``OUT`` (HDF5) with ``<ds>_origins``. Always
-   into a temporary file ``OUT.tmp-<run id>`` that rank 0 renames onto ``OUT`` at the very end,
-   so nothing half-written is ever at ``OUT``. One rank: rank 0 writes a chunked, gzip-compressed
-   dataset. Several ranks: rank 0 creates the file with the dataset allocated contiguous and
-   uncompressed, and every rank writes the cores of its blocks straight into it (``pwrite`` at
-   the dataset's byte offset; no parallel HDF5 needed), so writing scales with the ranks
-   (``h5repack -f GZIP=4`` compresses it afterwards if wanted).
+4. **Write**: each block's core, relabelled, into ``OUT`` with ``<ds>_origins``.
+   HDF5 (``out.h5:ds``): always into a temporary file ``OUT.tmp-<run id>`` that rank 0 renames
+   onto ``OUT`` at the very end, so nothing half-written is ever at ``OUT``. One rank: rank 0
+   writes a chunked, gzip-compressed dataset. Several ranks: rank 0 creates the file with the
+   dataset allocated contiguous and uncompressed, and every rank writes the cores of its
+   blocks straight into it (``pwrite`` at the dataset's byte offset; no parallel HDF5 needed),
+   so writing scales with the ranks (``h5repack -f GZIP=4`` compresses it afterwards if wanted).
+   Zarr (``out.zarr/ds``): the array is built under a hidden name in the group
+   (``.ds.tmp-<run id>``) and renamed onto ``ds`` at the end (other arrays of the group, the raw
+   image say, stay). Its chunks divide the block shape, so every chunk lies in exactly one
+   block's core (diagram below) and the ranks write their cores concurrently, compressed,
+   without ever sharing a chunk::
+
+       z=0        block 128          256              box stop
+       |  chunk 64 | chunk 64 | chunk 64 | chunk 64 | chunk (partial)
+       |<----- core of block 0 ------>|<---- core of block 1 ---->|...
 
 Killing any rank at any moment (mpiexec then ends the others) and rerunning the same command
 finishes the job with the same output. A rerun after ``OUT`` was written does nothing.
@@ -81,6 +90,7 @@ class Plan:
     digest: str
     run_id: str
     rule: MergeRule
+    out_kind: str = "hdf5"  # "hdf5" (out_path is the file) or "zarr" (out_path is the group's directory)
     n_done: int = 0
     complete: bool = False
     out_digest: str = ""
@@ -161,8 +171,8 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
         raise BlockError("option split_components=true is not supported with block inference (--block) yet; "
                          "dust_size is")
     out = volumes.parse_volume_spec(out_spec)
-    if out.kind != "hdf5":
-        raise BlockError(f"output {out}: block inference writes HDF5 (out.h5:dataset); Zarr output is not supported")
+    if out.kind == "zarr" and not out.dataset:
+        raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
     out_path = Path(out.path)
     wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
     if wd.exists() and not wd.is_dir():
@@ -216,14 +226,15 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
     digest = _digest(manifest)
     out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size)})
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
-                run_id, rule, out_digest=out_digest)
+                run_id, rule, out_kind=out.kind, out_digest=out_digest)
 
     # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
-    if out_path.exists() and not overwrite:
-        if _output_digest(out_path, plan.out_ds) == out_digest:
+    target = out_path / plan.out_ds if out.kind == "zarr" else out_path
+    if target.exists() and not overwrite:
+        if _output_digest(plan) == out_digest:
             plan.complete = True
         else:
-            raise BlockError(f"output {out_path} exists; pass --overwrite to replace it")
+            raise BlockError(f"output {out} exists; pass --overwrite to replace it")
 
     if old is not None and old != manifest:
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
@@ -242,13 +253,17 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
     return plan
 
 
-def _output_digest(path: Path, ds: str) -> str | None:
-    import h5py
-
+def _output_digest(plan: Plan) -> str | None:
     try:
-        with h5py.File(path, "r") as f:
-            v = f[ds].attrs.get("block_manifest")
-            return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
+        if plan.out_kind == "zarr":
+            zarr = volumes._import_zarr()
+            v = zarr.open_array(os.path.join(plan.out_path, plan.out_ds), mode="r").attrs.get("block_manifest")
+        else:
+            import h5py
+
+            with h5py.File(plan.out_path, "r") as f:
+                v = f[plan.out_ds].attrs.get("block_manifest")
+        return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
     except Exception:  # noqa: BLE001 - not ours / unreadable: treated as foreign
         return None
 
@@ -296,11 +311,18 @@ def _cleanup_stale(plan: Plan) -> None:
         if ".tmp-" in p.name:
             p.unlink(missing_ok=True)
     out = Path(plan.out_path)
-    if out.parent.is_dir():
-        for p in out.parent.glob(out.name + ".tmp-*"):
-            suffix = p.name.rsplit(".tmp-", 1)[1]
+    if plan.out_kind == "zarr":
+        where = out
+        names = [volumes.zarr_tmp_name(n, "") for n in (plan.out_ds, f"{plan.out_ds}_origins")]
+    else:
+        where, names = out.parent, [out.name + ".tmp-"]
+    if where.is_dir():
+        for p in where.iterdir():
+            pre = next((n for n in names if p.name.startswith(n)), None)
+            suffix = p.name[len(pre):] if pre else ""
             if len(suffix) == 12 and all(c in "0123456789abcdef" for c in suffix) and suffix != plan.run_id:
-                p.unlink(missing_ok=True)  # the output of a killed block run (we hold the workdir lock)
+                # the output of a killed block run (we hold the workdir lock)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if n:
         log.info("removed %d stale block claims of an interrupted run", n)
 
@@ -522,7 +544,55 @@ def _origins(plan: Plan, lab: GlobalLabels, metas: dict[int, dict]) -> np.ndarra
 
 
 def _tmp_output(plan: Plan) -> Path:
+    """HDF5: the temporary output file. Zarr: the hidden array in the output group."""
+    if plan.out_kind == "zarr":
+        return Path(plan.out_path) / volumes.zarr_tmp_name(plan.out_ds, plan.run_id)
     return Path(plan.out_path).with_name(Path(plan.out_path).name + f".tmp-{plan.run_id}")
+
+
+def zarr_chunks_for(block) -> tuple[int, ...]:
+    """Zarr chunk shape for block output: per axis the largest divisor of the block size that
+    is <= 64, or the block size itself when that divisor would be < 16 (a prime block size,
+    say). Dividing the block size makes every chunk lie inside one block's core."""
+    out = []
+    for b in block:
+        b = int(b)
+        c = max(d for d in range(1, min(b, 64) + 1) if b % d == 0)
+        out.append(c if c >= 16 or c == b else b)
+    return tuple(out)
+
+
+def _cores(plan: Plan, items, dtype):
+    """(slices into the output, relabelled core) of each ``(block, keys, values)``."""
+    for k, keys, values in items:
+        b = plan.grid[k]
+        core = relabel_core(_read_region(plan.block_path(b), b.core_start, b.core_stop), keys, values, np.dtype(dtype))
+        yield tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop)), core
+
+
+def _create_output_zarr(plan: Plan, lab: GlobalLabels, origins: np.ndarray, attrs: dict, parallel: bool) -> None:
+    tmp = _tmp_output(plan)
+    tmp_org = Path(plan.out_path) / volumes.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
+    for p in (tmp, tmp_org):
+        shutil.rmtree(p, ignore_errors=True)
+    group = volumes.open_zarr_group(plan.out_path)
+    z = volumes.zarr_create_volume(group, tmp.name, plan.box.shape, lab.dtype, zarr_chunks_for(plan.grid.block))
+    for key, v in volumes.zarr_attrs(plan.out_ds, {k: v for k, v in attrs.items() if v is not None}).items():
+        z.attrs[key] = v
+    volumes.zarr_put_table(group, tmp_org.name, origins)
+    if not parallel:
+        _write_cores_zarr(plan, lab.dtype, [(k, lab.keys[k], lab.values[k]) for k in range(len(plan.grid))], z)
+
+
+def _write_cores_zarr(plan: Plan, dtype, items, z=None) -> int:
+    """Writes relabelled cores into the hidden zarr array (chunks never straddle two cores)."""
+    if z is None:
+        z = volumes._import_zarr().open_array(str(_tmp_output(plan)), mode="r+")
+    written = 0
+    for sl, core in _cores(plan, items, dtype):
+        z[sl] = core
+        written += core.nbytes
+    return written
 
 
 def _create_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs: dict, parallel: bool) -> int | None:
@@ -532,10 +602,13 @@ def _create_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs:
     in the file, where every rank then writes its blocks' cores (:func:`_pwrite_cores`)."""
     import h5py
 
+    origins = _origins(plan, lab, metas)
+    if plan.out_kind == "zarr":
+        _create_output_zarr(plan, lab, origins, attrs, parallel)
+        return None
     tmp = _tmp_output(plan)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shape = plan.box.shape
-    origins = _origins(plan, lab, metas)
     offset = None
     with h5py.File(tmp, "w") as f:
         if parallel:
@@ -547,10 +620,9 @@ def _create_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs:
         else:
             d = f.create_dataset(plan.out_ds, shape=shape, dtype=lab.dtype, chunks=tuple(min(64, s) for s in shape),
                                  compression="gzip", fillvalue=0)
-            for k, b in enumerate(plan.grid):
-                core = _read_region(plan.block_path(b), b.core_start, b.core_stop)
-                d[tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop))] = relabel_core(
-                    core, lab.keys[k], lab.values[k], lab.dtype)
+            for sl, core in _cores(plan, [(k, lab.keys[k], lab.values[k]) for k in range(len(plan.grid))],
+                                   lab.dtype):
+                d[sl] = core
         for key, v in attrs.items():
             if v is not None:
                 d.attrs[key] = _h5_attr(v)
@@ -567,11 +639,9 @@ def _pwrite_cores(plan: Plan, offset: int, dtype: np.dtype, items) -> int:
     fd = os.open(_tmp_output(plan), os.O_WRONLY)
     written = 0
     try:
-        for k, keys, values in items:
-            b = plan.grid[k]
-            core = relabel_core(_read_region(plan.block_path(b), b.core_start, b.core_stop), keys, values,
-                                np.dtype(dtype)).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
-            (z0, y0, x0), (cz, cy, cx) = b.core_start, b.core_shape
+        for sl, core in _cores(plan, items, dtype):
+            core = core.astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+            (z0, y0, x0), (cz, cy, cx) = (s.start for s in sl), core.shape
             if cx == shape[2]:  # whole rows: one write per z plane
                 for z in range(cz):
                     buf = core[z].tobytes()
@@ -666,7 +736,10 @@ def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, wor
         offset, dtype, items = comm.scatter(per_rank, root=0)
         t0 = time.perf_counter()
         with comm.abort_on_error("writing the output"):
-            nbytes = _pwrite_cores(plan, offset, dtype, items)
+            if plan.out_kind == "zarr":
+                nbytes = _write_cores_zarr(plan, dtype, items)
+            else:
+                nbytes = _pwrite_cores(plan, offset, dtype, items)
         wt = comm.gather((time.perf_counter() - t0, nbytes), root=0)
         if comm.is_root:
             rec["timings"]["parallel_write_s_max"] = max(w[0] for w in wt)
@@ -728,8 +801,15 @@ def _finish(plan: Plan, rec: dict, t_write0: float) -> BlocksResult:
     """Rank 0: the output goes live (rename), the report is written, the workdir tidied."""
     out = Path(plan.out_path)
     tmp = _tmp_output(plan)
-    os.replace(tmp, out)
-    volumes._fsync_dir(str(out.parent.resolve()))
+    if plan.out_kind == "zarr":  # the table first: the array (with block_manifest) is the commit
+        group = volumes.open_zarr_group(out)
+        org = f"{plan.out_ds}_origins"
+        volumes.zarr_commit(group, str(out), volumes.zarr_tmp_name(org, plan.run_id), org, plan.run_id)
+        volumes.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
+        volumes._fsync_dir(str(out.resolve()))
+    else:
+        os.replace(tmp, out)
+        volumes._fsync_dir(str(out.parent.resolve()))
     lab, timings, block_stats = rec["lab"], rec["timings"], rec["block_stats"]
     timings["write_s"] = time.perf_counter() - t_write0 - timings["gather_s"] - timings["union_find_s"]
     n = len(plan.grid)
