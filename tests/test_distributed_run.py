@@ -169,6 +169,30 @@ def test_dust_size_and_merge_options_reuse_blocks(data, reference, tmp_path, one
     assert res.blocks_run == 0 and res.n_objects >= reference[2].n_objects
 
 
+@pytest.mark.parametrize("dust", [0, 300])
+def test_split_components_equal_whole_volume_postprocess(data, reference, tmp_path, one_thread, dust):
+    """split_components across blocks == splitting the whole unsplit output (then dust,
+    renumbering) in one piece; origins: one row per component holding a seed of its object."""
+    from floodfilling.postprocess import postprocess
+
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    out = tmp_path / "seg.h5"
+    res = run_api(data, out, work, config=cfg().with_overrides(split_components=True, dust_size=dust))
+    assert res.blocks_run == 0
+    ref, ref_origins, _ = read(reference[0])
+    want, _ = postprocess(ref, {}, split=True, dust_size=dust)
+    seg, origins, _ = read(out)
+    assert int(want.max()) > (reference[2].n_objects if dust == 0 else 0)  # something was split
+    assert np.array_equal(seg, want) and res.n_objects == int(want.max())
+    ids = origins["id"]
+    assert np.all(ids[1:] > ids[:-1]) and np.all(seg[origins["z"], origins["y"], origins["x"]] == ids)
+    # every reference origin whose seed survives names its component
+    survived = seg[ref_origins["z"], ref_origins["y"], ref_origins["x"]]
+    assert set(survived[survived > 0].tolist()) <= set(ids.tolist())
+    assert sorted(p.name for p in work.iterdir()) == ["blocks", "manifest.json", "reconcile.json"]
+
+
 def test_zarr_chunks_divide_the_block():
     from floodfilling.distributed.run import zarr_chunks_for
 
@@ -235,7 +259,6 @@ def test_bad_inputs(data, reference, tmp_path, capsys):
     assert "--halo 2,2,2: z halo 2 is smaller than the FOV radius 4,4,4" in err("--block", BLOCK, "--halo", "2,2,2")
     assert "--block 6,48,48: z size 6 is smaller than the model's FOV 9,9,9" in err("--block", "6,48,48")
     assert "--block" in err("--block", "24,48")
-    assert "split_components" in err("--block", BLOCK, "--set", "split_components=true")
     assert "--halo 30,6,6" in err("--block", BLOCK, "--halo", "30,6,6")
     assert "--inflight 0: must be >= 1" in err("--block", BLOCK, "--inflight", "0")
     assert "--device cuda:7" in err("--block", BLOCK, "--device", "cuda:7")
@@ -318,6 +341,23 @@ def test_mpi_two_ranks_write_one_zarr_array(data, reference, tmp_path):
     seg, origins, _ = read_zarr(store)
     assert np.array_equal(seg, read(reference[0])[0])
     assert list(origins["id"][...]) == list(range(1, int(seg.max()) + 1))
+
+
+@pytest.mark.mpi
+def test_mpi_two_ranks_split_components(data, reference, tmp_path):
+    """split_components with 2 ranks (labelling, face joins and the parallel write spread over
+    ranks) == the whole-volume split of the reference output."""
+    from floodfilling.postprocess import postprocess
+
+    work = tmp_path / "work"
+    shutil.copytree(reference[1], work)
+    out = tmp_path / "seg.h5"
+    p = subprocess.run(ffn_cmd(data, out, work, 2, "--set", "split_components=true"), capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want, _ = postprocess(read(reference[0])[0], {}, split=True, dust_size=0)
+    assert np.array_equal(read(out)[0], want)
+    assert not any(p.name.startswith("split-") for p in work.iterdir())
 
 
 @pytest.mark.mpi

@@ -64,7 +64,7 @@ from .. import kernels, volumes
 from ..config import InferenceConfig
 from ..model import load_model, select_device
 from ..normalise import Normalisation
-from . import mpi
+from . import mpi, split
 from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, fmt_zyx, make_grid, parse_zyx
 from .reconcile import GlobalLabels, MergeRule, global_labels, match_overlap, relabel_core
 
@@ -167,9 +167,6 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
           bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
     from ..inference.segment import resolve_normalisation
 
-    if cfg.split_components:
-        raise BlockError("option split_components=true is not supported with block inference (--block) yet; "
-                         "dust_size is")
     out = volumes.parse_volume_spec(out_spec)
     if out.kind == "zarr" and not out.dataset:
         raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
@@ -224,7 +221,8 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
         "normalisation": norm.to_dict(),
     })
     digest = _digest(manifest)
-    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size)})
+    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size),
+                          "split_components": bool(cfg.split_components)})
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
                 run_id, rule, out_kind=out.kind, out_digest=out_digest)
 
@@ -298,6 +296,7 @@ def _clear_workdir(wd: Path) -> None:
                     p.unlink()
     for name in ("manifest.json", "reconcile.json"):
         (wd / name).unlink(missing_ok=True)
+    _remove_split_dirs(wd)
 
 
 def _cleanup_stale(plan: Plan) -> None:
@@ -310,6 +309,7 @@ def _cleanup_stale(plan: Plan) -> None:
     for p in plan.blocks_dir.iterdir():
         if ".tmp-" in p.name:
             p.unlink(missing_ok=True)
+    _remove_split_dirs(plan.workdir)  # component volumes of a killed split_components run
     out = Path(plan.out_path)
     if plan.out_kind == "zarr":
         where = out
@@ -510,9 +510,9 @@ def _match_pairs(plan: Plan, mine: list[tuple[int, int]]) -> tuple[list, dict]:
     return out, t
 
 
-def _origins(plan: Plan, lab: GlobalLabels, metas: dict[int, dict]) -> np.ndarray:
-    from ..inference.segment import ORIGIN_DTYPE
-
+def _origin_rows(plan: Plan, lab: GlobalLabels, metas: dict[int, dict]) -> dict[str, np.ndarray]:
+    """Every block's origins in box coordinates: provisional id, seed, steps, seconds, whether the
+    seed lies in its own block's core, and the object's final id (0: dropped)."""
     prov, seeds, steps, secs, incore = [], [], [], [], []
     for k, b in enumerate(plan.grid):
         o = metas[k]["origins"]
@@ -520,27 +520,63 @@ def _origins(plan: Plan, lab: GlobalLabels, metas: dict[int, dict]) -> np.ndarra
             continue
         s = np.stack([o["z"], o["y"], o["x"]], axis=1) + np.asarray(b.outer_start)
         prov.append(o["id"].astype(np.uint64) + lab.offsets[k])
-        seeds.append(s)
+        seeds.append(s.astype(np.int64))
         steps.append(o["steps"])
         secs.append(o["seconds"])
         incore.append(np.all((s >= np.asarray(b.core_start)) & (s < np.asarray(b.core_stop)), axis=1))
     if not prov:
-        return np.zeros(0, ORIGIN_DTYPE)
-    prov_a, seeds_a = np.concatenate(prov), np.concatenate(seeds)
-    steps_a, secs_a, incore_a = np.concatenate(steps), np.concatenate(secs), np.concatenate(incore)
-    fin = lab.final_of(prov_a)
+        return {"prov": np.zeros(0, np.uint64), "seeds": np.zeros((0, 3), np.int64), "steps": np.zeros(0, np.int64),
+                "seconds": np.zeros(0), "incore": np.zeros(0, bool), "final": np.zeros(0, np.uint64)}
+    prov_a = np.concatenate(prov)
+    return {"prov": prov_a, "seeds": np.concatenate(seeds), "steps": np.concatenate(steps),
+            "seconds": np.concatenate(secs), "incore": np.concatenate(incore), "final": lab.final_of(prov_a)}
+
+
+def _origins_table(rows: dict[str, np.ndarray], n_objects: int, dense: bool = True) -> np.ndarray:
+    """One row per final object (``dense``: all of 1..N; else those holding an origin): the seed
+    of a member whose seed lies in its block's core, smallest provisional id first; steps and
+    seconds summed over the members."""
+    from ..inference.segment import ORIGIN_DTYPE
+
+    fin = rows["final"]
     keep = fin > 0
-    prov_a, seeds_a, steps_a, secs_a, incore_a, fin = (x[keep] for x in (prov_a, seeds_a, steps_a, secs_a, incore_a, fin))
-    # representative: the member whose seed lies in its block's core, smallest provisional id first
-    order = np.lexsort((prov_a, ~incore_a, fin))
-    first = order[np.r_[True, fin[order][1:] != fin[order][:-1]]]
-    tab = np.zeros(lab.n_objects, ORIGIN_DTYPE)
-    idx = (fin[first] - 1).astype(np.int64)
-    tab["id"] = np.arange(1, lab.n_objects + 1)
-    tab["z"][idx], tab["y"][idx], tab["x"][idx] = seeds_a[first, 0], seeds_a[first, 1], seeds_a[first, 2]
-    tab["steps"] = np.bincount((fin - 1).astype(np.int64), weights=steps_a, minlength=lab.n_objects).astype(np.int64)
-    tab["seconds"] = np.bincount((fin - 1).astype(np.int64), weights=secs_a, minlength=lab.n_objects)
+    prov, seeds, steps, secs, incore, fin = (rows[c][keep] for c in ("prov", "seeds", "steps", "seconds", "incore",
+                                                                     "final"))
+    if dense:
+        ids = np.arange(1, n_objects + 1, dtype=np.uint64)
+    else:
+        ids = np.unique(fin)
+    if not ids.size:
+        return np.zeros(0, ORIGIN_DTYPE)
+    order = np.lexsort((prov, ~incore, fin))
+    first = order[np.r_[True, fin[order][1:] != fin[order][:-1]]] if fin.size else order
+    row = np.searchsorted(ids, fin)  # fin is in ids
+    tab = np.zeros(ids.size, ORIGIN_DTYPE)
+    tab["id"] = ids
+    r = row[first]
+    tab["z"][r], tab["y"][r], tab["x"][r] = seeds[first, 0], seeds[first, 1], seeds[first, 2]
+    tab["steps"] = np.bincount(row, weights=steps, minlength=ids.size).astype(np.int64)
+    tab["seconds"] = np.bincount(row, weights=secs, minlength=ids.size)
     return tab
+
+
+@dataclass
+class _Final:
+    """What the output is written from: per block, core ids -> output ids."""
+
+    n_objects: int
+    keys: list  # per block: sorted ids found in the core source
+    values: list  # per block: their output ids (0: removed)
+    origins: np.ndarray
+    n_merges: int = 0
+    comp_dir: Path | None = None  # split_components: cores come from the component volumes here
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint32) if self.n_objects < 2**32 else np.dtype(np.uint64)
+
+    def items(self, blocks) -> list:
+        return [(k, self.keys[k], self.values[k]) for k in blocks]
 
 
 def _tmp_output(plan: Plan) -> Path:
@@ -562,49 +598,53 @@ def zarr_chunks_for(block) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _cores(plan: Plan, items, dtype):
-    """(slices into the output, relabelled core) of each ``(block, keys, values)``."""
+def _cores(plan: Plan, items, dtype, comp_dir: Path | None = None):
+    """(slices into the output, relabelled core) of each ``(block, keys, values)``; the core is
+    the block result's, or with ``comp_dir`` its component volume (split_components)."""
     for k, keys, values in items:
         b = plan.grid[k]
-        core = relabel_core(_read_region(plan.block_path(b), b.core_start, b.core_stop), keys, values, np.dtype(dtype))
-        yield tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop)), core
+        if comp_dir is not None:
+            src = split.read_components(comp_dir / f"{b.name(plan.box.start)}.h5")
+        else:
+            src = _read_region(plan.block_path(b), b.core_start, b.core_stop)
+        yield tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop)), relabel_core(src, keys, values,
+                                                                                           np.dtype(dtype))
 
 
-def _create_output_zarr(plan: Plan, lab: GlobalLabels, origins: np.ndarray, attrs: dict, parallel: bool) -> None:
+def _create_output_zarr(plan: Plan, fin: _Final, attrs: dict, parallel: bool) -> None:
     tmp = _tmp_output(plan)
     tmp_org = Path(plan.out_path) / volumes.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
     for p in (tmp, tmp_org):
         shutil.rmtree(p, ignore_errors=True)
     group = volumes.open_zarr_group(plan.out_path)
-    z = volumes.zarr_create_volume(group, tmp.name, plan.box.shape, lab.dtype, zarr_chunks_for(plan.grid.block))
+    z = volumes.zarr_create_volume(group, tmp.name, plan.box.shape, fin.dtype, zarr_chunks_for(plan.grid.block))
     for key, v in volumes.zarr_attrs(plan.out_ds, {k: v for k, v in attrs.items() if v is not None}).items():
         z.attrs[key] = v
-    volumes.zarr_put_table(group, tmp_org.name, origins)
+    volumes.zarr_put_table(group, tmp_org.name, fin.origins)
     if not parallel:
-        _write_cores_zarr(plan, lab.dtype, [(k, lab.keys[k], lab.values[k]) for k in range(len(plan.grid))], z)
+        _write_cores_zarr(plan, fin.dtype, fin.items(range(len(plan.grid))), fin.comp_dir, z)
 
 
-def _write_cores_zarr(plan: Plan, dtype, items, z=None) -> int:
+def _write_cores_zarr(plan: Plan, dtype, items, comp_dir: Path | None = None, z=None) -> int:
     """Writes relabelled cores into the hidden zarr array (chunks never straddle two cores)."""
     if z is None:
         z = volumes._import_zarr().open_array(str(_tmp_output(plan)), mode="r+")
     written = 0
-    for sl, core in _cores(plan, items, dtype):
+    for sl, core in _cores(plan, items, dtype, comp_dir):
         z[sl] = core
         written += core.nbytes
     return written
 
 
-def _create_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs: dict, parallel: bool) -> int | None:
+def _create_output(plan: Plan, fin: _Final, attrs: dict, parallel: bool) -> int | None:
     """Rank 0: writes the output file at its temporary path: the segmentation dataset with its
     attributes and ``<ds>_origins``. Single writer: fills the segmentation (chunked, gzip).
     Parallel: allocates it contiguous and uncompressed (no fill) and returns its byte offset
     in the file, where every rank then writes its blocks' cores (:func:`_pwrite_cores`)."""
     import h5py
 
-    origins = _origins(plan, lab, metas)
     if plan.out_kind == "zarr":
-        _create_output_zarr(plan, lab, origins, attrs, parallel)
+        _create_output_zarr(plan, fin, attrs, parallel)
         return None
     tmp = _tmp_output(plan)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -615,23 +655,22 @@ def _create_output(plan: Plan, lab: GlobalLabels, metas: dict[int, dict], attrs:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            d = f.create_dataset(plan.out_ds, shape=shape, dtype=lab.dtype.newbyteorder("<"), dcpl=dcpl)
+            d = f.create_dataset(plan.out_ds, shape=shape, dtype=fin.dtype.newbyteorder("<"), dcpl=dcpl)
             offset = int(d.id.get_offset())
         else:
-            d = f.create_dataset(plan.out_ds, shape=shape, dtype=lab.dtype, chunks=tuple(min(64, s) for s in shape),
+            d = f.create_dataset(plan.out_ds, shape=shape, dtype=fin.dtype, chunks=tuple(min(64, s) for s in shape),
                                  compression="gzip", fillvalue=0)
-            for sl, core in _cores(plan, [(k, lab.keys[k], lab.values[k]) for k in range(len(plan.grid))],
-                                   lab.dtype):
+            for sl, core in _cores(plan, fin.items(range(len(plan.grid))), fin.dtype, fin.comp_dir):
                 d[sl] = core
         for key, v in attrs.items():
             if v is not None:
                 d.attrs[key] = _h5_attr(v)
-        f.create_dataset(f"{plan.out_ds}_origins", data=origins)
+        f.create_dataset(f"{plan.out_ds}_origins", data=fin.origins)
         f.flush()
     return offset
 
 
-def _pwrite_cores(plan: Plan, offset: int, dtype: np.dtype, items) -> int:
+def _pwrite_cores(plan: Plan, offset: int, dtype: np.dtype, items, comp_dir: Path | None = None) -> int:
     """Writes relabelled cores straight into the contiguous dataset at ``offset`` of the
     temporary output (C order, little-endian); returns the bytes written."""
     shape = plan.box.shape
@@ -639,7 +678,7 @@ def _pwrite_cores(plan: Plan, offset: int, dtype: np.dtype, items) -> int:
     fd = os.open(_tmp_output(plan), os.O_WRONLY)
     written = 0
     try:
-        for sl, core in _cores(plan, items, dtype):
+        for sl, core in _cores(plan, items, dtype, comp_dir):
             core = core.astype(np.dtype(dtype).newbyteorder("<"), copy=False)
             (z0, y0, x0), (cz, cy, cx) = (s.start for s in sl), core.shape
             if cx == shape[2]:  # whole rows: one write per z plane
@@ -716,30 +755,43 @@ def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, wor
     gathered = comm.gather((edges, mt, metas, stats, t_blocks_end - t_idle0), root=0)
     t_match_end = time.perf_counter()
 
-    # phase 4: union-find (rank 0), output written by rank 0 alone (1 rank) or by all ranks
+    # phase 4: union-find (rank 0); split_components (all ranks, :mod:`.split`); output written
+    # by rank 0 alone (1 rank) or by all ranks
     parallel = comm.size > 1
-    rec, per_rank = None, None
+    rec, per_rank, fin = None, None, None
     if comm.is_root:
         with comm.abort_on_error("reconciliation"):
             rec = _reconcile(plan, gathered, cfg, info, comm.size,
                              {"plan_s": t_plan, "blocks_s": t_blocks_end - t_plan - t_start,
                               "match_s": t_match_end - t_blocks_end})
+    if cfg.split_components:
+        t0 = time.perf_counter()
+        with comm.abort_on_error("splitting components"):
+            fin = _split_components(plan, rec, comm, int(cfg.dust_size))
+        if comm.is_root:
+            rec["timings"]["split_s"] = time.perf_counter() - t0
+    elif comm.is_root:
+        lab = rec["lab"]
+        fin = _Final(lab.n_objects, lab.keys, lab.values,
+                     _origins_table(_origin_rows(plan, lab, rec["metas"]), lab.n_objects), lab.n_merges)
+    if comm.is_root:
+        with comm.abort_on_error("writing the output"):
+            rec["final"] = fin
             t0 = time.perf_counter()
-            offset = _create_output(plan, rec["lab"], rec["metas"], rec["attrs"], parallel)
+            offset = _create_output(plan, fin, rec["attrs"], parallel)
             rec["timings"]["create_output_s"] = time.perf_counter() - t0
-            lab = rec["lab"]
             if parallel:
-                per_rank = [(offset, lab.dtype, [(k, lab.keys[k], lab.values[k]) for k in range(r, n, comm.size)])
+                per_rank = [(offset, fin.dtype, fin.items(range(r, n, comm.size)), fin.comp_dir)
                             for r in range(comm.size)]
     if parallel:
         comm.wait_all()  # sleep while rank 0 reconciles
-        offset, dtype, items = comm.scatter(per_rank, root=0)
+        offset, dtype, items, comp_dir = comm.scatter(per_rank, root=0)
         t0 = time.perf_counter()
         with comm.abort_on_error("writing the output"):
             if plan.out_kind == "zarr":
-                nbytes = _write_cores_zarr(plan, dtype, items)
+                nbytes = _write_cores_zarr(plan, dtype, items, comp_dir)
             else:
-                nbytes = _pwrite_cores(plan, offset, dtype, items)
+                nbytes = _pwrite_cores(plan, offset, dtype, items, comp_dir)
         wt = comm.gather((time.perf_counter() - t0, nbytes), root=0)
         if comm.is_root:
             rec["timings"]["parallel_write_s_max"] = max(w[0] for w in wt)
@@ -752,6 +804,73 @@ def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, wor
     summary = comm.bcast(summary, root=0)
     summary.timings["total_s"] = time.perf_counter() - t_start
     return summary
+
+
+def _core_block_of(grid, zyx: np.ndarray) -> np.ndarray:
+    """Index of the block whose core holds each (z, y, x) (box coordinates)."""
+    g = [np.clip(np.searchsorted(grid.bounds[a], zyx[:, a], side="right") - 1, 0, grid.grid_shape[a] - 1)
+         for a in range(3)]
+    return ((g[0] * grid.grid_shape[1] + g[1]) * grid.grid_shape[2] + g[2]).astype(np.int64)
+
+
+def _split_components(plan: Plan, rec: dict | None, comm: mpi.Comm, dust_size: int) -> _Final | None:
+    """Collective: every object's connected components across blocks (:mod:`.split`). Returns
+    the output tables on rank 0 (None elsewhere); the origins table keeps the components that
+    hold a seed of their object (as on a whole volume)."""
+    n = len(plan.grid)
+    sdir = split.split_dir(plan.workdir, plan.run_id)
+    per_rank, rows = None, None
+    if comm.is_root:
+        lab = rec["lab"]
+        rows = _origin_rows(plan, lab, rec["metas"])
+        owner = _core_block_of(plan.grid, rows["seeds"])
+        sdir.mkdir(parents=True, exist_ok=True)
+        per_rank = [[(k, lab.keys[k], lab.values[k], np.flatnonzero(owner == k), rows["seeds"][owner == k])
+                     for k in range(r, n, comm.size)] for r in range(comm.size)]
+    comm.wait_all()  # sleep while rank 0 reconciles
+    mine = comm.scatter(per_rank, root=0)
+
+    def path(k: int) -> Path:
+        return sdir / f"{plan.grid[k].name(plan.box.start)}.h5"
+
+    comps, hits = {}, []
+    for k, keys, values, oidx, seeds in mine:
+        b = plan.grid[k]
+        core = relabel_core(_read_region(plan.block_path(b), b.core_start, b.core_stop), keys, values, np.uint64)
+        comp, cc = split.label_core(core, b.core_start)
+        split.write_components(path(k), comp, cc)
+        loc = seeds - np.asarray(b.core_start)
+        hits.append((k, oidx, comp[loc[:, 0], loc[:, 1], loc[:, 2]]))
+        comps[k] = cc
+    comm.wait_all()  # every component volume is on disk
+    edges = []
+    for k, *_ in mine:
+        for axis, j in split.face_neighbours(plan.grid, k):
+            pi, gi = split.read_plane(path(k), axis, last=True)
+            pj, gj = split.read_plane(path(j), axis, last=False)
+            e = split.face_edges(pi, pj, gi, gj)
+            if len(e):
+                edges.append((k, j, e))
+    gathered = comm.gather((comps, hits, edges), root=0)
+    if not comm.is_root:
+        return None
+    all_comps, all_hits, all_edges = {}, [], []
+    for c, h, e in gathered:
+        all_comps.update(c)
+        all_hits += h
+        all_edges += e
+    num = split.number_components([all_comps[k] for k in range(n)], all_edges, dust_size)
+    final = np.zeros(rows["final"].size, np.uint64)  # each origin: the component at its seed, if of its object
+    for k, oidx, c in all_hits:
+        c = c.astype(np.int64)
+        ok = c > 0
+        ok[ok] = all_comps[k].gid[c[ok] - 1] == rows["final"][oidx[ok]]
+        final[oidx[ok]] = num.values[k][c[ok] - 1]
+    keys = [np.arange(1, all_comps[k].gid.size + 1, dtype=np.uint64) for k in range(n)]
+    log.info("split_components: %d objects -> %d components (%d joins across block faces%s)", rec["lab"].n_objects,
+             num.n_objects, num.n_joins, f", dust < {dust_size} removed" if dust_size > 0 else "")
+    return _Final(num.n_objects, keys, num.values, _origins_table(dict(rows, final=final), num.n_objects, dense=False),
+                  rec["lab"].n_merges, comp_dir=sdir)
 
 
 def _reconcile(plan: Plan, gathered, cfg, info, size, timings) -> dict:
@@ -767,8 +886,10 @@ def _reconcile(plan: Plan, gathered, cfg, info, size, timings) -> dict:
         for key in match_t:
             match_t[key] += mt[key]
     t1 = time.perf_counter()
+    # with split_components, dust is removed after splitting (as on a whole volume)
     lab = global_labels([metas[k]["max_id"] for k in range(n)], [metas[k]["core_ids"] for k in range(n)],
-                        all_edges, [metas[k]["core_counts"] for k in range(n)], int(cfg.dust_size))
+                        all_edges, [metas[k]["core_counts"] for k in range(n)],
+                        0 if cfg.split_components else int(cfg.dust_size))
     t2 = time.perf_counter()
     counters: dict[str, float] = {}
     for k in range(n):
@@ -810,7 +931,7 @@ def _finish(plan: Plan, rec: dict, t_write0: float) -> BlocksResult:
     else:
         os.replace(tmp, out)
         volumes._fsync_dir(str(out.parent.resolve()))
-    lab, timings, block_stats = rec["lab"], rec["timings"], rec["block_stats"]
+    lab, timings, block_stats = rec["final"], rec["timings"], rec["block_stats"]
     timings["write_s"] = time.perf_counter() - t_write0 - timings["gather_s"] - timings["union_find_s"]
     n = len(plan.grid)
     run = sum(s["blocks"] for s in block_stats)
@@ -830,6 +951,13 @@ def _finish(plan: Plan, rec: dict, t_write0: float) -> BlocksResult:
     return res
 
 
+def _remove_split_dirs(workdir: str | Path) -> None:
+    for p in Path(workdir).glob("split-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _finish_workdir(plan: Plan) -> None:
     shutil.rmtree(plan.claims_dir, ignore_errors=True)
+    _remove_split_dirs(plan.workdir)
     (Path(plan.workdir) / "run.json").unlink(missing_ok=True)
