@@ -25,20 +25,9 @@ using launch::FovTarget;
 py::tuple update_fovs(py::handle canvases, py::handle logits_obj, py::handle centers,
                       double move_threshold, std::array<int64_t, 3> deltas,
                       double disco_seed_threshold) {
-  py::array logits = require_array(logits_obj, "logits");
-  if (!has_dtype<float>(logits))
-    fail("logits: expected dtype float32, got " + dtype_str(logits));
-  require_ndim(logits, 4, "logits");
-  require_c_contiguous(logits, "logits");
-  require_writeable(logits, "logits");
+  int64_t f[3];
+  py::array logits = check_update_logits(logits_obj, deltas, f);
   const int64_t k = logits.shape(0);
-  const int64_t f[3] = {logits.shape(1), logits.shape(2), logits.shape(3)};
-  check_fov_size(f, "logits");
-  for (int d = 0; d < 3; ++d)
-    if (deltas[d] < 0 || deltas[d] > f[d] / 2)
-      fail("deltas: each delta must lie in [0, fov_size // 2]; got (" +
-           std::to_string(deltas[0]) + ", " + std::to_string(deltas[1]) + ", " +
-           std::to_string(deltas[2]) + ") for FOV size " + shape_str(logits));
   std::vector<FovTarget> targets;
   const bool shared = resolve_canvases(canvases, k, true, targets);
   resolve_centers(centers, k, f, targets);

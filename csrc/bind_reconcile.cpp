@@ -124,39 +124,10 @@ py::tuple union_find(py::handle edges_obj) {
 }
 
 void relabel(py::handle labels_obj, py::handle keys_obj, py::handle values_obj) {
-  py::array labels = require_array(labels_obj, "labels");
-  const int bits = label_bits(labels, "labels");
-  require_c_contiguous(labels, "labels");
-  require_writeable(labels, "labels");
-  py::array keys = require_array(keys_obj, "keys");
-  py::array values = require_array(values_obj, "values");
-  if (!has_dtype<uint64_t>(keys)) fail("keys: expected dtype uint64, got " + dtype_str(keys));
-  if (!has_dtype<uint64_t>(values))
-    fail("values: expected dtype uint64, got " + dtype_str(values));
-  require_ndim(keys, 1, "keys");
-  require_ndim(values, 1, "values");
-  require_c_contiguous(keys, "keys");
-  require_c_contiguous(values, "values");
-  const int64_t nk = keys.shape(0);
-  if (values.shape(0) != nk)
-    fail("values: length " + std::to_string(values.shape(0)) + " does not match keys' " +
-         std::to_string(nk));
-  const uint64_t* kp = static_cast<const uint64_t*>(keys.data());
-  const uint64_t* vp = static_cast<const uint64_t*>(values.data());
-  for (int64_t i = 1; i < nk; ++i)
-    if (!(kp[i - 1] < kp[i]))
-      fail("keys: must be sorted in strictly increasing order (keys[" +
-           std::to_string(i - 1) + "] >= keys[" + std::to_string(i) + "])");
-  if (bits == 32) {
-    const uint64_t lim = std::numeric_limits<uint32_t>::max();
-    for (int64_t i = 0; i < nk && kp[i] <= lim; ++i)
-      if (vp[i] > lim)
-        fail("values: values[" + std::to_string(i) + "] = " + std::to_string(vp[i]) +
-             " does not fit in the uint32 labels");
-  }
+  RelabelArgs a = check_relabel_args(labels_obj, keys_obj, values_obj);
   py::gil_scoped_release release;
-  launch::relabel(labels.mutable_data(), bits, static_cast<int64_t>(labels.size()), kp, vp,
-                  nk);
+  launch::relabel(a.labels.mutable_data(), a.bits, static_cast<int64_t>(a.labels.size()), a.keys,
+                  a.values, a.nk);
 }
 
 }  // namespace

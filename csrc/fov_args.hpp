@@ -9,6 +9,8 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -121,6 +123,27 @@ inline void check_fov_size(const int64_t f[3], const std::string& name) {
     if (f[d] < 1 || f[d] % 2 == 0)
       fail(name + ": FOV sizes must be odd and >= 1, got (" + std::to_string(f[0]) + ", " +
            std::to_string(f[1]) + ", " + std::to_string(f[2]) + ")");
+}
+
+/// The logits argument of update_fovs (every launcher): float32 (K, fz, fy, fx),
+/// C-contiguous and writeable (the disco rule writes it), odd FOV sizes, each
+/// delta in [0, fov // 2].  Sets f to the FOV size.
+inline py::array check_update_logits(py::handle logits_obj, const std::array<int64_t, 3>& deltas,
+                                     int64_t f[3]) {
+  py::array logits = require_array(logits_obj, "logits");
+  if (!has_dtype<float>(logits))
+    fail("logits: expected dtype float32, got " + dtype_str(logits));
+  require_ndim(logits, 4, "logits");
+  require_c_contiguous(logits, "logits");
+  require_writeable(logits, "logits");
+  for (int d = 0; d < 3; ++d) f[d] = logits.shape(d + 1);
+  check_fov_size(f, "logits");
+  for (int d = 0; d < 3; ++d)
+    if (deltas[d] < 0 || deltas[d] > f[d] / 2)
+      fail("deltas: each delta must lie in [0, fov_size // 2]; got (" +
+           std::to_string(deltas[0]) + ", " + std::to_string(deltas[1]) + ", " +
+           std::to_string(deltas[2]) + ") for FOV size " + shape_str(logits));
+  return logits;
 }
 
 }  // namespace bind

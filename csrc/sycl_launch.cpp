@@ -175,19 +175,10 @@ py::array sycl_gather_fovs(py::handle canvases, py::handle centers,
 py::tuple sycl_update_fovs(py::handle canvases, py::handle logits_obj, py::handle centers,
                            double move_threshold, std::array<int64_t, 3> deltas,
                            double disco_seed_threshold) {
-  py::array logits = require_array(logits_obj, "logits");
-  if (!has_dtype<float>(logits))
-    fail("logits: expected dtype float32, got " + dtype_str(logits));
-  require_ndim(logits, 4, "logits");
-  require_c_contiguous(logits, "logits");
-  require_writeable(logits, "logits");
+  int64_t f[3];
+  py::array logits = check_update_logits(logits_obj, deltas, f);
   const int64_t k = logits.shape(0);
-  const int64_t f0 = logits.shape(1), f1 = logits.shape(2), f2 = logits.shape(3);
-  const int64_t f[3] = {f0, f1, f2};
-  check_fov_size(f, "logits");
-  for (int d = 0; d < 3; ++d)
-    if (deltas[d] < 0 || deltas[d] > f[d] / 2)
-      fail("deltas: each delta must lie in [0, fov_size // 2]");
+  const int64_t f0 = f[0], f1 = f[1], f2 = f[2];
   std::vector<FovTarget> targets;
   const bool shared = resolve_canvases(canvases, k, true, targets);
   resolve_centers(centers, k, f, targets);
@@ -260,36 +251,14 @@ void sycl_relabel_typed(L* host, size_t n, const uint64_t* keys, const uint64_t*
 }
 
 void sycl_relabel(py::handle labels_obj, py::handle keys_obj, py::handle values_obj) {
-  py::array labels = require_array(labels_obj, "labels");
-  const int bits = label_bits(labels, "labels");
-  require_c_contiguous(labels, "labels");
-  require_writeable(labels, "labels");
-  py::array keys = require_array(keys_obj, "keys");
-  py::array values = require_array(values_obj, "values");
-  if (!has_dtype<uint64_t>(keys)) fail("keys: expected dtype uint64, got " + dtype_str(keys));
-  if (!has_dtype<uint64_t>(values))
-    fail("values: expected dtype uint64, got " + dtype_str(values));
-  require_ndim(keys, 1, "keys");
-  require_ndim(values, 1, "values");
-  require_c_contiguous(keys, "keys");
-  require_c_contiguous(values, "values");
-  const int64_t nk = keys.shape(0);
-  if (values.shape(0) != nk) fail("values: length does not match keys");
-  const uint64_t* kp = static_cast<const uint64_t*>(keys.data());
-  const uint64_t* vp = static_cast<const uint64_t*>(values.data());
-  for (int64_t i = 1; i < nk; ++i)
-    if (!(kp[i - 1] < kp[i])) fail("keys: must be sorted in strictly increasing order");
-  if (bits == 32) {
-    for (int64_t i = 0; i < nk && kp[i] <= 0xFFFFFFFFULL; ++i)
-      if (vp[i] > 0xFFFFFFFFULL) fail("values: value does not fit in the uint32 labels");
-  }
-  const size_t n = static_cast<size_t>(labels.size());
-  if (n == 0 || nk == 0) return;
+  RelabelArgs a = check_relabel_args(labels_obj, keys_obj, values_obj);
+  const size_t n = static_cast<size_t>(a.labels.size());
+  if (n == 0 || a.nk == 0) return;
   py::gil_scoped_release release;
-  if (bits == 32)
-    sycl_relabel_typed(static_cast<uint32_t*>(labels.mutable_data()), n, kp, vp, nk);
+  if (a.bits == 32)
+    sycl_relabel_typed(static_cast<uint32_t*>(a.labels.mutable_data()), n, a.keys, a.values, a.nk);
   else
-    sycl_relabel_typed(static_cast<uint64_t*>(labels.mutable_data()), n, kp, vp, nk);
+    sycl_relabel_typed(static_cast<uint64_t*>(a.labels.mutable_data()), n, a.keys, a.values, a.nk);
 }
 
 }  // namespace
