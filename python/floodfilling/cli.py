@@ -124,6 +124,24 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    import time
+
+    from .viewer import make_viewer
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    viewer, layers = make_viewer(args.image, args.labels, bbox=args.bbox, bind_address=args.bind, port=args.port)
+    url = viewer.get_viewer_url()
+    print(url, flush=True)
+    print(f"serving {', '.join(lay.name for lay in layers)}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ffn", description="Flood-Filling Networks for connectomics")
     ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
@@ -164,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
+                                    "needs floodfilling[viewer])")
+    p.add_argument("image", help="image: file.h5:dataset or a Zarr array")
+    p.add_argument("labels", nargs="*", help="label volumes of the image's shape: segmentations, ground truth")
+    p.add_argument("--bbox", default=None, help="only this box: z0,y0,x0:z1,y1,x1 (half-open)")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address to serve on (0.0.0.0: reachable from other hosts, e.g. through an SSH tunnel)")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("config", help="print the default inference options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
