@@ -374,9 +374,13 @@ def test_mpi_sigkill_one_rank_and_rerun(data, reference, tmp_path):
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     pids = {}
-    for c in (work / "claims").iterdir():
-        run_id, host, pid, rank = c.read_text().split()
-        pids[int(rank)] = int(pid)
+    t0 = time.time()
+    while not pids and time.time() - t0 < 60:  # a claim is created (O_EXCL) before its line is written
+        for c in (work / "claims").iterdir():
+            fields = c.read_text().split()
+            if len(fields) == 4:
+                pids[int(fields[3])] = int(fields[2])
+        time.sleep(0.01)
     os.kill(pids.get(1, pids[0]), signal.SIGKILL)
     proc.wait(timeout=60)  # mpiexec ends the other rank: no hang
     assert proc.returncode != 0
