@@ -124,6 +124,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_consensus(args) -> int:
+    from .consensus import consensus
+
+    t = consensus(args.a, args.b, args.out, min_size=args.min_size, overwrite=args.overwrite)
+    n = int((t.out_ids > 0).sum())
+    print(f"{args.out}: {len({int(v) for v in t.out_ids if v})} objects from {len(t.pairs)} pieces "
+          f"({n} kept, {len(t.pairs) - n} removed)")
+    return 0
+
+
 def cmd_view(args) -> int:
     import time
 
@@ -182,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("consensus", help="split consensus of two segmentations (e.g. a run and its inverted-seed "
+                                         "rerun): keep only what both agree on")
+    p.add_argument("a", help="first segmentation (its ids and origins are kept where the runs agree)")
+    p.add_argument("b", help="second segmentation of the same volume")
+    p.add_argument("out", help="output: file.h5:dataset or dir.zarr/array")
+    p.add_argument("--min-size", type=int, default=0, help="pieces with fewer voxels become 0 (default 0: keep all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_consensus)
 
     p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
                                     "needs floodfilling[viewer])")

@@ -44,8 +44,11 @@ class InferenceConfig:
     # Disconnection rule: once more than this fraction of an FOV is >= move_threshold,
     # voxels already below 0.5 cannot rise again (-1 disables the rule).
     disco_seed_threshold: float = 0.0
-    # Seed policy: "peaks" (reference: distance-transform maxima away from edges) or "grid".
+    # Seed policy: "peaks" (reference: distance-transform maxima away from edges), "grid", or
+    # "invert_origins" (a previous run's object origins, last id first: the second run of a consensus).
     seed_policy: str = "peaks"
+    # invert_origins: the previous run's segmentation (file.h5:seg or dir.zarr/seg); its <ds>_origins are the seeds.
+    seed_origins: str = ""
     # Minimum spacing (voxels) between "peaks" seeds.
     seed_min_distance: int = 3
     # Grid spacing (voxels) for the "grid" seed policy.
@@ -95,8 +98,11 @@ class InferenceConfig:
         if len(tuple(self.min_boundary_dist_zyx)) != 3 or any(int(v) < 0 for v in self.min_boundary_dist_zyx):
             raise ConfigError(f"option min_boundary_dist_zyx={self.min_boundary_dist_zyx!r}: need 3 values >= 0")
         self.min_boundary_dist_zyx = tuple(int(v) for v in self.min_boundary_dist_zyx)  # type: ignore[assignment]
-        if self.seed_policy not in ("peaks", "grid"):
-            raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks' or 'grid'")
+        if self.seed_policy not in ("peaks", "grid", "invert_origins"):
+            raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks', 'grid' or 'invert_origins'")
+        if self.seed_policy == "invert_origins" and not str(self.seed_origins).strip():
+            raise ConfigError("option seed_policy='invert_origins' needs seed_origins=FILE.h5:SEG (a previous run's "
+                              "output, whose _origins table gives the seeds)")
         if self.seed_min_distance < 1 or self.seed_grid_step < 1:
             raise ConfigError("options seed_min_distance and seed_grid_step must be >= 1")
         if self.normalise not in ("standardise", "histogram", "fixed"):

@@ -167,6 +167,9 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
           bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
     from ..inference.segment import resolve_normalisation
 
+    if cfg.seed_policy == "invert_origins":
+        raise BlockError("option seed_policy='invert_origins' is not supported with block inference (--block): "
+                         "each block seeds itself; run the whole volume without --block")
     out = volumes.parse_volume_spec(out_spec)
     if out.kind == "zarr" and not out.dataset:
         raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")

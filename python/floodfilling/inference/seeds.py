@@ -63,10 +63,22 @@ def inside_margin(points: np.ndarray, shape, margin_zyx) -> np.ndarray:
     return pts[ok]
 
 
+def invert_origins(origins: np.ndarray, shift_zyx, shape, margin_zyx) -> np.ndarray:
+    """Seeds of the reference's ``PolicyInvertOrigins``: a previous run's object origins (an
+    origins table: id, z, y, x, ...), highest id first; ``shift_zyx`` is added to move them from
+    that run's box into this one's; those outside the margin are dropped."""
+    tab = np.asarray(origins)
+    order = np.argsort(tab["id"], kind="stable")[::-1]
+    pts = np.stack([tab["z"], tab["y"], tab["x"]], axis=1).astype(np.int64)[order].reshape(-1, 3)
+    return inside_margin(pts + np.asarray(shift_zyx, np.int64), shape, margin_zyx)
+
+
 def make_seeds(policy: str, image: np.ndarray, margin_zyx, voxel_size_zyx=(1, 1, 1), *,
                min_distance: int = 3, grid_step: int = 16) -> np.ndarray:
     if policy == "peaks":
         return peaks(image, margin_zyx, voxel_size_zyx, min_distance)
     if policy == "grid":
         return grid(image.shape, margin_zyx, grid_step)
-    raise ValueError(f"seed policy {policy!r}: expected 'peaks' or 'grid'")
+    if policy == "invert_origins":
+        raise ValueError("seed policy 'invert_origins' takes its seeds from seed_origins (see segment())")
+    raise ValueError(f"seed policy {policy!r}: expected 'peaks', 'grid' or 'invert_origins'")

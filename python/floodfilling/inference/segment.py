@@ -145,9 +145,10 @@ def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo, vol, source: st
 def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
                   resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
                   progress: bool = False, net_and_info=None, normalisation: Normalisation | None = None,
-                  source: str = "image") -> SegmentResult:
+                  source: str = "image", seeds: np.ndarray | None = None) -> SegmentResult:
     """Segments an in-memory raw volume. ``state_path`` enables resumable runs;
-    ``normalisation`` (default: from ``config`` and the statistics of ``raw``)."""
+    ``normalisation`` (default: from ``config`` and the statistics of ``raw``); ``seeds``
+    ((N, 3) in order; default: from the config's seed policy)."""
     cfg = (config or InferenceConfig()).validate()
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
@@ -162,7 +163,6 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
         raise SegmentError(str(exc)) from None
     margin = tuple(f // 2 for f in info.fov_zyx)
     state = None
-    seeds = None
     if state_path is not None and state_path.exists():
         state, seeds = load_state(state_path, manifest or {})
         log.info("resuming from %s: seed %d of %d, %d objects", state_path, state.seed_index, len(seeds),
@@ -220,6 +220,8 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     with volumes.open_volume(image_spec) as vol:
         box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
         box.validate(vol.shape)
+        if cfg.seed_policy == "invert_origins":
+            seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
         raw = vol.read(box)
         res = vol.resolution_zyx_nm
         net, info = load_model(model, "cpu")
@@ -242,8 +244,13 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     if overwrite and sp.exists():
         sp.unlink()
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    seeds = None
+    if cfg.seed_policy == "invert_origins":
+        seeds = seeds_mod.invert_origins(seed_tab, seed_shift, raw.shape, tuple(f // 2 for f in info.fov_zyx))
+        log.info("invert_origins: %d seeds from %d origins of %s", len(seeds), len(seed_tab), cfg.seed_origins)
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
-                           progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec)
+                           progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
+                           seeds=seeds)
     write_result(out_path, out_ds, result, attrs={
         "resolution_zyx_nm": list(res) if res is not None else None,
         "bbox_zyx": [list(box.start), list(box.stop)],
@@ -258,8 +265,56 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     return result
 
 
+def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np.ndarray]:
+    """(origins table of the segmentation ``seg_spec``, shift from its box into ``box``)."""
+    with volumes.open_volume(seg_spec) as prev:
+        prev_box = prev.attrs.get("bbox_zyx")
+    tab = read_origins(seg_spec)
+    if tab is None:
+        raise SegmentError(f"seed_origins={seg_spec}: no origins table beside it "
+                           f"({volumes.parse_volume_spec(seg_spec).dataset}_origins); give an output of ffn segment")
+    start = np.asarray(prev_box[0] if prev_box is not None else (0, 0, 0), np.int64)
+    return tab, start - np.asarray(box.start, np.int64)
+
+
 ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
 OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
+
+
+def read_origins(spec: str):
+    """The origins table ``<ds>_origins`` beside a segmentation written by ``ffn segment``
+    (HDF5 dataset or zarr column group), as an ORIGIN_DTYPE array; None when absent."""
+    parsed = volumes.parse_volume_spec(spec)
+    name = f"{parsed.dataset}_origins"
+    if parsed.kind == "zarr":
+        zarr = volumes._import_zarr()
+        try:
+            g = zarr.open_group(parsed.path, mode="r")
+            if name not in g:
+                return None
+            grp = g[name]
+            n = grp["id"].shape[0]
+            tab = np.zeros(n, ORIGIN_DTYPE)
+            for col in ORIGIN_DTYPE.names:
+                tab[col] = grp[col][...]
+            return tab
+        except Exception as exc:  # noqa: BLE001 - zarr raises various types
+            raise SegmentError(f"{parsed.path}/{name}: unreadable origins table ({exc})") from None
+    import h5py
+
+    try:
+        with h5py.File(parsed.path, "r") as f:
+            if name not in f:
+                return None
+            raw = f[name][...]
+    except OSError as exc:
+        raise SegmentError(f"{parsed.path}: cannot read ({exc})") from None
+    if raw.dtype.names is None or not set(ORIGIN_DTYPE.names) <= set(raw.dtype.names):
+        raise SegmentError(f"{parsed.path}:{name}: not an origins table (columns {raw.dtype.names})")
+    tab = np.zeros(len(raw), ORIGIN_DTYPE)
+    for col in ORIGIN_DTYPE.names:
+        tab[col] = raw[col]
+    return tab
 
 
 def origins_table(origins: dict[int, Origin]) -> np.ndarray:
