@@ -129,6 +129,24 @@ def test_device_path_equals_host_path_k1_k8_and_pipelined(blocks):  # noqa: F811
             assert host[i][2] == dev[i][2]
 
 
+@pytest.mark.skipif(not __import__("floodfilling.inference.predictor", fromlist=["x"]).cpu_has_bf16(),
+                    reason="bf16 needs AVX512_BF16/AMX on this CPU")
+def test_bf16_device_path_equals_bf16_host_path(blocks):  # noqa: F811
+    """--precision bf16 on the device path (autocast around the batched call) gives the host
+    path's bf16 result at batch 1: the same forward, so the same voxels and steps."""
+    net = bright_flood_net()
+    host, _ = run_blocks(blocks, lambda cfg, k: Predictor(net, FOV, device="cpu", precision="bf16"), 1)
+    dev, pred = run_blocks(blocks, lambda cfg, k: make_predictor(
+        net, FOV, DELTAS, InferenceConfig(min_segment_size=50, resident="on", precision="bf16"), device="cpu",
+        max_batch=1, inflight=1), 1)
+    assert isinstance(pred, DevicePredictor) and pred.precision == "bf16"
+    for i in host:
+        assert np.array_equal(host[i][0], dev[i][0]), i
+        assert host[i][1] == dev[i][1] and host[i][2] == dev[i][2]
+    fp32, _ = run_blocks(blocks, lambda cfg, k: Predictor(net, FOV, device="cpu"), 1)
+    assert any(not np.array_equal(fp32[i][0], host[i][0]) for i in host)  # bf16 really ran
+
+
 def test_pool_grows_and_keeps_contents():
     pool = SlotPool(torch.device("cpu"), 1, (4, 4, 4))
     a = np.arange(64, dtype=np.float32).reshape(4, 4, 4)
