@@ -134,6 +134,22 @@ def cmd_consensus(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    res = None
+    if args.resolution:
+        try:
+            res = tuple(float(v) for v in args.resolution.split(","))
+        except ValueError:
+            raise ValueError(f"--resolution {args.resolution!r}: expected z,y,x in nm") from None
+    info = export(args.volume, args.dest, layer_type=args.type, levels=args.levels, resolution_zyx=res,
+                  bbox=args.bbox, overwrite=args.overwrite)
+    print(f"{args.dest}: {info['type']} layer, {len(info['scales'])} level(s): "
+          + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"]))
+    return 0
+
+
 def cmd_view(args) -> int:
     import time
 
@@ -201,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=0, help="pieces with fewer voxels become 0 (default 0: keep all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_consensus)
+
+    p = sub.add_parser("export", help="write a volume as a neuroglancer precomputed layer with a downsampled "
+                                      "pyramid (needs floodfilling[export])")
+    p.add_argument("volume", help="file.h5:dataset or a Zarr array (labels -> segmentation layer, else image)")
+    p.add_argument("dest", help="output directory, or a CloudVolume URL (gs://..., s3://...)")
+    p.add_argument("--type", choices=["auto", "segmentation", "image"], default="auto",
+                   help="layer type (auto: integer types other than uint8 are segmentations)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="downsampled levels (default: until the largest axis is <= 64 voxels)")
+    p.add_argument("--resolution", default=None, help="voxel size z,y,x in nm (default: resolution_zyx_nm or 1)")
+    p.add_argument("--bbox", default=None, help="only this box: z0,y0,x0:z1,y1,x1 (half-open); placed at its offset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
                                     "needs floodfilling[viewer])")
