@@ -170,3 +170,12 @@ def test_zarr_output_and_origins(runs):
     got = read_origins(f"{runs / 'c.zarr'}/cons")
     assert got is not None and np.array_equal(got, want_org.astype(got.dtype))
     assert read_origins(f"{runs / 'img.h5'}:raw") is None
+
+
+def test_grid_policy_is_the_references_grid3d():
+    # shape 20, margin 4: kept positions lie in [4, 15]; step 16 passes at offsets 0, 8, 4, 12, 2, 10, 14
+    pts = seeds_mod.grid((20, 20, 20), (4, 4, 4))
+    assert pts.tolist() == [[8, 8, 8], [4, 4, 4], [12, 12, 12], [10, 10, 10], [14, 14, 14]]
+    pts = seeds_mod.grid((40, 20, 20), (4, 4, 4), step=16, offsets=(0, 8))
+    assert pts.tolist() == [[8, 8, 8], [24, 8, 8]]  # offset 0: 16 + 4 is not < 20 in y, x
+    assert seeds_mod.grid((5, 5, 5), (4, 4, 4)).shape == (0, 3)

@@ -51,7 +51,8 @@ class InferenceConfig:
     seed_origins: str = ""
     # Minimum spacing (voxels) between "peaks" seeds.
     seed_min_distance: int = 3
-    # Grid spacing (voxels) for the "grid" seed policy.
+    # Grid spacing (voxels) for the "grid" seed policy (the reference's PolicyGrid3d: interleaved
+    # passes at offsets 0, 8, 4, 12, 2, 10, 14 of this grid, coarse to fine).
     seed_grid_step: int = 16
     # Image normalisation: "standardise" maps the volume's robust mean/std onto the model's
     # (default; travels between datasets), "histogram" matches intensity quantiles to the

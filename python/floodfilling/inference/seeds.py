@@ -46,13 +46,22 @@ def peaks(image: np.ndarray, margin_zyx, voxel_size_zyx=(1, 1, 1), min_distance:
     return inside_margin(pts, image.shape, margin_zyx)
 
 
-def grid(shape, margin_zyx, step: int = 16) -> np.ndarray:
-    """Seeds on a regular grid with spacing ``step`` inside the margin, raster order."""
-    axes = [np.arange(m, s - m, step) for s, m in zip(shape, margin_zyx)]
-    if any(len(a) == 0 for a in axes):
+GRID_OFFSETS = (0, 8, 4, 12, 2, 10, 14)  # the reference's PolicyGrid3d passes (for step 16)
+
+
+def grid(shape, margin_zyx, step: int = 16, offsets=GRID_OFFSETS) -> np.ndarray:
+    """The reference's ``PolicyGrid3d``: for each offset in turn (coarse to fine), the points
+    ``offset + k * step`` on every axis in raster order; those inside the margin are kept."""
+    out = []
+    for off in offsets:
+        axes = [np.arange(int(off), int(s), int(step)) for s in shape]
+        if any(len(a) == 0 for a in axes):
+            continue
+        zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+        out.append(np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1))
+    if not out:
         return np.zeros((0, 3), np.int64)
-    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
-    return np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1).astype(np.int64)
+    return inside_margin(np.concatenate(out).astype(np.int64), shape, margin_zyx)
 
 
 def inside_margin(points: np.ndarray, shape, margin_zyx) -> np.ndarray:
