@@ -129,12 +129,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
                 raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
             shutil.rmtree(path)
     with volumes.open_volume(spec) as vol:
-        try:
-            box = volumes.BBox.parse(bbox).validate(vol.shape) if bbox else volumes.BBox.from_shape(vol.shape)
-        except volumes.VolumeError:
-            raise
-        except ValueError as exc:
-            raise ExportError(f"--bbox {bbox}: {exc}") from None
+        box = volumes.box_option(bbox, vol.shape)
         dt = np.dtype(vol.dtype)
         if layer_type == "auto":
             layer_type = "segmentation" if dt.kind in "iu" and dt != np.uint8 else "image"

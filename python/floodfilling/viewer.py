@@ -85,12 +85,7 @@ def open_layers(image: str, labels: Sequence[str] = (), bbox: str | None = None)
     try:
         img = volumes.open_volume(image)
         vols.append(img)
-        try:
-            box = volumes.BBox.parse(bbox).validate(img.shape) if bbox else volumes.BBox.from_shape(img.shape)
-        except volumes.VolumeError:
-            raise
-        except ValueError as exc:
-            raise ViewerError(f"--bbox {bbox}: {exc}") from None
+        box = volumes.box_option(bbox, img.shape)
         taken: set[str] = set()
         layers = [Layer(_layer_name(image, taken), image, "image", LazyBox(img, box))]
         for spec in labels:

@@ -221,6 +221,17 @@ class BBox:
         return out
 
 
+def box_option(bbox: str | None, shape: Sequence[int], option: str = "--bbox") -> BBox:
+    """The box of a ``--bbox z0,y0,x0:z1,y1,x1`` option inside a volume of ``shape`` (the whole
+    volume when ``bbox`` is None); :class:`VolumeError` naming the option otherwise."""
+    if not bbox:
+        return BBox.from_shape(shape)
+    try:
+        return BBox.parse(bbox).validate(shape)
+    except ValueError as exc:
+        raise VolumeError(f"{option} {bbox}: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # attributes
 
