@@ -234,3 +234,64 @@ def test_ddp_two_ranks_stay_identical(data, tmp_path):
     # the two ranks drew different coordinates: their stream states differ
     s0, s1 = st["ranks"][0]["stream"], st["ranks"][1]["stream"]
     assert any(not np.array_equal(x["canvas"], y["canvas"]) for x, y in zip(s0["slots"], s1["slots"]) if x and y)
+
+
+@pytest.fixture(scope="module")
+def val_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("val_data")
+    raw, labels = synthetic(shape=(24, 28, 30), n=8, seed=5)
+    with h5py.File(d / "val.h5", "w") as f:
+        f["raw"] = raw
+        f["labels"] = labels
+        f["labels_short"] = labels[:10]
+    return d / "val.h5"
+
+
+def test_validation_rows_are_exact_and_do_not_change_training(data, val_data, tmp_path):
+    from floodfilling.training.examples import Counts, ExampleSource, ExampleStream, Geometry, run_sequences
+    from floodfilling.training.train import VAL_SEED, load_validation
+
+    common = ["--max-steps", "20", "--batch", "2", "--log-every", "5", "--optimizer", "adam", "--lr", "0.01",
+              "--checkpoint-every", "0", "--seed", "3"]
+    val = ["--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels", "--val-every", "10",
+           "--val-sequences", "12", "--val-min-size", "100"]
+    assert main(args_for(data, tmp_path / "plain", *common)) == 0
+    assert main(args_for(data, tmp_path / "val", *common, *val)) == 0
+    a, b = _params(tmp_path / "plain"), _params(tmp_path / "val")
+    for k in a["model"]:  # validation draws nothing from the training's random streams
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = read_metrics(tmp_path / "val" / "metrics.csv")
+    with_val = [r for r in rows if np.isfinite(r["val_f1"]) or np.isfinite(r["val_loss"])]
+    assert [r["step"] for r in with_val] == [10.0, 20.0]
+    assert all(np.isnan(r["val_loss"]) for r in read_metrics(tmp_path / "plain" / "metrics.csv"))
+    # the last validation, recomputed independently from the saved model
+    net, _ = load_model(str(tmp_path / "val" / "checkpoint"), "cpu")
+    opts = TrainOptions(image="", labels="", out="", val_image=f"{val_data}:raw", val_labels=f"{val_data}:labels",
+                        val_sequences=12, val_min_size=100)
+    geometry = Geometry((7, 7, 7), (2, 2, 2))
+    v = load_validation(opts, geometry)
+    src = ExampleSource(v.image, v.labels, v.coords, geometry, seed=VAL_SEED, augment=False)
+    s = run_sequences(net, ExampleStream(src, 2, max_examples=12)).summary()
+    assert s["sequences"] == 12
+    for k in ("loss", "precision", "recall", "f1"):
+        assert with_val[-1][f"val_{k}"] == pytest.approx(s[k], rel=1e-5), k
+    # rank shards (r, r + world, ...) add up to the same sequences as one process
+    shards = [run_sequences(net, ExampleStream(ExampleSource(v.image, v.labels, v.coords, geometry, seed=VAL_SEED,
+                                                              rank=r, world=3, augment=False), 1,
+                                                max_examples=len(range(r, 12, 3)))) for r in range(3)]
+    whole = run_sequences(net, ExampleStream(src, 1, max_examples=12))
+    assert np.array_equal(sum(c.vector() for c in shards), whole.vector())
+    assert isinstance(whole, Counts)
+
+
+def test_validation_bad_inputs(data, val_data, tmp_path, capsys):
+    def err(*extra):
+        assert main(args_for(data, tmp_path / "x", "--max-steps", "1", *extra)) == 2
+        return capsys.readouterr().err
+
+    assert "--val-image and --val-labels go together" in err("--val-image", f"{val_data}:raw")
+    assert "have shape (10, 28, 30)" in err("--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels_short")
+    assert "--val-labels" in err("--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels",
+                                 "--val-min-size", "100000")
+    assert "--val-sequences 0" in err("--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels",
+                                      "--val-sequences", "0")

@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
         image_mean=args.image_mean, image_std=args.image_std, augment=not args.no_augment,
         lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
         checkpoint_secs=args.checkpoint_secs, log_every=args.log_every, resume=args.resume, init=args.init,
-        progress=not args.quiet, tensorboard=not args.no_tensorboard,
+        progress=not args.quiet, tensorboard=not args.no_tensorboard, val_image=args.val_image,
+        val_labels=args.val_labels, val_every=args.val_every, val_sequences=args.val_sequences,
+        val_min_size=args.val_min_size,
     )
     res = train(opts)
     from .distributed import detect_rank_world
@@ -123,5 +125,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (fresh start if none)")
     p.add_argument("--init", default=None, help="start from this model's weights (.npz or directory)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    p.add_argument("--val-image", default=None,
+                   help="held-out image for validation (file.h5:dataset; normalised by its own mean/std)")
+    p.add_argument("--val-labels", default=None, help="its labels (same shape)")
+    p.add_argument("--val-every", type=int, default=1000, help="steps between validations (0: only at the end)")
+    p.add_argument("--val-sequences", type=int, default=200,
+                   help="held-out move sequences per validation (the same ones each time; default 200)")
+    p.add_argument("--val-min-size", type=int, default=1000,
+                   help="held-out objects smaller than this are background (default 1000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(func=cmd_train)

@@ -336,18 +336,27 @@ class ExampleStream:
 
 
 def run_sequences(net, stream: ExampleStream, device="cpu") -> Counts:
-    """Runs ``stream`` to exhaustion without training (evaluation); returns its counts."""
+    """Runs ``stream`` to exhaustion without training (evaluation); returns its counts, the
+    loss included (sigmoid cross-entropy, mean per FOV, as in training)."""
     import torch
+    import torch.nn.functional as F
 
+    was_training = net.training
     net.eval()
-    with torch.no_grad():
-        while True:
-            b = stream.next_batch()
-            if b is None:
-                break
-            img, seed, _ = b
-            cl = torch.channels_last_3d
-            out = net(torch.from_numpy(img).to(device).contiguous(memory_format=cl),
-                      torch.from_numpy(seed).to(device).contiguous(memory_format=cl))
-            stream.write_back(out.float().cpu().numpy())
+    try:
+        with torch.no_grad():
+            while True:
+                b = stream.next_batch()
+                if b is None:
+                    break
+                img, seed, target = b
+                cl = torch.channels_last_3d
+                out = net(torch.from_numpy(img).to(device).contiguous(memory_format=cl),
+                          torch.from_numpy(seed).to(device).contiguous(memory_format=cl))
+                loss = float(F.binary_cross_entropy_with_logits(out.float(), torch.from_numpy(target).to(device)))
+                stream.counts.loss_sum += loss * img.shape[0]
+                stream.counts.loss_n += img.shape[0]
+                stream.write_back(out.float().cpu().numpy())
+    finally:
+        net.train(was_training)
     return stream.counts

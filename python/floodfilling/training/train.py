@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .. import volumes
 from ..model import ConvStack3D, ModelError, load_model, save_model
 from . import distributed
-from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry)
+from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
+                       run_sequences)
 from .partitions import DEFAULT_THRESHOLDS, build_coordinates, compute_partitions, read_attrs
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ MODEL_FILE = "model.npz"
 METRICS_CSV = "metrics.csv"
 METRICS_PNG = "metrics.png"
 METRIC_COLUMNS = ["step", "examples", "lr", "loss", "precision", "recall", "f1", "accuracy", "sequences",
-                  "moves_per_sequence", "patch_precision", "patch_recall", "fov_per_s", "elapsed_s"]
+                  "moves_per_sequence", "patch_precision", "patch_recall", "fov_per_s", "elapsed_s",
+                  "val_loss", "val_precision", "val_recall", "val_f1"]
 # Options that must be equal for a resume to continue the same computation.
 RESUME_KEYS = ["depth", "features", "fov", "deltas", "batch", "seed", "world", "optimizer", "momentum", "augment",
                "image", "labels", "coords", "min_size", "thresholds"]
@@ -89,6 +91,11 @@ class TrainOptions:
     init: str | None = None  # start from this model's weights (.npz or directory)
     progress: bool = False  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when available
+    val_image: str | None = None  # held-out image for validation (None: no validation); normalised by its own stats
+    val_labels: str | None = None  # its labels (same shape)
+    val_every: int = 1000  # steps between validations (0: only at the end)
+    val_sequences: int = 200  # held-out move sequences per validation: the same ones every time, whatever the ranks
+    val_min_size: int = 1000  # held-out objects smaller than this are background
 
 
 @dataclass
@@ -151,18 +158,25 @@ def load_coordinates(spec: str, shape) -> tuple[np.ndarray, dict[str, Any]]:
     return coords.astype(np.int64), attrs
 
 
-def load_data(opts: TrainOptions, geometry: Geometry):
-    """(raw, labels, coords, info) with every check the user can act on."""
-    raw, image_src = _read(opts.image, "image")
-    labels, labels_src = _read(opts.labels, "labels")
+def _read_pair(image_spec: str, labels_spec: str, geometry: Geometry, what: str = ""):
+    """(raw, labels, image source, labels source), checked to fit together and the FOV."""
+    raw, image_src = _read(image_spec, "image")
+    labels, labels_src = _read(labels_spec, "labels")
     if raw.shape != labels.shape:
-        raise TrainError(f"image {image_src} has shape {raw.shape} but labels {labels_src} have shape {labels.shape}")
+        raise TrainError(f"{what}image {image_src} has shape {raw.shape} but {what}labels {labels_src} have shape "
+                         f"{labels.shape}")
     if labels.dtype.kind not in "iu":
-        raise TrainError(f"labels {labels_src}: expected integer ids, got dtype {labels.dtype}")
+        raise TrainError(f"{what}labels {labels_src}: expected integer ids, got dtype {labels.dtype}")
     try:
         geometry.check_fits(raw.shape, f"volume {image_src}")
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    return raw, labels, image_src, labels_src
+
+
+def load_data(opts: TrainOptions, geometry: Geometry):
+    """(raw, labels, coords, info) with every check the user can act on."""
+    raw, labels, image_src, labels_src = _read_pair(opts.image, opts.labels, geometry)
     info: dict[str, Any] = {}
     if opts.coords:
         coords, attrs = load_coordinates(opts.coords, labels.shape)
@@ -318,7 +332,8 @@ def append_metrics(path: Path, row: dict[str, float]) -> None:
         w.writerow([_fmt(row.get(c, float("nan"))) for c in METRIC_COLUMNS])
 
 
-_COLOURS = {"loss": (200, 40, 40), "precision": (40, 90, 200), "recall": (30, 160, 60), "f1": (150, 60, 170)}
+_COLOURS = {"loss": (200, 40, 40), "precision": (40, 90, 200), "recall": (30, 160, 60), "f1": (150, 60, 170),
+            "val_loss": (240, 150, 40), "val_f1": (240, 150, 40)}
 
 
 def _draw_line(img, x0, y0, x1, y1, colour) -> None:
@@ -333,8 +348,9 @@ def _draw_line(img, x0, y0, x1, y1, colour) -> None:
 
 def plot_metrics(rows: list[dict[str, float]], width: int = 640, panel: int = 200) -> np.ndarray:
     """RGB image: top panel loss (own scale), bottom panel precision, recall, F1 on [0, 1];
-    x is the step. Colours: loss red, precision blue, recall green, F1 purple; grey grid at
-    0.25 steps of the bottom panel and at the loss panel's quarter heights."""
+    x is the step. Colours: loss red, precision blue, recall green, F1 purple, validation loss
+    and F1 orange; grey grid at 0.25 steps of the bottom panel and at the loss panel's quarter
+    heights."""
     pad = 10
     img = np.full((2 * panel + 3 * pad, width, 3), 255, dtype=np.uint8)
     steps = np.array([r["step"] for r in rows], dtype=np.float64)
@@ -345,7 +361,7 @@ def plot_metrics(rows: list[dict[str, float]], width: int = 640, panel: int = 20
     def xmap(s):
         return pad + (s - s0) / (s1 - s0) * (width - 2 * pad - 1)
 
-    panels = [(["loss"], None), (["precision", "recall", "f1"], (0.0, 1.0))]
+    panels = [(["loss", "val_loss"], None), (["precision", "recall", "f1", "val_f1"], (0.0, 1.0))]
     for p, (keys, yr) in enumerate(panels):
         top = pad + p * (panel + pad)
         img[top:top + panel, pad - 1] = img[top:top + panel, width - pad] = 0
@@ -397,12 +413,60 @@ class _TensorBoard:
             return
         for k, v in row.items():
             if k not in ("step",) and isinstance(v, float) and math.isfinite(v):
-                self.w.add_scalar(f"train/{k}", v, int(row["step"]))
+                tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+                self.w.add_scalar(tag, v, int(row["step"]))
         self.w.flush()
 
     def close(self) -> None:
         if self.w is not None:
             self.w.close()
+
+
+# -- validation -------------------------------------------------------------------------------
+
+@dataclass
+class Validation:
+    """A held-out volume (normalised by its own statistics, as inference's "standardise"
+    does) and its coordinates: the first ``val_sequences`` examples, without augmentation."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    coords: np.ndarray
+
+
+def load_validation(opts: TrainOptions, geometry: Geometry) -> Validation | None:
+    if not opts.val_image and not opts.val_labels:
+        return None
+    if not (opts.val_image and opts.val_labels):
+        raise TrainError("--val-image and --val-labels go together")
+    if opts.val_sequences < 1 or opts.val_every < 0 or opts.val_min_size < 1:
+        raise TrainError(f"--val-sequences {opts.val_sequences} and --val-min-size {opts.val_min_size} must be "
+                         f">= 1, --val-every {opts.val_every} >= 0")
+    raw, labels, image_src, labels_src = _read_pair(opts.val_image, opts.val_labels, geometry, "validation ")
+    mean, std, _ = intensity_stats(raw)
+    if not std > 0:
+        raise TrainError(f"validation image {image_src}: intensity standard deviation is {std}; cannot normalise")
+    image = ((raw.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    try:
+        parts = compute_partitions(labels, geometry.margin, opts.thresholds, opts.val_min_size, source=labels_src)
+        coords = build_coordinates(parts, geometry.margin, seed=VAL_SEED, source=labels_src)
+    except ValueError as exc:
+        raise TrainError(f"--val-labels: {exc}") from None
+    return Validation(image, labels, coords)
+
+
+VAL_SEED = 1  # order of the held-out coordinates (fixed: every validation sees the same sequences)
+
+
+def validate(net, val: Validation, geometry: Geometry, opts: TrainOptions, dinfo) -> dict[str, float]:
+    """Precision/recall/F1 at 0.9 and loss over the first ``val_sequences`` held-out move
+    sequences (rank r runs sequences r, r + world, ...; counts summed over ranks)."""
+    src = ExampleSource(val.image, val.labels, val.coords, geometry, seed=VAL_SEED, rank=dinfo.rank,
+                        world=dinfo.world, augment=False)
+    mine = len(range(dinfo.rank, opts.val_sequences, dinfo.world))
+    counts = run_sequences(net, ExampleStream(src, opts.batch, max_examples=mine), dinfo.device)
+    s = Counts.from_vector(_all_reduce_sum(counts.vector(), dinfo)).summary()
+    return {f"val_{k}": float(s[k]) for k in ("loss", "precision", "recall", "f1")}
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -477,6 +541,7 @@ def _absolute_spec(spec: str | None) -> str | None:
 def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     rank, world = dinfo.rank, dinfo.world
     raw, labels, coords, data_info = load_data(opts, geometry)
+    val = load_validation(opts, geometry)
     mean, std, quantiles = intensity_stats(raw)
     if opts.image_mean is not None:
         mean = float(opts.image_mean)
@@ -586,14 +651,20 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
             step += 1
             if bar is not None:
                 bar.update(1)
-            if step % max(opts.log_every, 1) == 0 or step == opts.max_steps:
+            vrow: dict[str, float] = {}
+            if val is not None and (step == opts.max_steps or (opts.val_every > 0 and step % opts.val_every == 0)):
+                vrow = validate(net, val, geometry, opts, dinfo)
+                if dinfo.is_main:
+                    log.info("step %d: validation loss %.4f precision %.3f recall %.3f f1 %.3f", step,
+                             vrow["val_loss"], vrow["val_precision"], vrow["val_recall"], vrow["val_f1"])
+            if step % max(opts.log_every, 1) == 0 or step == opts.max_steps or vrow:
                 tot = Counts.from_vector(_all_reduce_sum(stream.counts.vector(), dinfo))
                 stream.counts = Counts()
                 now = time.perf_counter()
                 row = {"step": float(step), "examples": float(step * opts.batch * world), "lr": lr,
                        **tot.summary(),
                        "fov_per_s": (step - step_log) * opts.batch * world / max(now - t_log, 1e-9),
-                       "elapsed_s": now - t_start}
+                       "elapsed_s": now - t_start, **vrow}
                 t_log, step_log = now, step
                 last_row = row
                 if dinfo.is_main:
