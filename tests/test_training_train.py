@@ -205,7 +205,8 @@ def test_ddp_two_ranks_stay_identical(data, tmp_path):
         res = train(TrainOptions(image="{data}:raw", labels="{data}:labels", out=out, depth=1, features=4,
                                  fov=(7, 7, 7), deltas=(2, 2, 2), batch=2, max_steps=6, log_every=3, min_size=200,
                                  checkpoint_every=3, threads=1, optimizer="adam", lr=0.01, device="cpu",
-                                 lr_scaling="linear", tensorboard=False))
+                                 lr_scaling="linear", tensorboard=False, val_image="{data}:raw",
+                                 val_labels="{data}:labels", val_every=3, val_sequences=5, val_min_size=200))
         rank, world, _ = detect_rank_world()
         assert world == 2
         torch.save(res.net.state_dict(), f"{{out}}/params-rank{{rank}}.pt")
@@ -222,6 +223,20 @@ def test_ddp_two_ranks_stay_identical(data, tmp_path):
         assert torch.equal(a[k], b[k]), k
     st = _params(out)
     assert st["step"] == 6 and len(st["ranks"]) == 2 and st["resume_key"]["world"] == 2
+    rows = read_metrics(out / "metrics.csv")  # validation ran on both ranks (5 sequences: 3 + 2)
+    assert [r["step"] for r in rows if np.isfinite(r["val_loss"])] == [3.0, 6.0]
+    from floodfilling.model import ConvStack3D as _Net
+    from floodfilling.training.examples import ExampleSource, ExampleStream, Geometry, run_sequences
+    from floodfilling.training.train import VAL_SEED, load_validation
+
+    net = _Net(1, 4)
+    net.load_state_dict(a)
+    g = Geometry((7, 7, 7), (2, 2, 2))
+    v = load_validation(TrainOptions(image="", labels="", out="", val_image=f"{data}:raw",
+                                     val_labels=f"{data}:labels", val_sequences=5, val_min_size=200), g)
+    one = run_sequences(net, ExampleStream(ExampleSource(v.image, v.labels, v.coords, g, seed=VAL_SEED,
+                                                         augment=False), 1, max_examples=5)).summary()
+    assert rows[-1]["val_loss"] == pytest.approx(one["loss"], rel=1e-4)  # both ranks' shards were summed
     for k in a:
         assert torch.equal(a[k], st["model"][k])
     from floodfilling.model import ConvStack3D
