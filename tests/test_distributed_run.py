@@ -193,6 +193,31 @@ def test_split_components_equal_whole_volume_postprocess(data, reference, tmp_pa
     assert sorted(p.name for p in work.iterdir()) == ["blocks", "manifest.json", "reconcile.json"]
 
 
+def test_status_of_finished_and_partial_runs(reference, tmp_path, capsys):
+    import json as _json
+
+    out, work, res = reference
+    assert main(["status", str(work), "--json"]) == 0
+    st = _json.loads(capsys.readouterr().out)
+    assert (st["blocks"], st["blocks_done"], st["blocks_left"], st["blocks_running"]) == (8, 8, 0, 0)
+    assert st["finished"] and st["reconcile"]["objects"] == res.n_objects and st["fraction_done"] == 1.0
+    assert st["fov_steps"] == res.counters["steps"] and st["eta_s"] == 0.0
+    part = tmp_path / "work"
+    shutil.copytree(work, part)
+    blocks = sorted((part / "blocks").iterdir())
+    for p in blocks[:2]:
+        p.unlink()
+    (part / "claims").mkdir()
+    (part / "claims" / blocks[0].stem).write_text("0123456789ab node7 4242 3\n")
+    (part / "reconcile.json").unlink()
+    assert main(["status", str(part)]) == 0
+    text = capsys.readouterr().out
+    assert "6/8 blocks done (75.0 % of the voxels), 1 running, 2 left" in text
+    assert f"running: {blocks[0].stem} on node7 rank 3 (pid 4242" in text and "min left at 1 rank(s)" in text
+    assert main(["status", str(tmp_path)]) == 2
+    assert "no block-inference manifest.json" in capsys.readouterr().err
+
+
 def test_zarr_chunks_divide_the_block():
     from floodfilling.distributed.run import zarr_chunks_for
 

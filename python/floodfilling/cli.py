@@ -150,6 +150,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from .distributed.status import block_status, format_status
+
+    st = block_status(args.workdir)
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0
+
+
 def cmd_view(args) -> int:
     import time
 
@@ -217,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=0, help="pieces with fewer voxels become 0 (default 0: keep all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_consensus)
+
+    p = sub.add_parser("status", help="progress of a block-inference run (blocks done, running, time left), "
+                                      "read from its --workdir")
+    p.add_argument("workdir", help="the --workdir of an `ffn segment --block` run")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write a volume as a neuroglancer precomputed layer with a downsampled "
                                       "pyramid (needs floodfilling[export])")

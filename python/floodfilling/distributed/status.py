@@ -1,0 +1,120 @@
+"""``ffn status WORKDIR``: progress of a block-inference run, read from its workdir alone (from
+a login node, while the job runs under the scheduler, or after it was killed).
+
+Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks: seconds, FOV steps,
+objects, rank, host), ``claims/*`` (blocks being segmented now: run, host, pid, rank),
+``run.json`` (the job holding the workdir) and ``reconcile.json`` (written at the very end).
+Nothing is written. The time left is estimated from the finished blocks' mean seconds per
+voxel, the voxels left, and the number of ranks working now (claims).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .blocks import BlockError, make_grid
+from .run import MANIFEST_FORMAT
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
+    """A summary of the run in ``workdir`` (see the module docstring) as a JSON-able dict."""
+    import h5py
+
+    wd = Path(workdir)
+    man = _read_json(wd / "manifest.json")
+    if man is None or man.get("format") != MANIFEST_FORMAT:
+        raise BlockError(f"{wd}: no block-inference manifest.json (is it the --workdir of an `ffn segment --block` "
+                         "run?)")
+    start, stop = man["bbox"]
+    shape = tuple(int(b) - int(a) for a, b in zip(start, stop))
+    grid = make_grid(shape, tuple(man["block"]), tuple(man["halo"]), tuple(man["fov_zyx"]))
+    names = {b.name(tuple(start)): b for b in grid}
+    done, seconds, steps, objects, voxels_done = 0, 0.0, 0, 0, 0
+    per_rank: dict[str, dict[str, float]] = {}
+    first_mtime, last_mtime = None, None
+    blocks_dir = wd / "blocks"
+    for name, b in names.items():
+        p = blocks_dir / f"{name}.h5"
+        if not p.exists():
+            continue
+        try:
+            with h5py.File(p, "r") as f:
+                a = f.attrs
+                secs = float(a.get("seconds", 0.0))
+                counters = json.loads(a.get("counters", "{}"))
+                rank = f"{a.get('host', '?')}:{int(a.get('rank', -1))}"
+        except (OSError, ValueError):
+            continue  # being renamed into place, or damaged: counted as not done
+        done += 1
+        seconds += secs
+        steps += int(counters.get("steps", 0))
+        objects += int(counters.get("objects", 0))
+        voxels_done += b.core_voxels
+        r = per_rank.setdefault(rank, {"blocks": 0, "seconds": 0.0})
+        r["blocks"] += 1
+        r["seconds"] += secs
+        m = p.stat().st_mtime
+        first_mtime = m if first_mtime is None else min(first_mtime, m)
+        last_mtime = m if last_mtime is None else max(last_mtime, m)
+    running = []
+    claims = wd / "claims"
+    if claims.is_dir():
+        for c in sorted(claims.iterdir()):
+            if c.name in names and not (blocks_dir / f"{c.name}.h5").exists():
+                fields = c.read_text().split() if c.is_file() else []
+                info = dict(zip(("run_id", "host", "pid", "rank"), fields))
+                info["block"] = c.name
+                info["since_s"] = round(time.time() - c.stat().st_mtime, 1)
+                running.append(info)
+    total_voxels = sum(b.core_voxels for b in grid)
+    left = total_voxels - voxels_done
+    rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
+    workers = max(len(running), 1)
+    job = _read_json(wd / "run.json")
+    rec = _read_json(wd / "reconcile.json")
+    return {
+        "workdir": str(wd), "image": man["image"], "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
+        "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
+        "fraction_done": voxels_done / total_voxels if total_voxels else 1.0,
+        "fov_steps": steps, "objects_in_blocks": objects, "block_seconds": seconds,
+        "voxels_per_block_second": rate,
+        "eta_s": (left / rate / workers) if rate and left else (0.0 if not left else None),
+        "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
+        "running": running, "per_rank": per_rank, "job": job,
+        "finished": rec is not None and done == len(grid),
+        "reconcile": {k: rec[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in rec} if rec else None,
+    }
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """The summary as a few lines of text."""
+    pct = 100.0 * s["fraction_done"]
+    lines = [f"{s['workdir']}: {s['blocks_done']}/{s['blocks']} blocks done ({pct:.1f} % of the voxels), "
+             f"{s['blocks_running']} running, {s['blocks_left']} left"]
+    if s["block_seconds"]:
+        rate = s["voxels_per_block_second"]
+        lines.append(f"  {s['fov_steps']:,} FOV steps in {s['block_seconds']:.0f} block-seconds "
+                     f"({rate:,.0f} voxels per block-second)")
+    if s["eta_s"] is not None and s["blocks_left"]:
+        lines.append(f"  about {s['eta_s'] / 60:.1f} min left at {max(s['blocks_running'], 1)} rank(s)")
+    for r in s["running"]:
+        lines.append(f"  running: {r['block']} on {r.get('host', '?')} rank {r.get('rank', '?')} "
+                     f"(pid {r.get('pid', '?')}, {r['since_s']:.0f} s)")
+    if s["finished"]:
+        rec = s["reconcile"] or {}
+        lines.append(f"  finished: {rec.get('objects', '?')} objects, {rec.get('merges', '?')} merges")
+    elif s["job"]:
+        lines.append(f"  job: pid {s['job'].get('pid')} on {s['job'].get('host')}, {s['job'].get('ranks')} rank(s), "
+                     f"started {s['job'].get('started')}")
+    return "\n".join(lines)
