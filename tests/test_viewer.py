@@ -59,6 +59,24 @@ def test_layers_serve_the_files(vol):
     assert urllib.request.urlopen(url, timeout=30).status == 200
 
 
+def test_origins_become_points(tmp_path):
+    from floodfilling.inference.segment import ORIGIN_DTYPE
+
+    seg = np.zeros((10, 12, 14), np.uint32)
+    org = np.zeros(3, ORIGIN_DTYPE)
+    org["id"], org["z"], org["y"], org["x"] = [1, 2, 5], [1, 5, 9], [2, 6, 11], [3, 7, 13]
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["raw"] = np.zeros(seg.shape, np.uint8)
+        f["seg"] = seg
+        f["seg_origins"] = org
+    viewer, layers = make_viewer(f"{tmp_path / 's.h5'}:raw", [f"{tmp_path / 's.h5'}:seg"], bbox="0,0,0:8,12,14")
+    st = viewer.state
+    assert [lay.name for lay in st.layers] == ["raw", "seg", "seg_origins"]
+    pts = st.layers["seg_origins"].annotations
+    assert [p.id for p in pts] == ["1", "2"]  # id 5 lies outside the box (z 9 >= 8)
+    assert list(pts[1].point) == [5.5, 6.5, 7.5]
+
+
 def test_bad_inputs(vol, capsys):
     path = vol[0]
 

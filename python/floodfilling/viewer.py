@@ -7,7 +7,9 @@ loaded whole. The viewer's URL is printed; the command serves until Ctrl-C.
 
 Axes: our arrays are (z, y, x); the layers get dimensions named z, y, x in nm, scaled by the
 image's ``resolution_zyx_nm`` attribute (1 nm per voxel when it has none). With ``bbox``
-only that box is served, placed at its offset in the volume.
+only that box is served, placed at its offset in the volume. A segmentation written by
+``ffn segment`` also gets a point layer ``<name>_origins``: the seed of every object (its id
+as the point's id), inside the box.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Layer:
     kind: str  # "image" or "segmentation"
     data: LazyBox
     source: Any = None  # the neuroglancer LocalVolume serving it (after make_viewer)
+    origins: np.ndarray | None = None  # a segmentation's origins table (ffn segment output), if any
 
 
 def _layer_name(spec: str, taken: set[str]) -> str:
@@ -95,7 +98,13 @@ def open_layers(image: str, labels: Sequence[str] = (), bbox: str | None = None)
                 raise ViewerError(f"{spec}: shape {v.shape} does not match the image {image}'s {img.shape}")
             if v.dtype.kind not in "iu":
                 raise ViewerError(f"{spec}: dtype {v.dtype} is not a label (integer) type")
-            layers.append(Layer(_layer_name(spec, taken), spec, "segmentation", LazyBox(v, box)))
+            from .inference.segment import read_origins
+
+            try:
+                org = read_origins(spec)
+            except ValueError:
+                org = None
+            layers.append(Layer(_layer_name(spec, taken), spec, "segmentation", LazyBox(v, box), origins=org))
     except BaseException:
         for v in vols:
             v.close()
@@ -140,7 +149,18 @@ def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: str | None = No
                 s.layers[layer.name] = ng.ImageLayer(source=src)
             else:
                 s.layers[layer.name] = ng.SegmentationLayer(source=src)
+                if layer.origins is not None and len(layer.origins):
+                    s.layers[f"{layer.name}_origins"] = ng.LocalAnnotationLayer(
+                        dimensions=dims, annotations=_seed_points(ng, layer.origins, layer.data.box))
         s.position = [o + n / 2 for o, n in zip(offset, layers[0].data.shape)]
         s.layout = "xy-3d" if len(layers) > 1 else "xy"
     log.info("viewer with layers %s", ", ".join(f"{lay.name} ({lay.spec})" for lay in layers))
     return viewer, layers
+
+
+def _seed_points(ng, origins: np.ndarray, box: volumes.BBox) -> list:
+    """Point annotations at the voxel centres of the seeds inside ``box``."""
+    z, y, x = (np.asarray(origins[c], np.int64) for c in ("z", "y", "x"))
+    inside = np.all([(v >= a) & (v < b) for v, a, b in zip((z, y, x), box.start, box.stop)], axis=0)
+    return [ng.PointAnnotation(id=str(int(i)), point=[float(a) + 0.5, float(b) + 0.5, float(c) + 0.5])
+            for i, a, b, c in zip(origins["id"][inside], z[inside], y[inside], x[inside])]
