@@ -179,3 +179,19 @@ def test_grid_policy_is_the_references_grid3d():
     pts = seeds_mod.grid((40, 20, 20), (4, 4, 4), step=16, offsets=(0, 8))
     assert pts.tolist() == [[8, 8, 8], [24, 8, 8]]  # offset 0: 16 + 4 is not < 20 in y, x
     assert seeds_mod.grid((5, 5, 5), (4, 4, 4)).shape == (0, 3)
+
+
+def test_streamed_output_equals_in_memory(runs):
+    """The output written slab by slab (many slabs) equals the in-memory consensus."""
+    pytest.importorskip("zarr")
+    import zarr
+
+    from floodfilling.consensus import consensus
+
+    a, b = read(runs / "a.h5")[0], read(runs / "b.h5")[0]
+    want, _ = split_consensus(a, b, 20)
+    consensus(f"{runs / 'a.h5'}:seg", f"{runs / 'b.h5'}:seg", f"{runs / 's.h5'}:seg", min_size=20, slab_voxels=3000)
+    consensus(f"{runs / 'a.h5'}:seg", f"{runs / 'b.h5'}:seg", f"{runs / 's.zarr'}/seg", min_size=20, slab_voxels=3000)
+    assert np.array_equal(read(runs / "s.h5")[0], want)
+    assert np.array_equal(zarr.open_group(str(runs / "s.zarr"), mode="r")["seg"][...], want)
+    assert not any(".tmp-" in p.name for p in list(runs.iterdir()) + list((runs / "s.zarr").iterdir()))

@@ -194,6 +194,22 @@ def test_contingency_matches_brute_force(seg_dtype, gt_dtype, offset):
     assert np.array_equal(order, np.arange(len(t)))
 
 
+@pytest.mark.parametrize("dtype,offset", [(np.uint32, 0), (np.int16, -4), (np.uint64, 2**63)])
+def test_contingency_volumes_by_slabs_equals_whole(dtype, offset):
+    from floodfilling.evaluation import contingency_volumes
+
+    rng = np.random.default_rng(7)
+    seg = rng.integers(0, 6, size=(7, 5, 6)).astype(dtype) + np.array(offset).astype(dtype)
+    gt = rng.integers(0, 4, size=(7, 5, 6)).astype(np.uint8)
+    whole = contingency(seg, gt)
+    for slab in (1, 30, 61, 10**6):  # one voxel (one plane), a plane, two planes and a bit, all
+        t = contingency_volumes(seg, gt, slab_voxels=slab)
+        for a, b in ((t.seg_ids, whole.seg_ids), (t.gt_ids, whole.gt_ids), (t.counts, whole.counts)):
+            assert a.dtype == b.dtype and np.array_equal(a, b), slab
+    with pytest.raises(ValueError, match="shape mismatch"):
+        contingency_volumes(seg, gt[:3])
+
+
 def test_contingency_huge_sparse_ids_uses_sorting_path():
     seg = np.array([[[0, 2**50, 2**50, 7]]], dtype=np.uint64)
     gt = np.array([[[2**62, 2**62, 1, 1]]], dtype=np.uint64)

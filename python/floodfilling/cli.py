@@ -97,8 +97,11 @@ def cmd_evaluate(args) -> int:
     with volumes.open_volume(args.seg) as a, volumes.open_volume(args.gt) as b:
         if tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"{args.seg} has shape {tuple(a.shape)} but {args.gt} has shape {tuple(b.shape)}")
-        seg, gt = a.read(), b.read()
-    res = evaluation.evaluate(seg, gt, gt_zero=args.gt_zero, top=args.top)
+        for spec, v in ((args.seg, a), (args.gt, b)):
+            if v.dtype.kind not in "iu":
+                raise ValueError(f"{spec}: dtype {v.dtype} is not a label (integer) type")
+        table = evaluation.contingency_volumes(a, b)  # slab by slab: volumes larger than memory are fine
+    res = evaluation.evaluate(None, None, gt_zero=args.gt_zero, top=args.top, table=table)
     print(json.dumps(res, indent=2) if args.json else evaluation.format_report(res))
     return 0
 

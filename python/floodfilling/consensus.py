@@ -15,8 +15,9 @@ origins table still describes them. Pieces are not split into connected componen
 reference); ``ffn segment``'s ``split_components`` does that if wanted.
 
 Memory: the volumes are read in z-slabs (pair counting with the native kernel, then a second
-pass relabelling each slab); the output is assembled in memory (4 bytes per voxel, 8 when ids
-pass 2^32).
+pass relabelling each slab) and :func:`consensus` writes each slab of the output as it goes
+(into the temporary file or hidden zarr array that is renamed at the end), so volumes larger
+than memory are fine.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def _labels(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(np.uint64, copy=False)
 
 
-def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, names=("a", "b")):
+def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, names=("a", "b"), sink=None):
     """Consensus of two same-shape label volumes (NumPy arrays or
     :class:`~floodfilling.volumes.Volume` handles, read slab by slab). Returns
-    ``(volume, table)``: uint32 (uint64 when ids pass 2^32) and the :class:`ConsensusTable`."""
+    ``(volume, table)``: uint32 (uint64 when ids pass 2^32) and the :class:`ConsensusTable`.
+    ``sink(shape, dtype)``, when given, returns a ``write(slices, slab)`` function that receives
+    the output slab by slab instead (the volume returned is then None)."""
     if tuple(a.shape) != tuple(b.shape) or len(a.shape) != 3:
         raise ConsensusError(f"{names[1]}: shape {tuple(b.shape)} does not match {names[0]}'s {tuple(a.shape)} "
                              "(both must be 3-D)")
@@ -121,7 +124,13 @@ def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, name
     else:
         ka, kb = pairs[:, 0], pairs[:, 1]
     keys = (ka << np.uint64(32)) | kb  # sorted like the pairs
-    out = np.zeros(shape, dtype)
+    if sink is None:
+        out = np.zeros(shape, dtype)
+
+        def write(s, v):
+            out[s] = v
+    else:
+        out, write = None, sink(shape, dtype)
     for sl in slabs:
         sa, sb = _labels(np.asarray(a[sl]), names[0]), _labels(np.asarray(b[sl]), names[1])
         if wide:
@@ -129,7 +138,7 @@ def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, name
             sb = np.searchsorted(b_ids, sb).astype(np.uint64)
         key = np.ascontiguousarray((sa << np.uint64(32)) | sb)
         kernels.relabel(key, keys, table.out_ids)
-        out[sl] = key.astype(dtype)
+        write((sl,), key.astype(dtype))
     log.info("consensus: %d pieces, %d kept as their A id, %d new, %d removed", len(pairs),
              int(np.count_nonzero((table.out_ids > 0) & (table.out_ids == table.pairs[:, 0]))),
              int(np.count_nonzero(table.out_ids > max_a)), int(np.count_nonzero(table.out_ids == 0)))
@@ -145,23 +154,79 @@ def consensus(a_spec: str, b_spec: str, out_spec: str, *, min_size: int = 0, ove
         raise ConsensusError(f"output {out}: name the array to write, as {out.path}/ARRAY")
     if out.kind == "hdf5" and os.path.exists(out.path) and not overwrite:
         raise ConsensusError(f"output {out.path} exists; pass --overwrite to replace it")
-    with volumes.open_volume(a_spec) as va, volumes.open_volume(b_spec) as vb:
-        seg, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=(a_spec, b_spec))
-        attrs = {k: v for k, v in va.attrs.items() if k in ("resolution_zyx_nm", "bbox_zyx", "source_image")}
     from .inference.segment import read_origins
 
     origins = read_origins(a_spec)
-    if origins is not None:
-        present = np.unique(table.out_ids[table.out_ids > 0])
-        origins = origins[np.isin(origins["id"], present)]
-    attrs.update({"consensus": "split", "consensus_a": a_spec, "consensus_b": b_spec, "min_size": int(min_size)})
     ds = out.dataset
-    arrays = {ds: seg}
-    if origins is not None:
-        arrays[f"{ds}_origins"] = origins
-    if out.kind == "zarr":
-        volumes.write_zarr_atomic(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite)
-    else:
-        volumes.write_hdf5_atomic(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite, compression="gzip")
+    with volumes.open_volume(a_spec) as va, volumes.open_volume(b_spec) as vb:
+        attrs = {k: v for k, v in va.attrs.items() if k in ("resolution_zyx_nm", "bbox_zyx", "source_image")}
+        attrs.update({"consensus": "split", "consensus_a": a_spec, "consensus_b": b_spec, "min_size": int(min_size)})
+        if out.kind == "zarr":
+            table = _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, (a_spec, b_spec), attrs, origins, overwrite)
+        else:
+            table = _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, (a_spec, b_spec), attrs, origins, overwrite)
     log.info("wrote %s: %d objects", out_spec, int(np.unique(table.out_ids[table.out_ids > 0]).size))
+    return table
+
+
+def _kept_origins(origins, table: ConsensusTable):
+    """A's origins of the ids that survive (None when A has no table)."""
+    if origins is None:
+        return None
+    return origins[np.isin(origins["id"], np.unique(table.out_ids[table.out_ids > 0]))]
+
+
+def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
+    import h5py
+
+    with volumes.atomic_path(out.path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        def sink(shape, dtype):
+            d = f.create_dataset(ds, shape=shape, dtype=dtype, chunks=tuple(min(64, s) for s in shape),
+                                 compression="gzip", fillvalue=0)
+
+            def write(sl, v):
+                d[sl] = v
+            return write
+
+        _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
+        for k, v in attrs.items():
+            f[ds].attrs[k] = volumes._encode_attr(f"{ds}:{k}", v)
+        kept = _kept_origins(origins, table)
+        if kept is not None:
+            f.create_dataset(f"{ds}_origins", data=kept)
+    return table
+
+
+def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
+    import shutil
+
+    if os.path.exists(os.path.join(out.path, ds)) and not overwrite:
+        raise ConsensusError(f"{out.path}/{ds} exists; pass --overwrite")
+    group = volumes.open_zarr_group(out.path)
+    tag = str(os.getpid())
+    tmp = volumes.zarr_tmp_name(ds, tag)
+    shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
+    try:
+        def sink(shape, dtype):
+            z = volumes.zarr_create_volume(group, tmp, shape, dtype)
+
+            def write(sl, v):
+                z[sl] = v
+            return write
+
+        _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
+        arr = volumes._import_zarr().open_array(os.path.join(out.path, tmp), mode="r+")
+        for k, v in volumes.zarr_attrs(ds, attrs).items():
+            arr.attrs[k] = v
+        kept = _kept_origins(origins, table)
+        if kept is not None:
+            org_tmp = volumes.zarr_tmp_name(f"{ds}_origins", tag)
+            shutil.rmtree(os.path.join(out.path, org_tmp), ignore_errors=True)
+            volumes.zarr_put_table(group, org_tmp, kept)
+            volumes.zarr_commit(group, out.path, org_tmp, f"{ds}_origins", tag)
+        volumes.zarr_commit(group, out.path, tmp, ds, tag)
+    except BaseException:
+        shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
+        raise
+    volumes._fsync_dir(out.path)
     return table

@@ -192,6 +192,27 @@ def contingency(seg: Any, gt: Any) -> Contingency:
     return Contingency(s_ids[cells // n_g], g_ids[cells % n_g], counts)
 
 
+def contingency_volumes(seg: Any, gt: Any, slab_voxels: int = 1 << 24) -> Contingency:
+    """:func:`contingency` of two same-shape 3-D volumes read in z-slabs of about
+    ``slab_voxels`` voxels (NumPy arrays or :class:`~floodfilling.volumes.Volume` handles), so
+    memory stays bounded for volumes larger than RAM; the same table as the whole arrays give."""
+    if tuple(seg.shape) != tuple(gt.shape) or len(seg.shape) != 3:
+        raise ValueError(f"shape mismatch: seg has shape {tuple(seg.shape)}, gt has shape {tuple(gt.shape)} "
+                         "(both must be 3-D)")
+    shape = tuple(int(s) for s in seg.shape)
+    step = max(1, int(slab_voxels) // max(1, shape[1] * shape[2]))
+    parts = [contingency(np.asarray(seg[z:z + step]), np.asarray(gt[z:z + step])) for z in range(0, shape[0], step)]
+    if len(parts) == 1:
+        return parts[0]
+    s_ids = np.concatenate([p.seg_ids for p in parts])
+    g_ids = np.concatenate([p.gt_ids for p in parts])
+    counts = np.concatenate([p.counts for p in parts])
+    order = np.lexsort((g_ids, s_ids))  # (seg, gt) in their own dtypes, signed ones included
+    s_ids, g_ids, counts = s_ids[order], g_ids[order], counts[order]
+    head = np.flatnonzero(np.r_[True, (s_ids[1:] != s_ids[:-1]) | (g_ids[1:] != g_ids[:-1])])
+    return Contingency(s_ids[head], g_ids[head], np.add.reduceat(counts, head).astype(np.int64))
+
+
 def _table(seg: Any, gt: Any, table: Contingency | None, gt_zero: str) -> Contingency:
     _check_gt_zero(gt_zero)
     if table is None:
@@ -343,6 +364,7 @@ def evaluate(
     top: int = 10,
     *,
     base: float = 2.0,
+    table: Contingency | None = None,
 ) -> dict[str, Any]:
     """All metrics of a segmentation against the ground truth, as a JSON-serialisable dict.
 
@@ -356,12 +378,14 @@ def evaluate(
     "gt": [[gt_id, voxels], ...]}`` (the ``top`` largest overlaps). A false split is a gt
     object (never id 0) spread over several seg ids (0 included), ranked by the voxels outside
     its dominant seg id: ``{"gt_id", "voxels", "split_voxels", "n_seg", "seg": [[seg_id,
-    voxels], ...]}``. Both lists respect ``gt_zero``.
+    voxels], ...]}``. Both lists respect ``gt_zero``. ``table``: the :func:`contingency` of
+    ``seg`` and ``gt`` when already computed (e.g. by :func:`contingency_volumes` for volumes
+    larger than memory; ``seg`` and ``gt`` are then not read).
     """
     if top < 0:
         raise ValueError(f"top must be >= 0, got {top}")
     _check_gt_zero(gt_zero)
-    full = contingency(seg, gt)
+    full = table if table is not None else contingency(seg, gt)
     table = _table(None, None, full, gt_zero)
     result: dict[str, Any] = {}
     result.update(_vi_from_table(table, base))
