@@ -2,7 +2,7 @@
 run, a rerun seeded from its origins in reverse order (seed_policy=invert_origins), and their
 split consensus; each evaluated against the labels (VI split/merge, adapted Rand error).
 
-    python bench/consensus.py [--volume dev|fib25-128] [--workdir DIR] [--min-size 0,1000]
+    python bench/consensus.py [--volume dev|fib25-128] [--workdir DIR] [--min-size 0,1000] [--fill-passes N]
     # writes bench/results/consensus-<volume>-<machine>.json; runs found in DIR are reused
 
 fp32 (exact mode), default options otherwise. Consensus trades merges for splits: VI merge
@@ -29,6 +29,9 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ffn-consensus-bench", help="segmentations (reused when present)")
     ap.add_argument("--min-size", default="0,1000", help="consensus min_size values to report, comma-separated")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    ap.add_argument("--fill-passes", type=int, default=0,
+                    help="also a forward run with this many seed_fill_passes (gaps seeded after the peaks)")
+    ap.add_argument("--fill-min-radius", type=float, default=4.0, help="seed_fill_min_radius of that run")
     args = ap.parse_args()
 
     import h5py
@@ -55,6 +58,10 @@ def main() -> int:
     runs = {"forward": (wd / "a.h5", cfg),
             "inverted": (wd / "b.h5", cfg.with_overrides(seed_policy="invert_origins",
                                                          seed_origins=f"{wd / 'a.h5'}:seg"))}
+    if args.fill_passes > 0:
+        runs[f"forward_fill{args.fill_passes}"] = (
+            wd / f"fill{args.fill_passes}-r{args.fill_min_radius:g}.h5",
+            cfg.with_overrides(seed_fill_passes=args.fill_passes, seed_fill_min_radius=args.fill_min_radius))
     out = {"benchmark": "consensus", "machine": machine_id(), "volume": args.volume, "precision": "fp32",
            "command": f"python bench/consensus.py --volume {args.volume}", "gt_zero": "ignore", "runs": {}}
 

@@ -195,3 +195,45 @@ def test_streamed_output_equals_in_memory(runs):
     assert np.array_equal(read(runs / "s.h5")[0], want)
     assert np.array_equal(zarr.open_group(str(runs / "s.zarr"), mode="r")["seg"][...], want)
     assert not any(".tmp-" in p.name for p in list(runs.iterdir()) + list((runs / "s.zarr").iterdir()))
+
+
+def test_fill_empty_seeds():
+    from scipy import ndimage
+
+    seg = np.zeros((21, 23, 25), np.int32)
+    seg[:6] = 1  # an object fills z < 6
+    seg[14, 11, 12] = -1  # a seed tried before
+    pts = seeds_mod.fill_empty(seg, (2, 2, 2), min_radius=3.0)
+    free = np.pad(seg <= 0, 1, constant_values=False)
+    dist = ndimage.distance_transform_edt(free)[1:-1, 1:-1, 1:-1]
+    d = dist[pts[:, 0], pts[:, 1], pts[:, 2]]
+    assert len(pts) >= 1 and np.all(d >= 3.0) and np.all(np.diff(d) <= 1e-3)  # largest gap first
+    assert np.all(seg[pts[:, 0], pts[:, 1], pts[:, 2]] == 0) and np.all(pts[:, 0] >= 6)
+    assert dist[tuple(pts[0])] >= dist[6:, 2:-2, 2:-2].max() - 1e-3  # the deepest point of the gap
+    assert seeds_mod.fill_empty(np.ones((9, 9, 9), np.int32), (2, 2, 2)).shape == (0, 3)
+
+
+def test_fill_passes_seed_the_gaps(runs):
+    """seed_fill_passes: the first run's objects are kept and new ones grow in the gaps;
+    the state (seeds, passes) survives a save/load."""
+    from floodfilling.inference.segment import load_state, save_state, segment_array
+    from floodfilling.model import load_model
+
+    with h5py.File(runs / "img.h5", "r") as f:
+        raw = f["raw"][:]
+    net = load_model(str(runs / "tiny.npz"), "cpu")
+    cfg = InferenceConfig(min_segment_size=100, threads=1)
+    base = segment_array(raw, config=cfg, net_and_info=net)
+    filled = segment_array(raw, config=cfg.with_overrides(seed_fill_passes=2, seed_fill_min_radius=2.0),
+                           net_and_info=net)
+    assert filled.counters["fill_seeds"] > 0 and filled.counters["objects"] >= base.counters["objects"]
+    kept = base.segmentation > 0
+    assert np.array_equal(filled.segmentation[kept], base.segmentation[kept])  # the first pass is untouched
+    assert (filled.segmentation == 0).sum() <= (base.segmentation == 0).sum()
+    from floodfilling.inference.canvas import Canvas, CanvasState
+
+    cv = Canvas(np.zeros((9, 9, 9), np.float32), np.zeros((2, 3)), cfg, (3, 3, 3), (1, 1, 1),
+                state=CanvasState(segmentation=np.zeros((9, 9, 9), np.int32), seed_index=2, fill_passes=1))
+    save_state(runs / "st.npz", cv, {"m": 1})
+    st, seeds = load_state(runs / "st.npz", {"m": 1})
+    assert st.fill_passes == 1 and st.seed_index == 2 and seeds.shape == (2, 3)

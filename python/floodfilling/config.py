@@ -51,6 +51,11 @@ class InferenceConfig:
     seed_origins: str = ""
     # Minimum spacing (voxels) between "peaks" seeds.
     seed_min_distance: int = 3
+    # Extra seeding passes after the policy's seeds (0: none, the reference): each seeds the local
+    # maxima of the distance to the nearest object in the space no object took, largest gap first.
+    seed_fill_passes: int = 0
+    # Fill passes seed only where the gap is at least this many voxels from any object or the border.
+    seed_fill_min_radius: float = 4.0
     # Grid spacing (voxels) for the "grid" seed policy (the reference's PolicyGrid3d: interleaved
     # passes at offsets 0, 8, 4, 12, 2, 10, 14 of this grid, coarse to fine).
     seed_grid_step: int = 16
@@ -104,6 +109,9 @@ class InferenceConfig:
         if self.seed_policy == "invert_origins" and not str(self.seed_origins).strip():
             raise ConfigError("option seed_policy='invert_origins' needs seed_origins=FILE.h5:SEG (a previous run's "
                               "output, whose _origins table gives the seeds)")
+        if int(self.seed_fill_passes) < 0 or not float(self.seed_fill_min_radius) > 0:
+            raise ConfigError(f"options seed_fill_passes={self.seed_fill_passes!r} (>= 0) / seed_fill_min_radius="
+                              f"{self.seed_fill_min_radius!r} (> 0) out of range")
         if self.seed_min_distance < 1 or self.seed_grid_step < 1:
             raise ConfigError("options seed_min_distance and seed_grid_step must be >= 1")
         if self.normalise not in ("standardise", "histogram", "fixed"):

@@ -55,6 +55,7 @@ class CanvasState:
     origins: dict[int, Origin] = field(default_factory=dict)
     overlaps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
+    fill_passes: int = 0  # seed_fill_passes done (their seeds are appended to the seed list)
 
 
 COUNTER_NAMES = (
@@ -143,7 +144,8 @@ class Canvas:
 
     @property
     def done(self) -> bool:
-        return self.state.seed_index >= len(self.seeds)
+        return (self.state.seed_index >= len(self.seeds)
+                and self.state.fill_passes >= int(self.cfg.seed_fill_passes))
 
     def fov_slices(self, c) -> tuple[slice, slice, slice]:
         m = self.margin
@@ -163,7 +165,7 @@ class Canvas:
         shape = self.shape
         m = self.margin
         mbd = self.cfg.min_boundary_dist_zyx
-        while st.seed_index < len(self.seeds):
+        while st.seed_index < len(self.seeds) or self._next_fill_pass():
             pos = tuple(int(v) for v in self.seeds[st.seed_index])
             cnt["seeds_seen"] += 1
             if (any(p - mm < 0 or p + mm >= s for p, mm, s in zip(pos, m, shape)) or seg[pos] > 0):
@@ -179,6 +181,20 @@ class Canvas:
             st.seed_index += 1
             if self.on_object_done is not None:
                 self.on_object_done(self)
+
+    def _next_fill_pass(self) -> bool:
+        """seed_fill_passes: appends the seeds of the next pass; False when none is left."""
+        st = self.state
+        while st.fill_passes < int(self.cfg.seed_fill_passes):
+            from .seeds import fill_empty
+
+            st.fill_passes += 1
+            extra = fill_empty(st.segmentation, self.margin, float(self.cfg.seed_fill_min_radius))
+            st.counters["fill_seeds"] = st.counters.get("fill_seeds", 0) + len(extra)
+            if len(extra):
+                self.seeds = np.concatenate([self.seeds, extra.astype(np.int64)])
+                return True
+        return False
 
     def _flood(self, pos):
         """Floods one object from ``pos``; returns (steps, bounding box of the FOV centres)."""

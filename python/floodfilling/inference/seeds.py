@@ -82,6 +82,24 @@ def invert_origins(origins: np.ndarray, shift_zyx, shape, margin_zyx) -> np.ndar
     return inside_margin(pts + np.asarray(shift_zyx, np.int64), shape, margin_zyx)
 
 
+def fill_empty(segmentation: np.ndarray, margin_zyx, min_radius: float = 4.0, min_distance: int = 3) -> np.ndarray:
+    """Seeds for the space no object took (``segmentation <= 0``): local maxima of the distance
+    to the nearest object voxel or the volume border (1e-4 * RandomState(42) noise breaks ties,
+    as for "peaks"), at least ``min_radius`` voxels, not on a voxel already tried (-1), inside
+    the margin; largest distance first (ties in raster order)."""
+    free = np.pad(segmentation <= 0, 1, constant_values=False)  # the border counts as an object
+    dist = ndimage.distance_transform_edt(free)[1:-1, 1:-1, 1:-1]
+    dist = dist + np.random.RandomState(42).random_sample(dist.shape) * 1e-4
+    pts = kernels.find_peaks(dist, min_distance=min_distance, threshold=0.0)
+    pts = inside_margin(pts, segmentation.shape, margin_zyx)
+    if not len(pts):
+        return pts
+    d = dist[pts[:, 0], pts[:, 1], pts[:, 2]]
+    keep = (d >= min_radius) & (segmentation[pts[:, 0], pts[:, 1], pts[:, 2]] == 0)
+    pts, d = pts[keep], d[keep]
+    return pts[np.argsort(-d, kind="stable")]
+
+
 def make_seeds(policy: str, image: np.ndarray, margin_zyx, voxel_size_zyx=(1, 1, 1), *,
                min_distance: int = 3, grid_step: int = 16) -> np.ndarray:
     if policy == "peaks":

@@ -80,7 +80,7 @@ def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
     ov_rows = [(i, a, c) for i in ids for a, c in zip(*st.overlaps.get(int(i), ((), ())))]
     ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
+    np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index, fill_passes=st.fill_passes,
              max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs, overlaps=ov,
              counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
     with open(tmp, "rb") as f:
@@ -97,7 +97,8 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
                 raise SegmentError(f"{path}: resume state belongs to a different run (differs in "
                                    f"{', '.join(diff)}); delete it or pass --overwrite")
             st = CanvasState(segmentation=z["segmentation"].copy(), seed_index=int(z["seed_index"]),
-                             max_id=int(z["max_id"]), counters=json.loads(str(z["counters"])))
+                             max_id=int(z["max_id"]), counters=json.loads(str(z["counters"])),
+                             fill_passes=int(z["fill_passes"]) if "fill_passes" in z.files else 0)
             for i, row, s in zip(z["origin_ids"].tolist(), z["origins"].tolist(), z["origin_seconds"].tolist()):
                 st.origins[i] = Origin(tuple(row[:3]), int(row[3]), float(s))
             ov = z["overlaps"]
