@@ -153,6 +153,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_agglomerate(args) -> int:
+    from .agglomerate import AgglomerationOptions, agglomerate
+    from .distributed.blocks import parse_zyx
+
+    cfg = _build_config(args)
+    opts = AgglomerationOptions(box=parse_zyx(args.box, "--box", 1), min_contact=args.min_contact,
+                                merge_iou=args.merge_iou, within=args.within)
+    t = agglomerate(args.image, args.seg, args.out, model=args.model, config=cfg, opts=opts,
+                    overwrite=args.overwrite, inflight=args.inflight)
+    print(f"{args.out}: {int(t['merged'].sum())} of {len(t)} candidate pairs merged")
+    return 0
+
+
 def cmd_status(args) -> int:
     from .distributed.status import block_status, format_status
 
@@ -228,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=0, help="pieces with fewer voxels become 0 (default 0: keep all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_consensus)
+
+    p = sub.add_parser("agglomerate", help="merge touching objects that the network, flooding from each, finds "
+                                           "to be one (FFN resegmentation)")
+    p.add_argument("image", help="image: file.h5:dataset or a Zarr array")
+    p.add_argument("seg", help="oversegmentation of it (e.g. an `ffn consensus` output)")
+    p.add_argument("out", help="output: file.h5:dataset or dir.zarr/array")
+    p.add_argument("--within", default=None,
+                   help="only pairs lying mostly in one object of this segmentation (e.g. the forward run)")
+    p.add_argument("--box", default="49,49,49", help="box z,y,x flooded around each contact (>= the FOV)")
+    p.add_argument("--min-contact", type=int, default=10, help="face-adjacent voxel pairs that make a candidate")
+    p.add_argument("--merge-iou", type=float, default=0.5, help="merge when the two floods overlap this much (IoU)")
+    p.add_argument("--inflight", type=int, default=None, help="boxes sharing each network call (default 1 on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_agglomerate)
 
     p = sub.add_parser("status", help="progress of a block-inference run (blocks done, running, time left), "
                                       "read from its --workdir")
