@@ -2,7 +2,7 @@
 run, a rerun seeded from its origins in reverse order (seed_policy=invert_origins), and their
 split consensus; each evaluated against the labels (VI split/merge, adapted Rand error).
 
-    python bench/consensus.py [--volume dev|fib25-128] [--workdir DIR] [--min-size 0,1000] [--fill-passes N]
+    python bench/consensus.py [--volume dev|fib25-128] [--workdir DIR] [--min-size 0,1000] [--fill-passes N] [--agglomerate]
     # writes bench/results/consensus-<volume>-<machine>.json; runs found in DIR are reused
 
 fp32 (exact mode), default options otherwise. Consensus trades merges for splits: VI merge
@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--fill-passes", type=int, default=0,
                     help="also a forward run with this many seed_fill_passes (gaps seeded after the peaks)")
     ap.add_argument("--fill-min-radius", type=float, default=4.0, help="seed_fill_min_radius of that run")
+    ap.add_argument("--agglomerate", action="store_true",
+                    help="also agglomerate each consensus (FFN resegmentation of the pieces of one forward object)")
     args = ap.parse_args()
 
     import h5py
@@ -87,6 +89,20 @@ def main() -> int:
         cp = wd / f"consensus-{ms}.h5"
         consensus(f"{wd / 'a.h5'}:seg", f"{wd / 'b.h5'}:seg", f"{cp}:seg", min_size=ms, overwrite=True)
         report(f"consensus_min_size_{ms}", cp, {"seconds": time.perf_counter() - t})
+        if args.agglomerate:
+            from floodfilling.agglomerate import AgglomerationOptions, agglomerate
+
+            t = time.perf_counter()
+            ap_ = wd / f"agglomerated-{ms}.h5"
+            if ap_.exists():  # reused, like the runs
+                with h5py.File(ap_, "r") as f:
+                    tab, secs = f["seg_agglomeration"][:], None
+            else:
+                tab = agglomerate(f"{img}:raw", f"{cp}:seg", f"{ap_}:seg", config=cfg,
+                                  opts=AgglomerationOptions(within=f"{wd / 'a.h5'}:seg"))
+                secs = time.perf_counter() - t
+            report(f"consensus_min_size_{ms}_agglomerated", ap_,
+                   {"seconds": secs, "candidates": len(tab), "merged": int(tab["merged"].sum())})
     text = json.dumps(out, indent=2)
     (HERE / "results" / f"consensus-{args.volume}-{machine_id()}.json").write_text(text + "\n")
     print(text)
