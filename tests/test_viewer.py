@@ -2,7 +2,6 @@
 arrays), bbox offsets, bad input, and the command end to end (URL answered, Ctrl-C exits 0)."""
 
 import io
-import os
 import signal
 import subprocess
 import sys
