@@ -89,11 +89,11 @@ def contacts(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def dominant(seg: np.ndarray, other: np.ndarray) -> dict[int, int]:
     """For each nonzero id of ``seg``, the nonzero id of ``other`` it overlaps most (0: none)."""
+    from .consensus import largest_overlaps
+
     p, c = kernels.count_pairs(seg.astype(np.uint64, copy=False), other.astype(np.uint64, copy=False),
                                ignore_zero=True)
-    order = np.lexsort((p[:, 1], -c, p[:, 0]))
-    head = order[np.r_[True, p[order, 0][1:] != p[order, 0][:-1]]] if len(order) else order
-    return {int(p[i, 0]): int(p[i, 1]) for i in head}
+    return {int(p[i, 0]): int(p[i, 1]) for i in largest_overlaps(p, c)}
 
 
 def place_box(centre, box, shape) -> volumes.BBox:

@@ -50,6 +50,14 @@ class ConsensusTable:
         return int(self.out_ids.max()) if self.out_ids.size else 0
 
 
+def largest_overlaps(pairs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row of the largest count of each first id in ``(pairs, counts)`` (ties: the smallest
+    second id), in order of the first ids."""
+    a, b = pairs[:, 0], pairs[:, 1]
+    order = np.lexsort((b, -np.asarray(counts), a))
+    return order[np.r_[True, a[order][1:] != a[order][:-1]]] if len(order) else order
+
+
 def consensus_table(pairs: np.ndarray, counts: np.ndarray, min_size: int, max_a: int) -> ConsensusTable:
     """Output id of every piece (see the module docstring). ``pairs`` sorted, distinct."""
     pairs = np.asarray(pairs, np.uint64).reshape(-1, 2)
@@ -58,11 +66,8 @@ def consensus_table(pairs: np.ndarray, counts: np.ndarray, min_size: int, max_a:
     out = np.zeros(len(pairs), np.uint64)
     if not len(pairs):
         return ConsensusTable(pairs, counts, out)
-    # the largest piece of each a (ties: smallest b): sort by (a, -count, b), first of each a
-    order = np.lexsort((b, -counts, a))
-    head = order[np.r_[True, a[order][1:] != a[order][:-1]]]
     main = np.zeros(len(pairs), bool)
-    main[head] = True
+    main[largest_overlaps(pairs, counts)] = True  # the largest piece of each a (ties: smallest b)
     keep = (a != 0) & (counts >= max(int(min_size), 0))
     out[main & keep] = a[main & keep]
     new = np.flatnonzero(~main & keep)
