@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from floodfilling.agglomerate import AgglomerationError, contacts, dominant, interior_point
+from floodfilling.agglomerate import contacts, dominant, interior_point
 from floodfilling.cli import main
 from floodfilling.testing import mean_flood_model
 
@@ -103,5 +103,7 @@ def test_bad_inputs(case, capsys):
     (case / "exists.h5").write_bytes(b"x")
     assert "exists; pass --overwrite" in err(argv=base[:3] + [f"{case / 'exists.h5'}:seg", "--model",
                                                               str(case / "tiny.npz")])
-    with pytest.raises(AgglomerationError):
-        raise AgglomerationError("x")
+    zarr = pytest.importorskip("zarr")
+    zarr.open_group(str(case / "o.zarr"), mode="w").create_array("seg", shape=(1, 1, 1), dtype="u4")
+    assert f"{case / 'o.zarr'}/seg exists; pass --overwrite" in err(  # refused before any flood
+        argv=base[:3] + [f"{case / 'o.zarr'}/seg", "--model", str(case / "tiny.npz")])

@@ -26,7 +26,6 @@ The output is ``seg`` relabelled, with ``<ds>_origins`` (``seg``'s, for the ids 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,11 +194,7 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
 
     cfg = (config or InferenceConfig()).validate()
     opts = opts or AgglomerationOptions()
-    out = volumes.parse_volume_spec(out_spec)
-    if out.kind == "zarr" and not out.dataset:
-        raise AgglomerationError(f"output {out}: name the array to write, as {out.path}/ARRAY")
-    if out.kind == "hdf5" and os.path.exists(out.path) and not overwrite:
-        raise AgglomerationError(f"output {out.path} exists; pass --overwrite to replace it")
+    out = volumes.check_output(out_spec, overwrite)  # before the floods, not after
     net, info = load_model(model, "cpu")
     with volumes.open_volume(image_spec) as vi, volumes.open_volume(seg_spec) as vs:
         if tuple(vi.shape) != tuple(vs.shape):

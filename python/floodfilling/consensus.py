@@ -154,11 +154,7 @@ def consensus(a_spec: str, b_spec: str, out_spec: str, *, min_size: int = 0, ove
               slab_voxels: int = 1 << 24) -> ConsensusTable:
     """Reads A and B, writes their split consensus to ``out_spec`` (atomically) with A's origins
     for the ids that survive (``<ds>_origins``); returns the table of pieces."""
-    out = volumes.parse_volume_spec(out_spec)
-    if out.kind == "zarr" and not out.dataset:
-        raise ConsensusError(f"output {out}: name the array to write, as {out.path}/ARRAY")
-    if out.kind == "hdf5" and os.path.exists(out.path) and not overwrite:
-        raise ConsensusError(f"output {out.path} exists; pass --overwrite to replace it")
+    out = volumes.check_output(out_spec, overwrite)  # before any work
     from .inference.segment import read_origins
 
     origins = read_origins(a_spec)
@@ -205,8 +201,6 @@ def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
 def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
     import shutil
 
-    if os.path.exists(os.path.join(out.path, ds)) and not overwrite:
-        raise ConsensusError(f"{out.path}/{ds} exists; pass --overwrite")
     group = volumes.open_zarr_group(out.path)
     tag = str(os.getpid())
     tmp = volumes.zarr_tmp_name(ds, tag)

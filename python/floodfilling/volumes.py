@@ -777,6 +777,23 @@ def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False) -> VolumeSpec:
+    """Checks an output spec before any work: a zarr output names its array (and zarr is
+    installed); an existing output (the HDF5 file, or the zarr array) needs ``overwrite``.
+    Returns the parsed spec; :class:`VolumeError` otherwise."""
+    out = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
+    if out.kind == "zarr":
+        if not out.dataset:
+            raise VolumeError(f"output {out.path}: name the array to write, as {out.path}/ARRAY")
+        _import_zarr()
+        target = os.path.join(out.path, out.dataset)
+    else:
+        target = out.path
+    if os.path.exists(target) and not overwrite:
+        raise VolumeError(f"output {target} exists; pass --overwrite to replace it")
+    return out
+
+
 def write_volume(
     spec: PathLike | VolumeSpec,
     array: np.ndarray,

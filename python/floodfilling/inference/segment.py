@@ -208,16 +208,8 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
             bbox: str | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
     cfg = (config or InferenceConfig()).validate()
-    out = volumes.parse_volume_spec(out_spec)
+    out = volumes.check_output(out_spec, overwrite)  # before any work
     out_path, out_ds = Path(out.path), out.dataset
-    if out.kind == "zarr":
-        if not out_ds:
-            raise SegmentError(f"output {out_path}: name the array to write, as {out_path}/ARRAY")
-        volumes._import_zarr()  # a clear error before any work when zarr is missing
-        if (out_path / out_ds).exists() and not overwrite:
-            raise SegmentError(f"output {out_path / out_ds} exists; pass --overwrite to replace it")
-    elif out_path.exists() and not overwrite:
-        raise SegmentError(f"output {out_path} exists; pass --overwrite to replace it")
     with volumes.open_volume(image_spec) as vol:
         box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
         box.validate(vol.shape)
