@@ -100,7 +100,8 @@ def test_bad_inputs(case, capsys):
     assert "--merge-iou 1.5" in err("--merge-iou", "1.5")
     assert "dtype float32 is not a label" in err(argv=["agglomerate", f"{case / 'v.h5'}:raw", f"{case / 'v.h5'}:float",
                                                        f"{case / 'x.h5'}:seg", "--model", str(case / "tiny.npz")])
-    (case / "exists.h5").write_bytes(b"x")
+    with h5py.File(case / "exists.h5", "w") as f:  # an existing output dataset (other datasets would be kept)
+        f["seg"] = np.zeros((1, 1, 1), np.uint32)
     assert "exists; pass --overwrite" in err(argv=base[:3] + [f"{case / 'exists.h5'}:seg", "--model",
                                                               str(case / "tiny.npz")])
     zarr = pytest.importorskip("zarr")

@@ -305,7 +305,8 @@ def test_bad_inputs(data, reference, tmp_path, capsys):
     assert "differs in: config" in e
     assert "differs in: block" in err("--workdir", str(work), "--block", "24,48,96")
     # an existing output that is not ours
-    (tmp_path / "o.h5").write_bytes(b"x")
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        f["seg"] = np.zeros((1, 1, 1), np.uint32)
     assert "exists; pass --overwrite" in err("--block", BLOCK)
 
 

@@ -333,11 +333,15 @@ def test_write_hdf5_no_compression(tmp_path):
 def test_write_hdf5_exists_and_overwrite(tmp_path):
     path = tmp_path / "out.h5"
     write_hdf5_atomic(path, {"a": np.zeros((2, 2, 2), np.uint8)})
-    with pytest.raises(VolumeError, match=r"out\.h5 exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match=r"out\.h5:a exists; pass --overwrite"):
         write_hdf5_atomic(path, {"a": np.ones((2, 2, 2), np.uint8)})
     write_hdf5_atomic(path, {"b": np.ones((2, 2, 2), np.uint8)}, overwrite=True)
     with h5py.File(path, "r") as f:
-        assert list(f) == ["b"]  # replaced as a whole
+        assert list(f) == ["a", "b"]  # the file's other dataset is kept, not replaced with the file
+        assert not f["a"][...].any()
+    write_hdf5_atomic(path, {"a": np.full((2, 2, 2), 7, np.uint8)}, overwrite=True)
+    with h5py.File(path, "r") as f:
+        assert list(f) == ["a", "b"] and (f["a"][...] == 7).all() and (f["b"][...] == 1).all()
     assert _leftovers(tmp_path) == []
 
 
@@ -447,10 +451,12 @@ def test_write_volume(tmp_path):
         np.testing.assert_array_equal(v.read(), seg)
         assert v.resolution_zyx_nm == (8.0, 8.0, 8.0)
     with pytest.raises(VolumeError, match="exists; pass --overwrite"):
-        write_volume(f"{path}:other", seg)
-    write_volume(f"{path}:other", seg * 2, overwrite=True)
+        write_volume(f"{path}:volumes/seg", seg)
+    write_volume(f"{path}:other", seg * 2)  # a new dataset beside the first
     with h5py.File(path, "r") as f:
-        assert list(f) == ["other"]
+        assert list(f) == ["other", "volumes"]
+        np.testing.assert_array_equal(f["volumes/seg"][...], seg)
+        assert dict(f["volumes/seg"].attrs)["resolution_zyx_nm"].tolist() == [8, 8, 8]
     with pytest.raises(VolumeError, match=r"expected a 3-D"):
         write_volume(f"{tmp_path / 'b.h5'}:x", np.zeros((2, 2)))
     with pytest.raises(VolumeError, match="unsupported dtype"):

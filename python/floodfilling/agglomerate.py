@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from . import kernels, volumes
+from . import kernels, locks, volumes
 from .config import InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,19 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
                 overwrite: bool = False, inflight: int | None = None) -> np.ndarray:
     """Reads the image and segmentation, agglomerates, writes ``out_spec`` atomically; returns
     the candidates table."""
+    cfg = (config or InferenceConfig()).validate()
+    opts = opts or AgglomerationOptions()
+    out = volumes.parse_volume_spec(out_spec)
+    names = [str(out.dataset), f"{out.dataset}_agglomeration", f"{out.dataset}_origins"]
+    out = volumes.check_output(out, overwrite, names=names, inputs=[image_spec, seg_spec, opts.within])  # before the floods
+    with locks.output_lock(out, names):
+        return _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, inflight)
+
+
+def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, inflight) -> np.ndarray:
     from .inference.segment import read_origins, resolve_normalisation
     from .model import load_model
 
-    cfg = (config or InferenceConfig()).validate()
-    opts = opts or AgglomerationOptions()
-    out = volumes.check_output(out_spec, overwrite)  # before the floods, not after
     net, info = load_model(model, "cpu")
     with volumes.open_volume(image_spec) as vi, volumes.open_volume(seg_spec) as vs:
         if tuple(vi.shape) != tuple(vs.shape):
@@ -220,8 +227,5 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
         arrays[f"{ds}_origins"] = origins[np.isin(origins["id"], np.unique(new))]
     attrs.update({"agglomerated_from": seg_spec, "box_zyx": list(opts.box), "min_contact": int(opts.min_contact),
                   "merge_iou": float(opts.merge_iou), "within": opts.within or "", "model": info.source})
-    if out.kind == "zarr":
-        volumes.write_zarr_atomic(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite)
-    else:
-        volumes.write_hdf5_atomic(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite, compression="gzip")
+    volumes.write_arrays(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite)
     return table

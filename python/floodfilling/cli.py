@@ -17,6 +17,15 @@ from . import __version__
 log = logging.getLogger("floodfilling")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors (``--threads abc``, a missing argument) as one line ``ffn: error: ...``
+    and exit status 2, like every other error the user can fix (no usage block)."""
+
+    def error(self, message: str):
+        msg = " ".join(str(message).split())
+        self.exit(2, f"ffn: error: {msg}\n")
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model file (.npz) or training directory; default: bundled FIB-25")
     p.add_argument("--config", default=None, help="TOML file with [inference] options (see `ffn config`)")
@@ -57,9 +66,16 @@ def _build_config(args):
         normalise = "fixed"
     if normalise not in (None, "fixed") and (args.image_mean is not None or args.image_std is not None):
         raise ConfigError(f"--image-mean/--image-std need --normalise fixed, not {normalise}")
-    return cfg.with_overrides(device=args.device, threads=args.threads, precision=args.precision,
-                              resident=args.resident, compile=args.compile, checkpoint_interval_s=args.checkpoint_interval, normalise=normalise,
-                              image_mean=args.image_mean, image_std=args.image_std)
+    flags = {"device": ("--device", args.device), "threads": ("--threads", args.threads),
+             "precision": ("--precision", args.precision), "resident": ("--resident", args.resident),
+             "compile": ("--compile", args.compile),
+             "checkpoint_interval_s": ("--checkpoint-interval", args.checkpoint_interval),
+             "image_mean": ("--image-mean", args.image_mean), "image_std": ("--image-std", args.image_std)}
+    overrides = {"normalise": normalise}
+    for name, (flag, value) in flags.items():  # the typed check of each option, worded with its flag
+        if value is not None:
+            overrides[name] = InferenceConfig.check_option(name, value, label=f"{flag} {value!r}")
+    return cfg.with_overrides(**overrides)
 
 
 def _parse_value(v: str):
@@ -74,6 +90,10 @@ def _parse_value(v: str):
 def cmd_segment(args) -> int:
     from .inference.segment import segment
 
+    if args.block is None and args.workdir is None:  # block-inference options without block inference
+        for flag, value in (("--inflight", args.inflight), ("--halo", args.halo)):
+            if value is not None:
+                raise ValueError(f"{flag} {value}: only with block inference (--block or --workdir)")
     cfg = _build_config(args)
     if args.block is not None or args.workdir is not None:
         from .distributed.run import segment_blocks
@@ -101,7 +121,8 @@ def cmd_evaluate(args) -> int:
             if v.dtype.kind not in "iu":
                 raise ValueError(f"{spec}: dtype {v.dtype} is not a label (integer) type")
         table = evaluation.contingency_volumes(a, b)  # slab by slab: volumes larger than memory are fine
-    res = evaluation.evaluate(None, None, gt_zero=args.gt_zero, top=args.top, table=table)
+        names = (str(a.spec), str(b.spec))  # negative ids are refused by evaluate, naming these
+    res = evaluation.evaluate(None, None, gt_zero=args.gt_zero, top=args.top, table=table, names=names)
     print(json.dumps(res, indent=2) if args.json else evaluation.format_report(res))
     return 0
 
@@ -193,10 +214,10 @@ def cmd_view(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ffn", description="Flood-Filling Networks for connectomics")
+    ap = _Parser(prog="ffn", description="Flood-Filling Networks for connectomics")
     ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("segment", help="segment a volume with a flood-filling network")
     p.add_argument("image", help="input image: file.h5:dataset or a Zarr array")
@@ -298,9 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# What a rerun does after Ctrl-C, per command (others start over).
+_INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun the same command to resume",
+                "train": "rerun with --resume to continue"}
+
+
 def main(argv=None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # argument errors (one line, see _Parser), --help, --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -312,7 +341,8 @@ def main(argv=None) -> int:
         print(f"ffn: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ffn: interrupted (rerun the same command to resume)", file=sys.stderr)
+        hint = _INTERRUPTED.get(getattr(args, "command", None) or "")
+        print("ffn: interrupted" + (f" ({hint})" if hint else ""), file=sys.stderr)
         return 130
 
 

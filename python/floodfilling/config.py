@@ -9,7 +9,12 @@ converts them to float32 logits once.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -95,51 +100,40 @@ class InferenceConfig:
     merge_min_iou: float = 0.0
 
     def validate(self) -> "InferenceConfig":
-        for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
-            v = getattr(self, name)
-            if not (0.0 < float(v) < 1.0):
-                raise ConfigError(f"option {name}={v!r}: must be a probability strictly between 0 and 1")
-        if self.min_segment_size < 0:
-            raise ConfigError(f"option min_segment_size={self.min_segment_size!r}: must be >= 0")
-        if len(tuple(self.min_boundary_dist_zyx)) != 3 or any(int(v) < 0 for v in self.min_boundary_dist_zyx):
-            raise ConfigError(f"option min_boundary_dist_zyx={self.min_boundary_dist_zyx!r}: need 3 values >= 0")
-        self.min_boundary_dist_zyx = tuple(int(v) for v in self.min_boundary_dist_zyx)  # type: ignore[assignment]
+        """Checks every option's type and range (and normalises it: 1 -> 1.0 for a float option,
+        a list -> a tuple); raises :class:`ConfigError` naming the option and its value."""
+        hints = _type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name], _BOUNDS.get(f.name)))
         if self.seed_policy not in ("peaks", "grid", "invert_origins"):
             raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks', 'grid' or 'invert_origins'")
         if self.seed_policy == "invert_origins" and not str(self.seed_origins).strip():
             raise ConfigError("option seed_policy='invert_origins' needs seed_origins=FILE.h5:SEG (a previous run's "
                               "output, whose _origins table gives the seeds)")
-        if int(self.seed_fill_passes) < 0 or not float(self.seed_fill_min_radius) > 0:
-            raise ConfigError(f"options seed_fill_passes={self.seed_fill_passes!r} (>= 0) / seed_fill_min_radius="
-                              f"{self.seed_fill_min_radius!r} (> 0) out of range")
-        if self.seed_min_distance < 1 or self.seed_grid_step < 1:
-            raise ConfigError("options seed_min_distance and seed_grid_step must be >= 1")
         if self.normalise not in ("standardise", "histogram", "fixed"):
             raise ConfigError(f"option normalise={self.normalise!r}: expected 'standardise', 'histogram' or 'fixed'")
-        if self.image_std is not None and not float(self.image_std) > 0:
-            raise ConfigError(f"option image_std={self.image_std!r}: must be > 0")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"option compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.resident not in ("auto", "on", "off"):
             raise ConfigError(f"option resident={self.resident!r}: expected 'auto', 'on' or 'off'")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"option precision={self.precision!r}: expected 'fp32' or 'bf16'")
-        if self.dust_size < 0:
-            raise ConfigError(f"option dust_size={self.dust_size!r}: must be >= 0")
-        if self.threads < 0:
-            raise ConfigError(f"option threads={self.threads!r}: must be >= 0")
-        if self.checkpoint_interval_s < 0:
-            raise ConfigError(f"option checkpoint_interval_s={self.checkpoint_interval_s!r}: must be >= 0")
-        if not (0.0 < float(self.merge_min_fraction) <= 1.0) or not (0.0 <= float(self.merge_min_iou) <= 1.0):
-            raise ConfigError(f"options merge_min_fraction={self.merge_min_fraction!r} / merge_min_iou="
-                              f"{self.merge_min_iou!r}: must be in (0, 1] / [0, 1]")
-        if int(self.merge_min_voxels) < 1:
-            raise ConfigError(f"option merge_min_voxels={self.merge_min_voxels!r}: must be >= 1")
         return self
 
     # -- TOML ----------------------------------------------------------------------
     @classmethod
+    def check_option(cls, name: str, value: Any, label: str | None = None) -> Any:
+        """One option's value, type- and range-checked as :meth:`validate` does (``label``
+        replaces "option NAME=VALUE" in the message, e.g. with the command-line flag)."""
+        hints = _type_hints(cls)
+        if name not in hints:
+            raise ConfigError(f"unknown option {name}")
+        return check_type(name, value, hints[name], _BOUNDS.get(name), label)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "InferenceConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a table of options, got {d!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -160,9 +154,15 @@ class InferenceConfig:
     def from_toml(cls, path: str | Path) -> "InferenceConfig":
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory, not a TOML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p}: not a text (UTF-8) file, cannot be TOML (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: invalid TOML ({exc})") from None
         data = data.get("inference", data)
@@ -183,8 +183,154 @@ class InferenceConfig:
         return "\n".join(lines) + "\n"
 
     def with_overrides(self, **kw: Any) -> "InferenceConfig":
+        """A copy with the options in ``kw`` replaced (``None`` values are skipped), validated."""
         kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = sorted(set(kw) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
         return dataclasses.replace(self, **kw).validate()
+
+
+# -- typed checks --------------------------------------------------------------------
+# Range of a numeric option (each value of a tuple option): (low, low_inclusive, high, high_inclusive),
+# None for an open end. Options not listed only need the type (finite for floats).
+Bounds = tuple  # (float | None, bool, float | None, bool)
+_PROBABILITY: Bounds = (0, False, 1, False)
+_AT_LEAST_0: Bounds = (0, True, None, False)
+_AT_LEAST_1: Bounds = (1, True, None, False)
+_POSITIVE: Bounds = (0, False, None, False)
+_BOUNDS: dict[str, Bounds] = {
+    "init_activation": _PROBABILITY, "pad_value": _PROBABILITY, "move_threshold": _PROBABILITY,
+    "segment_threshold": _PROBABILITY, "min_segment_size": _AT_LEAST_0, "min_boundary_dist_zyx": _AT_LEAST_0,
+    "seed_min_distance": _AT_LEAST_1, "seed_fill_passes": _AT_LEAST_0, "seed_fill_min_radius": _POSITIVE,
+    "seed_grid_step": _AT_LEAST_1, "image_std": _POSITIVE, "threads": _AT_LEAST_0,
+    "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
+    "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
+}
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _range_text(b: Bounds | None) -> str:
+    if b is None:
+        return ""
+    lo, lo_in, hi, hi_in = b
+    if hi is None:
+        return f" {'>=' if lo_in else '>'} {_num(lo)}"
+    if lo is None:
+        return f" {'<=' if hi_in else '<'} {_num(hi)}"
+    if not lo_in and not hi_in:
+        return f" strictly between {_num(lo)} and {_num(hi)}"
+    return f" in {'[' if lo_in else '('}{_num(lo)}, {_num(hi)}{']' if hi_in else ')'}"
+
+
+def _in_range(v: float, b: Bounds | None) -> bool:
+    if b is None:
+        return True
+    lo, lo_in, hi, hi_in = b
+    if lo is not None and not (v >= lo if lo_in else v > lo):
+        return False
+    return hi is None or (v <= hi if hi_in else v < hi)
+
+
+def _is_bool(v: Any) -> bool:
+    t = type(v)
+    return isinstance(v, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))  # numpy's too
+
+
+def _expected(annotation: Any, b: Bounds | None) -> str:
+    """What an option of this type and range takes, in words ("an integer >= 0")."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _expected(rest[0], b) if len(rest) == 1 else str(annotation)
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "an integer" + _range_text(b)
+    if annotation is float:
+        return "a probability" + _range_text(b) if b == _PROBABILITY else "a finite number" + _range_text(b)
+    if annotation is str:
+        return "a string"
+    if typing.get_origin(annotation) is tuple:
+        item = "integers" if args and args[0] is int else "finite numbers"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {item}{_range_text(b)}"
+        zyx = " (z, y, x)" if len(args) == 3 else ""
+        return f"{len(args)} {item}{_range_text(b)}{zyx}"
+    return str(annotation)
+
+
+def check_type(name: str, value: Any, annotation: Any, bounds: Bounds | None = None, label: str | None = None):
+    """``value`` checked against the type ``annotation`` (bool, int, float, str, tuple[...] or
+    X | None) and ``bounds`` (see :data:`_BOUNDS`), returned normalised (an int for a float
+    option -> float, a list -> tuple, a path -> str). Floats must be finite; booleans are not
+    integers and only true/false are booleans. Raises :class:`ConfigError`
+    "``label``: expected ..." (default label: ``option NAME=VALUE``)."""
+
+    def bad():
+        return ConfigError(f"{label or f'option {name}={value!r}'}: expected {_expected(annotation, bounds)}")
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"{name}: no type check for {annotation}")
+        try:
+            return check_type(name, value, rest[0], bounds, label)
+        except ConfigError:
+            raise bad() from None
+    if annotation is bool:
+        if not _is_bool(value):
+            raise bad()
+        return bool(value)
+    if annotation is int:
+        if _is_bool(value) or not isinstance(value, numbers.Integral) or not _in_range(int(value), bounds):
+            raise bad()
+        return int(value)
+    if annotation is float:
+        if _is_bool(value) or not isinstance(value, numbers.Real):
+            raise bad()
+        v = float(value)
+        if not math.isfinite(v) or not _in_range(v, bounds):
+            raise bad()
+        return v
+    if annotation is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, (str, bytes, dict)):
+            raise bad()
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise bad() from None
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = (args[0],) * len(items)
+        elif len(items) == len(args):
+            item_types = args
+        else:
+            raise bad()
+        try:
+            return tuple(check_type(name, v, t, bounds) for v, t in zip(items, item_types))
+        except ConfigError:
+            raise bad() from None
+    raise TypeError(f"{name}: no type check for {annotation}")
 
 
 def _toml_value(v: Any) -> str:

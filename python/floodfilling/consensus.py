@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, volumes
+from . import kernels, locks, volumes
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,16 @@ def _slabs(shape, max_voxels: int):
         yield slice(z, min(z + step, shape[0]))
 
 
-def _labels(arr: np.ndarray, name: str) -> np.ndarray:
+def _labels(arr: np.ndarray, name: str, where: slice | None = None) -> np.ndarray:
+    """``arr`` (one z-slab ``where`` of volume ``name``) as uint64 ids; negative ids are refused
+    (naming the volume and the slab's minimum), as ``ffn prepare`` and ``ffn evaluate`` do."""
     if arr.dtype.kind not in "iu":
         raise ConsensusError(f"{name}: dtype {arr.dtype} is not a label (integer) type")
-    if arr.dtype.kind == "i":
-        if arr.size and arr.min() < 0:
-            raise ConsensusError(f"{name}: negative labels")
+    if arr.dtype.kind == "i" and arr.size:
+        m = int(arr.min())
+        if m < 0:
+            at = f" in z {where.start}:{where.stop}" if where is not None else ""
+            raise ConsensusError(f"{name}: negative labels (minimum {m}{at}): label ids must be >= 0")
     return arr.astype(np.uint64, copy=False)
 
 
@@ -107,7 +111,7 @@ def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, name
     # pass 1: pieces and their sizes
     parts_p, parts_c, max_a = [], [], 0
     for sl in slabs:
-        sa, sb = _labels(np.asarray(a[sl]), names[0]), _labels(np.asarray(b[sl]), names[1])
+        sa, sb = _labels(np.asarray(a[sl]), names[0], sl), _labels(np.asarray(b[sl]), names[1], sl)
         p, c = kernels.count_pairs(sa, sb)
         parts_p.append(p)
         parts_c.append(c)
@@ -154,7 +158,14 @@ def consensus(a_spec: str, b_spec: str, out_spec: str, *, min_size: int = 0, ove
               slab_voxels: int = 1 << 24) -> ConsensusTable:
     """Reads A and B, writes their split consensus to ``out_spec`` (atomically) with A's origins
     for the ids that survive (``<ds>_origins``); returns the table of pieces."""
-    out = volumes.check_output(out_spec, overwrite)  # before any work
+    out = volumes.parse_volume_spec(out_spec)
+    names = [str(out.dataset), f"{out.dataset}_origins"]
+    out = volumes.check_output(out, overwrite, names=names, inputs=[a_spec, b_spec])  # before any work
+    with locks.output_lock(out, names):
+        return _consensus_locked(a_spec, b_spec, out, out_spec, min_size, overwrite, slab_voxels)
+
+
+def _consensus_locked(a_spec, b_spec, out, out_spec, min_size, overwrite, slab_voxels) -> ConsensusTable:
     from .inference.segment import read_origins
 
     origins = read_origins(a_spec)
@@ -180,12 +191,21 @@ def _kept_origins(origins, table: ConsensusTable):
 def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
     import h5py
 
-    with volumes.atomic_path(out.path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+    out_names = [ds, f"{ds}_origins"]
+    keep = os.path.exists(out.path)  # an HDF5 file (check_output saw to it): its other datasets stay
+    with volumes.disk_errors(out.path):
+        os.makedirs(os.path.dirname(os.path.abspath(out.path)), exist_ok=True)
+    space = volumes.SpaceCheck(out.path)
+    with volumes.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
+        if keep:  # the file's other datasets stay
+            volumes.hdf5_copy_others(out.path, f, out_names, space)
+
         def sink(shape, dtype):
             d = f.create_dataset(ds, shape=shape, dtype=dtype, chunks=tuple(min(64, s) for s in shape),
                                  compression="gzip", fillvalue=0)
 
             def write(sl, v):
+                space.need(v.nbytes)
                 d[sl] = v
             return write
 
@@ -194,7 +214,7 @@ def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
             f[ds].attrs[k] = volumes._encode_attr(f"{ds}:{k}", v)
         kept = _kept_origins(origins, table)
         if kept is not None:
-            f.create_dataset(f"{ds}_origins", data=kept)
+            volumes.hdf5_write_array(f, f"{ds}_origins", kept, space, compression=None)
     return table
 
 

@@ -8,6 +8,8 @@ Conventions
 -----------
 Arguments are always ordered ``(seg, gt)``: the segmentation under test first, the ground truth
 second. Arrays are integer label volumes of equal shape (any dimensionality, usually z, y, x).
+Label ids are >= 0 (as ``ffn prepare`` and ``ffn consensus`` require): :func:`evaluate` refuses
+negative ids; the contingency tables themselves accept any integers.
 
 Split and merge
     *split* errors are over-segmentation: one ground-truth object broken into several
@@ -60,6 +62,7 @@ __all__ = [
     "variation_of_information",
     "adapted_rand",
     "evaluate",
+    "check_nonnegative",
     "format_report",
     "GT_ZERO_MODES",
 ]
@@ -211,6 +214,15 @@ def contingency_volumes(seg: Any, gt: Any, slab_voxels: int = 1 << 24) -> Contin
     s_ids, g_ids, counts = s_ids[order], g_ids[order], counts[order]
     head = np.flatnonzero(np.r_[True, (s_ids[1:] != s_ids[:-1]) | (g_ids[1:] != g_ids[:-1])])
     return Contingency(s_ids[head], g_ids[head], np.add.reduceat(counts, head).astype(np.int64))
+
+
+def check_nonnegative(table: Contingency, names: tuple[str, str] = ("seg", "gt")) -> None:
+    """Refuses negative label ids in either volume of ``table`` (segmentations and ground truth
+    hold unsigned ids, 0 = unlabelled): a one-line ``ValueError`` naming the volume
+    (``names``: e.g. ``file.h5:dataset``) and its minimum id. Free: the ids are the table's."""
+    for name, ids in zip(names, (table.seg_ids, table.gt_ids)):
+        if ids.dtype.kind == "i" and ids.size and int(ids.min()) < 0:
+            raise ValueError(f"{name}: negative labels (minimum {int(ids.min())}): label ids must be >= 0")
 
 
 def _table(seg: Any, gt: Any, table: Contingency | None, gt_zero: str) -> Contingency:
@@ -365,6 +377,7 @@ def evaluate(
     *,
     base: float = 2.0,
     table: Contingency | None = None,
+    names: tuple[str, str] = ("seg", "gt"),
 ) -> dict[str, Any]:
     """All metrics of a segmentation against the ground truth, as a JSON-serialisable dict.
 
@@ -380,12 +393,14 @@ def evaluate(
     its dominant seg id: ``{"gt_id", "voxels", "split_voxels", "n_seg", "seg": [[seg_id,
     voxels], ...]}``. Both lists respect ``gt_zero``. ``table``: the :func:`contingency` of
     ``seg`` and ``gt`` when already computed (e.g. by :func:`contingency_volumes` for volumes
-    larger than memory; ``seg`` and ``gt`` are then not read).
+    larger than memory; ``seg`` and ``gt`` are then not read). Negative label ids are refused
+    (``ValueError`` naming the volume by ``names`` and its minimum id).
     """
     if top < 0:
         raise ValueError(f"top must be >= 0, got {top}")
     _check_gt_zero(gt_zero)
     full = table if table is not None else contingency(seg, gt)
+    check_nonnegative(full, names)
     table = _table(None, None, full, gt_zero)
     result: dict[str, Any] = {}
     result.update(_vi_from_table(table, base))

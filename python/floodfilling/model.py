@@ -14,6 +14,7 @@ model (google/ffn, Apache-2.0) ships in ``floodfilling/models/``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from . import volumes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,11 @@ class ConvStack3D(nn.Module):
             b = np.asarray(arrays[bk], dtype=np.float32)
             if b.shape != (conv.out_channels,):
                 raise ModelError(f"{source}: {bk} has shape {b.shape}, expected ({conv.out_channels},)")
+            for key, arr in ((wk, w), (bk, b)):  # float32 as loaded: overflow to inf counts too
+                if not np.isfinite(arr).all():
+                    bad = ~np.isfinite(arr)
+                    raise ModelError(f"{source}: array {key} holds {int(bad.sum())} NaN/inf value(s) (first bad "
+                                     f"array); the model is unusable (diverged training?)")
             with torch.no_grad():
                 conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.transpose(4, 3, 0, 1, 2))))
                 conv.bias.copy_(torch.from_numpy(b))
@@ -211,10 +219,9 @@ def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) 
     arrays = net.reference_arrays()
     meta = dict(meta, model="convstack_3d", depth=net.depth, features=net.features)
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    p = Path(path)
-    tmp = p.with_name(p.name + f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, p)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    volumes.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:

@@ -408,10 +408,16 @@ class Volume:
             raise
         except ValueError as exc:
             raise VolumeError(f"{self.spec}: {exc}") from None
-        return np.asarray(array[bbox.slices])
+        return self[bbox.slices]
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        return np.asarray(self._live()[index])
+        array = self._live()
+        try:
+            return np.asarray(array[index])
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a corrupt chunk, a vanished file
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise VolumeError(f"{self.spec}: cannot read {_index_text(index)}: {first} (damaged or truncated "
+                              f"file?)") from None
 
     def close(self) -> None:
         """Release the file (idempotent)."""
@@ -437,6 +443,19 @@ class Volume:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"shape={self.shape}, dtype={self.dtype}"
         return f"Volume('{self.spec}', {state})"
+
+
+def _index_text(index: Any) -> str:
+    """``z0:z1,y0:y1,x0:x1`` for a tuple of slices (the part of a volume being read)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    parts = []
+    for sl in index:
+        if isinstance(sl, slice):
+            parts.append(f"{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}")
+        else:
+            parts.append("..." if sl is Ellipsis else str(sl))
+    return "[" + ",".join(parts) + "]"
 
 
 def _open_hdf5(spec: VolumeSpec) -> Volume:
@@ -523,7 +542,7 @@ def open_volume(spec: PathLike | VolumeSpec, default_dataset: str | None = None)
 
 
 # --------------------------------------------------------------------------------------------
-# atomic writes
+# atomic writes, disk errors, free space
 
 
 def _fsync_dir(directory: str) -> None:
@@ -540,6 +559,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+fsync_dir = _fsync_dir  # the public name (callers outside this module)
+
+
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -549,12 +571,92 @@ def _fsync_file(path: str) -> None:
 
 
 def _remove_quietly(path: str) -> None:
+    if not os.path.lexists(path):
+        return
     try:
         os.remove(path)
     except FileNotFoundError:
         pass
     except OSError as exc:  # pragma: no cover
         logger.warning("could not remove temporary file %s: %s", path, exc)
+
+
+def os_error_text(exc: OSError, target: PathLike, doing: str = "writing") -> str:
+    """One line for an operating-system error while ``doing`` ``target``: the cause in words
+    (no space, read-only, permission, not a directory) and the path."""
+    import errno
+
+    target = os.fspath(target)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device while {doing} {target}"
+    if code == errno.EROFS:
+        return f"cannot write {target}: read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"cannot write {target}: permission denied ({exc.filename or target})"
+    if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
+        return f"cannot write {target}: {exc.filename} exists and is not a directory"
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"error while {doing} {target}: {first}"
+
+
+@contextlib.contextmanager
+def disk_errors(target: PathLike, doing: str = "writing") -> Iterator[None]:
+    """Turns an ``OSError`` raised inside into a :class:`VolumeError` of one line naming
+    ``target`` (:func:`os_error_text`); other exceptions pass unchanged."""
+    try:
+        yield
+    except VolumeError:
+        raise
+    except OSError as exc:
+        raise VolumeError(os_error_text(exc, target, doing)) from None
+
+
+# Free space kept in hand beyond what a write needs: HDF5 writes its metadata on close, and
+# HDF5 (h5py 3) crashes the process (SIGSEGV) when a write fails for lack of space, so every
+# HDF5 write of this package first checks that its bytes fit (see :class:`SpaceCheck`).
+SPACE_MARGIN_BYTES = 1 << 20
+
+
+class SpaceCheck:
+    """Checks before each write into ``directory`` that ``nbytes`` (an upper bound of what the
+    write adds) plus :data:`SPACE_MARGIN_BYTES` are free; :class:`VolumeError` ("no space left
+    on device while writing TARGET") otherwise, before anything is written. A write that fills
+    the disk anyway (another process writing at the same time, quotas) still fails, but HDF5
+    is never asked to write into a full disk when this package alone fills it."""
+
+    def __init__(self, target: PathLike, directory: PathLike | None = None) -> None:
+        self.target = os.fspath(target)
+        self.directory = os.fspath(directory) if directory is not None else \
+            os.path.dirname(os.path.abspath(self.target))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return int(st.f_bavail) * int(st.f_frsize)
+
+    def need(self, nbytes: int) -> None:
+        free = self.free_bytes()
+        if free < int(nbytes) + SPACE_MARGIN_BYTES:
+            raise VolumeError(f"no space left on device while writing {self.target} "
+                              f"({free / 2**20:.1f} MiB free, {(int(nbytes) + SPACE_MARGIN_BYTES) / 2**20:.1f} "
+                              f"MiB needed)")
+
+
+def remove_temporaries(path: PathLike) -> int:
+    """Removes ``PATH.tmp-*`` left beside ``path`` by a killed writer (call while holding the
+    output's lock, :mod:`floodfilling.locks`); returns how many were removed."""
+    target = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(target)
+    n = 0
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(base + ".tmp-"):
+                p = os.path.join(directory, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else _remove_quietly(p)
+                n += 1
+    if n:
+        logger.info("removed %d temporary file(s) of an interrupted write of %s", n, target)
+    return n
 
 
 @contextlib.contextmanager
@@ -564,11 +666,14 @@ def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
 
     The temporary name is ``path + ".tmp-<pid>"`` (same directory, so the rename is atomic).
     With ``overwrite=False`` an existing ``path`` raises :class:`VolumeError` before anything
-    is written. Files only (not directories).
+    is written. Files only (not directories). Operating-system errors (no space, read-only
+    file system, permissions) become one-line :class:`VolumeError` naming ``path``.
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise VolumeError(f"cannot write {target}: {directory} exists and is not a directory")
         raise VolumeError(f"{target}: directory {directory} does not exist")
     if os.path.isdir(target):
         raise VolumeError(f"{target}: is a directory")
@@ -577,11 +682,12 @@ def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
     tmp = f"{target}.tmp-{os.getpid()}"
     _remove_quietly(tmp)  # stale leftover of a crashed process with the same pid
     try:
-        yield tmp
-        if not os.path.isfile(tmp):
-            raise VolumeError(f"{target}: nothing was written to the temporary file {tmp}")
-        _fsync_file(tmp)
-        os.replace(tmp, target)
+        with disk_errors(target):
+            yield tmp
+            if not os.path.isfile(tmp):
+                raise VolumeError(f"{target}: nothing was written to the temporary file {tmp}")
+            _fsync_file(tmp)
+            os.replace(tmp, target)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -597,6 +703,143 @@ def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = True) -> N
             os.fsync(f.fileno())
 
 
+def names_clash(a: str, b: str) -> bool:
+    """True when writing dataset ``a`` would replace dataset ``b`` of the same file or group
+    (equal, or one inside the other: replacing group ``v`` removes ``v/raw``)."""
+    a, b = a.strip("/"), b.strip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def hdf5_storage_bytes(obj: Any) -> int:
+    """Bytes an HDF5 dataset, or every dataset under a group, occupies in its file."""
+    import h5py
+
+    if isinstance(obj, h5py.Dataset):
+        return int(obj.id.get_storage_size())
+    total = [0]
+
+    def visit(_name: str, o: Any) -> None:
+        if isinstance(o, h5py.Dataset):
+            total[0] += int(o.id.get_storage_size())
+
+    obj.visititems(visit)
+    return total[0]
+
+
+def hdf5_copy_others(src_path: PathLike, dst: Any, replaced: Sequence[str], space: SpaceCheck) -> list[str]:
+    """Copies everything of the HDF5 file ``src_path`` into the open file ``dst`` except the
+    datasets named in ``replaced`` (and, for a group on the way to one of them, only its other
+    members): datasets with their chunks, filters and attributes, groups, soft and external
+    links, and the root attributes. Returns the names of the objects copied. This is how an
+    output written into an existing file keeps the file's other datasets (the raw image and
+    labels beside a segmentation)."""
+    import h5py
+
+    replaced = [r.strip("/") for r in replaced]
+    copied: list[str] = []
+    with h5py.File(src_path, "r") as src:
+        def walk(sg: Any, dg: Any, prefix: str) -> None:
+            for k, v in sg.attrs.items():
+                dg.attrs[k] = v
+            for name in sg:
+                full = f"{prefix}{name}"
+                if full in replaced:
+                    continue
+                link = sg.get(name, getlink=True)
+                if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                    dg[name] = link
+                    copied.append(full)
+                    continue
+                obj = sg[name]
+                if isinstance(obj, h5py.Group) and any(r.startswith(full + "/") for r in replaced):
+                    walk(obj, dg.require_group(name), full + "/")
+                    continue
+                space.need(hdf5_storage_bytes(obj))
+                sg.copy(obj, dg, name=name)
+                copied.append(full)
+
+        walk(src, dst, "")
+    return copied
+
+
+def _slab_planes(shape: tuple[int, ...], itemsize: int, chunks: tuple[int, ...] | None) -> int:
+    """Planes (first axis) per write: whole chunks, about 64 MiB."""
+    plane = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if len(shape) > 1 else itemsize
+    step = max(1, (64 << 20) // max(plane, 1))
+    if chunks:
+        step = max(chunks[0], step // chunks[0] * chunks[0])
+    return step
+
+
+def hdf5_write_array(group: Any, name: str, arr: np.ndarray, space: SpaceCheck,
+                     compression: str | None = "gzip", chunks: Any = None) -> Any:
+    """Creates dataset ``name`` in ``group`` and fills it from ``arr`` slab by slab along the
+    first axis, checking before each slab that its uncompressed bytes fit on the disk."""
+    kwargs: dict[str, Any] = {}
+    if compression and arr.ndim > 0 and arr.size > 0:
+        kwargs["compression"] = compression
+        kwargs["chunks"] = chunks if chunks is not None else True
+    elif chunks is not None:
+        kwargs["chunks"] = chunks
+    dset = group.create_dataset(name, shape=arr.shape, dtype=arr.dtype, **kwargs)
+    if arr.size == 0:
+        return dset
+    if arr.ndim == 0:
+        space.need(arr.nbytes)
+        dset[()] = arr
+        return dset
+    step = _slab_planes(arr.shape, arr.dtype.itemsize, dset.chunks)
+    for z0 in range(0, arr.shape[0], step):
+        part = arr[z0:z0 + step]
+        space.need(part.nbytes)
+        dset[z0:z0 + step] = part
+    return dset
+
+
+def _existing_hdf5(target: str) -> bool:
+    """True when ``target`` is an existing HDF5 file; :class:`VolumeError` when something else
+    is there (never written into or replaced)."""
+    import h5py
+
+    if not os.path.lexists(target):
+        return False
+    if os.path.isdir(target):
+        raise VolumeError(f"output {target}: is a directory")
+    try:
+        ok = h5py.is_hdf5(target)
+    except OSError as exc:
+        raise VolumeError(os_error_text(exc, target, "reading")) from None
+    if not ok:
+        raise VolumeError(f"output {target}: exists and is not an HDF5 file; nothing is written into it "
+                          "(move it away or choose another name)")
+    return True
+
+
+def _existing_hdf5_names(target: str, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that exist in the HDF5 file ``target`` (which must exist)."""
+    import h5py
+
+    try:
+        with h5py.File(target, "r") as f:
+            for n in names:
+                obj = f.get(n.strip("/"))
+                if isinstance(obj, h5py.Group):
+                    inside = _hdf5_datasets(obj)
+                    raise VolumeError(f"output {target}:{n.strip('/')} is a group (holding "
+                                      f"{', '.join(n.strip('/') + '/' + d for d in inside[:3]) or 'nothing'}"
+                                      f"{', ...' if len(inside) > 3 else ''}); an output never replaces a group: "
+                                      "choose another dataset name")
+                parts = n.strip("/").split("/")
+                for i in range(1, len(parts)):
+                    if isinstance(f.get("/".join(parts[:i])), h5py.Dataset):
+                        raise VolumeError(f"output {target}:{n.strip('/')}: {'/'.join(parts[:i])} is a dataset, "
+                                          "not a group")
+            return [n for n in names if n.strip("/") in f]
+    except OSError as exc:
+        raise VolumeError(f"output {target}: cannot open the existing HDF5 file ({exc}); nothing is written "
+                          "into it") from None
+
+
 def write_hdf5_atomic(
     path: PathLike,
     datasets: Mapping[str, np.ndarray],
@@ -605,15 +848,21 @@ def write_hdf5_atomic(
     overwrite: bool = False,
     compression: str | None = "gzip",
 ) -> str:
-    """Write a whole HDF5 file atomically and return its path.
+    """Write datasets into an HDF5 file atomically and return its path.
 
     ``datasets`` maps dataset names (``"a/b"`` creates group ``a``) to arrays; ``attrs`` maps
     dataset names to their attribute dicts; ``file_attrs`` go on the root group. Attribute
     values: strings, numbers, numeric arrays and flat numeric lists are stored natively; dicts
-    and other lists as JSON strings (:attr:`Volume.attrs` decodes them). Everything goes into
-    ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto ``path``; a failure
-    leaves no partial file and any previous ``path`` intact. An existing ``path`` without
-    ``overwrite`` raises :class:`VolumeError` ("... exists; pass --overwrite").
+    and other lists as JSON strings (:attr:`Volume.attrs` decodes them).
+
+    A new file holds just these datasets. Into an existing HDF5 file they are added: every
+    other dataset, group, link and root attribute of the file is kept (copied into the new
+    file, :func:`hdf5_copy_others`), and a dataset of the same name is replaced only with
+    ``overwrite`` (:class:`VolumeError` "... exists; pass --overwrite" otherwise, before
+    anything is written). Something at ``path`` that is not an HDF5 file is never replaced.
+    Everything goes into ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto
+    ``path``: a failure leaves no partial file and the previous ``path`` intact. Each write
+    first checks that it fits on the disk (:class:`SpaceCheck`).
     """
     import h5py
 
@@ -638,16 +887,21 @@ def write_hdf5_atomic(
         if arr.dtype.kind not in "biuf" and not compound:
             raise VolumeError(f"{target}:{name}: unsupported dtype {arr.dtype}")
         arrays[str(name).strip("/")] = arr
-
-    with atomic_path(target, overwrite=overwrite) as tmp:
+    keep = _existing_hdf5(target)
+    if keep and not overwrite:
+        there = _existing_hdf5_names(target, list(arrays))
+        if there:
+            raise VolumeError(f"{target}:{there[0]} exists; pass --overwrite to replace it (the file's other "
+                              "datasets are kept)")
+    with atomic_path(target, overwrite=True) as tmp:
+        space = SpaceCheck(target)
         with h5py.File(tmp, "w") as f:
+            if keep:
+                hdf5_copy_others(target, f, list(arrays), space)
             for k, v in enc_file_attrs.items():
                 f.attrs[k] = v
             for name, arr in arrays.items():
-                kwargs: dict[str, Any] = {}
-                if compression and arr.ndim > 0 and arr.size > 0:
-                    kwargs["compression"] = compression
-                dset = f.create_dataset(name, data=arr, **kwargs)
+                dset = hdf5_write_array(f, name, arr, space, compression)
                 for k, v in enc_attrs[name].items():
                     dset.attrs[k] = v
             f.flush()
@@ -704,21 +958,39 @@ def write_zarr_atomic(
         tmp_path = os.path.join(root_path, tmp_name)
         shutil.rmtree(tmp_path, ignore_errors=True)  # a crashed run's leftover
         try:
-            if arr.dtype.names is not None:  # a table: one array per field
-                target_obj = zarr_put_table(group, tmp_name, arr)
-            else:
-                target_obj = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
-                if arr.size:
-                    target_obj[...] = arr
-            for k, v in enc[name].items():
-                target_obj.attrs[k] = v
-            zarr_commit(group, root_path, tmp_name, name, tag)
+            with disk_errors(os.path.join(root_path, name)):
+                _zarr_write_one(group, root_path, tmp_name, name, tag, arr, enc[name], chunks)
         except BaseException:
             shutil.rmtree(tmp_path, ignore_errors=True)
             raise
     _fsync_dir(root_path)
     logger.debug("wrote %s (%s)", root_path, ", ".join(targets))
     return root_path
+
+
+def _zarr_write_one(group: Any, root_path: str, tmp_name: str, name: str, tag: str, arr: np.ndarray,
+                    attrs: Mapping[str, Any], chunks: Sequence[int] | None) -> None:
+    """One array (or table) of :func:`write_zarr_atomic`: built under ``tmp_name``, then committed."""
+    if arr.dtype.names is not None:  # a table: one array per field
+        target_obj = zarr_put_table(group, tmp_name, arr)
+    else:
+        target_obj = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
+        if arr.size:
+            target_obj[...] = arr
+    for k, v in attrs.items():
+        target_obj.attrs[k] = v
+    zarr_commit(group, root_path, tmp_name, name, tag)
+
+
+def write_arrays(path: PathLike, arrays: Mapping[str, np.ndarray],
+                 attrs: Mapping[str, Mapping[str, Any]] | None = None, overwrite: bool = False) -> str:
+    """Named arrays (volumes or tables) with their attributes into the HDF5 file or the zarr
+    group at ``path`` (by its suffix), atomically, keeping everything else there
+    (:func:`write_hdf5_atomic`, :func:`write_zarr_atomic`). The one way this package writes
+    results."""
+    if os.fspath(path).lower().endswith(".zarr"):
+        return write_zarr_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
+    return write_hdf5_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
 
 
 def zarr_tmp_name(name: str, tag: str) -> str:
@@ -777,21 +1049,93 @@ def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) 
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False) -> VolumeSpec:
-    """Checks an output spec before any work: a zarr output names its array (and zarr is
-    installed); an existing output (the HDF5 file, or the zarr array) needs ``overwrite``.
-    Returns the parsed spec; :class:`VolumeError` otherwise."""
+def same_path(a: PathLike, b: PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file or directory: by identity (symlinks
+    resolved, same device and inode) when both exist, else by resolved absolute path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _writable_dir_check(what: str, directory: str) -> None:
+    """``directory`` (created later when missing) can receive files: its nearest existing
+    ancestor is a directory and is writable; :class:`VolumeError` naming ``what`` otherwise."""
+    d = os.path.abspath(directory)
+    while not os.path.lexists(d):
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    if not os.path.isdir(d):
+        raise VolumeError(f"cannot write {what}: {d} exists and is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        import errno
+
+        ro = False
+        try:
+            ro = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+        except OSError:  # pragma: no cover
+            pass
+        why = "read-only file system" if ro else "permission denied"
+        raise VolumeError(os_error_text(OSError(errno.EROFS if ro else errno.EACCES, why, d), what))
+
+
+def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names: Sequence[str] | None = None,
+                 inputs: Sequence[PathLike | VolumeSpec | None] = ()) -> VolumeSpec:
+    """Checks an output spec before any work; returns it parsed, :class:`VolumeError` otherwise.
+
+    - A zarr output names its array (and zarr is installed).
+    - No input is ever replaced: none of the datasets to be written (``names``: default the
+      output dataset alone; ``ffn segment`` adds its ``_origins`` and ``_overlaps``) may be
+      (or contain, or lie inside) one of ``inputs``, the volumes the same command reads, in
+      the same file or zarr group. Files are compared by identity (symlinks resolved, same
+      inode), not by their names. ``overwrite`` does not lift this.
+    - HDF5: something at the path that is not an HDF5 file is refused; an existing dataset of
+      ``names`` needs ``overwrite`` (the file's other datasets are always kept, see
+      :func:`write_hdf5_atomic`). Zarr: an existing array of ``names`` needs ``overwrite``.
+    - The directory that receives the output can be written (not a regular file on the way,
+      not a read-only file system).
+    """
     out = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
     if out.kind == "zarr":
         if not out.dataset:
             raise VolumeError(f"output {out.path}: name the array to write, as {out.path}/ARRAY")
         _import_zarr()
-        target = os.path.join(out.path, out.dataset)
-    else:
-        target = out.path
-    if os.path.exists(target) and not overwrite:
-        raise VolumeError(f"output {target} exists; pass --overwrite to replace it")
+    names = [n.strip("/") for n in (names if names is not None else [str(out.dataset)])]
+    sep = "/" if out.kind == "zarr" else ":"
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = inp if isinstance(inp, VolumeSpec) else parse_volume_spec(inp)
+        if ip.kind != out.kind or not same_path(ip.path, out.path):
+            continue
+        for n in names:
+            if ip.dataset is None or names_clash(n, ip.dataset):
+                raise VolumeError(f"output {out.path}{sep}{n} would replace the input {ip}; write the output to "
+                                  f"another dataset or file")
+    there = existing_outputs(out, names)
+    if there and not overwrite:
+        if out.kind == "zarr":
+            raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass --overwrite to replace it")
+        raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass --overwrite to replace it (the "
+                          "file's other datasets are kept)")
+    in_store = out.kind == "zarr" and os.path.isdir(out.path)
+    _writable_dir_check(str(out), out.path if in_store else os.path.dirname(os.path.abspath(out.path)))
     return out
+
+
+def existing_outputs(out: VolumeSpec, names: Sequence[str]) -> list[str]:
+    """Those of the datasets ``names`` that exist in the output file or zarr group ``out``;
+    :class:`VolumeError` when something that is not an HDF5 file (or not a zarr store) is at
+    its path (never written into or replaced)."""
+    if out.kind == "zarr":
+        if os.path.lexists(out.path) and not os.path.isdir(out.path):
+            raise VolumeError(f"output {out.path}: exists and is not a zarr store (directory)")
+        return [n for n in names if os.path.exists(os.path.join(out.path, n))]
+    if not _existing_hdf5(out.path):
+        return []
+    return _existing_hdf5_names(out.path, names)
 
 
 def write_volume(
@@ -801,10 +1145,10 @@ def write_volume(
     overwrite: bool = False,
     compression: str | None = "gzip",
 ) -> VolumeSpec:
-    """Write one 3-D array as ``file.h5:dataset`` atomically; the file then holds only that
-    dataset (an existing file is replaced as a whole, and only with ``overwrite=True``).
-    Returns the parsed spec. ``dir.zarr/array`` writes that array of the zarr group
-    (:func:`write_zarr_atomic`; other arrays of the group stay)."""
+    """Write one 3-D array as ``file.h5:dataset`` atomically (into an existing HDF5 file its
+    other datasets are kept; an existing dataset of that name is replaced only with
+    ``overwrite=True``, :func:`write_hdf5_atomic`). Returns the parsed spec. ``dir.zarr/array``
+    writes that array of the zarr group (:func:`write_zarr_atomic`; other arrays stay)."""
     parsed = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
     arr = np.asarray(array)
     _check_volume_array(str(parsed), arr.shape, arr.dtype)

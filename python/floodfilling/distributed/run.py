@@ -46,6 +46,7 @@ build, so compare runs at the same ``--threads``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,11 +57,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from .. import kernels, volumes
+from .. import kernels, locks, volumes
 from ..config import InferenceConfig
 from ..model import load_model, select_device
 from ..normalise import Normalisation
@@ -94,6 +95,7 @@ class Plan:
     n_done: int = 0
     complete: bool = False
     out_digest: str = ""
+    lock: Path | None = None  # the output's lock (rank 0 holds it from the plan to the rename)
 
     @property
     def blocks_dir(self) -> Path:
@@ -230,8 +232,9 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
                 run_id, rule, out_kind=out.kind, out_digest=out_digest)
 
     # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
-    target = out_path / plan.out_ds if out.kind == "zarr" else out_path
-    if target.exists() and not overwrite:
+    names = [plan.out_ds, f"{plan.out_ds}_origins"]
+    volumes.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
+    if volumes.existing_outputs(out, names) and not overwrite:
         if _output_digest(plan) == out_digest:
             plan.complete = True
         else:
@@ -244,6 +247,8 @@ def _plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path
                              "use another --workdir, the same options as before, or --overwrite to discard them")
         log.warning("--overwrite: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
     _take_lock(wd, run_id, size)
+    if not plan.complete:
+        plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
     if old is not None and old != manifest:
         _clear_workdir(wd)
     for d in (plan.blocks_dir, plan.claims_dir):
@@ -582,6 +587,25 @@ class _Final:
         return [(k, self.keys[k], self.values[k]) for k in blocks]
 
 
+@contextlib.contextmanager
+def _discard_output_on_error(plan: Plan) -> Iterator[None]:
+    """On an error while writing the output (no space left, say): the temporary output is
+    removed and the output's lock released, on the rank that raised (rank 0 holds the lock);
+    the blocks stay in the workdir for the rerun."""
+    try:
+        yield
+    except BaseException:
+        tmp = _tmp_output(plan)
+        if plan.out_kind == "zarr":
+            for p in (tmp, Path(plan.out_path) / volumes.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)):
+                shutil.rmtree(p, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if plan.lock is not None:
+            locks.release(plan.lock)
+        raise
+
+
 def _tmp_output(plan: Plan) -> Path:
     """HDF5: the temporary output file. Zarr: the hidden array in the output group."""
     if plan.out_kind == "zarr":
@@ -653,8 +677,13 @@ def _create_output(plan: Plan, fin: _Final, attrs: dict, parallel: bool) -> int 
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shape = plan.box.shape
     offset = None
+    names = [plan.out_ds, f"{plan.out_ds}_origins"]
+    space = volumes.SpaceCheck(plan.out_path)
     with h5py.File(tmp, "w") as f:
+        if os.path.exists(plan.out_path):  # an existing file (check_output saw to it): its other datasets stay
+            volumes.hdf5_copy_others(plan.out_path, f, names, space)
         if parallel:
+            space.need(int(np.prod(shape)) * fin.dtype.itemsize + fin.origins.nbytes)  # the ranks' pwrites fill it
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -664,6 +693,7 @@ def _create_output(plan: Plan, fin: _Final, attrs: dict, parallel: bool) -> int 
             d = f.create_dataset(plan.out_ds, shape=shape, dtype=fin.dtype, chunks=tuple(min(64, s) for s in shape),
                                  compression="gzip", fillvalue=0)
             for sl, core in _cores(plan, fin.items(range(len(plan.grid))), fin.dtype, fin.comp_dir):
+                space.need(core.nbytes)
                 d[sl] = core
         for key, v in attrs.items():
             if v is not None:
@@ -781,7 +811,8 @@ def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, wor
         with comm.abort_on_error("writing the output"):
             rec["final"] = fin
             t0 = time.perf_counter()
-            offset = _create_output(plan, fin, rec["attrs"], parallel)
+            with _discard_output_on_error(plan), volumes.disk_errors(plan.out_path):
+                offset = _create_output(plan, fin, rec["attrs"], parallel)
             rec["timings"]["create_output_s"] = time.perf_counter() - t0
             if parallel:
                 per_rank = [(offset, fin.dtype, fin.items(range(r, n, comm.size)), fin.comp_dir)
@@ -791,17 +822,18 @@ def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, wor
         offset, dtype, items, comp_dir = comm.scatter(per_rank, root=0)
         t0 = time.perf_counter()
         with comm.abort_on_error("writing the output"):
-            if plan.out_kind == "zarr":
-                nbytes = _write_cores_zarr(plan, dtype, items, comp_dir)
-            else:
-                nbytes = _pwrite_cores(plan, offset, dtype, items, comp_dir)
+            with _discard_output_on_error(plan), volumes.disk_errors(plan.out_path):
+                if plan.out_kind == "zarr":
+                    nbytes = _write_cores_zarr(plan, dtype, items, comp_dir)
+                else:
+                    nbytes = _pwrite_cores(plan, offset, dtype, items, comp_dir)
         wt = comm.gather((time.perf_counter() - t0, nbytes), root=0)
         if comm.is_root:
             rec["timings"]["parallel_write_s_max"] = max(w[0] for w in wt)
             rec["timings"]["parallel_write_bytes"] = sum(w[1] for w in wt)
     summary = None
     if comm.is_root:
-        with comm.abort_on_error("writing the output"):
+        with comm.abort_on_error("writing the output"), _discard_output_on_error(plan):
             summary = _finish(plan, rec, t_match_end)
     comm.wait_all()
     summary = comm.bcast(summary, root=0)
@@ -930,10 +962,12 @@ def _finish(plan: Plan, rec: dict, t_write0: float) -> BlocksResult:
         org = f"{plan.out_ds}_origins"
         volumes.zarr_commit(group, str(out), volumes.zarr_tmp_name(org, plan.run_id), org, plan.run_id)
         volumes.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
-        volumes._fsync_dir(str(out.resolve()))
+        volumes.fsync_dir(str(out.resolve()))
     else:
         os.replace(tmp, out)
-        volumes._fsync_dir(str(out.parent.resolve()))
+        volumes.fsync_dir(str(out.parent.resolve()))
+    if plan.lock is not None:
+        locks.release(plan.lock)
     lab, timings, block_stats = rec["final"], rec["timings"], rec["block_stats"]
     timings["write_s"] = time.perf_counter() - t_write0 - timings["gather_s"] - timings["union_find_s"]
     n = len(plan.grid)

@@ -5,13 +5,16 @@ Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks: seconds, F
 objects, rank, host), ``claims/*`` (blocks being segmented now: run, host, pid, rank),
 ``run.json`` (the job holding the workdir) and ``reconcile.json`` (written at the very end).
 Nothing is written. The time left is estimated from the finished blocks' mean seconds per
-voxel, the voxels left, and the number of ranks working now (claims).
+voxel, the voxels left, and the number of ranks working now (claims). A claim made on this host
+by a process that no longer exists is reported as dead (``dead``), not running; claims of
+other hosts cannot be checked from here and count as running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -27,18 +30,52 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _claim_dead(info: dict[str, str], here: str) -> bool:
+    """True when a claim was made on this host by a process that no longer exists (a pid of
+    another host cannot be checked from here: not dead)."""
+    if info.get("host") != here:
+        return False
+    try:
+        pid = int(info.get("pid", ""))
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists (another user's)
+        return False
+    return False
+
+
 def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     """A summary of the run in ``workdir`` (see the module docstring) as a JSON-able dict."""
     import h5py
 
     wd = Path(workdir)
-    man = _read_json(wd / "manifest.json")
-    if man is None or man.get("format") != MANIFEST_FORMAT:
+    mpath = wd / "manifest.json"
+    if not mpath.is_file():
         raise BlockError(f"{wd}: no block-inference manifest.json (is it the --workdir of an `ffn segment --block` "
                          "run?)")
-    start, stop = man["bbox"]
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise BlockError(f"{mpath}: corrupt or unreadable manifest ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
+        got = man.get("format") if isinstance(man, dict) else type(man).__name__
+        raise BlockError(f"{mpath}: not a block-inference manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+    try:
+        start, stop = man["bbox"]
+        block, halo, fov = tuple(man["block"]), tuple(man["halo"]), tuple(man["fov_zyx"])
+        image = man["image"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BlockError(f"{mpath}: corrupt manifest (a field is missing or malformed: "
+                         f"{exc.__class__.__name__} {exc})") from None
     shape = tuple(int(b) - int(a) for a, b in zip(start, stop))
-    grid = make_grid(shape, tuple(man["block"]), tuple(man["halo"]), tuple(man["fov_zyx"]))
+    grid = make_grid(shape, block, halo, fov)
     names = {b.name(tuple(start)): b for b in grid}
     done, seconds, steps, objects, voxels_done = 0, 0.0, 0, 0, 0
     per_rank: dict[str, dict[str, float]] = {}
@@ -67,25 +104,31 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         m = p.stat().st_mtime
         first_mtime = m if first_mtime is None else min(first_mtime, m)
         last_mtime = m if last_mtime is None else max(last_mtime, m)
-    running = []
+    running, dead = [], []
     claims = wd / "claims"
+    here = socket.gethostname()
     if claims.is_dir():
         for c in sorted(claims.iterdir()):
             if c.name in names and not (blocks_dir / f"{c.name}.h5").exists():
-                fields = c.read_text().split() if c.is_file() else []
+                try:
+                    fields = c.read_text().split() if c.is_file() else []
+                    since = round(time.time() - c.stat().st_mtime, 1)
+                except OSError:  # removed meanwhile (its block finished, or a rerun's cleanup)
+                    continue
                 info = dict(zip(("run_id", "host", "pid", "rank"), fields))
                 info["block"] = c.name
-                info["since_s"] = round(time.time() - c.stat().st_mtime, 1)
-                running.append(info)
+                info["since_s"] = since
+                (dead if _claim_dead(info, here) else running).append(info)
     total_voxels = sum(b.core_voxels for b in grid)
     left = total_voxels - voxels_done
     rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
-    workers = max(len(running), 1)
+    workers = max(len(running), 1)  # dead claims work no more
     job = _read_json(wd / "run.json")
     rec = _read_json(wd / "reconcile.json")
     return {
-        "workdir": str(wd), "image": man["image"], "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
+        "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
         "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
+        "blocks_dead": len(dead), "dead": dead,
         "fraction_done": voxels_done / total_voxels if total_voxels else 1.0,
         "fov_steps": steps, "objects_in_blocks": objects, "block_seconds": seconds,
         "voxels_per_block_second": rate,
@@ -101,7 +144,8 @@ def format_status(s: dict[str, Any]) -> str:
     """The summary as a few lines of text."""
     pct = 100.0 * s["fraction_done"]
     lines = [f"{s['workdir']}: {s['blocks_done']}/{s['blocks']} blocks done ({pct:.1f} % of the voxels), "
-             f"{s['blocks_running']} running, {s['blocks_left']} left"]
+             f"{s['blocks_running']} running, {s['blocks_left']} left"
+             + (f" ({s['blocks_dead']} claimed by dead ranks)" if s.get("blocks_dead") else "")]
     if s["block_seconds"]:
         rate = s["voxels_per_block_second"]
         lines.append(f"  {s['fov_steps']:,} FOV steps in {s['block_seconds']:.0f} block-seconds "
@@ -111,6 +155,9 @@ def format_status(s: dict[str, Any]) -> str:
     for r in s["running"]:
         lines.append(f"  running: {r['block']} on {r.get('host', '?')} rank {r.get('rank', '?')} "
                      f"(pid {r.get('pid', '?')}, {r['since_s']:.0f} s)")
+    for r in s.get("dead", []):
+        lines.append(f"  dead: {r['block']} on {r.get('host', '?')} rank {r.get('rank', '?')} "
+                     f"(pid {r.get('pid', '?')} is gone; claimed {r['since_s']:.0f} s ago, the block is not done)")
     if s["finished"]:
         rec = s["reconcile"] or {}
         lines.append(f"  finished: {rec.get('objects', '?')} objects, {rec.get('merges', '?')} merges")

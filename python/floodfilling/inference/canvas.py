@@ -69,6 +69,10 @@ COUNTER_NAMES = (
     "objects",  # objects created
     "voxels_segmented",  # voxels given to objects
     "voxels_overlapping",  # voxels above segment_threshold that already had an id
+    # FOV steps whose prediction was NaN on a movement face (face maxima take a NaN when the
+    # face holds one, on the host and the device path alike; an all-NaN prediction always
+    # counts): a model or an image that produces NaN (checked at the end of segment_array)
+    "nan_steps",
 )
 
 
@@ -215,6 +219,7 @@ class Canvas:
         lo = list(pos)
         hi = list(pos)
         steps = 0
+        nan_steps = 0
         while True:
             c = None
             while queue:
@@ -239,6 +244,8 @@ class Canvas:
             scores, offsets = self._apply(c, out)
             done.add(key)
             steps += 1
+            if any(s != s for s in scores):  # NaN face maximum: six floats already on the host
+                nan_steps += 1
             for i in range(3):
                 if c[i] < lo[i]:
                     lo[i] = c[i]
@@ -254,6 +261,8 @@ class Canvas:
                 track(p, s)
         box = tuple(slice(max(a - mm, 0), b + mm + 1) for a, b, mm in zip(lo, hi, self.margin))
         self._dirty = box
+        if nan_steps:
+            self.state.counters["nan_steps"] = self.state.counters.get("nan_steps", 0) + nan_steps
         return steps, box
 
     def _commit(self, pos, steps: int, box, seconds: float) -> None:

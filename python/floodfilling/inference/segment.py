@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import locks, volumes
 from .. import normalise as norm_mod
-from .. import volumes
 from ..config import InferenceConfig
 from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
@@ -80,12 +80,17 @@ def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
     ov_rows = [(i, a, c) for i in ids for a, c in zip(*st.overlaps.get(int(i), ((), ())))]
     ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index, fill_passes=st.fill_passes,
-             max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs, overlaps=ov,
-             counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with volumes.disk_errors(path):
+            np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
+                     fill_passes=st.fill_passes, max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs,
+                     overlaps=ov, counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # the previous state stays until this one is complete
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.ndarray]:
@@ -195,6 +200,15 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
         if bar is not None:
             bar.close()
     seg = canvas.final_segmentation()
+    cnt = canvas.state.counters
+    nan_steps, all_steps = int(cnt.get("nan_steps", 0)), int(cnt.get("steps", 0))
+    if nan_steps and not seg.any():  # no object, and NaN predictions: not an empty volume
+        what = ("every prediction was NaN" if nan_steps >= all_steps else "no object was made and predictions "
+                "were NaN")
+        if state_path is not None and state_path.exists():
+            state_path.unlink()  # no object to resume: a fixed model must start afresh
+        raise SegmentError(f"{source}: {what} ({nan_steps} of {all_steps} FOV steps): the model or the "
+                           f"normalised image produces NaN")
     norm_mod.check_dominant_object(seg, norm, f"{source} ({'x'.join(map(str, seg.shape))} voxels)")
     origins, overlaps = canvas.state.origins, canvas.state.overlaps
     if cfg.split_components or cfg.dust_size > 0:
@@ -208,7 +222,25 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
             bbox: str | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
     cfg = (config or InferenceConfig()).validate()
-    out = volumes.check_output(out_spec, overwrite)  # before any work
+    out = volumes.parse_volume_spec(out_spec)
+    names = result_names(str(out.dataset))
+    inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
+    out = volumes.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
+    with locks.output_lock(out, names):
+        return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
+                               progress=progress)
+
+
+def image_digest(raw: np.ndarray) -> str:
+    """A digest of an image's voxels (shape, dtype and bytes), recorded in the resume state so that
+    a rerun after the image changed is refused, not mixed."""
+    h = hashlib.sha256(f"{raw.shape}|{raw.dtype.str}".encode())
+    h.update(memoryview(np.ascontiguousarray(raw)).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
+                    overwrite: bool, progress: bool) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     with volumes.open_volume(image_spec) as vol:
         box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
@@ -232,11 +264,14 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s", "merge_min_fraction",
                                                                 "merge_min_voxels", "merge_min_iou")},
         "normalisation": norm.to_dict(),
+        "image_digest": image_digest(raw),
     }
     sp = state_path_for(out_path, out_ds if out.kind == "zarr" else None)
+    volumes.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
     if overwrite and sp.exists():
         sp.unlink()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with volumes.disk_errors(out_path.parent):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = None
     if cfg.seed_policy == "invert_origins":
         seeds = seeds_mod.invert_origins(seed_tab, seed_shift, raw.shape, tuple(f // 2 for f in info.fov_zyx))
@@ -262,11 +297,23 @@ def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np
     """(origins table of the segmentation ``seg_spec``, shift from its box into ``box``)."""
     with volumes.open_volume(seg_spec) as prev:
         prev_box = prev.attrs.get("bbox_zyx")
+        prev_shape = tuple(int(v) for v in prev.shape)
     tab = read_origins(seg_spec)
     if tab is None:
         raise SegmentError(f"seed_origins={seg_spec}: no origins table beside it "
                            f"({volumes.parse_volume_spec(seg_spec).dataset}_origins); give an output of ffn segment")
-    start = np.asarray(prev_box[0] if prev_box is not None else (0, 0, 0), np.int64)
+    # The second run of a consensus segments the box the first one did: a segmentation of
+    # another shape (or, by its bbox_zyx, of another box) is a different volume.
+    want = (tuple(int(v) for v in box.start), tuple(int(v) for v in box.stop))
+    try:
+        prev_se = None if prev_box is None else (tuple(int(v) for v in prev_box[0]), tuple(int(v) for v in prev_box[1]))
+    except (TypeError, ValueError, IndexError):
+        prev_se = None
+    if prev_shape != tuple(box.shape) or (prev_se is not None and prev_se != want):
+        where = f" (bbox_zyx {list(prev_se[0])}..{list(prev_se[1])})" if prev_se is not None else ""
+        raise SegmentError(f"seed_origins={seg_spec}: segmentation of shape {prev_shape}{where} does not match the "
+                           f"image box being segmented, shape {tuple(box.shape)} (bbox {list(want[0])}..{list(want[1])})")
+    start = np.asarray(prev_se[0] if prev_se is not None else (0, 0, 0), np.int64)
     return tab, start - np.asarray(box.start, np.int64)
 
 
@@ -324,13 +371,15 @@ def overlaps_table(overlaps) -> np.ndarray:
     return np.array(rows, dtype=OVERLAP_DTYPE)
 
 
+def result_names(ds: str) -> list[str]:
+    """The datasets a segmentation result ``ds`` consists of: itself, ``ds_origins``, ``ds_overlaps``."""
+    return [ds, f"{ds}_origins", f"{ds}_overlaps"]
+
+
 def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool) -> None:
-    """``ds`` + ``ds_origins`` + ``ds_overlaps`` into an HDF5 file (replaced as a whole) or
-    into a zarr group (each array replaced atomically; tables as groups of columns)."""
+    """``ds`` + ``ds_origins`` + ``ds_overlaps`` into an HDF5 file or a zarr group, atomically,
+    keeping the file's or group's other datasets (:func:`volumes.write_arrays`)."""
     attrs = {k: v for k, v in attrs.items() if v is not None}
-    arrays = {ds: result.segmentation, f"{ds}_origins": origins_table(result.origins),
-              f"{ds}_overlaps": overlaps_table(result.overlaps)}
-    if str(out_path).lower().endswith(".zarr"):
-        volumes.write_zarr_atomic(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)
-    else:
-        volumes.write_hdf5_atomic(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)
+    arrays = dict(zip(result_names(ds), (result.segmentation, origins_table(result.origins),
+                                         overlaps_table(result.overlaps))))
+    volumes.write_arrays(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)

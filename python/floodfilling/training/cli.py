@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 log = logging.getLogger("floodfilling")
 
@@ -23,9 +24,12 @@ def _triple(text: str) -> tuple[int, int, int]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in str(text).split(",") if v.strip())
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        vals = ()
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return vals
 
 
 def cmd_prepare(args) -> int:

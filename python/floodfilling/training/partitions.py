@@ -63,6 +63,36 @@ def check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     return th
 
 
+def labels_digest(labels: np.ndarray, slab_voxels: int = 1 << 24) -> str:
+    """Digest of a label volume (first 16 hex digits of a sha256 over its shape and its ids as
+    little-endian uint64, slab by slab along z): what ``ffn prepare`` records as the
+    ``labels_digest`` attribute of its output and ``ffn train --coords`` compares with its
+    training labels. Independent of the integer dtype the ids are stored in."""
+    import hashlib
+
+    a = np.asarray(labels)
+    h = hashlib.sha256(json.dumps([int(v) for v in a.shape]).encode())
+    if a.ndim == 0 or a.size == 0:
+        h.update(a.astype("<u8").tobytes())
+        return h.hexdigest()[:16]
+    step = max(1, int(slab_voxels) // max(1, a.size // a.shape[0]))
+    for z in range(0, a.shape[0], step):
+        h.update(np.ascontiguousarray(a[z:z + step], dtype="<u8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_nonnegative(labels: np.ndarray, source: str = "labels", minimum=None) -> None:
+    """Refuses negative label ids (segmentations and labels hold unsigned ids, 0 = background):
+    a one-line :class:`PartitionError` naming ``source`` and the minimum. ``minimum``: the
+    smallest id when already known (saves a pass over the volume)."""
+    a = np.asarray(labels)
+    if a.dtype.kind != "i" or a.size == 0:
+        return
+    m = int(a.min()) if minimum is None else int(minimum)
+    if m < 0:
+        raise PartitionError(f"{source}: negative labels (minimum {m}): label ids must be >= 0")
+
+
 def clear_dust(labels: np.ndarray, min_size: int) -> np.ndarray:
     """A copy of ``labels`` with every object of fewer than ``min_size`` voxels set to 0."""
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -94,6 +124,8 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
 
     t0 = time.perf_counter()
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if ids.size:
+        check_nonnegative(labels, source, minimum=ids[0])
     inv = inv.reshape(labels.shape).astype(np.int32 if ids.size < 2**31 else np.int64)
     keep = (ids != 0) & (counts >= min_size)
     if not keep.any():
@@ -173,11 +205,10 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
             thresholds: Sequence[float] = DEFAULT_THRESHOLDS, min_size: int = DEFAULT_MIN_SIZE,
             margin_zyx=None, seed: int = 0, overwrite: bool = False) -> dict:
     """``ffn prepare``: writes ``partitions`` (uint8, labels' shape) and ``coords`` ((N, 3) z, y, x)
-    into the HDF5 file ``out_path`` atomically. ``margin_zyx`` defaults to the radius. Returns a
-    summary (counts, number of coordinates, seconds)."""
-    import h5py
-
-    from .. import volumes
+    into the HDF5 file ``out_path`` atomically (an existing file keeps its other datasets; the
+    labels themselves are never replaced, :func:`volumes.check_output`). ``margin_zyx`` defaults
+    to the radius. Returns a summary (counts, number of coordinates, seconds)."""
+    from .. import locks, volumes
 
     t0 = time.perf_counter()
     radius = _int3(radius_zyx, "--radius")
@@ -185,44 +216,32 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
     out_path = str(out_path)
     if ":" in os.path.basename(out_path):
         raise PartitionError(f"output {out_path}: give a file name (datasets 'partitions' and 'coords' are fixed)")
-    if os.path.exists(out_path) and not overwrite:
-        raise PartitionError(f"output {out_path} exists; pass --overwrite to replace it")
-    with volumes.open_volume(labels_spec) as v:
-        labels = v.read()
-        src = str(v.spec)
-        res = v.resolution_zyx_nm
-    parts = compute_partitions(labels, radius, thresholds, min_size, source=src)
-    t_part = time.perf_counter() - t0
-    coords = build_coordinates(parts, margin, seed=seed, source=src)
-    counts = partition_counts(parts)
-    dtype = np.uint16 if max(labels.shape) < 2**16 else np.uint32
-    common = {"source_labels": src, "radius_zyx": list(radius), "thresholds": [float(t) for t in thresholds],
-              "min_size": int(min_size), "volume_shape": list(labels.shape)}
-    if res is not None:
-        common["resolution_zyx_nm"] = list(res)
-    with volumes.atomic_path(out_path, overwrite=True) as tmp:
-        with h5py.File(tmp, "w") as f:
-            d = f.create_dataset("partitions", data=parts, chunks=True, compression="gzip", compression_opts=4)
-            for k, val in common.items():
-                d.attrs[k] = _attr(val)
-            d.attrs["partition_counts"] = json.dumps(counts)
-            c = f.create_dataset("coords", data=coords.astype(dtype), chunks=(min(len(coords), 1 << 18), 3),
-                                 compression="gzip", compression_opts=1, shuffle=True)
-            for k, val in {**common, "margin_zyx": list(margin), "seed": int(seed), "axes": "zyx"}.items():
-                c.attrs[k] = _attr(val)
+    names = ["partitions", "coords"]
+    out = volumes.check_output(volumes.VolumeSpec(out_path, "partitions"), overwrite, names=names,
+                               inputs=[labels_spec])  # before any work
+    with locks.output_lock(out, names):
+        with volumes.open_volume(labels_spec) as v:
+            labels = v.read()
+            src = str(v.spec)
+            res = v.resolution_zyx_nm
+        parts = compute_partitions(labels, radius, thresholds, min_size, source=src)
+        t_part = time.perf_counter() - t0
+        coords = build_coordinates(parts, margin, seed=seed, source=src)
+        counts = partition_counts(parts)
+        dtype = np.uint16 if max(labels.shape) < 2**16 else np.uint32
+        common = {"source_labels": src, "radius_zyx": list(radius), "thresholds": [float(t) for t in thresholds],
+                  "min_size": int(min_size), "volume_shape": list(labels.shape),
+                  "labels_digest": labels_digest(labels)}
+        if res is not None:
+            common["resolution_zyx_nm"] = list(res)
+        volumes.write_hdf5_atomic(out_path, {"partitions": parts, "coords": coords.astype(dtype)}, attrs={
+            "partitions": {**common, "partition_counts": counts},
+            "coords": {**common, "margin_zyx": list(margin), "seed": int(seed), "axes": "zyx"},
+        }, overwrite=overwrite)
     secs = time.perf_counter() - t0
     log.info("wrote %s: %d coordinates, %.1f s", out_path, len(coords), secs)
     return {"out": out_path, "partition_counts": counts, "coords": int(len(coords)), "seconds": secs,
             "partition_seconds": t_part}
-
-
-def _attr(v):
-    """An HDF5-storable attribute value (numeric lists as arrays, dicts as JSON)."""
-    if isinstance(v, dict):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return np.asarray(v)
-    return v
 
 
 def read_attrs(dset) -> dict:

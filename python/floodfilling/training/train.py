@@ -18,13 +18,14 @@ never interrupted.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from ..model import ConvStack3D, ModelError, load_model, save_model
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
-from .partitions import DEFAULT_THRESHOLDS, build_coordinates, compute_partitions, read_attrs
+from .partitions import DEFAULT_THRESHOLDS, build_coordinates, check_thresholds, compute_partitions, read_attrs
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,58 @@ class TrainOptions:
     val_min_size: int = 1000  # held-out objects smaller than this are background
 
 
+# Range of each numeric option (see floodfilling.config.check_type): (low, low_inclusive, high, high_inclusive).
+_OPTION_BOUNDS: dict[str, tuple] = {
+    "depth": (1, True, None, False), "features": (1, True, None, False), "fov": (1, True, None, False),
+    "deltas": (0, True, None, False), "batch": (1, True, None, False), "max_steps": (0, True, None, False),
+    "lr": (0, False, None, False), "momentum": (0, True, 1, False), "clip": (0, True, None, False),
+    "seed": (0, True, 2**32 - 1, True), "threads": (0, True, None, False), "min_size": (1, True, None, False),
+    "thresholds": (0, False, 1, True), "image_std": (0, False, None, False), "warmup_steps": (0, True, None, False),
+    "checkpoint_every": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
+    "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
+    "val_min_size": (1, True, None, False),
+}
+# Options without a flag of their own name (library-only or negated on the command line).
+_NO_FLAG = {"augment": "--no-augment", "progress": "--quiet", "tensorboard": "--no-tensorboard"}
+
+
+def check_options(opts: TrainOptions) -> TrainOptions:
+    """``opts`` with every option type- and range-checked (floats finite), normalised (lists ->
+    tuples, 1 -> 1.0); a :class:`TrainError` naming the flag otherwise. Touches nothing on disk."""
+    import typing
+
+    from ..config import ConfigError, check_type
+
+    hints = typing.get_type_hints(TrainOptions)
+    vals = {}
+    for f in fields(TrainOptions):
+        v = getattr(opts, f.name)
+        label = (f"option {f.name}={v!r} ({_NO_FLAG[f.name]})" if f.name in _NO_FLAG
+                 else f"--{f.name.replace('_', '-')} {_fmt_value(v)}")
+        try:
+            vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), label)
+        except ConfigError as exc:
+            raise TrainError(str(exc)) from None
+    if vals["optimizer"] not in ("sgd", "adam"):
+        raise TrainError(f"--optimizer {vals['optimizer']!r}: expected sgd or adam")
+    if vals["lr_scaling"] not in ("linear", "sqrt", "none"):
+        raise TrainError(f"--lr-scaling {vals['lr_scaling']!r}: expected linear, sqrt or none")
+    for name in ("image", "labels", "out"):
+        if not vals[name].strip():
+            raise TrainError(f"--{name}: empty")
+    try:
+        check_thresholds(vals["thresholds"])
+    except ValueError as exc:
+        raise TrainError(f"--thresholds: {exc}") from None
+    return TrainOptions(**vals)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -130,8 +183,13 @@ def _read(spec: str, what: str) -> tuple[np.ndarray, str]:
         return v.read(), str(v.spec)
 
 
-def load_coordinates(spec: str, shape) -> tuple[np.ndarray, dict[str, Any]]:
-    """Coordinates (N, 3) zyx from an ``ffn prepare`` file (``file.h5`` or ``file.h5:dataset``)."""
+def load_coordinates(spec: str, shape, labels: np.ndarray | None = None,
+                     labels_src: str = "the training labels") -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinates (N, 3) zyx from an ``ffn prepare`` file (``file.h5`` or ``file.h5:dataset``).
+
+    With ``labels``, the digest ``ffn prepare`` recorded of the labels it read (attribute
+    ``labels_digest``) must be theirs: coordinates of another label volume of the same shape
+    are refused; a file without the attribute (older ``ffn prepare``) is accepted with a warning."""
     import h5py
 
     try:
@@ -155,6 +213,19 @@ def load_coordinates(spec: str, shape) -> tuple[np.ndarray, dict[str, Any]]:
     if vshape is not None and tuple(vshape) != tuple(shape):
         raise TrainError(f"--coords {spec} was prepared for a volume of shape {tuple(vshape)}, "
                          f"the labels have shape {tuple(shape)}")
+    if labels is not None:
+        from .partitions import labels_digest
+
+        recorded = attrs.get("labels_digest")
+        if recorded is None:
+            log.warning("--coords %s records no labels_digest (written by an older ffn prepare): cannot check that "
+                        "it was prepared from %s", spec, labels_src)
+        else:
+            have = labels_digest(labels)
+            if str(recorded) != have:
+                raise TrainError(f"--coords {spec} was prepared from labels {attrs.get('source_labels', '?')} "
+                                 f"(labels_digest {recorded}), not from the training labels {labels_src} "
+                                 f"(labels_digest {have}); rerun ffn prepare on {labels_src}")
     return coords.astype(np.int64), attrs
 
 
@@ -179,7 +250,7 @@ def load_data(opts: TrainOptions, geometry: Geometry):
     raw, labels, image_src, labels_src = _read_pair(opts.image, opts.labels, geometry)
     info: dict[str, Any] = {}
     if opts.coords:
-        coords, attrs = load_coordinates(opts.coords, labels.shape)
+        coords, attrs = load_coordinates(opts.coords, labels.shape, labels, labels_src)
         info["coords"] = {"source": opts.coords, **{k: attrs[k] for k in ("radius_zyx", "margin_zyx", "min_size")
                                                     if k in attrs}}
     else:
@@ -253,12 +324,6 @@ def model_meta(opts: TrainOptions, stats: dict[str, Any], step: int, world: int,
 
 # -- checkpoints ------------------------------------------------------------------------------
 
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -271,13 +336,15 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def save_checkpoint(ckdir: Path, net: ConvStack3D, opt: torch.optim.Optimizer, step: int, ranks: list[dict],
                     resume_key: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Writes state.pt then model.npz, each atomically."""
-    ckdir.mkdir(parents=True, exist_ok=True)
+    """Writes state.pt then model.npz, each atomically (serialised in memory first, so a full
+    disk is a one-line error that leaves no temporary file and the previous checkpoint intact)."""
+    with volumes.disk_errors(ckdir):
+        ckdir.mkdir(parents=True, exist_ok=True)
     state = {"format": 1, "step": int(step), "model": net.state_dict(), "optimizer": opt.state_dict(),
              "ranks": ranks, "resume_key": resume_key, "meta": meta, "time": time.time()}
-    tmp = ckdir / f"{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    _fsync_replace(tmp, ckdir / STATE_FILE)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    volumes.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
     save_model(ckdir / MODEL_FILE, net, meta)
 
 
@@ -314,13 +381,12 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(METRIC_COLUMNS)
-        for r in rows:
-            w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
-    os.replace(tmp, path)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(METRIC_COLUMNS)
+    for r in rows:
+        w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
+    volumes.atomic_write_bytes(path, f.getvalue().encode())
 
 
 def append_metrics(path: Path, row: dict[str, float]) -> None:
@@ -498,10 +564,7 @@ def _gather(obj: Any, dist_info) -> list[Any]:
 def train(opts: TrainOptions) -> TrainResult:
     """Runs (or resumes) a training run; see the module docstring."""
     t_start = time.perf_counter()
-    if opts.batch < 1:
-        raise TrainError(f"--batch must be >= 1, got {opts.batch}")
-    if opts.max_steps < 0:
-        raise TrainError(f"--max-steps must be >= 0, got {opts.max_steps}")
+    opts = check_options(opts)  # before anything is created (no run directory for a bad option)
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out)
