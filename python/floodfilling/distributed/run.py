@@ -145,16 +145,6 @@ def _digest(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _h5_attr(value: Any) -> Any:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
@@ -284,7 +274,7 @@ def _take_lock(wd: Path, run_id: str, size: int) -> None:
         except (ValueError, OSError):
             cur = {}
         pid = int(cur.get("pid", -1))
-        if cur.get("host") == host and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+        if cur.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
             raise BlockError(f"--workdir {wd} is in use by a running job (pid {pid} on {host}, started "
                              f"{cur.get('started', '?')}); wait for it or stop it first")
         if cur.get("host") not in (None, host):

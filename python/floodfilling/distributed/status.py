@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from ..locks import holder_is_dead
 from .blocks import BlockError, make_grid
 from .run import MANIFEST_FORMAT
 
@@ -30,24 +30,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _claim_dead(info: dict[str, str], here: str) -> bool:
+def _claim_dead(info: dict[str, str]) -> bool:
     """True when a claim was made on this host by a process that no longer exists (a pid of
     another host cannot be checked from here: not dead)."""
-    if info.get("host") != here:
-        return False
-    try:
-        pid = int(info.get("pid", ""))
-    except ValueError:
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: it exists (another user's)
-        return False
-    return False
+    pid = info.get("pid", "")
+    return pid.isdigit() and int(pid) > 0 and holder_is_dead(info.get("host"), int(pid))
 
 
 def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -106,7 +93,6 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         last_mtime = m if last_mtime is None else max(last_mtime, m)
     running, dead = [], []
     claims = wd / "claims"
-    here = socket.gethostname()
     if claims.is_dir():
         for c in sorted(claims.iterdir()):
             if c.name in names and not (blocks_dir / f"{c.name}.h5").exists():
@@ -118,7 +104,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
                 info = dict(zip(("run_id", "host", "pid", "rank"), fields))
                 info["block"] = c.name
                 info["since_s"] = since
-                (dead if _claim_dead(info, here) else running).append(info)
+                (dead if _claim_dead(info) else running).append(info)
     total_voxels = sum(b.core_voxels for b in grid)
     left = total_voxels - voxels_done
     rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
