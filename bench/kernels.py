@@ -30,6 +30,10 @@ import numpy as np
 from scipy import ndimage
 
 from floodfilling import kernels as K
+from floodfilling.kernels_reference import (
+    count_pairs_reference, find_peaks_reference, gather_fovs_reference, relabel_reference,
+    union_find_reference, update_fovs_reference,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, cpu_model, machine_id  # noqa: E402
@@ -107,7 +111,7 @@ def check_update(canvases, logits, centers, kw):
 
     cn, cr, ln, lr = cp(canvases), cp(canvases), logits.copy(), logits.copy()
     sn, on = K.update_fovs(cn, ln, centers, **kw)
-    sr, orf = K.update_fovs_reference(cr, lr, centers, **kw)
+    sr, orf = update_fovs_reference(cr, lr, centers, **kw)
     assert np.array_equal(sn.view(np.uint32), sr.view(np.uint32)), "update_fovs scores differ"
     assert np.array_equal(on, orf), "update_fovs offsets differ"
     assert np.array_equal(ln.view(np.uint32), lr.view(np.uint32)), "written logits differ"
@@ -132,15 +136,15 @@ def bench_fov(rng, repeat, quick):
             return work
 
         rows.append(bench_pair("update_fovs", label,
-                               lambda w: K.update_fovs_reference(canvases, w, centers, **kw),
+                               lambda w: update_fovs_reference(canvases, w, centers, **kw),
                                lambda w: K.update_fovs(canvases, w, centers, **kw),
                                repeat, TARGETS["update_fovs"], setup=setup))
         out = np.empty((k, 33, 33, 33), np.float32)
-        ref = K.gather_fovs_reference(canvases, centers, 33, -2.944)
+        ref = gather_fovs_reference(canvases, centers, 33, -2.944)
         K.gather_fovs(canvases, centers, 33, -2.944, out)
         assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), "gather differs"
         rows.append(bench_pair("gather_fovs", label,
-                               lambda: K.gather_fovs_reference(canvases, centers, 33, -2.944, out),
+                               lambda: gather_fovs_reference(canvases, centers, 33, -2.944, out),
                                lambda: K.gather_fovs(canvases, centers, 33, -2.944, out),
                                repeat))
 
@@ -156,7 +160,7 @@ def bench_fov(rng, repeat, quick):
         return run
 
     row = bench_pair("update_fovs K=1 (per call)", "1 FOV 33^3, x200 calls",
-                     many(K.update_fovs_reference), many(K.update_fovs), max(3, repeat))
+                     many(update_fovs_reference), many(K.update_fovs), max(3, repeat))
     for key in ("reference_s", "native_s", "native_1thread_s"):
         row[key] /= n_calls
     rows.append(row)
@@ -212,18 +216,18 @@ def distance_map(quick):
 def bench_peaks(repeat, quick):
     dmap, source = distance_map(quick)
     got = K.find_peaks(dmap, min_distance=3, threshold=0.0)
-    want = K.find_peaks_reference(dmap, min_distance=3, threshold=0.0)
+    want = find_peaks_reference(dmap, min_distance=3, threshold=0.0)
     assert np.array_equal(got, want), "find_peaks differs from skimage"
     size = f"{'x'.join(map(str, dmap.shape))} float64, {len(got)} peaks"
     print(f"  distance map: {source}: {len(got)} peaks", file=sys.stderr)
-    row = bench_pair("find_peaks", size, lambda: K.find_peaks_reference(dmap),
+    row = bench_pair("find_peaks", size, lambda: find_peaks_reference(dmap),
                      lambda: K.find_peaks(dmap), repeat, TARGETS["find_peaks"])
     row["source"] = source
     rows = [row]
     d32 = dmap.astype(np.float32)
-    assert np.array_equal(K.find_peaks(d32), K.find_peaks_reference(d32))
+    assert np.array_equal(K.find_peaks(d32), find_peaks_reference(d32))
     rows.append(bench_pair("find_peaks (float32)", size.replace("float64", "float32"),
-                           lambda: K.find_peaks_reference(d32), lambda: K.find_peaks(d32),
+                           lambda: find_peaks_reference(d32), lambda: K.find_peaks(d32),
                            repeat))
     return rows
 
@@ -254,28 +258,28 @@ def bench_reconcile(rng, repeat, quick):
     b = voronoi_labels(shape, 1000, rng, jitter=4)
     b[rng.random(shape) < 0.01] = 0  # a little unlabelled space
     p, c = K.count_pairs(a, b)
-    rp, rc = K.count_pairs_reference(a, b)
+    rp, rc = count_pairs_reference(a, b)
     assert np.array_equal(p, rp) and np.array_equal(c, rc), "count_pairs differs"
     size = f"{'x'.join(map(str, shape))} uint64, {len(np.unique(a))}+{len(np.unique(b))} ids"
     rows = [bench_pair("count_pairs", size + f", {len(p)} pairs",
-                       lambda: K.count_pairs_reference(a, b), lambda: K.count_pairs(a, b),
+                       lambda: count_pairs_reference(a, b), lambda: K.count_pairs(a, b),
                        repeat, TARGETS["count_pairs"])]
     # random (worst case: no runs) labels
     ra = rng.integers(0, 1000, shape).astype(np.uint64)
     rb = rng.integers(0, 1000, shape).astype(np.uint64)
     p, c = K.count_pairs(ra, rb)
-    rp, rc = K.count_pairs_reference(ra, rb)
+    rp, rc = count_pairs_reference(ra, rb)
     assert np.array_equal(p, rp) and np.array_equal(c, rc), "count_pairs differs (random)"
     rows.append(bench_pair("count_pairs (i.i.d. random labels)",
                            f"{'x'.join(map(str, shape))} uint64, {len(p)} pairs",
-                           lambda: K.count_pairs_reference(ra, rb),
+                           lambda: count_pairs_reference(ra, rb),
                            lambda: K.count_pairs(ra, rb), repeat))
     for row in rows:  # timings on a shared machine: record how busy it was
         row["loadavg_1min"] = round(os.getloadavg()[0], 2)
 
     keys = np.unique(a)[::2]
     values = keys // np.uint64(3) + np.uint64(7)
-    want = K.relabel_reference(a.copy(), keys, values)
+    want = relabel_reference(a.copy(), keys, values)
     assert np.array_equal(K.relabel(a.copy(), keys, values), want), "relabel differs"
     work = a.copy()
 
@@ -284,14 +288,14 @@ def bench_reconcile(rng, repeat, quick):
         return work
 
     rows.append(bench_pair("relabel", f"{'x'.join(map(str, shape))} uint64, {len(keys)} keys",
-                           lambda w: K.relabel_reference(w, keys, values),
+                           lambda w: relabel_reference(w, keys, values),
                            lambda w: K.relabel(w, keys, values), repeat, setup=setup))
 
     m = 20000 if quick else 200000
     edges = rng.integers(0, m, (m, 2)).astype(np.uint64) * np.uint64(977)
-    got, want = K.union_find(edges), K.union_find_reference(edges)
+    got, want = K.union_find(edges), union_find_reference(edges)
     assert all(np.array_equal(x, y) for x, y in zip(got, want)), "union_find differs"
-    rows.append(bench_pair("union_find", f"{m} random edges", lambda: K.union_find_reference(edges),
+    rows.append(bench_pair("union_find", f"{m} random edges", lambda: union_find_reference(edges),
                            lambda: K.union_find(edges), repeat))
     return rows
 

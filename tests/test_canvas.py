@@ -50,9 +50,10 @@ def test_one_cube_object_fills_its_mask():
 def test_native_kernels_give_the_reference_canvas(monkeypatch):
     """The same flood with the NumPy reference kernels: identical canvas, steps and object."""
     from floodfilling import kernels
+    from floodfilling.kernels_reference import update_fovs_reference
 
     native = _flood_cube()
-    monkeypatch.setattr(kernels, "update_fovs", kernels.update_fovs_reference)
+    monkeypatch.setattr(kernels, "update_fovs", update_fovs_reference)
     ref = _flood_cube()
     assert np.array_equal(native.segmentation, ref.segmentation)
     assert np.array_equal(native.logits, ref.logits, equal_nan=True)

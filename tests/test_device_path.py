@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from floodfilling import kernels
+from floodfilling.kernels_reference import gather_fovs_reference
 from floodfilling.config import InferenceConfig
 from floodfilling.inference.canvas import Canvas, CanvasState
 from floodfilling.inference.device import DeviceCanvas, DevicePredictor, SlotPool, disco_count_needed
@@ -74,7 +75,7 @@ def test_step_equals_native_update(deltas):
             for p in [c, tuple(v + 1 for v in c), (0, 0, 0)]:
                 if all(0 <= v < s for v, s in zip(p, d.shape)):
                     d._track(p, 0.0)
-        want_seed = kernels.gather_fovs_reference([h.logits for h in host], np.asarray(centers), fov, pred.t_pad)
+        want_seed = gather_fovs_reference([h.logits for h in host], np.asarray(centers), fov, pred.t_pad)
         recs = pred.predict(dev, centers)
         assert np.array_equal(net.seen[-1].numpy(), want_seed)  # NaN -> logit(pad) network input
         want_scores, want_offsets = kernels.update_fovs(

@@ -7,6 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling import kernels as K
+from floodfilling.kernels_reference import (
+    commit_object_reference, gather_fovs_reference, update_fovs_reference,
+)
 from kernel_helpers import forced_parallel
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
@@ -52,7 +55,7 @@ def run_both(canvases, logits, centers, **kw):
     cn, cr, cp = copy_canvases(canvases), copy_canvases(canvases), copy_canvases(canvases)
     ln, lr, lp = logits.copy(), logits.copy(), logits.copy()
     sn, on = K.update_fovs(cn, ln, centers, **kw)
-    sr, orf = K.update_fovs_reference(cr, lr, centers, **kw)
+    sr, orf = update_fovs_reference(cr, lr, centers, **kw)
     with forced_parallel():
         sp, op = K.update_fovs(cp, lp, centers, **kw)
     assert_same_floats(sp, sr)
@@ -137,7 +140,7 @@ def test_gather_fovs_matches_reference(case, pad):
     out = np.full((k,) + f, 7.0, np.float32)
     res = K.gather_fovs(canvases, centers, f, pad, out)
     assert res is out
-    ref = K.gather_fovs_reference(canvases, centers, f, pad)
+    ref = gather_fovs_reference(canvases, centers, f, pad)
     assert_same_floats(out, ref)
     out2 = np.full((k,) + f, 7.0, np.float32)
     with forced_parallel():
@@ -328,7 +331,7 @@ def test_commit_object_matches_reference(seed, kind, min_size, same_array):
     got_seg, want_seg = seg.copy(), seg.copy()
     kw = dict(seg_threshold=0.405, min_size=min_size, new_id=11)
     got = K.commit_object(lg, lstart, got_seg, start, size, **kw)
-    want = K.commit_object_reference(lg, lstart, want_seg, start, size, **kw)
+    want = commit_object_reference(lg, lstart, want_seg, start, size, **kw)
     assert got[0] == want[0]
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
     assert got[1].dtype == np.int64 and got[2].dtype == np.int64

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from floodfilling import kernels as K
+from floodfilling.kernels_reference import find_peaks_reference
 from kernel_helpers import forced_parallel
 
 skimage_feature = pytest.importorskip("skimage.feature")
@@ -39,8 +40,8 @@ def check(image, min_distance=3, threshold=0.0, exclude_border=True):
     np.testing.assert_array_equal(par, want)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ref = K.find_peaks_reference(image, min_distance=min_distance, threshold=threshold,
-                                     exclude_border=exclude_border)
+        ref = find_peaks_reference(image, min_distance=min_distance, threshold=threshold,
+                                   exclude_border=exclude_border)
     np.testing.assert_array_equal(got, ref)
     return got
 

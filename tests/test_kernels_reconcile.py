@@ -9,6 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling import kernels as K
+from floodfilling.kernels_reference import (
+    count_pairs_reference, relabel_reference, union_find_reference,
+)
 from kernel_helpers import forced_parallel
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
@@ -69,7 +72,7 @@ def check_pairs(a, b, ignore_zero=False):
     p, c = K.count_pairs(a, b, ignore_zero=ignore_zero)
     assert p.dtype == np.uint64 and p.ndim == 2 and p.shape[1] == 2
     assert c.dtype == np.int64 and c.shape == (len(p),)
-    rp, rc = K.count_pairs_reference(a, b, ignore_zero=ignore_zero)
+    rp, rc = count_pairs_reference(a, b, ignore_zero=ignore_zero)
     np.testing.assert_array_equal(p, rp)
     np.testing.assert_array_equal(c, rc)
     with forced_parallel():
@@ -227,7 +230,7 @@ def test_count_pairs_threads_claim_pieces(threads):
     rng = np.random.default_rng(24)
     a = labels(rng, (30, 50, 70), np.uint64, 200, blocky=True)
     b = labels(rng, (30, 50, 70), np.uint64, 200, blocky=True)
-    want = K.count_pairs_reference(a, b)
+    want = count_pairs_reference(a, b)
     old_grain = K._native()._set_count_pairs_grain(1000)
     K.set_num_threads(threads)
     try:
@@ -270,7 +273,7 @@ def edge_cases(draw):
 @given(edge_cases())
 def test_union_find_matches_reference(edges):
     ids, roots = K.union_find(edges)
-    rids, rroots = K.union_find_reference(edges)
+    rids, rroots = union_find_reference(edges)
     assert ids.dtype == np.uint64 and roots.dtype == np.uint64
     np.testing.assert_array_equal(ids, rids)
     np.testing.assert_array_equal(roots, rroots)
@@ -294,7 +297,7 @@ def test_union_find_edge_cases():
     np.testing.assert_array_equal(roots, [1, 1, 7, 7, 7, 7])
     rng = np.random.default_rng(0)
     big = rng.integers(0, 5000, (20000, 2)).astype(np.uint64)
-    for got, want in zip(K.union_find(big), K.union_find_reference(big)):
+    for got, want in zip(K.union_find(big), union_find_reference(big)):
         np.testing.assert_array_equal(got, want)
 
 
@@ -329,7 +332,7 @@ def test_relabel_matches_reference(case):
     values = rng.integers(0, 1000, keys.size).astype(key_dtype)
     got, want, par = lab.copy(), lab.copy(), lab.copy()
     assert K.relabel(got, keys, values) is got
-    K.relabel_reference(want, keys, values)
+    relabel_reference(want, keys, values)
     np.testing.assert_array_equal(got, want)
     with forced_parallel():
         K.relabel(par, keys, values)
@@ -346,7 +349,7 @@ def test_relabel_large_threads_and_wide_keys():
                            np.array([2**32 + 1, 2**60], np.uint64)])
     values = np.arange(keys.size, dtype=np.uint64) * 11
     values[-2:] = 2**62  # keys that cannot occur in uint32 labels: values unchecked
-    want = K.relabel_reference(lab.copy(), keys, values)
+    want = relabel_reference(lab.copy(), keys, values)
     try:
         for t in (1, 2, 4):
             K.set_num_threads(t)
@@ -355,7 +358,7 @@ def test_relabel_large_threads_and_wide_keys():
         K.set_num_threads(0)
     lab64 = lab.astype(np.uint64) + np.uint64(2**40)
     keys64 = np.unique(lab64)[::2]
-    want = K.relabel_reference(lab64.copy(), keys64, keys64 // np.uint64(2))
+    want = relabel_reference(lab64.copy(), keys64, keys64 // np.uint64(2))
     np.testing.assert_array_equal(K.relabel(lab64, keys64, keys64 // np.uint64(2)), want)
 
 

@@ -191,6 +191,8 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
     the candidates table."""
     cfg = (config or InferenceConfig()).validate()
     opts = opts or AgglomerationOptions()
+    if inflight is not None and int(inflight) < 1:
+        raise AgglomerationError(f"--inflight {inflight}: must be >= 1")
     out = volumes.parse_volume_spec(out_spec)
     names = [str(out.dataset), f"{out.dataset}_agglomeration", f"{out.dataset}_origins"]
     out = volumes.check_output(out, overwrite, names=names, inputs=[image_spec, seg_spec, opts.within])  # before the floods
@@ -207,9 +209,8 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
         if tuple(vi.shape) != tuple(vs.shape):
             raise AgglomerationError(f"{seg_spec}: shape {tuple(vs.shape)} does not match the image {image_spec}'s "
                                      f"{tuple(vi.shape)}")
-        if vs.dtype.kind not in "iu":
-            raise AgglomerationError(f"{seg_spec}: dtype {vs.dtype} is not a label (integer) type")
         raw, seg = vi.read(), vs.read()
+        volumes.check_labels(seg, seg_spec, error=AgglomerationError)
         norm = resolve_normalisation(cfg, info, raw, image_spec)
         attrs = {k: v for k, v in vs.attrs.items() if k in ("resolution_zyx_nm", "bbox_zyx", "source_image")}
     within = None
@@ -218,6 +219,7 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
             if tuple(vw.shape) != seg.shape:
                 raise AgglomerationError(f"--within {opts.within}: shape {tuple(vw.shape)} does not match {seg.shape}")
             within = vw.read()
+            volumes.check_labels(within, f"--within {opts.within}", error=AgglomerationError)
     image = norm.apply(raw, image_spec)
     new, table = agglomerate_array(image, seg, net, info, cfg, opts, within, inflight)
     ds = out.dataset

@@ -85,13 +85,8 @@ def _slabs(shape, max_voxels: int):
 def _labels(arr: np.ndarray, name: str, where: slice | None = None) -> np.ndarray:
     """``arr`` (one z-slab ``where`` of volume ``name``) as uint64 ids; negative ids are refused
     (naming the volume and the slab's minimum), as ``ffn prepare`` and ``ffn evaluate`` do."""
-    if arr.dtype.kind not in "iu":
-        raise ConsensusError(f"{name}: dtype {arr.dtype} is not a label (integer) type")
-    if arr.dtype.kind == "i" and arr.size:
-        m = int(arr.min())
-        if m < 0:
-            at = f" in z {where.start}:{where.stop}" if where is not None else ""
-            raise ConsensusError(f"{name}: negative labels (minimum {m}{at}): label ids must be >= 0")
+    volumes.check_labels(arr, name, where=f" in z {where.start}:{where.stop}" if where is not None else "",
+                         error=ConsensusError)
     return arr.astype(np.uint64, copy=False)
 
 

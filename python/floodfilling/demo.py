@@ -34,7 +34,8 @@ class DemoResult:
 
 def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bool = True) -> DemoResult:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with volumes.disk_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     crop = demo_crop_path()
     with volumes.open_volume(f"{crop}:raw") as v:
         raw = v.read()

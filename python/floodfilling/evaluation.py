@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from . import volumes
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -221,8 +223,7 @@ def check_nonnegative(table: Contingency, names: tuple[str, str] = ("seg", "gt")
     hold unsigned ids, 0 = unlabelled): a one-line ``ValueError`` naming the volume
     (``names``: e.g. ``file.h5:dataset``) and its minimum id. Free: the ids are the table's."""
     for name, ids in zip(names, (table.seg_ids, table.gt_ids)):
-        if ids.dtype.kind == "i" and ids.size and int(ids.min()) < 0:
-            raise ValueError(f"{name}: negative labels (minimum {int(ids.min())}): label ids must be >= 0")
+        volumes.check_labels(ids, name)
 
 
 def _table(seg: Any, gt: Any, table: Contingency | None, gt_zero: str) -> Contingency:

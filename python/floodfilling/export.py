@@ -123,6 +123,8 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     if local:
         path = url[len("file://"):]
         if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
             if not overwrite:
                 raise ExportError(f"{dest} exists; pass --overwrite to replace it")
             if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):

@@ -315,6 +315,21 @@ def _check_volume_array(where: str, shape: tuple[int, ...], dtype: np.dtype) -> 
         )
 
 
+def check_labels(values: Any, source: str, *, minimum: Any = None, where: str = "",
+                 error: type = VolumeError) -> None:
+    """Label volumes (segmentations, ground truth) hold ids >= 0 of an integer type: refuses
+    another dtype, or a negative id, with one line naming ``source`` (``file.h5:dataset``), the
+    minimum and ``where`` (e.g. " in z 0:64"), raised as ``error``. ``values``: the volume, a
+    slab of it or its ids; ``minimum``: the smallest id when already known (saves a pass)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "iu":
+        raise error(f"{source}: dtype {a.dtype} is not a label (integer) type")
+    if a.dtype.kind == "i" and a.size:
+        m = int(a.min()) if minimum is None else int(minimum)
+        if m < 0:
+            raise error(f"{source}: negative labels (minimum {m}{where}): label ids must be >= 0")
+
+
 def _hdf5_datasets(h5file: Any) -> list[str]:
     import h5py
 
@@ -595,7 +610,12 @@ def os_error_text(exc: OSError, target: PathLike, doing: str = "writing") -> str
     if code in (errno.EACCES, errno.EPERM):
         return f"cannot write {target}: permission denied ({exc.filename or target})"
     if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
-        return f"cannot write {target}: {exc.filename} exists and is not a directory"
+        culprit = up = os.fspath(exc.filename)
+        while up and not (os.path.lexists(up) and not os.path.isdir(up)) and os.path.dirname(up) != up:
+            up = os.path.dirname(up)
+        if up and os.path.lexists(up) and not os.path.isdir(up):  # the regular file on the way
+            culprit = up
+        return f"cannot write {target}: {culprit} exists and is not a directory"
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     return f"error while {doing} {target}: {first}"
 

@@ -33,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import volumes
+
 log = logging.getLogger(__name__)
 
 IGNORE = 255
@@ -81,18 +83,6 @@ def labels_digest(labels: np.ndarray, slab_voxels: int = 1 << 24) -> str:
     return h.hexdigest()[:16]
 
 
-def check_nonnegative(labels: np.ndarray, source: str = "labels", minimum=None) -> None:
-    """Refuses negative label ids (segmentations and labels hold unsigned ids, 0 = background):
-    a one-line :class:`PartitionError` naming ``source`` and the minimum. ``minimum``: the
-    smallest id when already known (saves a pass over the volume)."""
-    a = np.asarray(labels)
-    if a.dtype.kind != "i" or a.size == 0:
-        return
-    m = int(a.min()) if minimum is None else int(minimum)
-    if m < 0:
-        raise PartitionError(f"{source}: negative labels (minimum {m}): label ids must be >= 0")
-
-
 def clear_dust(labels: np.ndarray, min_size: int) -> np.ndarray:
     """A copy of ``labels`` with every object of fewer than ``min_size`` voxels set to 0."""
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -125,7 +115,7 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
     t0 = time.perf_counter()
     ids, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if ids.size:
-        check_nonnegative(labels, source, minimum=ids[0])
+        volumes.check_labels(labels, source, minimum=ids[0], error=PartitionError)
     inv = inv.reshape(labels.shape).astype(np.int32 if ids.size < 2**31 else np.int64)
     keep = (ids != 0) & (counts >= min_size)
     if not keep.any():
@@ -208,7 +198,7 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
     into the HDF5 file ``out_path`` atomically (an existing file keeps its other datasets; the
     labels themselves are never replaced, :func:`volumes.check_output`). ``margin_zyx`` defaults
     to the radius. Returns a summary (counts, number of coordinates, seconds)."""
-    from .. import locks, volumes
+    from .. import locks
 
     t0 = time.perf_counter()
     radius = _int3(radius_zyx, "--radius")

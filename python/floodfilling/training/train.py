@@ -657,7 +657,8 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     metrics_path = out / METRICS_CSV
     rows: list[dict[str, float]] = []
     if dinfo.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with volumes.disk_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
         for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
             stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
         rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []

@@ -1,0 +1,335 @@
+"""Bad inputs, one-line errors (issue 13, item 8: "nothing lost, nothing silently wrong").
+
+A table of wrong paths, datasets, shapes, dtypes, option values and model files is run through
+the real CLI entry point in-process (``floodfilling.cli.main``, no subprocess per case). Every
+case must: exit with status 2; print exactly one line on stderr, ``ffn: error: ...``, that names
+the culprit (the file/dataset, or the option and its bad value) and is no traceback; leave every
+input file byte-for-byte unchanged (sha256) and add no file beside them; and leave nothing
+half-written in the output directory (no partial output, ``*.tmp-*``, ``*.lock``, ``*.resume.npz``).
+
+The inputs are small (a 32x48x48 crop of the bundled FIB-25 volume and the tiny hand-set model),
+built once per module; each case fails before any real work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from floodfilling.cli import main
+from floodfilling.demo import demo_crop_path
+from floodfilling.testing import mean_flood_model
+
+SHAPE = (32, 48, 48)
+
+
+# -- fixture inputs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, Path]:
+    """(the input directory, a pristine copy of it)."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    with h5py.File(demo_crop_path(), "r") as src:
+        raw = src["raw"][: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+        labels = src["labels"][: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(np.uint32)
+    with h5py.File(d / "crop.h5", "w") as f:
+        f["raw"] = raw.astype(np.uint8)
+        f["labels"] = labels
+        # the same shape, other objects: coordinates prepared on `labels` do not belong to it
+        f["labels_b"] = np.roll(labels, 7, axis=2)
+        f["flat"] = raw[0]
+        f["tiny"] = raw[:4, :4, :4]  # smaller than the tiny model's 9^3 FOV
+        fl = raw.astype(np.float32)
+        fl[3, 4, 5] = np.nan
+        f["float_nan"] = fl
+        neg = labels.astype(np.int32)
+        neg[1, 2, 3] = -5
+        f["neg"] = neg
+        f["text"] = np.full((8, 8, 8), b"ab", dtype="S2")
+        f["shape2"] = labels[:, :40, :44]
+    with h5py.File(d / "lab.h5", "w") as f:  # labels under a name that `ffn prepare` writes
+        f["partitions"] = labels
+    model = mean_flood_model(d / "tiny.npz")
+    arrays = dict(np.load(model))
+    w = arrays["conv0_b/weights"].copy()
+    w.flat[0] = np.nan
+    arrays["conv0_b/weights"] = w
+    np.savez(d / "nan.npz", **arrays)
+    (d / "notes.txt").write_text("these are notes, not a model or a volume\n")
+    (d / "blob.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (d / "fake.h5").write_text("not an HDF5 file\n")
+    (d / "bad_split.toml").write_text('[inference]\nsplit_components = "no"\n')
+    (d / "bad_size.toml").write_text("[inference]\nmin_segment_size = 1.5\n")
+    (d / "adir").mkdir()
+    (d / "afile").write_text("a regular file\n")
+    bad = d / "bad_workdir"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{garbage")
+    quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
+    assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
+                 "--min-size", "10"]) == 0
+    assert main(["segment", f"{d}/crop.h5:raw", f"{d}/seg.h5:seg", *quiet, "--set", "min_segment_size=10"]) == 0
+    assert main(["segment", f"{d}/crop.h5:raw", f"{d}/seg_small.h5:seg", *quiet, "--set", "min_segment_size=10",
+                 "--bbox", "0,0,0:16,24,24"]) == 0
+    copy = tmp_path_factory.mktemp("bad_inputs_pristine")
+    shutil.copytree(d, copy, dirs_exist_ok=True)
+    return d, copy
+
+
+@pytest.fixture
+def inputs(pristine) -> Path:
+    """The input directory; put back as it was after a case that changed it (so that one case's
+    damage is reported by that case only)."""
+    d, copy = pristine
+    yield d
+    if snapshot(d) != snapshot(copy):
+        shutil.rmtree(d)
+        shutil.copytree(copy, d)
+
+
+def snapshot(d: Path) -> dict[str, str | None]:
+    """Every file (sha256) and directory (None) under ``d``, by relative path."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        rel = str(p.relative_to(d))
+        out[rel] = None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# -- the table -------------------------------------------------------------------------------------
+# (id, argv, substrings of the error line). In both, {d} is the input directory, {t} the (empty)
+# output directory of the case. Arguments are split on whitespace before the substitution.
+
+M = "--model {d}/tiny.npz -q --device cpu --threads 1"
+SEG = "segment {d}/crop.h5:raw {t}/o.h5:seg " + M
+INV = "--set seed_policy=invert_origins --set seed_origins="
+MA = "--model {d}/tiny.npz --device cpu --threads 1"  # agglomerate has no -q
+AGG = "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {t}/a.h5:seg " + MA
+TRAIN = ("train --image {d}/crop.h5:raw --labels {d}/crop.h5:labels --out {t}/run --max-steps 1 --depth 1 "
+         "--features 4 --fov 9,9,9 --deltas 2,2,2 --batch 1 --min-size 10 --device cpu --threads 1 "
+         "--no-tensorboard -q")
+
+CASES = [
+    # ---- segment: the image
+    ("segment-missing-file", "segment {d}/nope.h5:raw {t}/o.h5:seg " + M, ["nope.h5"]),
+    ("segment-missing-dataset", "segment {d}/crop.h5:nope {t}/o.h5:seg " + M, ["crop.h5", "nope"]),
+    ("segment-2d", "segment {d}/crop.h5:flat {t}/o.h5:seg " + M, ["crop.h5", "flat"]),
+    ("segment-smaller-than-fov", "segment {d}/crop.h5:tiny {t}/o.h5:seg " + M, ["crop.h5", "tiny"]),
+    ("segment-nan-image", "segment {d}/crop.h5:float_nan {t}/o.h5:seg " + M, ["crop.h5", "float_nan", "NaN"]),
+    ("segment-text-dataset", "segment {d}/crop.h5:text {t}/o.h5:seg " + M, ["crop.h5", "text"]),
+    ("segment-not-hdf5-input", "segment {d}/fake.h5:raw {t}/o.h5:seg " + M, ["fake.h5"]),
+    ("segment-directory-input", "segment {d}/adir:raw {t}/o.h5:seg " + M, ["adir"]),
+    ("segment-bbox-text", SEG + " --bbox abc", ["bbox", "abc"]),
+    ("segment-bbox-outside", SEG + " --bbox 0,0,0:100,100,100", ["bbox", "0,0,0:100,100,100"]),
+    ("segment-bbox-empty", SEG + " --bbox 5,5,5:5,5,5", ["bbox", "5,5,5:5,5,5"]),
+    # ---- segment: options
+    ("segment-set-unknown-key", SEG + " --set nosuch=1", ["nosuch"]),
+    ("segment-set-no-equals", SEG + " --set min_segment_size", ["--set", "min_segment_size"]),
+    ("segment-set-bool-maybe", SEG + " --set split_components=maybe", ["split_components", "maybe"]),
+    ("segment-set-int-float", SEG + " --set min_segment_size=1.5", ["min_segment_size", "1.5"]),
+    ("segment-set-float-nan", SEG + " --set segment_threshold=nan", ["segment_threshold", "nan"]),
+    ("segment-set-probability-1.5", SEG + " --set move_threshold=1.5", ["move_threshold", "1.5"]),
+    ("segment-set-seed-policy-bogus", SEG + " --set seed_policy=bogus", ["seed_policy", "bogus"]),
+    ("segment-invert-origins-alone", SEG + " --set seed_policy=invert_origins", ["seed_policy", "seed_origins"]),
+    ("segment-seed-origins-other-shape", SEG + " " + INV + "{d}/seg_small.h5:seg", ["seg_small.h5"]),
+    ("segment-seed-origins-missing", SEG + " " + INV + "{d}/nope.h5:seg", ["nope.h5"]),
+    ("segment-image-mean-nan", SEG + " --image-mean nan", ["--image-mean", "nan"]),
+    ("segment-image-std-zero", SEG + " --image-std 0", ["--image-std", "0"]),
+    ("segment-image-mean-with-histogram", SEG + " --normalise histogram --image-mean 100",
+     ["--image-mean", "histogram"]),
+    ("segment-checkpoint-interval-nan", SEG + " --checkpoint-interval nan", ["--checkpoint-interval", "nan"]),
+    ("segment-checkpoint-interval-negative", SEG + " --checkpoint-interval -5", ["--checkpoint-interval", "-5"]),
+    ("segment-threads-abc", SEG + " --threads abc", ["--threads", "abc"]),
+    ("segment-threads-negative", SEG + " --threads -3", ["--threads", "-3"]),
+    ("segment-device-bogus", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/tiny.npz -q --device bogus",
+     ["bogus"]),
+    ("segment-precision-bf17", SEG + " --precision bf17", ["--precision", "bf17"]),
+    ("segment-resident-maybe", SEG + " --resident maybe", ["--resident", "maybe"]),
+    ("segment-inflight-without-block", SEG + " --inflight 2", ["--inflight", "2"]),
+    ("segment-halo-without-block", SEG + " --halo 4,4,4", ["--halo", "4,4,4"]),
+    ("segment-block-abc", SEG + " --block abc", ["--block", "abc"]),
+    ("segment-block-zero", SEG + " --block 0,1,1", ["--block", "0,1,1"]),
+    ("segment-inflight-zero", SEG + " --block 16,24,24 --inflight 0", ["--inflight", "0"]),
+    ("segment-workdir-is-a-file", SEG + " --workdir {d}/afile", ["afile"]),
+    # ---- segment: model and config files
+    ("segment-model-missing", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/nope.npz -q", ["nope.npz"]),
+    ("segment-model-nan-weights", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/nan.npz -q",
+     ["nan.npz", "conv0_b/weights"]),
+    ("segment-model-text-file", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/notes.txt -q", ["notes.txt"]),
+    ("segment-model-empty-dir", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/adir -q", ["adir"]),
+    ("segment-config-binary", SEG + " --config {d}/blob.bin", ["blob.bin"]),
+    ("segment-config-text-not-toml", SEG + " --config {d}/notes.txt", ["notes.txt"]),
+    ("segment-config-missing", SEG + " --config {d}/nope.toml", ["nope.toml"]),
+    ("segment-config-directory", SEG + " --config {d}/adir", ["adir"]),
+    ("segment-config-bool-string", SEG + " --config {d}/bad_split.toml", ["bad_split.toml", "split_components", "no"]),
+    ("segment-config-int-float", SEG + " --config {d}/bad_size.toml", ["bad_size.toml", "min_segment_size", "1.5"]),
+    # ---- segment: the output
+    ("segment-output-is-input", "segment {d}/crop.h5:raw {d}/crop.h5:raw --overwrite " + M, ["crop.h5", "raw"]),
+    ("segment-output-into-non-hdf5", "segment {d}/crop.h5:raw {d}/fake.h5:seg --overwrite " + M, ["fake.h5"]),
+    ("segment-output-under-a-file", "segment {d}/crop.h5:raw {d}/afile/out.h5:seg " + M,
+     ["afile exists and is not a directory"]),
+    ("segment-output-exists", "segment {d}/crop.h5:raw {d}/seg.h5:seg " + M, ["seg.h5", "--overwrite"]),
+    ("segment-block-output-is-input", "segment {d}/crop.h5:raw {d}/crop.h5:raw --overwrite --block 16,24,24 " + M,
+     ["crop.h5", "raw"]),
+    # ---- evaluate
+    ("evaluate-shape-mismatch", "evaluate {d}/crop.h5:labels {d}/crop.h5:shape2", ["labels", "shape2"]),
+    ("evaluate-float-volume", "evaluate {d}/crop.h5:float_nan {d}/crop.h5:labels", ["float_nan", "float32"]),
+    ("evaluate-negative-labels", "evaluate {d}/crop.h5:neg {d}/crop.h5:labels", ["crop.h5:neg", "negative"]),
+    ("evaluate-negative-gt", "evaluate {d}/crop.h5:labels {d}/crop.h5:neg", ["crop.h5:neg", "negative"]),
+    ("evaluate-missing-dataset", "evaluate {d}/crop.h5:nope {d}/crop.h5:labels", ["crop.h5", "nope"]),
+    ("evaluate-missing-file", "evaluate {d}/seg.h5:seg {d}/nope.h5:labels", ["nope.h5"]),
+    ("evaluate-top-abc", "evaluate {d}/seg.h5:seg {d}/crop.h5:labels --top abc", ["--top", "abc"]),
+    ("evaluate-gt-zero-bogus", "evaluate {d}/seg.h5:seg {d}/crop.h5:labels --gt-zero bogus", ["--gt-zero", "bogus"]),
+    # ---- consensus
+    ("consensus-shape-mismatch", "consensus {d}/seg.h5:seg {d}/crop.h5:shape2 {t}/c.h5:seg", ["shape2"]),
+    ("consensus-negative-labels", "consensus {d}/crop.h5:neg {d}/crop.h5:labels {t}/c.h5:seg",
+     ["crop.h5:neg", "negative"]),
+    ("consensus-float-volume", "consensus {d}/crop.h5:float_nan {d}/crop.h5:labels {t}/c.h5:seg", ["float_nan"]),
+    ("consensus-output-is-input", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}/seg.h5:seg --overwrite",
+     ["seg.h5"]),
+    ("consensus-output-is-second-input", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}/crop.h5:labels "
+     "--overwrite", ["crop.h5", "labels"]),
+    ("consensus-output-into-non-hdf5", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}/fake.h5:seg --overwrite",
+     ["fake.h5", "not an HDF5 file"]),
+    ("consensus-missing-dataset", "consensus {d}/seg.h5:nope {d}/crop.h5:labels {t}/c.h5:seg", ["seg.h5", "nope"]),
+    ("consensus-min-size-abc", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {t}/c.h5:seg --min-size abc",
+     ["--min-size", "abc"]),
+    ("consensus-min-size-negative", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {t}/c.h5:seg --min-size -1",
+     ["--min-size", "-1"]),
+    # ---- agglomerate
+    ("agglomerate-box-abc", AGG + " --box abc", ["--box", "abc"]),
+    ("agglomerate-box-zero", AGG + " --box 0,9,9", ["--box", "0,9,9"]),
+    ("agglomerate-merge-iou-1.5", AGG + " --merge-iou 1.5", ["--merge-iou", "1.5"]),
+    ("agglomerate-merge-iou-nan", AGG + " --merge-iou nan", ["--merge-iou", "nan"]),
+    ("agglomerate-min-contact-negative", AGG + " --min-contact -1", ["--min-contact", "-1"]),
+    ("agglomerate-inflight-zero", AGG + " --inflight 0", ["--inflight", "0"]),
+    ("agglomerate-within-shape-mismatch", AGG + " --within {d}/crop.h5:shape2", ["shape2"]),
+    ("agglomerate-within-negative", AGG + " --within {d}/crop.h5:neg", ["crop.h5:neg", "negative"]),
+    ("agglomerate-within-float", AGG + " --within {d}/crop.h5:float_nan", ["float_nan", "float32"]),
+    ("agglomerate-seg-shape-mismatch", "agglomerate {d}/crop.h5:raw {d}/crop.h5:shape2 {t}/a.h5:seg " + MA,
+     ["shape2"]),
+    ("agglomerate-negative-seg", "agglomerate {d}/crop.h5:raw {d}/crop.h5:neg {t}/a.h5:seg " + MA,
+     ["crop.h5:neg", "negative"]),
+    ("agglomerate-output-is-input", "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {d}/seg.h5:seg --overwrite " + MA,
+     ["seg.h5"]),
+    ("agglomerate-output-is-image", "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {d}/crop.h5:raw --overwrite " + MA,
+     ["crop.h5", "raw"]),
+    ("agglomerate-output-into-non-hdf5", "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {d}/fake.h5:seg --overwrite "
+     + MA, ["fake.h5", "not an HDF5 file"]),
+    ("agglomerate-set-bad", AGG + " --set min_segment_size=1.5", ["min_segment_size", "1.5"]),
+    # ---- prepare
+    ("prepare-negative-labels", "prepare {d}/crop.h5:neg {t}/p.h5 --radius 4 --min-size 10",
+     ["crop.h5:neg", "negative"]),
+    ("prepare-float-labels", "prepare {d}/crop.h5:float_nan {t}/p.h5 --radius 4 --min-size 10", ["float_nan"]),
+    ("prepare-2d-labels", "prepare {d}/crop.h5:flat {t}/p.h5 --radius 4 --min-size 10", ["flat"]),
+    ("prepare-missing-dataset", "prepare {d}/crop.h5:nope {t}/p.h5 --radius 4", ["crop.h5", "nope"]),
+    ("prepare-radius-abc", "prepare {d}/crop.h5:labels {t}/p.h5 --radius abc", ["--radius", "abc"]),
+    ("prepare-radius-negative", "prepare {d}/crop.h5:labels {t}/p.h5 --radius -2", ["radius", "-2"]),
+    ("prepare-thresholds-nan", "prepare {d}/crop.h5:labels {t}/p.h5 --thresholds nan", ["--thresholds", "nan"]),
+    ("prepare-thresholds-decreasing", "prepare {d}/crop.h5:labels {t}/p.h5 --radius 4 --thresholds 0.5,0.2",
+     ["thresholds", "0.5"]),
+    ("prepare-output-exists", "prepare {d}/crop.h5:labels {d}/coords.h5 --radius 4 --min-size 10",
+     ["coords.h5", "--overwrite"]),
+    # prepare writes the datasets 'partitions' and 'coords': into the labels' own file they may go
+    # (its other datasets stay), over the labels themselves never
+    ("prepare-output-replaces-the-labels", "prepare {d}/lab.h5:partitions {d}/lab.h5 --radius 4 --min-size 10 "
+     "--overwrite", ["lab.h5", "partitions"]),
+    ("prepare-output-into-non-hdf5", "prepare {d}/crop.h5:labels {d}/fake.h5 --radius 4 --min-size 10 --overwrite",
+     ["fake.h5", "not an HDF5 file"]),
+    ("prepare-output-under-a-file", "prepare {d}/crop.h5:labels {d}/afile/p.h5 --radius 4 --min-size 10",
+     ["afile exists and is not a directory"]),
+    # ---- train (each fails before training starts)
+    ("train-lr-nan", TRAIN + " --lr nan", ["--lr", "nan"]),
+    ("train-lr-zero", TRAIN + " --lr 0", ["--lr", "0"]),
+    ("train-batch-zero", TRAIN + " --batch 0", ["--batch", "0"]),
+    ("train-momentum-1.5", TRAIN + " --momentum 1.5", ["--momentum", "1.5"]),
+    ("train-fov-even", TRAIN + " --fov 8,8,8", ["fov", "(8, 8, 8)"]),
+    ("train-image-missing", TRAIN.replace("{d}/crop.h5:raw", "{d}/nope.h5:raw"), ["nope.h5"]),
+    ("train-labels-shape-mismatch", TRAIN.replace("crop.h5:labels", "crop.h5:shape2"), ["shape2"]),
+    ("train-labels-negative", TRAIN.replace("crop.h5:labels", "crop.h5:neg"), ["crop.h5:neg", "negative"]),
+    ("train-coords-of-other-labels", TRAIN.replace("crop.h5:labels", "crop.h5:labels_b") + " --coords {d}/coords.h5",
+     ["coords.h5", "labels_b"]),
+    ("train-coords-not-hdf5", TRAIN + " --coords {d}/notes.txt", ["notes.txt"]),
+    ("train-coords-without-coords", TRAIN + " --coords {d}/seg.h5", ["seg.h5", "coords"]),
+    ("train-out-is-a-file", TRAIN.replace("{t}/run", "{d}/afile"), ["afile exists and is not a directory"]),
+    ("train-init-nan-weights", TRAIN + " --init {d}/nan.npz", ["nan.npz", "conv0_b/weights"]),
+    ("train-val-labels-without-image", TRAIN + " --val-labels {d}/crop.h5:labels", ["--val-labels", "--val-image"]),
+    # ---- status
+    ("status-no-such-dir", "status {d}/nope_workdir", ["nope_workdir"]),
+    ("status-corrupt-manifest", "status {d}/bad_workdir", ["bad_workdir", "manifest.json"]),
+    ("status-a-file", "status {d}/afile", ["afile"]),
+    # ---- view / export (fail before serving or writing)
+    ("view-bbox-text", "view {d}/crop.h5:raw --bbox abc", ["--bbox", "abc"]),
+    ("view-labels-shape-mismatch", "view {d}/crop.h5:raw {d}/crop.h5:shape2", ["shape2"]),
+    ("view-port-70000", "view {d}/crop.h5:raw --port 70000", ["--port", "70000"]),
+    ("view-port-abc", "view {d}/crop.h5:raw --port abc", ["--port", "abc"]),
+    ("view-missing-dataset", "view {d}/crop.h5:nope", ["crop.h5", "nope"]),
+    ("export-bbox-text", "export {d}/crop.h5:raw {t}/layer --bbox abc", ["--bbox", "abc"]),
+    ("export-resolution-text", "export {d}/crop.h5:raw {t}/layer --resolution abc", ["--resolution", "abc"]),
+    ("export-resolution-zero", "export {d}/crop.h5:raw {t}/layer --resolution 0,8,8", ["--resolution", "0"]),
+    ("export-resolution-nan", "export {d}/crop.h5:raw {t}/layer --resolution nan,8,8", ["--resolution", "nan"]),
+    ("export-levels-negative", "export {d}/crop.h5:raw {t}/layer --levels -1", ["--levels", "-1"]),
+    ("export-missing-dataset", "export {d}/crop.h5:nope {t}/layer", ["crop.h5", "nope"]),
+    ("export-dest-is-a-file", "export {d}/crop.h5:raw {d}/afile", ["afile"]),
+    ("export-dest-is-a-file-overwrite", "export {d}/crop.h5:raw {d}/afile --overwrite",
+     ["afile: exists and is not a directory"]),
+    # ---- demo and the parser
+    ("demo-out-is-a-file", "demo --out {d}/afile -q --device cpu --threads 1", ["afile exists and is not a directory"]),
+    ("demo-out-under-a-file", "demo --out {d}/afile/x -q --device cpu --threads 1",
+     ["afile exists and is not a directory"]),
+    ("demo-threads-abc", "demo --out {t}/demo --threads abc", ["--threads", "abc"]),
+    ("unknown-command", "bogus", ["bogus"]),
+    ("segment-missing-arguments", "segment", ["image", "out"]),
+]
+
+
+def test_table_is_large_and_unique():
+    assert len(CASES) >= 70
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+LEFTOVERS = ("*.tmp-*", "*.lock", "*.resume.npz", "*.tmp")
+
+
+@pytest.mark.parametrize("argv, needles", [pytest.param(a, n, id=i) for i, a, n in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(inputs, tmp_path, capsys, caplog, argv, needles):
+    out = tmp_path / "out"
+    out.mkdir()
+    subst = {"d": str(inputs), "t": str(out)}
+    args = [tok.format(**subst) for tok in argv.split()]
+    needles = [n.format(**subst) for n in needles]
+    before = snapshot(inputs)
+    capsys.readouterr()
+
+    with caplog.at_level(logging.WARNING):
+        rc = main(args)
+
+    cap = capsys.readouterr()
+    err = cap.err
+    shown = f"rc={rc} stderr={err!r} stdout={cap.out[-300:]!r}"
+    assert rc == 2, shown
+    assert "Traceback" not in err, shown
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), shown
+    assert lines[0].startswith("ffn: error: "), shown
+    for n in needles:
+        assert n in lines[0], f"{n!r} not named: {shown}"
+    # A real `ffn` process prints warnings on stderr too (logging.basicConfig in main); under pytest
+    # they go to caplog instead, so a warning would be a second line.
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, f"warnings beside the error line: {warned}; {shown}"
+    after = snapshot(inputs)
+    changed = sorted(k for k in before if k in after and before[k] != after[k])
+    assert not changed, f"inputs changed: {changed}; {shown}"
+    assert not sorted(set(before) - set(after)), f"inputs removed: {sorted(set(before) - set(after))}"
+    assert not sorted(set(after) - set(before)), f"files left beside the inputs: {sorted(set(after) - set(before))}"
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert not left, f"left in the output directory: {left}; {shown}"
+    for pat in LEFTOVERS:
+        assert not list(tmp_path.rglob(pat)), f"half-written {pat} left; {shown}"
