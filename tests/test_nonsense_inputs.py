@@ -18,7 +18,7 @@ import torch
 from floodfilling.cli import main
 from floodfilling.config import InferenceConfig
 from floodfilling.model import ModelError, load_model, save_model
-from floodfilling.testing import mean_flood_model
+from floodfilling.testing import mean_flood_model, voronoi_volume
 
 
 def ball_image(shape=(24, 24, 24), centre=(12, 12, 12), radius=6.0, seed=0):
@@ -130,16 +130,7 @@ def test_nan_segment_cli_writes_nothing(tmp_path, tiny_model, monkeypatch, capsy
 
 # -- (c) coordinates of other labels ---------------------------------------------------------
 
-def voronoi(shape=(30, 32, 34), n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    pts = np.stack([rng.uniform(0, s, n) for s in shape], 1)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    d = ((grid[:, None, :] - pts[None]) ** 2).sum(-1)
-    order = np.sort(d, 1)
-    labels = (np.argmin(d, 1) + 1).reshape(shape).astype(np.uint32)
-    edge = (np.sqrt(order[:, 1]) - np.sqrt(order[:, 0]) < 1.0).reshape(shape)
-    raw = np.clip(np.where(edge, 60, 170) + rng.normal(0, 12, shape), 0, 255).astype(np.uint8)
-    return raw, labels
+voronoi = voronoi_volume
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,14 @@ import torch
 
 from floodfilling.cli import main
 from floodfilling.model import load_model
+from floodfilling.testing import voronoi_volume
 from floodfilling.training.train import TrainOptions, learning_rate, read_metrics, train
 
 TINY = ["--depth", "1", "--features", "4", "--fov", "7", "--deltas", "2", "--min-size", "200", "--threads", "1",
         "--device", "cpu", "-q", "--no-tensorboard"]
 
 
-def synthetic(shape=(30, 32, 34), n=12, seed=0):
-    """Voronoi cells as objects; dark 1-voxel boundaries, bright noisy interiors."""
-    rng = np.random.default_rng(seed)
-    pts = np.stack([rng.uniform(0, s, n) for s in shape], 1)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    d = ((grid[:, None, :] - pts[None]) ** 2).sum(-1)
-    order = np.sort(d, 1)
-    labels = (np.argmin(d, 1) + 1).reshape(shape).astype(np.uint32)
-    edge = (np.sqrt(order[:, 1]) - np.sqrt(order[:, 0]) < 1.0).reshape(shape)
-    raw = np.where(edge, 60, 170) + rng.normal(0, 12, shape)
-    return np.clip(raw, 0, 255).astype(np.uint8), labels
+synthetic = voronoi_volume
 
 
 @pytest.fixture(scope="module")

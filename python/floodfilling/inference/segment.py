@@ -99,8 +99,9 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
             saved = json.loads(str(z["manifest"]))
             if saved != json.loads(json.dumps(manifest, sort_keys=True)):
                 diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+                why = "; the image changed since it was saved" if "image_digest" in diff else ""
                 raise SegmentError(f"{path}: resume state belongs to a different run (differs in "
-                                   f"{', '.join(diff)}); delete it or pass --overwrite")
+                                   f"{', '.join(diff)}{why}); delete it or pass --overwrite")
             st = CanvasState(segmentation=z["segmentation"].copy(), seed_index=int(z["seed_index"]),
                              max_id=int(z["max_id"]), counters=json.loads(str(z["counters"])),
                              fill_passes=int(z["fill_passes"]) if "fill_passes" in z.files else 0)
