@@ -9,7 +9,7 @@ from floodfilling.cli import main
 from floodfilling.config import ConfigError, InferenceConfig
 from floodfilling.consensus import ConsensusError, consensus_table, split_consensus
 from floodfilling.inference import seeds as seeds_mod
-from floodfilling.inference.segment import ORIGIN_DTYPE
+from floodfilling.results import ORIGIN_DTYPE
 from floodfilling.testing import mean_flood_model
 
 
@@ -158,7 +158,7 @@ def test_invert_origins_bad_inputs(runs, capsys):
 
 def test_zarr_output_and_origins(runs):
     pytest.importorskip("zarr")
-    from floodfilling.inference.segment import read_origins
+    from floodfilling.results import read_origins
 
     a, b = f"{runs / 'a.h5'}:seg", f"{runs / 'b.h5'}:seg"
     assert main(["consensus", a, b, f"{runs / 'c.zarr'}/cons", "--min-size", "50"]) == 0

@@ -1,7 +1,7 @@
 import numpy as np
 from scipy import ndimage
 
-from floodfilling.inference.canvas import Origin
+from floodfilling.results import Origin
 from floodfilling.postprocess import make_contiguous, postprocess, remove_dust, split_disconnected
 
 

@@ -59,7 +59,7 @@ def test_layers_serve_the_files(vol):
 
 
 def test_origins_become_points(tmp_path):
-    from floodfilling.inference.segment import ORIGIN_DTYPE
+    from floodfilling.results import ORIGIN_DTYPE
 
     seg = np.zeros((10, 12, 14), np.uint32)
     org = np.zeros(3, ORIGIN_DTYPE)

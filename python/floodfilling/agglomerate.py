@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from . import kernels, locks, volumes
+from . import kernels, locks, results, volumes
 from .config import InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
 
 
 def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, inflight) -> np.ndarray:
-    from .inference.segment import read_origins, resolve_normalisation
+    from .inference.segment import resolve_normalisation
     from .model import load_model
 
     net, info = load_model(model, "cpu")
@@ -212,7 +212,7 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
         raw, seg = vi.read(), vs.read()
         volumes.check_labels(seg, seg_spec, error=AgglomerationError)
         norm = resolve_normalisation(cfg, info, raw, image_spec)
-        attrs = {k: v for k, v in vs.attrs.items() if k in ("resolution_zyx_nm", "bbox_zyx", "source_image")}
+        attrs = {k: v for k, v in vs.attrs.items() if k in results.PROVENANCE_KEYS}
     within = None
     if opts.within:
         with volumes.open_volume(opts.within) as vw:
@@ -223,11 +223,10 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
     image = norm.apply(raw, image_spec)
     new, table = agglomerate_array(image, seg, net, info, cfg, opts, within, inflight)
     ds = out.dataset
-    arrays = {ds: new, f"{ds}_agglomeration": table}
-    origins = read_origins(seg_spec)
+    origins = results.read_origins(seg_spec)
     if origins is not None:
-        arrays[f"{ds}_origins"] = origins[np.isin(origins["id"], np.unique(new))]
+        origins = origins[np.isin(origins["id"], np.unique(new))]
     attrs.update({"agglomerated_from": seg_spec, "box_zyx": list(opts.box), "min_contact": int(opts.min_contact),
                   "merge_iou": float(opts.merge_iou), "within": opts.within or "", "model": info.source})
-    volumes.write_arrays(out.path, arrays, attrs={ds: attrs}, overwrite=overwrite)
+    results.write_result(out.path, ds, new, origins, attrs, overwrite, extra={f"{ds}_agglomeration": table})
     return table

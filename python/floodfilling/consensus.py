@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, locks, volumes
+from . import kernels, locks, results, volumes
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,12 @@ def consensus(a_spec: str, b_spec: str, out_spec: str, *, min_size: int = 0, ove
 
 
 def _consensus_locked(a_spec, b_spec, out, out_spec, min_size, overwrite, slab_voxels) -> ConsensusTable:
-    from .inference.segment import read_origins
+    from .results import read_origins
 
     origins = read_origins(a_spec)
     ds = out.dataset
     with volumes.open_volume(a_spec) as va, volumes.open_volume(b_spec) as vb:
-        attrs = {k: v for k, v in va.attrs.items() if k in ("resolution_zyx_nm", "bbox_zyx", "source_image")}
+        attrs = {k: v for k, v in va.attrs.items() if k in results.PROVENANCE_KEYS}
         attrs.update({"consensus": "split", "consensus_a": a_spec, "consensus_b": b_spec, "min_size": int(min_size)})
         if out.kind == "zarr":
             table = _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, (a_spec, b_spec), attrs, origins, overwrite)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import evaluation, volumes, viz
+from . import evaluation, results, volumes, viz
 from .config import InferenceConfig
+from .model import bundled_model_path
 from .inference.segment import SegmentResult, segment_array, write_result
 
 DEMO_CROP = "fib25_demo_crop.h5"
@@ -47,10 +48,10 @@ def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bo
     res = segment_array(raw, config=cfg, resolution_zyx=res_nm or (1, 1, 1), progress=progress,
                         state_path=out_dir / "demo_segmentation.h5.resume.npz", manifest={"demo": DEMO_CROP})
     ev = evaluation.evaluate(res.segmentation, labels, gt_zero="ignore")
-    write_result(seg_path, "seg", res, attrs={"resolution_zyx_nm": list(res_nm) if res_nm else None,
-                                             "source_image": f"{crop}:raw", "config": json.dumps(cfg.to_dict()),
-                                             "counters": json.dumps(res.counters),
-                                             "normalisation": json.dumps(res.normalisation)}, overwrite=True)
+    write_result(seg_path, "seg", res, attrs=results.ResultAttrs(
+        resolution_zyx_nm=res_nm, bbox_zyx=((0, 0, 0), raw.shape), source_image=f"{crop}:raw",
+        model=str(bundled_model_path()), config=cfg.to_dict(), normalisation=res.normalisation,
+        counters=res.counters).to_dict(), overwrite=True)
     state = out_dir / "demo_segmentation.h5.resume.npz"
     if state.exists():
         state.unlink()

@@ -98,7 +98,7 @@ def open_layers(image: str, labels: Sequence[str] = (), bbox: str | None = None)
                 raise ViewerError(f"{spec}: shape {v.shape} does not match the image {image}'s {img.shape}")
             if v.dtype.kind not in "iu":
                 raise ViewerError(f"{spec}: dtype {v.dtype} is not a label (integer) type")
-            from .inference.segment import read_origins
+            from .results import read_origins
 
             try:
                 org = read_origins(spec)

@@ -1052,6 +1052,37 @@ def zarr_put_table(group: Any, name: str, table: np.ndarray) -> Any:
     return sub
 
 
+def read_table(path: PathLike, name: str) -> np.ndarray | None:
+    """The table ``name`` of the HDF5 file or zarr group at ``path`` (a compound dataset, or a
+    group of columns as :func:`zarr_put_table` writes it) as a structured array; ``None`` when
+    the file has no such table; :class:`VolumeError` naming it when it cannot be read."""
+    path = os.fspath(path)
+    if path.lower().endswith(".zarr"):
+        zarr = _import_zarr()
+        try:
+            g = zarr.open_group(path, mode="r")
+            if name not in g:
+                return None
+            grp = g[name]
+            cols = list(grp.attrs.get("columns") or sorted(grp.array_keys()))
+            data = [np.asarray(grp[c][...]) for c in cols]
+        except Exception as exc:  # noqa: BLE001 - zarr raises various types
+            raise VolumeError(f"{path}/{name}: unreadable table ({exc})") from None
+        tab = np.zeros(len(data[0]) if data else 0, np.dtype([(c, d.dtype) for c, d in zip(cols, data)]))
+        for c, d in zip(cols, data):
+            tab[c] = d
+        return tab
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if name not in f:
+                return None
+            return f[name][...]
+    except OSError as exc:
+        raise VolumeError(f"{path}:{name}: cannot read ({(str(exc).splitlines() or ['?'])[0]})") from None
+
+
 def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) -> None:
     """Renames the finished ``tmp_name`` of the group onto ``name`` (an existing ``name`` is
     moved aside first and removed after the rename)."""

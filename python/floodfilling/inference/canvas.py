@@ -28,20 +28,12 @@ import numpy as np
 
 from .. import kernels
 from ..config import InferenceConfig
+from ..results import Origin
 
 
 def logit32(p: float) -> float:
     """logit(p) rounded to float32, as the reference stores its thresholds."""
     return float(np.float32(np.log(p / (1.0 - p))))
-
-
-@dataclass
-class Origin:
-    """How an object was created: its seed, FOV steps and wall seconds."""
-
-    seed_zyx: tuple[int, int, int]
-    steps: int
-    seconds: float
 
 
 @dataclass

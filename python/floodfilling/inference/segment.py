@@ -9,7 +9,6 @@ identical segmentation; a manifest that does not match is an error, never a sile
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import locks, volumes
+from .. import locks, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig
 from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
-from .canvas import Canvas, CanvasState, Origin
+from ..results import ORIGIN_DTYPE, Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names  # noqa: F401,E501 (block runner: until it imports results)
+from .canvas import Canvas, CanvasState
 from .engine import make_predictor
 from .predictor import Predictor
 
@@ -51,14 +51,6 @@ class SegmentResult:
 def normalise_image(raw: np.ndarray, mean: float, std: float, source: str = "image") -> np.ndarray:
     """(raw - mean) / std as float32; NaN/inf input is an error naming ``source``."""
     return Normalisation("fixed", mean, std).apply(raw, source)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 # -- resumable state ---------------------------------------------------------------------
@@ -232,14 +224,6 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
                                progress=progress)
 
 
-def image_digest(raw: np.ndarray) -> str:
-    """A digest of an image's voxels (shape, dtype and bytes), recorded in the resume state so that
-    a rerun after the image changed is refused, not mixed."""
-    h = hashlib.sha256(f"{raw.shape}|{raw.dtype.str}".encode())
-    h.update(memoryview(np.ascontiguousarray(raw)).cast("B"))
-    return h.hexdigest()[:16]
-
-
 def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
                     overwrite: bool, progress: bool) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
@@ -261,7 +245,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     manifest = {
         "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
         "bbox": [list(box.start), list(box.stop)],
-        "model": _file_digest(model_path),
+        "model": file_digest(model_path),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s", "merge_min_fraction",
                                                                 "merge_min_voxels", "merge_min_iou")},
         "normalisation": norm.to_dict(),
@@ -280,15 +264,10 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
                            seeds=seeds)
-    write_result(out_path, out_ds, result, attrs={
-        "resolution_zyx_nm": list(res) if res is not None else None,
-        "bbox_zyx": [list(box.start), list(box.stop)],
-        "source_image": image_spec,
-        "model": info.source,
-        "config": json.dumps(cfg.to_dict()),
-        "normalisation": json.dumps(result.normalisation),
-        "counters": json.dumps(result.counters),
-    }, overwrite=overwrite)
+    write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
+        resolution_zyx_nm=res, bbox_zyx=(box.start, box.stop), source_image=image_spec, model=info.source,
+        config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters).to_dict(),
+        overwrite=overwrite)
     if sp.exists():
         sp.unlink()
     return result
@@ -318,69 +297,7 @@ def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np
     return tab, start - np.asarray(box.start, np.int64)
 
 
-ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
-OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
-
-
-def read_origins(spec: str):
-    """The origins table ``<ds>_origins`` beside a segmentation written by ``ffn segment``
-    (HDF5 dataset or zarr column group), as an ORIGIN_DTYPE array; None when absent."""
-    parsed = volumes.parse_volume_spec(spec)
-    name = f"{parsed.dataset}_origins"
-    if parsed.kind == "zarr":
-        zarr = volumes._import_zarr()
-        try:
-            g = zarr.open_group(parsed.path, mode="r")
-            if name not in g:
-                return None
-            grp = g[name]
-            n = grp["id"].shape[0]
-            tab = np.zeros(n, ORIGIN_DTYPE)
-            for col in ORIGIN_DTYPE.names:
-                tab[col] = grp[col][...]
-            return tab
-        except Exception as exc:  # noqa: BLE001 - zarr raises various types
-            raise SegmentError(f"{parsed.path}/{name}: unreadable origins table ({exc})") from None
-    import h5py
-
-    try:
-        with h5py.File(parsed.path, "r") as f:
-            if name not in f:
-                return None
-            raw = f[name][...]
-    except OSError as exc:
-        raise SegmentError(f"{parsed.path}: cannot read ({exc})") from None
-    if raw.dtype.names is None or not set(ORIGIN_DTYPE.names) <= set(raw.dtype.names):
-        raise SegmentError(f"{parsed.path}:{name}: not an origins table (columns {raw.dtype.names})")
-    tab = np.zeros(len(raw), ORIGIN_DTYPE)
-    for col in ORIGIN_DTYPE.names:
-        tab[col] = raw[col]
-    return tab
-
-
-def origins_table(origins: dict[int, Origin]) -> np.ndarray:
-    ids = sorted(origins)
-    tab = np.zeros(len(ids), dtype=ORIGIN_DTYPE)
-    for r, i in enumerate(ids):
-        o = origins[i]
-        tab[r] = (i, *o.seed_zyx, o.steps, o.seconds)
-    return tab
-
-
-def overlaps_table(overlaps) -> np.ndarray:
-    rows = [(i, a, c) for i in sorted(overlaps) for a, c in zip(*overlaps[i])]
-    return np.array(rows, dtype=OVERLAP_DTYPE)
-
-
-def result_names(ds: str) -> list[str]:
-    """The datasets a segmentation result ``ds`` consists of: itself, ``ds_origins``, ``ds_overlaps``."""
-    return [ds, f"{ds}_origins", f"{ds}_overlaps"]
-
-
 def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool) -> None:
-    """``ds`` + ``ds_origins`` + ``ds_overlaps`` into an HDF5 file or a zarr group, atomically,
-    keeping the file's or group's other datasets (:func:`volumes.write_arrays`)."""
-    attrs = {k: v for k, v in attrs.items() if v is not None}
-    arrays = dict(zip(result_names(ds), (result.segmentation, origins_table(result.origins),
-                                         overlaps_table(result.overlaps))))
-    volumes.write_arrays(out_path, arrays, attrs={ds: attrs}, overwrite=overwrite)
+    """A :class:`SegmentResult` as the result ``ds`` (:func:`floodfilling.results.write_result`)."""
+    results.write_result(out_path, ds, result.segmentation, origins_table(result.origins), attrs, overwrite,
+                         overlaps=overlaps_table(result.overlaps))
