@@ -294,3 +294,20 @@ def test_train_options_library():
         with pytest.raises(TrainError) as e:
             check_options(TrainOptions(image="a.h5:raw", labels="a.h5:lab", out="run", **kw))
         assert words in str(e.value), str(e.value)
+
+
+def test_every_option_has_a_stage_and_choices_are_checked():
+    from floodfilling.config import CHOICES, OPTION_STAGES, InferenceConfig, check_choice
+    from dataclasses import fields
+
+    assert {f.name for f in fields(InferenceConfig)} == set(OPTION_STAGES)  # a new option needs its stage
+    cfg = InferenceConfig()
+    assert set(cfg.options_of("runtime")) == {"device", "threads", "checkpoint_interval_s"}
+    assert set(cfg.options_of("flood", "postprocess", "blocks", "runtime")) == set(OPTION_STAGES)
+    assert "split_components" in cfg.options_of("postprocess") and "merge_min_iou" not in cfg.options_of("flood")
+    with pytest.raises(ValueError, match="stages"):
+        cfg.options_of("bogus")
+    for name, choices in CHOICES.items():
+        assert check_choice(name, choices[0]) == choices[0]
+        with pytest.raises(ConfigError, match=f"option {name}='nope': expected '{choices[0]}'"):
+            check_choice(name, "nope")

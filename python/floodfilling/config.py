@@ -30,16 +30,53 @@ class ConfigError(ValueError):
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+PRECISIONS = ("fp32", "bf16")
+# The values a string option may take (checked by InferenceConfig.validate and check_choice).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "seed_policy": ("peaks", "grid", "invert_origins"),
+    "normalise": ("standardise", "histogram", "fixed"),
+    "resident": ("auto", "on", "off"),
+    "compile": COMPILE_MODES,
+    "precision": PRECISIONS,
+}
+# The reference's canvas probabilities (google/ffn), shared by inference defaults and training.
+SEED_INIT = 0.95  # probability placed at a new object's seed voxel
+SEED_PAD = 0.05  # probability where the canvas was never predicted
+MOVE_THRESHOLD = 0.9  # the FOV moves only to positions with at least this probability
+
+# What each option changes, for resume manifests and digests (test: every option has a stage):
+#   "flood": the floods themselves; "postprocess": applied to the finished segmentation;
+#   "blocks": reconciliation of block runs; "runtime": how fast or where, never what.
+OPTION_STAGES: dict[str, str] = {
+    "init_activation": "flood", "pad_value": "flood", "move_threshold": "flood", "segment_threshold": "flood",
+    "min_segment_size": "flood", "min_boundary_dist_zyx": "flood", "disco_seed_threshold": "flood",
+    "seed_policy": "flood", "seed_origins": "flood", "seed_min_distance": "flood", "seed_fill_passes": "flood",
+    "seed_fill_min_radius": "flood", "seed_grid_step": "flood", "normalise": "flood", "image_mean": "flood",
+    "image_std": "flood", "resident": "flood", "compile": "flood", "precision": "flood",
+    "device": "runtime", "threads": "runtime", "checkpoint_interval_s": "runtime",
+    "split_components": "postprocess", "dust_size": "postprocess",
+    "merge_min_fraction": "blocks", "merge_min_voxels": "blocks", "merge_min_iou": "blocks",
+}
+
+
+def check_choice(name: str, value: Any, label: str | None = None) -> str:
+    """``value`` if it is one of :data:`CHOICES` of option ``name``; :class:`ConfigError` naming
+    the option (or ``label``, a flag) and the value otherwise."""
+    choices = CHOICES[name]
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ConfigError(f"{label or 'option ' + name}={value!r}: expected {listed}")
+    return value
 
 
 @dataclass
 class InferenceConfig:
     # Seed probability placed at the seed voxel of every new object.
-    init_activation: float = 0.95
+    init_activation: float = SEED_INIT
     # Probability fed to the network where the canvas was never predicted.
-    pad_value: float = 0.05
+    pad_value: float = SEED_PAD
     # The FOV moves only to voxels with at least this probability; the seed must stay above it.
-    move_threshold: float = 0.9
+    move_threshold: float = MOVE_THRESHOLD
     # Voxels with at least this probability become part of the object.
     segment_threshold: float = 0.6
     # Objects with fewer new voxels are rejected (their seed is marked and never retried).
@@ -105,20 +142,20 @@ class InferenceConfig:
         hints = _type_hints(type(self))
         for f in fields(self):
             setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name], _BOUNDS.get(f.name)))
-        if self.seed_policy not in ("peaks", "grid", "invert_origins"):
-            raise ConfigError(f"option seed_policy={self.seed_policy!r}: expected 'peaks', 'grid' or 'invert_origins'")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
         if self.seed_policy == "invert_origins" and not str(self.seed_origins).strip():
             raise ConfigError("option seed_policy='invert_origins' needs seed_origins=FILE.h5:SEG (a previous run's "
                               "output, whose _origins table gives the seeds)")
-        if self.normalise not in ("standardise", "histogram", "fixed"):
-            raise ConfigError(f"option normalise={self.normalise!r}: expected 'standardise', 'histogram' or 'fixed'")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"option compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
-        if self.resident not in ("auto", "on", "off"):
-            raise ConfigError(f"option resident={self.resident!r}: expected 'auto', 'on' or 'off'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"option precision={self.precision!r}: expected 'fp32' or 'bf16'")
         return self
+
+    def options_of(self, *stages: str) -> dict[str, Any]:
+        """The options of the given :data:`OPTION_STAGES` (e.g. ``"flood", "postprocess"``: what
+        changes a segmentation, for resume manifests), as :meth:`to_dict` gives them."""
+        unknown = sorted(set(stages) - set(OPTION_STAGES.values()))
+        if unknown:
+            raise ValueError(f"stages {unknown}: expected some of {sorted(set(OPTION_STAGES.values()))}")
+        return {k: v for k, v in self.to_dict().items() if OPTION_STAGES[k] in stages}
 
     # -- TOML ----------------------------------------------------------------------
     @classmethod

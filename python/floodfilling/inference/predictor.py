@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..config import COMPILE_MODES
+from ..config import check_choice
 from ..model import ConvStack3D, prepare_for_inference, select_device
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class Predictor:
         self.device = select_device(device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(int(threads))
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
+        check_choice("precision", precision, "precision")
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
             raise ValueError("precision bf16 on this CPU: it lacks AVX512_BF16/AMX, where bf16 runs "
                              "many times slower than fp32; use fp32")
@@ -55,8 +54,7 @@ class Predictor:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.net = prepare_for_inference(net, self.device)
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile {compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        check_choice("compile", compile, "compile")
         self._compiled = None
         if compile != "off":
             self._compiled = torch.compile(self.net, mode=None if compile == "default" else compile,

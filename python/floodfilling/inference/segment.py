@@ -246,8 +246,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
         "bbox": [list(box.start), list(box.stop)],
         "model": file_digest(model_path),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "checkpoint_interval_s", "merge_min_fraction",
-                                                                "merge_min_voxels", "merge_min_iou")},
+        "config": cfg.options_of("flood", "postprocess"),
         "normalisation": norm.to_dict(),
         "image_digest": image_digest(raw),
     }

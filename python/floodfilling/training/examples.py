@@ -31,9 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-SEED_PAD = 0.05  # canvas probability where nothing was predicted yet
-SEED_INIT = 0.95  # canvas probability at the patch centre
-MOVE_THRESHOLD = 0.9  # the FOV visits a position only if the canvas there reaches this
+from ..config import MOVE_THRESHOLD, SEED_INIT, SEED_PAD  # noqa: F401 - the reference's values, shared with inference
+
 LABEL_TRUE, LABEL_FALSE = 0.95, 0.05  # soft labels
 
 
