@@ -11,6 +11,8 @@
 
 #include "csrc/bind_common.hpp"
 #include "csrc/launch_omp.hpp"
+#include "kernels/count_pairs.hpp"
+#include "kernels/union_find.hpp"
 
 namespace ffn {
 namespace bind {

@@ -11,7 +11,9 @@
 
 #include "kernels/fov_update.hpp"
 #include "kernels/peaks.hpp"
-#include "kernels/reconcile.hpp"
+#include "kernels/count_pairs.hpp"
+#include "kernels/relabel.hpp"
+#include "kernels/union_find.hpp"
 
 #ifdef FFN_HAVE_OPENMP
 #include <omp.h>

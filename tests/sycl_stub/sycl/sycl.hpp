@@ -1,4 +1,4 @@
-// Syntax-check stub of the SYCL names csrc/sycl_launch.cpp uses, for tests/test_sycl_syntax.py.
+// Syntax-check stub of the SYCL names sycl/sycl_launch.cpp uses, for tests/test_sycl_syntax.py.
 // NOT a SYCL implementation: kernels are never run; it only lets a host C++ compiler
 // parse and type-check the launcher where no SYCL compiler exists.
 #pragma once

@@ -2,8 +2,9 @@
 //
 // SYCL launcher: runs the kernel bodies of kernels/*.hpp in sycl::parallel_for
 // on the default SYCL device (an Intel GPU through icpx, or any AdaptiveCpp
-// target).  Compiled only when CMake detects a SYCL compiler (see
-// CMakeLists.txt, FFN_SYCL); the module then exposes
+// target).  Outside the default build: compiled into floodfilling._kernels
+// only on request, with -DFFN_SYCL=ON and a SYCL compiler (sycl/README.md,
+// sycl/sycl.cmake); the module then exposes
 //
 //   sycl_device() -> str                      name of the device in use
 //   sycl_gather_fovs(canvases, centers, fov_size, pad_value, out) -> out
@@ -37,7 +38,7 @@
 #include "csrc/bind_common.hpp"
 #include "csrc/fov_args.hpp"
 #include "kernels/fov_update.hpp"
-#include "kernels/reconcile.hpp"
+#include "kernels/relabel.hpp"
 
 namespace ffn {
 namespace bind {
