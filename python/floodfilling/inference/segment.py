@@ -28,8 +28,7 @@ from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from ..results import ORIGIN_DTYPE, Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names  # noqa: F401,E501 (block runner: until it imports results)
 from .canvas import Canvas, CanvasState
-from .engine import make_predictor
-from .predictor import Predictor
+from .engine import Job, make_predictor, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +111,33 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
 
 # -- running -------------------------------------------------------------------------------
 
-def run_canvas(canvas: Canvas, predictor: Predictor, progress=None) -> None:
-    """Drives one canvas to completion (one network call per step)."""
-    gen = canvas.steps()
-    pad = canvas.t_pad
-    cvs = [canvas]
-    last_seed = canvas.state.seed_index
-    try:
-        c = next(gen)
-        while True:
-            out = predictor.predict(cvs, [c], pad)[0]
-            if progress is not None and canvas.state.seed_index != last_seed:
-                progress.update(canvas.state.seed_index - last_seed)
-                last_seed = canvas.state.seed_index
-                progress.set_postfix(objects=canvas.state.counters["objects"],
-                                     steps=canvas.state.counters["steps"], refresh=False)
-            c = gen.send(out)
-    except StopIteration:
-        pass
-    if progress is not None:
-        progress.update(canvas.state.seed_index - last_seed)
-        progress.set_postfix(objects=canvas.state.counters["objects"], steps=canvas.state.counters["steps"])
+class _BetweenSeeds:
+    """Called by the canvas after each seed: advances the progress bar (seeds, with objects and
+    FOV steps) and saves the resume state at most every ``interval_s`` seconds."""
+
+    def __init__(self, canvas: Canvas, state_path: Path | None, manifest: dict, interval_s: float,
+                 progress: bool) -> None:
+        self.state_path, self.manifest, self.interval_s = state_path, manifest, interval_s
+        self.last_save = time.monotonic()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(canvas.seeds), initial=canvas.state.seed_index, unit="seed", desc="segment",
+                            dynamic_ncols=True)
+
+    def __call__(self, canvas: Canvas) -> None:
+        st = canvas.state
+        if self.bar is not None:
+            self.bar.update(st.seed_index - self.bar.n)
+            self.bar.set_postfix(objects=st.counters["objects"], steps=st.counters["steps"], refresh=False)
+        if self.state_path is not None and time.monotonic() - self.last_save >= self.interval_s:
+            save_state(self.state_path, canvas, self.manifest)
+            self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo, vol, source: str = "image") -> Normalisation:
@@ -171,27 +176,14 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
                                      min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
     predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
     canvas = predictor.new_canvas(image, seeds, cfg, info.deltas_zyx, state=state)
-    if state_path is not None and cfg.checkpoint_interval_s > 0:
-        last = [time.monotonic()]
-
-        def maybe_save(cv: Canvas) -> None:
-            if time.monotonic() - last[0] >= cfg.checkpoint_interval_s:
-                save_state(state_path, cv, manifest or {})
-                last[0] = time.monotonic()
-
-        canvas.on_object_done = maybe_save
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(seeds), initial=canvas.state.seed_index, unit="seed", desc="segment",
-                   dynamic_ncols=True)
-    try:
-        run_canvas(canvas, predictor, bar)
+    between = _BetweenSeeds(canvas, state_path if cfg.checkpoint_interval_s > 0 else None, manifest or {},
+                            cfg.checkpoint_interval_s, progress)
+    canvas.on_object_done = between
+    try:  # the engine's driver loop, as for blocks and agglomeration (one canvas in flight)
+        run_jobs([Job("volume", lambda: canvas)], predictor, inflight=1)
     finally:
         canvas.release()
-        if bar is not None:
-            bar.close()
+        between.close()
     seg = canvas.final_segmentation()
     cnt = canvas.state.counters
     nan_steps, all_steps = int(cnt.get("nan_steps", 0)), int(cnt.get("steps", 0))
