@@ -15,6 +15,7 @@ from cloudvolume import CloudVolume  # noqa: E402
 
 from floodfilling.cli import main  # noqa: E402
 from floodfilling.export import downsample, export, pyramid_factor, pyramid_sizes  # noqa: E402
+from floodfilling.volumes import BBox  # noqa: E402
 
 
 def downsample_brute(a, f, labels):
@@ -81,7 +82,7 @@ def test_segmentation_levels(vol):
 
 def test_odd_offset_pads_in_front(vol):
     d, seg, _ = vol
-    info = export(f"{d / 'v.h5'}:seg", str(d / "crop"), bbox="2,3,5:50,75,70", tile=128)
+    info = export(f"{d / 'v.h5'}:seg", str(d / "crop"), bbox=BBox.parse("2,3,5:50,75,70"), tile=128)
     assert info["scales"][0]["voxel_offset"] == [5, 3, 2]
     lvl0, _ = read_level(d / "crop", 0)
     crop = seg[2:50, 3:75, 5:70].transpose(2, 1, 0)

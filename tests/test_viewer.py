@@ -16,6 +16,7 @@ pytest.importorskip("neuroglancer")
 
 from floodfilling.cli import main  # noqa: E402
 from floodfilling.viewer import make_viewer  # noqa: E402
+from floodfilling.volumes import BBox  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def chunk(layer, start, end):
 
 def test_layers_serve_the_files(vol):
     path, raw, seg, gt = vol
-    viewer, layers = make_viewer(f"{path}:raw", [f"{path}:seg", f"{path}:gt"], bbox="2,3,4:18,27,36")
+    viewer, layers = make_viewer(f"{path}:raw", [f"{path}:seg", f"{path}:gt"], bbox=BBox.parse("2,3,4:18,27,36"))
     assert [lay.name for lay in layers] == ["raw", "seg", "gt"]
     assert [lay.kind for lay in layers] == ["image", "segmentation", "segmentation"]
     st = viewer.state
@@ -68,7 +69,7 @@ def test_origins_become_points(tmp_path):
         f["raw"] = np.zeros(seg.shape, np.uint8)
         f["seg"] = seg
         f["seg_origins"] = org
-    viewer, layers = make_viewer(f"{tmp_path / 's.h5'}:raw", [f"{tmp_path / 's.h5'}:seg"], bbox="0,0,0:8,12,14")
+    viewer, layers = make_viewer(f"{tmp_path / 's.h5'}:raw", [f"{tmp_path / 's.h5'}:seg"], bbox=BBox.parse("0,0,0:8,12,14"))
     st = viewer.state
     assert [lay.name for lay in st.layers] == ["raw", "seg", "seg_origins"]
     pts = st.layers["seg_origins"].annotations

@@ -99,10 +99,10 @@ def cmd_segment(args) -> int:
         from .distributed.run import segment_blocks
 
         segment_blocks(args.image, args.out, block=args.block, halo=args.halo, workdir=args.workdir,
-                       model=args.model, config=cfg, bbox=args.bbox, overwrite=args.overwrite,
+                       model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
                        inflight=args.inflight, progress=not args.quiet)
         return 0
-    res = segment(args.image, args.out, model=args.model, config=cfg, bbox=args.bbox, overwrite=args.overwrite,
+    res = segment(args.image, args.out, model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
                   progress=not args.quiet)
     log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)
     if not args.quiet:
@@ -168,7 +168,7 @@ def cmd_export(args) -> int:
         except ValueError:
             raise ValueError(f"--resolution {args.resolution!r}: expected z,y,x in nm") from None
     info = export(args.volume, args.dest, layer_type=args.type, levels=args.levels, resolution_zyx=res,
-                  bbox=args.bbox, overwrite=args.overwrite)
+                  bbox=_bbox(args.bbox), overwrite=args.overwrite)
     print(f"{args.dest}: {info['type']} layer, {len(info['scales'])} level(s): "
           + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"]))
     return 0
@@ -202,7 +202,7 @@ def cmd_view(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
-    viewer, layers = make_viewer(args.image, args.labels, bbox=args.bbox, bind_address=args.bind, port=args.port)
+    viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port)
     url = viewer.get_viewer_url()
     print(url, flush=True)
     print(f"serving {', '.join(lay.name for lay in layers)}; Ctrl-C to stop", file=sys.stderr, flush=True)
@@ -324,6 +324,22 @@ _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun th
                 "train": "rerun with --resume to continue"}
 
 
+# Library parameters (volumes.ParameterError.param) and the flags that set them.
+_FLAGS = {"bbox": "--bbox"}
+
+
+def _bbox(text: str | None):
+    """``--bbox z0,y0,x0:z1,y1,x1`` as a BBox (None: the whole volume)."""
+    from .volumes import BBox
+
+    if text is None:
+        return None
+    try:
+        return BBox.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"--bbox {text}: {exc}") from None
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     try:
@@ -338,6 +354,9 @@ def main(argv=None) -> int:
         if args.verbose >= 2:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        flag = _FLAGS.get(getattr(exc, "param", None) or "")
+        if flag:  # a library parameter error: say which flag gave the value
+            msg = f"{flag} {exc.value}: {msg}"
         print(f"ffn: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

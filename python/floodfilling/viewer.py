@@ -81,14 +81,14 @@ def _layer_name(spec: str, taken: set[str]) -> str:
     return name
 
 
-def open_layers(image: str, labels: Sequence[str] = (), bbox: str | None = None) -> tuple[list[Layer], tuple]:
+def open_layers(image: str, labels: Sequence[str] = (), bbox: volumes.BBox | None = None) -> tuple[list[Layer], tuple]:
     """Opens the volumes (lazily) and checks they fit together; returns the layers and the
     voxel size (z, y, x) in nm. Labels must be an integer type and have the image's shape."""
     vols: list[volumes.Volume] = []
     try:
         img = volumes.open_volume(image)
         vols.append(img)
-        box = volumes.box_option(bbox, img.shape)
+        box = volumes.box_in(bbox, img.shape)
         taken: set[str] = set()
         layers = [Layer(_layer_name(image, taken), image, "image", LazyBox(img, box))]
         for spec in labels:
@@ -130,7 +130,7 @@ def _ng_data(layer: Layer):
     return _Cast()
 
 
-def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: str | None = None,
+def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: volumes.BBox | None = None,
                 bind_address: str = "127.0.0.1", port: int = 0):
     """A neuroglancer Viewer serving ``image`` and ``labels``; returns ``(viewer, layers)``.
     The server starts on the first ``viewer.get_viewer_url()``. ``port`` 0: any free port."""

@@ -221,15 +221,26 @@ class BBox:
         return out
 
 
-def box_option(bbox: str | None, shape: Sequence[int], option: str = "--bbox") -> BBox:
-    """The box of a ``--bbox z0,y0,x0:z1,y1,x1`` option inside a volume of ``shape`` (the whole
-    volume when ``bbox`` is None); :class:`VolumeError` naming the option otherwise."""
-    if not bbox:
+class ParameterError(VolumeError):
+    """A bad value of the library parameter ``param`` (its message names the parameter); the
+    command line prefixes it with the flag that gave the value (``--bbox X: ...``)."""
+
+    def __init__(self, param: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.param, self.value = param, value
+
+
+def box_in(bbox: BBox | None, shape: Sequence[int], param: str = "bbox") -> BBox:
+    """``bbox`` checked against a volume of ``shape`` (the whole volume when None);
+    :class:`ParameterError` naming ``param`` when it is empty or reaches outside."""
+    if bbox is None:
         return BBox.from_shape(shape)
+    if not isinstance(bbox, BBox):
+        raise ParameterError(param, bbox, f"{param} {bbox!r}: expected a BBox (parse text with BBox.parse)")
     try:
-        return BBox.parse(bbox).validate(shape)
+        return bbox.validate(shape)
     except ValueError as exc:
-        raise VolumeError(f"{option} {bbox}: {exc}") from None
+        raise ParameterError(param, str(bbox), str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

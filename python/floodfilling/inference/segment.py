@@ -204,7 +204,7 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
 
 
 def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
-            bbox: str | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
+            bbox: volumes.BBox | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
     cfg = (config or InferenceConfig()).validate()
     out = volumes.parse_volume_spec(out_spec)
@@ -220,8 +220,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
                     overwrite: bool, progress: bool) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     with volumes.open_volume(image_spec) as vol:
-        box = volumes.BBox.parse(bbox) if bbox else volumes.BBox((0, 0, 0), tuple(vol.shape))
-        box.validate(vol.shape)
+        box = volumes.box_in(bbox, vol.shape)
         if cfg.seed_policy == "invert_origins":
             seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
         raw = vol.read(box)
