@@ -219,7 +219,7 @@ def test_status_of_finished_and_partial_runs(reference, tmp_path, capsys):
 
 
 def test_zarr_chunks_divide_the_block():
-    from floodfilling.distributed.run import zarr_chunks_for
+    from floodfilling.distributed.output import zarr_chunks_for
 
     assert zarr_chunks_for((128, 256, 256)) == (64, 64, 64)
     assert zarr_chunks_for((24, 48, 100)) == (24, 48, 50)

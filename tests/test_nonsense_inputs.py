@@ -274,7 +274,7 @@ def test_consensus_refuses_negative_labels_naming_the_minimum(negative_file, tmp
 
 def fake_workdir(tmp_path):
     from floodfilling.distributed.blocks import make_grid
-    from floodfilling.distributed.run import MANIFEST_FORMAT
+    from floodfilling.distributed.workdir import MANIFEST_FORMAT
 
     wd = tmp_path / "work"
     (wd / "blocks").mkdir(parents=True)

@@ -1,9 +1,9 @@
 """``ffn status WORKDIR``: progress of a block-inference run, read from its workdir alone (from
 a login node, while the job runs under the scheduler, or after it was killed).
 
-Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks: seconds, FOV steps,
-objects, rank, host), ``claims/*`` (blocks being segmented now: run, host, pid, rank),
-``run.json`` (the job holding the workdir) and ``reconcile.json`` (written at the very end).
+Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks, through :mod:`.blockstore`:
+seconds, FOV steps, objects, rank, host), ``claims/*`` (blocks being segmented now: run, host,
+pid, rank), ``run.json`` (the job holding the workdir) and ``reconcile.json`` (written at the very end).
 Nothing is written. The time left is estimated from the finished blocks' mean seconds per
 voxel, the voxels left, and the number of ranks working now (claims). A claim made on this host
 by a process that no longer exists is reported as dead (``dead``), not running; claims of
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..locks import holder_is_dead
+from . import blockstore
 from .blocks import BlockError, make_grid
-from .run import MANIFEST_FORMAT
+from .workdir import MANIFEST_FORMAT
 
 
 def _read_json(path: Path) -> dict | None:
@@ -39,8 +40,6 @@ def _claim_dead(info: dict[str, str]) -> bool:
 
 def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     """A summary of the run in ``workdir`` (see the module docstring) as a JSON-able dict."""
-    import h5py
-
     wd = Path(workdir)
     mpath = wd / "manifest.json"
     if not mpath.is_file():
@@ -69,17 +68,14 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     first_mtime, last_mtime = None, None
     blocks_dir = wd / "blocks"
     for name, b in names.items():
-        p = blocks_dir / f"{name}.h5"
+        p = blockstore.block_file(blocks_dir, name)
         if not p.exists():
             continue
         try:
-            with h5py.File(p, "r") as f:
-                a = f.attrs
-                secs = float(a.get("seconds", 0.0))
-                counters = json.loads(a.get("counters", "{}"))
-                rank = f"{a.get('host', '?')}:{int(a.get('rank', -1))}"
+            summary = blockstore.read_summary(p)
         except (OSError, ValueError):
             continue  # being renamed into place, or damaged: counted as not done
+        secs, counters, rank = summary.seconds, summary.counters, f"{summary.host}:{summary.rank}"
         done += 1
         seconds += secs
         steps += int(counters.get("steps", 0))
@@ -95,7 +91,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     claims = wd / "claims"
     if claims.is_dir():
         for c in sorted(claims.iterdir()):
-            if c.name in names and not (blocks_dir / f"{c.name}.h5").exists():
+            if c.name in names and not blockstore.block_file(blocks_dir, c.name).exists():
                 try:
                     fields = c.read_text().split() if c.is_file() else []
                     since = round(time.time() - c.stat().st_mtime, 1)
@@ -110,7 +106,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
     workers = max(len(running), 1)  # dead claims work no more
     job = _read_json(wd / "run.json")
-    rec = _read_json(wd / "reconcile.json")
+    report = _read_json(wd / "reconcile.json")
     return {
         "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
         "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
@@ -121,8 +117,9 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         "eta_s": (left / rate / workers) if rate and left else (0.0 if not left else None),
         "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
         "running": running, "per_rank": per_rank, "job": job,
-        "finished": rec is not None and done == len(grid),
-        "reconcile": {k: rec[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in rec} if rec else None,
+        "finished": report is not None and done == len(grid),
+        "reconcile": ({k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report}
+                      if report else None),
     }
 
 

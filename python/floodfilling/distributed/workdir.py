@@ -1,0 +1,273 @@
+"""The plan of a block run and its workdir ``DIR`` (default ``OUT.blocks``)::
+
+    DIR/manifest.json    what the blocks are of: image, box, model, options, geometry, normalisation
+    DIR/run.json         the workdir lock: the job using DIR (run id, host, pid, ranks, start)
+    DIR/blocks/<name>.h5 finished blocks (:mod:`.blockstore`)
+    DIR/claims/<name>    blocks being segmented (:mod:`.worker`)
+    DIR/split-<run id>/  component volumes of split_components (:mod:`.split`)
+    DIR/reconcile.json   the report, written at the very end
+
+:func:`make_plan` (rank 0) parses and validates the options, opens the volume, computes ONE
+normalisation for the whole volume, builds the block grid, checks the output (an existing one
+that this run wrote is complete; anything else needs ``--overwrite``), checks/writes the
+manifest (a workdir of a different image, box, model, options or geometry is an error, or is
+cleared with ``--overwrite``), takes the workdir lock and the output's lock
+(:func:`floodfilling.locks.acquire`) and removes what a killed run left (claims, temporary
+block files, component volumes, temporary outputs). One job per workdir at a time (checked
+through ``run.json`` on the same host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import locks, volumes
+from ..config import InferenceConfig
+from ..normalise import Normalisation
+from . import blockstore, output
+from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid, parse_zyx
+from .reconcile import MergeRule
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "floodfilling-blocks/1"
+# options that do not change block results (left out of the manifest)
+_NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "split_components", "dust_size",
+                    "merge_min_fraction", "merge_min_voxels", "merge_min_iou")
+
+
+@dataclass
+class Plan:
+    image_spec: str
+    box: volumes.BBox
+    resolution: tuple | None
+    grid: BlockGrid
+    norm: Normalisation
+    workdir: str
+    out_path: str
+    out_ds: str
+    manifest: dict
+    digest: str
+    run_id: str
+    rule: MergeRule
+    out_kind: str = "hdf5"  # "hdf5" (out_path is the file) or "zarr" (out_path is the group's directory)
+    n_done: int = 0
+    complete: bool = False
+    out_digest: str = ""
+    lock: Path | None = None  # the output's lock (rank 0 holds it from the plan to the rename)
+
+    @property
+    def blocks_dir(self) -> Path:
+        return Path(self.workdir) / "blocks"
+
+    @property
+    def claims_dir(self) -> Path:
+        return Path(self.workdir) / "claims"
+
+    def block_path(self, b: Block) -> Path:
+        return blockstore.block_file(self.blocks_dir, b.name(self.box.start))
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _canonical(d: Any) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_manifest(wd: Path) -> dict | None:
+    mpath = wd / "manifest.json"
+    if not mpath.exists():
+        return None
+    try:
+        old = json.loads(mpath.read_text())
+        if old.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {old.get('format')!r}")
+    except (ValueError, OSError) as exc:
+        raise BlockError(f"--workdir {wd}: unreadable manifest.json ({exc}); use another --workdir or delete "
+                         "it") from None
+    return old
+
+
+def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path: str, cfg: InferenceConfig,
+              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
+    """Phase 1 (rank 0): see the module docstring."""
+    from ..inference.segment import resolve_normalisation
+
+    if cfg.seed_policy == "invert_origins":
+        raise BlockError("option seed_policy='invert_origins' is not supported with block inference (--block): "
+                         "each block seeds itself; run the whole volume without --block")
+    out = volumes.parse_volume_spec(out_spec)
+    if out.kind == "zarr" and not out.dataset:
+        raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
+    out_path = Path(out.path)
+    wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
+    if wd.exists() and not wd.is_dir():
+        raise BlockError(f"--workdir {wd}: exists and is not a directory")
+    old = _read_manifest(wd)
+    fov = tuple(info.fov_zyx)
+    default_halo = tuple(f // 2 + d for f, d in zip(fov, info.deltas_zyx))
+    if block is not None:
+        block_v = parse_zyx(block, "--block", 1)
+    else:
+        block_v = tuple(old["block"]) if old and not overwrite else DEFAULT_BLOCK
+    if halo is not None:
+        halo_v = parse_zyx(halo, "--halo", 0)
+    else:
+        halo_v = tuple(old["halo"]) if old and not overwrite else default_halo
+    with volumes.open_volume(image_spec) as vol:
+        try:
+            box = volumes.BBox.parse(bbox) if bbox else volumes.BBox.from_shape(vol.shape)
+            box.validate(vol.shape)
+        except volumes.VolumeError:
+            raise
+        except ValueError as exc:
+            raise BlockError(f"--bbox {bbox}: {exc}") from None
+        grid = make_grid(box.shape, block_v, halo_v, fov)
+        norm = resolve_normalisation(cfg, info, vol, image_spec)  # one normalisation for the whole volume
+        res = vol.resolution_zyx_nm
+        vshape, vdtype = list(vol.shape), str(vol.dtype)
+        ipath, ids = volumes.parse_volume_spec(image_spec)
+    manifest = _canonical({
+        "format": MANIFEST_FORMAT,
+        "image": f"{os.path.abspath(ipath)}:{ids}",
+        "image_shape": vshape,
+        "image_dtype": vdtype,
+        "bbox": [list(box.start), list(box.stop)],
+        "block": list(block_v),
+        "halo": list(halo_v),
+        "model": _file_digest(model_path),
+        "fov_zyx": list(fov),
+        "deltas_zyx": list(info.deltas_zyx),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_MANIFEST},
+        "normalisation": norm.to_dict(),
+    })
+    digest = _digest(manifest)
+    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size),
+                          "split_components": bool(cfg.split_components)})
+    plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
+                run_id, rule, out_kind=out.kind, out_digest=out_digest)
+
+    # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
+    names = [plan.out_ds, f"{plan.out_ds}_origins"]
+    volumes.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
+    if volumes.existing_outputs(out, names) and not overwrite:
+        if output.recorded_digest(plan) == out_digest:
+            plan.complete = True
+        else:
+            raise BlockError(f"output {out} exists; pass --overwrite to replace it")
+
+    if old is not None and old != manifest:
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if not overwrite:
+            raise BlockError(f"--workdir {wd} holds blocks of a different run (differs in: {', '.join(diff)}); "
+                             "use another --workdir, the same options as before, or --overwrite to discard them")
+        log.warning("--overwrite: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
+    take_lock(wd, run_id, size)
+    if not plan.complete:
+        plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
+    if old is not None and old != manifest:
+        _clear(wd)
+    for d in (plan.blocks_dir, plan.claims_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(plan)
+    volumes.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
+    return plan
+
+
+def take_lock(wd: Path, run_id: str, size: int) -> None:
+    """Writes ``wd/run.json``; a BlockError when a live job on this host holds it."""
+    wd.mkdir(parents=True, exist_ok=True)
+    lock = wd / "run.json"
+    host = socket.gethostname()
+    if lock.exists():
+        try:
+            holder = json.loads(lock.read_text())
+        except (ValueError, OSError):
+            holder = {}
+        pid = int(holder.get("pid", -1))
+        if holder.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
+            raise BlockError(f"--workdir {wd} is in use by a running job (pid {pid} on {host}, started "
+                             f"{holder.get('started', '?')}); wait for it or stop it first")
+        if holder.get("host") not in (None, host):
+            log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
+                        "one job per workdir)", wd, holder.get("host"))
+    volumes.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
+                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+
+
+def _clear(wd: Path) -> None:
+    """Removes our files only (blocks, claims, manifest)."""
+    for sub in ("blocks", "claims"):
+        d = wd / sub
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.is_file() and p.name.startswith("seg_"):
+                    p.unlink()
+    for name in ("manifest.json", "reconcile.json"):
+        (wd / name).unlink(missing_ok=True)
+    _remove_split_dirs(wd)
+
+
+def _is_run_id(text: str) -> bool:
+    return len(text) == 12 and all(c in "0123456789abcdef" for c in text)
+
+
+def _cleanup_stale(plan: Plan) -> None:
+    """Claims and temporary files of a killed run (we hold the workdir lock)."""
+    n_claims = 0
+    for p in plan.claims_dir.iterdir():
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n_claims += 1
+    for p in plan.blocks_dir.iterdir():
+        if blockstore.is_temporary(p.name):
+            p.unlink(missing_ok=True)
+    _remove_split_dirs(plan.workdir)  # component volumes of a killed split_components run
+    where, prefixes = output.tmp_prefixes(plan)
+    if where.is_dir():
+        for p in where.iterdir():
+            prefix = next((n for n in prefixes if p.name.startswith(n)), None)
+            suffix = p.name[len(prefix):] if prefix else ""
+            if _is_run_id(suffix) and suffix != plan.run_id:
+                # the output of a killed block run (we hold the workdir lock)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if n_claims:
+        log.info("removed %d stale block claims of an interrupted run", n_claims)
+
+
+def _remove_split_dirs(workdir: str | Path) -> None:
+    for p in Path(workdir).glob("split-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def write_report(plan: Plan, report: dict) -> None:
+    """``DIR/reconcile.json`` (read by ``ffn status``)."""
+    volumes.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
+
+
+def tidy(plan: Plan) -> None:
+    """Rank 0, at the end: claims, component volumes and the workdir lock go; blocks stay."""
+    shutil.rmtree(plan.claims_dir, ignore_errors=True)
+    _remove_split_dirs(plan.workdir)
+    (Path(plan.workdir) / "run.json").unlink(missing_ok=True)

@@ -1,0 +1,193 @@
+"""Phase 2 of block inference, on every rank: claim blocks and run them through the engine.
+
+A rank takes the next block by creating its claim file ``DIR/claims/<name>`` with
+``O_CREAT | O_EXCL`` (atomic on POSIX file systems, Lustre and GPFS included), so a slow block
+never idles other ranks and no scheduler is needed. Ranks start their scan at different blocks
+(rank r at block r*n/N) to avoid contention. Each rank keeps ``inflight`` blocks active in the
+multi-canvas engine; a finished block is written to its result file (:mod:`.blockstore`). A
+block whose file exists is done and skipped; claims of a previous (killed) run were removed by
+the plan (:mod:`.workdir`).
+
+Block results depend only on the block (its image, the global normalisation, the model and
+options), never on the rank that ran it or on ``inflight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import kernels, volumes
+from ..config import InferenceConfig
+from ..model import select_device
+from . import blockstore, mpi
+from .blocks import Block, BlockError
+from .workdir import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankStats:
+    """What one rank did in phase 2 (``per_rank`` in ``reconcile.json``)."""
+
+    blocks: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    voxels: int = 0
+
+
+class BlockTicket:
+    """One engine job: the block it got (None: nothing was left to claim) and when it started."""
+
+    __slots__ = ("block", "started")
+
+    def __init__(self):
+        self.block: Block | None = None
+        self.started = 0.0
+
+
+class Claims:
+    """Claims this rank's next unfinished block (see the module docstring)."""
+
+    def __init__(self, plan: Plan, rank: int, size: int):
+        self.plan = plan
+        n = len(plan.grid)
+        first = (rank * n) // size
+        self._order = iter([(first + i) % n for i in range(n)])
+        self._exhausted = False
+        self._claim_text = f"{plan.run_id} {socket.gethostname()} {os.getpid()} {rank}\n".encode()
+
+    def next(self) -> Block | None:
+        if self._exhausted:
+            return None
+        for i in self._order:
+            b = self.plan.grid[i]
+            if self.plan.block_path(b).exists():
+                continue
+            try:
+                fd = os.open(self.plan.claims_dir / b.name(self.plan.box.start), os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                             0o644)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, self._claim_text)
+            finally:
+                os.close(fd)
+            return b
+        self._exhausted = True
+        return None
+
+
+class _ProgressBar:
+    """Rank 0's bar over all blocks; every 10 s it counts the result files (other ranks' too)."""
+
+    def __init__(self, plan: Plan, size: int):
+        from tqdm.auto import tqdm
+
+        self.blocks_dir = plan.blocks_dir
+        self.bar = tqdm(total=len(plan.grid), initial=plan.n_done, unit="block",
+                        desc=f"segment ({size} rank{'s' if size > 1 else ''})", dynamic_ncols=True)
+        self.last_sync = time.monotonic()
+
+    def advance(self) -> None:
+        if time.monotonic() - self.last_sync > 10:  # other ranks' blocks too
+            self.bar.n = blockstore.count_results(self.blocks_dir)
+            self.last_sync = time.monotonic()
+            self.bar.refresh()
+        else:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _rank_device_threads(cfg: InferenceConfig, comm: mpi.Comm) -> tuple[str, int]:
+    dev = select_device(cfg.device)
+    device = str(cfg.device)
+    if comm.local_size > 1 and dev.type in ("cuda", "xpu") and dev.index is None:
+        import torch
+
+        count = torch.cuda.device_count() if dev.type == "cuda" else torch.xpu.device_count()
+        device = f"{dev.type}:{comm.local_rank % max(count, 1)}"
+    threads = int(cfg.threads)
+    if threads == 0 and comm.local_size > 1 and dev.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // comm.local_size)
+    return device, threads
+
+
+def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
+               progress: bool) -> RankStats:
+    """Segments blocks until none is left to claim; this rank's stats."""
+    from ..inference import seeds as seeds_mod
+    from ..inference.engine import Job, make_predictor, run_jobs
+    from ..inference.segment import origins_table
+
+    grid = plan.grid
+    n = len(grid)
+    device, threads = _rank_device_threads(cfg, comm)
+    if threads > 0:
+        kernels.set_num_threads(threads)
+    dev = select_device(device)
+    # GPU default: two alternating groups of 8 (batch 8 keeps a GPU busy on 33^3 FOVs; unmeasured)
+    n_inflight = int(inflight) if inflight else (1 if dev.type == "cpu" else 16)
+    if n_inflight < 1:
+        raise BlockError(f"--inflight {inflight}: must be >= 1")
+    predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, threads=threads,
+                               inflight=n_inflight)
+    log.info("rank %d/%d: device %s, %d thread(s), %d block(s) in flight", comm.rank, comm.size, device,
+             threads, n_inflight)
+    fov = tuple(info.fov_zyx)
+    margin = tuple(f // 2 for f in fov)
+    host = socket.gethostname()
+    claims = Claims(plan, comm.rank, comm.size)
+    stats = RankStats()
+
+    vol = volumes.open_volume(plan.image_spec)
+    bar = _ProgressBar(plan, comm.size) if progress and comm.is_root else None
+
+    def make(ticket: BlockTicket):
+        b = claims.next()
+        if b is None:  # nothing left: an empty canvas finishes at once
+            return predictor.new_canvas(np.zeros(fov, np.float32), np.zeros((0, 3), np.int64), cfg, info.deltas_zyx)
+        ticket.block, ticket.started = b, time.perf_counter()
+        box = volumes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
+                           tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
+        image = plan.norm.apply(vol.read(box), f"{plan.image_spec} block {box}")
+        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, plan.resolution or (1, 1, 1),
+                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(seeds))
+        return predictor.new_canvas(image, seeds, cfg, info.deltas_zyx)
+
+    def on_done(ticket: BlockTicket, cv) -> None:
+        b = ticket.block
+        if b is None:
+            return
+        seg = cv.final_segmentation()
+        secs = time.perf_counter() - ticket.started
+        counters = {key: float(v) for key, v in cv.state.counters.items()}
+        blockstore.write_block(plan.block_path(b), b, plan.box.start, seg, origins_table(cv.state.origins),
+                               cv.state.max_id, counters, secs, plan.digest, comm.rank, host)
+        stats.blocks += 1
+        stats.steps += int(counters.get("steps", 0))
+        stats.seconds += secs
+        stats.voxels += b.outer_voxels
+        log.info("rank %d: block %d/%d %s: %d objects, %d steps, %.1f s", comm.rank, b.index + 1, n,
+                 b.name(plan.box.start), int(counters.get("objects", 0)), int(counters.get("steps", 0)), secs)
+        if bar is not None:
+            bar.advance()
+
+    tickets = [BlockTicket() for _ in range(n - plan.n_done)]
+    try:
+        run_jobs([Job(ticket, (lambda ticket=ticket: make(ticket))) for ticket in tickets], predictor,
+                 inflight=n_inflight, on_done=on_done)
+    finally:
+        vol.close()
+        if bar is not None:
+            bar.close()
+    return stats
