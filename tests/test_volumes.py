@@ -11,18 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from floodfilling.volumes import (
-    BBox,
-    Volume,
-    VolumeError,
-    VolumeSpec,
-    atomic_path,
-    atomic_write_bytes,
-    open_volume,
-    parse_volume_spec,
-    write_hdf5_atomic,
-    write_volume,
-)
+from floodfilling.storage import atomic_path, atomic_write_bytes, write_hdf5_atomic, write_volume
+from floodfilling.volumes import BBox, Volume, VolumeError, VolumeSpec, open_volume, parse_volume_spec
 
 
 def _leftovers(directory):
@@ -472,7 +462,7 @@ def test_write_volume(tmp_path):
 
 def test_zarr_write_roundtrip_and_errors(tmp_path):
     pytest.importorskip("zarr")
-    from floodfilling.volumes import write_volume, write_zarr_atomic
+    from floodfilling.storage import write_volume, write_zarr_atomic
 
     store = tmp_path / "v.zarr"
     a = np.arange(5 * 70 * 3, dtype=np.uint32).reshape(5, 70, 3)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from . import kernels, locks, results, volumes
+from . import kernels, locks, outputs, results, volumes
 from .config import InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
         raise AgglomerationError(f"--inflight {inflight}: must be >= 1")
     out = volumes.parse_volume_spec(out_spec)
     names = [str(out.dataset), f"{out.dataset}_agglomeration", f"{out.dataset}_origins"]
-    out = volumes.check_output(out, overwrite, names=names, inputs=[image_spec, seg_spec, opts.within])  # before the floods
+    out = outputs.check_output(out, overwrite, names=names, inputs=[image_spec, seg_spec, opts.within])  # before the floods
     with locks.output_lock(out, names):
         return _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, inflight)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, locks, results, volumes
+from . import kernels, locks, outputs, results, storage, volumes
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def consensus(a_spec: str, b_spec: str, out_spec: str, *, min_size: int = 0, ove
     for the ids that survive (``<ds>_origins``); returns the table of pieces."""
     out = volumes.parse_volume_spec(out_spec)
     names = [str(out.dataset), f"{out.dataset}_origins"]
-    out = volumes.check_output(out, overwrite, names=names, inputs=[a_spec, b_spec])  # before any work
+    out = outputs.check_output(out, overwrite, names=names, inputs=[a_spec, b_spec])  # before any work
     with locks.output_lock(out, names):
         return _consensus_locked(a_spec, b_spec, out, out_spec, min_size, overwrite, slab_voxels)
 
@@ -188,12 +188,12 @@ def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
 
     out_names = [ds, f"{ds}_origins"]
     keep = os.path.exists(out.path)  # an HDF5 file (check_output saw to it): its other datasets stay
-    with volumes.disk_errors(out.path):
+    with storage.disk_errors(out.path):
         os.makedirs(os.path.dirname(os.path.abspath(out.path)), exist_ok=True)
-    space = volumes.SpaceCheck(out.path)
-    with volumes.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
+    space = storage.SpaceCheck(out.path)
+    with storage.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
         if keep:  # the file's other datasets stay
-            volumes.hdf5_copy_others(out.path, f, out_names, space)
+            storage.hdf5_copy_others(out.path, f, out_names, space)
 
         def sink(shape, dtype):
             d = f.create_dataset(ds, shape=shape, dtype=dtype, chunks=tuple(min(64, s) for s in shape),
@@ -206,41 +206,41 @@ def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
 
         _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
         for k, v in attrs.items():
-            f[ds].attrs[k] = volumes._encode_attr(f"{ds}:{k}", v)
+            f[ds].attrs[k] = volumes.encode_attr(f"{ds}:{k}", v)
         kept = _kept_origins(origins, table)
         if kept is not None:
-            volumes.hdf5_write_array(f, f"{ds}_origins", kept, space, compression=None)
+            storage.hdf5_write_array(f, f"{ds}_origins", kept, space, compression=None)
     return table
 
 
 def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
     import shutil
 
-    group = volumes.open_zarr_group(out.path)
+    group = storage.open_zarr_group(out.path)
     tag = str(os.getpid())
-    tmp = volumes.zarr_tmp_name(ds, tag)
+    tmp = storage.zarr_tmp_name(ds, tag)
     shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
     try:
         def sink(shape, dtype):
-            z = volumes.zarr_create_volume(group, tmp, shape, dtype)
+            z = storage.zarr_create_volume(group, tmp, shape, dtype)
 
             def write(sl, v):
                 z[sl] = v
             return write
 
         _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
-        arr = volumes._import_zarr().open_array(os.path.join(out.path, tmp), mode="r+")
-        for k, v in volumes.zarr_attrs(ds, attrs).items():
+        arr = volumes.import_zarr().open_array(os.path.join(out.path, tmp), mode="r+")
+        for k, v in storage.zarr_attrs(ds, attrs).items():
             arr.attrs[k] = v
         kept = _kept_origins(origins, table)
         if kept is not None:
-            org_tmp = volumes.zarr_tmp_name(f"{ds}_origins", tag)
+            org_tmp = storage.zarr_tmp_name(f"{ds}_origins", tag)
             shutil.rmtree(os.path.join(out.path, org_tmp), ignore_errors=True)
-            volumes.zarr_put_table(group, org_tmp, kept)
-            volumes.zarr_commit(group, out.path, org_tmp, f"{ds}_origins", tag)
-        volumes.zarr_commit(group, out.path, tmp, ds, tag)
+            storage.zarr_put_table(group, org_tmp, kept)
+            storage.zarr_commit(group, out.path, org_tmp, f"{ds}_origins", tag)
+        storage.zarr_commit(group, out.path, tmp, ds, tag)
     except BaseException:
         shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
         raise
-    volumes._fsync_dir(out.path)
+    storage.fsync_dir(out.path)
     return table

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import volumes
+from . import storage, volumes
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ def _read_lock(path: Path) -> dict:
 
 def _remove_temporaries(out: volumes.VolumeSpec, names: Sequence[str]) -> None:
     if out.kind != "zarr":
-        volumes.remove_temporaries(out.path)
+        storage.remove_temporaries(out.path)
         return
     store = Path(out.path)
     if not store.is_dir():
         return
-    prefixes = [volumes.zarr_tmp_name(n, "") for n in names]
+    prefixes = [storage.zarr_tmp_name(n, "") for n in names]
     prefixes += [p.replace(".tmp-", ".old-") for p in prefixes]
     for p in store.iterdir():
         if any(p.name.startswith(pre) for pre in prefixes):
@@ -104,7 +104,7 @@ def acquire(out: volumes.VolumeSpec, names: Sequence[str] | None = None, workdir
     names = list(names) if names is not None else [str(out.dataset)]
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "output": str(out), "workdir": workdir}
-    with volumes.disk_errors(path):
+    with storage.disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):
             try:

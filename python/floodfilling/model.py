@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import volumes
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) 
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    volumes.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
+    storage.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:

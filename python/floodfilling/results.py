@@ -11,7 +11,7 @@ Tables are compound HDF5 datasets, or zarr groups with one 1-D array per column.
 ``DS`` (:class:`ResultAttrs`): ``resolution_zyx_nm``, ``bbox_zyx`` (where the result sits in
 the source image), ``source_image``, ``model``, ``config``, ``normalisation`` and ``counters``
 (JSON); block runs add ``block_manifest``, consensus and agglomeration their own keys. The
-writes go through :func:`floodfilling.volumes.write_arrays` (atomic; the file's or group's
+writes go through :func:`floodfilling.storage.write_arrays` (atomic; the file's or group's
 other datasets are kept). Digests that tie a result or a resume state to its inputs
 (:func:`file_digest`, :func:`image_digest`) are here too.
 """
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import volumes
+from . import storage, volumes
 
 ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
 OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
@@ -102,7 +102,7 @@ def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray,
         arrays[f"{ds}_overlaps"] = overlaps
     arrays.update(extra or {})
     clean = {k: v for k, v in attrs.items() if v is not None}
-    volumes.write_arrays(out_path, arrays, attrs={ds: clean}, overwrite=overwrite)
+    storage.write_arrays(out_path, arrays, attrs={ds: clean}, overwrite=overwrite)
 
 
 def read_origins(spec: str) -> np.ndarray | None:

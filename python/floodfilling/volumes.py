@@ -1,25 +1,24 @@
-"""Volume addressing and I/O: ``file.h5:dataset`` / ``dir.zarr[/array]`` specs, lazy read-only
-handles, bounding boxes and atomic writes.
+"""Volume addressing and reading: ``file.h5:dataset`` / ``dir.zarr[/array]`` specs, bounding
+boxes, lazy read-only handles, attributes, label checks and tables. Writing is
+:mod:`floodfilling.storage`; the rules an output obeys (never an input, ...) are
+:mod:`floodfilling.outputs`.
 
 Arrays are indexed (z, y, x). Every user-facing failure (bad spec, missing file or dataset,
 wrong rank or dtype, existing output) raises :class:`VolumeError`, a ``ValueError`` whose
 message is one line naming the file and dataset, so a command line can print it as is.
 
 zarr is an optional dependency (``pip install 'floodfilling[zarr]'``); it is imported only when
-a ``.zarr`` volume is opened or written. Writes replace one array of a zarr group atomically
-(:func:`write_zarr_atomic`), leaving the group's other arrays (the raw image, say) alone.
+a ``.zarr`` volume is opened or written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -32,10 +31,10 @@ __all__ = [
     "Volume",
     "open_volume",
     "BBox",
-    "atomic_path",
-    "atomic_write_bytes",
-    "write_hdf5_atomic",
-    "write_volume",
+    "ParameterError",
+    "box_in",
+    "check_labels",
+    "read_table",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -247,7 +246,7 @@ def box_in(bbox: BBox | None, shape: Sequence[int], param: str = "bbox") -> BBox
 # attributes
 
 
-def _decode_attr(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
     """HDF5/zarr attribute -> plain Python (JSON-encoded dicts/lists are decoded back)."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
@@ -261,7 +260,7 @@ def _decode_attr(value: Any) -> Any:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype.kind in ("S", "O", "U"):
-            return [_decode_attr(v) for v in value.tolist()]
+            return [decode_attr(v) for v in value.tolist()]
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
@@ -281,7 +280,7 @@ def _json_default(obj: Any) -> Any:
 _SCALAR_TYPES = (bool, int, float, np.bool_, np.integer, np.floating)
 
 
-def _encode_attr(name: str, value: Any) -> Any:
+def encode_attr(name: str, value: Any) -> Any:
     """Plain Python value -> something h5py stores natively.
 
     Strings, numbers and numeric arrays are stored as they are; flat lists/tuples of numbers
@@ -317,7 +316,7 @@ def _encode_attr(name: str, value: Any) -> Any:
 # reading
 
 
-def _check_volume_array(where: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def check_volume_array(where: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) != 3:
         raise VolumeError(f"{where}: expected a 3-D (z, y, x) volume, got shape {tuple(shape)}")
     if dtype.kind not in "iuf":
@@ -341,7 +340,7 @@ def check_labels(values: Any, source: str, *, minimum: Any = None, where: str = 
             raise error(f"{source}: negative labels (minimum {m}{where}): label ids must be >= 0")
 
 
-def _hdf5_datasets(h5file: Any) -> list[str]:
+def hdf5_datasets(h5file: Any) -> list[str]:
     import h5py
 
     names: list[str] = []
@@ -354,7 +353,7 @@ def _hdf5_datasets(h5file: Any) -> list[str]:
     return sorted(names)
 
 
-def _import_zarr() -> Any:
+def import_zarr() -> Any:
     try:
         import zarr
     except ImportError as exc:
@@ -380,7 +379,7 @@ class Volume:
         self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape)  # type: ignore
         self.dtype: np.dtype = np.dtype(array.dtype)
         raw_attrs = dict(array.attrs.items()) if hasattr(array.attrs, "items") else {}
-        self.attrs: dict[str, Any] = {str(k): _decode_attr(v) for k, v in raw_attrs.items()}
+        self.attrs: dict[str, Any] = {str(k): decode_attr(v) for k, v in raw_attrs.items()}
 
     @property
     def path(self) -> str:
@@ -505,14 +504,14 @@ def _open_hdf5(spec: VolumeSpec) -> Volume:
     try:
         obj = h5file.get(name)
         if not isinstance(obj, h5py.Dataset):
-            available = ", ".join(_hdf5_datasets(h5file)) or "none"
+            available = ", ".join(hdf5_datasets(h5file)) or "none"
             what = "is a group, not a dataset" if obj is not None else "no dataset"
             if obj is None:
                 msg = f"{path}: no dataset '{name}' (available datasets: {available})"
             else:
                 msg = f"{path}: '{name}' {what} (available datasets: {available})"
             raise VolumeError(msg)
-        _check_volume_array(f"{path}:{name}", obj.shape, obj.dtype)
+        check_volume_array(f"{path}:{name}", obj.shape, obj.dtype)
         return Volume(spec, obj, closer=h5file.close)
     except BaseException:
         h5file.close()
@@ -521,7 +520,7 @@ def _open_hdf5(spec: VolumeSpec) -> Volume:
 
 def _open_zarr(spec: VolumeSpec) -> Volume:
     path, name = spec.path, spec.dataset
-    zarr = _import_zarr()
+    zarr = import_zarr()
     if not os.path.exists(path):
         raise VolumeError(f"{path}: no such zarr store (volume '{spec}')")
     try:
@@ -550,7 +549,7 @@ def _open_zarr(spec: VolumeSpec) -> Volume:
                 f"{path}: is a zarr group; name an array as {path}/ARRAY "
                 f"(available arrays: {available})"
             )
-    _check_volume_array(where, tuple(obj.shape), np.dtype(obj.dtype))
+    check_volume_array(where, tuple(obj.shape), np.dtype(obj.dtype))
     return Volume(spec, obj)
 
 
@@ -567,509 +566,13 @@ def open_volume(spec: PathLike | VolumeSpec, default_dataset: str | None = None)
     return _open_hdf5(parsed)
 
 
-# --------------------------------------------------------------------------------------------
-# atomic writes, disk errors, free space
-
-
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename (POSIX); silently skipped where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-fsync_dir = _fsync_dir  # the public name (callers outside this module)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    if not os.path.lexists(path):
-        return
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # pragma: no cover
-        logger.warning("could not remove temporary file %s: %s", path, exc)
-
-
-def os_error_text(exc: OSError, target: PathLike, doing: str = "writing") -> str:
-    """One line for an operating-system error while ``doing`` ``target``: the cause in words
-    (no space, read-only, permission, not a directory) and the path."""
-    import errno
-
-    target = os.fspath(target)
-    code = getattr(exc, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on device while {doing} {target}"
-    if code == errno.EROFS:
-        return f"cannot write {target}: read-only file system"
-    if code in (errno.EACCES, errno.EPERM):
-        return f"cannot write {target}: permission denied ({exc.filename or target})"
-    if code in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
-        culprit = up = os.fspath(exc.filename)
-        while up and not (os.path.lexists(up) and not os.path.isdir(up)) and os.path.dirname(up) != up:
-            up = os.path.dirname(up)
-        if up and os.path.lexists(up) and not os.path.isdir(up):  # the regular file on the way
-            culprit = up
-        return f"cannot write {target}: {culprit} exists and is not a directory"
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return f"error while {doing} {target}: {first}"
-
-
-@contextlib.contextmanager
-def disk_errors(target: PathLike, doing: str = "writing") -> Iterator[None]:
-    """Turns an ``OSError`` raised inside into a :class:`VolumeError` of one line naming
-    ``target`` (:func:`os_error_text`); other exceptions pass unchanged."""
-    try:
-        yield
-    except VolumeError:
-        raise
-    except OSError as exc:
-        raise VolumeError(os_error_text(exc, target, doing)) from None
-
-
-# Free space kept in hand beyond what a write needs: HDF5 writes its metadata on close, and
-# HDF5 (h5py 3) crashes the process (SIGSEGV) when a write fails for lack of space, so every
-# HDF5 write of this package first checks that its bytes fit (see :class:`SpaceCheck`).
-SPACE_MARGIN_BYTES = 1 << 20
-
-
-class SpaceCheck:
-    """Checks before each write into ``directory`` that ``nbytes`` (an upper bound of what the
-    write adds) plus :data:`SPACE_MARGIN_BYTES` are free; :class:`VolumeError` ("no space left
-    on device while writing TARGET") otherwise, before anything is written. A write that fills
-    the disk anyway (another process writing at the same time, quotas) still fails, but HDF5
-    is never asked to write into a full disk when this package alone fills it."""
-
-    def __init__(self, target: PathLike, directory: PathLike | None = None) -> None:
-        self.target = os.fspath(target)
-        self.directory = os.fspath(directory) if directory is not None else \
-            os.path.dirname(os.path.abspath(self.target))
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.directory)
-        return int(st.f_bavail) * int(st.f_frsize)
-
-    def need(self, nbytes: int) -> None:
-        free = self.free_bytes()
-        if free < int(nbytes) + SPACE_MARGIN_BYTES:
-            raise VolumeError(f"no space left on device while writing {self.target} "
-                              f"({free / 2**20:.1f} MiB free, {(int(nbytes) + SPACE_MARGIN_BYTES) / 2**20:.1f} "
-                              f"MiB needed)")
-
-
-def remove_temporaries(path: PathLike) -> int:
-    """Removes ``PATH.tmp-*`` left beside ``path`` by a killed writer (call while holding the
-    output's lock, :mod:`floodfilling.locks`); returns how many were removed."""
-    target = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(target)
-    n = 0
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(base + ".tmp-"):
-                p = os.path.join(directory, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else _remove_quietly(p)
-                n += 1
-    if n:
-        logger.info("removed %d temporary file(s) of an interrupted write of %s", n, target)
-    return n
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temporary file path next to ``path``; on success, fsync it and ``os.replace``
-    it onto ``path``; on any exception, remove it and re-raise (``path`` is left untouched).
-
-    The temporary name is ``path + ".tmp-<pid>"`` (same directory, so the rename is atomic).
-    With ``overwrite=False`` an existing ``path`` raises :class:`VolumeError` before anything
-    is written. Files only (not directories). Operating-system errors (no space, read-only
-    file system, permissions) become one-line :class:`VolumeError` naming ``path``.
-    """
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(directory):
-        if os.path.exists(directory):
-            raise VolumeError(f"cannot write {target}: {directory} exists and is not a directory")
-        raise VolumeError(f"{target}: directory {directory} does not exist")
-    if os.path.isdir(target):
-        raise VolumeError(f"{target}: is a directory")
-    if not overwrite and os.path.exists(target):
-        raise VolumeError(f"{target} exists; pass --overwrite")
-    tmp = f"{target}.tmp-{os.getpid()}"
-    _remove_quietly(tmp)  # stale leftover of a crashed process with the same pid
-    try:
-        with disk_errors(target):
-            yield tmp
-            if not os.path.isfile(tmp):
-                raise VolumeError(f"{target}: nothing was written to the temporary file {tmp}")
-            _fsync_file(tmp)
-            os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def names_clash(a: str, b: str) -> bool:
-    """True when writing dataset ``a`` would replace dataset ``b`` of the same file or group
-    (equal, or one inside the other: replacing group ``v`` removes ``v/raw``)."""
-    a, b = a.strip("/"), b.strip("/")
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
-def hdf5_storage_bytes(obj: Any) -> int:
-    """Bytes an HDF5 dataset, or every dataset under a group, occupies in its file."""
-    import h5py
-
-    if isinstance(obj, h5py.Dataset):
-        return int(obj.id.get_storage_size())
-    total = [0]
-
-    def visit(_name: str, o: Any) -> None:
-        if isinstance(o, h5py.Dataset):
-            total[0] += int(o.id.get_storage_size())
-
-    obj.visititems(visit)
-    return total[0]
-
-
-def hdf5_copy_others(src_path: PathLike, dst: Any, replaced: Sequence[str], space: SpaceCheck) -> list[str]:
-    """Copies everything of the HDF5 file ``src_path`` into the open file ``dst`` except the
-    datasets named in ``replaced`` (and, for a group on the way to one of them, only its other
-    members): datasets with their chunks, filters and attributes, groups, soft and external
-    links, and the root attributes. Returns the names of the objects copied. This is how an
-    output written into an existing file keeps the file's other datasets (the raw image and
-    labels beside a segmentation)."""
-    import h5py
-
-    replaced = [r.strip("/") for r in replaced]
-    copied: list[str] = []
-    with h5py.File(src_path, "r") as src:
-        def walk(sg: Any, dg: Any, prefix: str) -> None:
-            for k, v in sg.attrs.items():
-                dg.attrs[k] = v
-            for name in sg:
-                full = f"{prefix}{name}"
-                if full in replaced:
-                    continue
-                link = sg.get(name, getlink=True)
-                if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
-                    dg[name] = link
-                    copied.append(full)
-                    continue
-                obj = sg[name]
-                if isinstance(obj, h5py.Group) and any(r.startswith(full + "/") for r in replaced):
-                    walk(obj, dg.require_group(name), full + "/")
-                    continue
-                space.need(hdf5_storage_bytes(obj))
-                sg.copy(obj, dg, name=name)
-                copied.append(full)
-
-        walk(src, dst, "")
-    return copied
-
-
-def _slab_planes(shape: tuple[int, ...], itemsize: int, chunks: tuple[int, ...] | None) -> int:
-    """Planes (first axis) per write: whole chunks, about 64 MiB."""
-    plane = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if len(shape) > 1 else itemsize
-    step = max(1, (64 << 20) // max(plane, 1))
-    if chunks:
-        step = max(chunks[0], step // chunks[0] * chunks[0])
-    return step
-
-
-def hdf5_write_array(group: Any, name: str, arr: np.ndarray, space: SpaceCheck,
-                     compression: str | None = "gzip", chunks: Any = None) -> Any:
-    """Creates dataset ``name`` in ``group`` and fills it from ``arr`` slab by slab along the
-    first axis, checking before each slab that its uncompressed bytes fit on the disk."""
-    kwargs: dict[str, Any] = {}
-    if compression and arr.ndim > 0 and arr.size > 0:
-        kwargs["compression"] = compression
-        kwargs["chunks"] = chunks if chunks is not None else True
-    elif chunks is not None:
-        kwargs["chunks"] = chunks
-    dset = group.create_dataset(name, shape=arr.shape, dtype=arr.dtype, **kwargs)
-    if arr.size == 0:
-        return dset
-    if arr.ndim == 0:
-        space.need(arr.nbytes)
-        dset[()] = arr
-        return dset
-    step = _slab_planes(arr.shape, arr.dtype.itemsize, dset.chunks)
-    for z0 in range(0, arr.shape[0], step):
-        part = arr[z0:z0 + step]
-        space.need(part.nbytes)
-        dset[z0:z0 + step] = part
-    return dset
-
-
-def _existing_hdf5(target: str) -> bool:
-    """True when ``target`` is an existing HDF5 file; :class:`VolumeError` when something else
-    is there (never written into or replaced)."""
-    import h5py
-
-    if not os.path.lexists(target):
-        return False
-    if os.path.isdir(target):
-        raise VolumeError(f"output {target}: is a directory")
-    try:
-        ok = h5py.is_hdf5(target)
-    except OSError as exc:
-        raise VolumeError(os_error_text(exc, target, "reading")) from None
-    if not ok:
-        raise VolumeError(f"output {target}: exists and is not an HDF5 file; nothing is written into it "
-                          "(move it away or choose another name)")
-    return True
-
-
-def _existing_hdf5_names(target: str, names: Sequence[str]) -> list[str]:
-    """Those of ``names`` that exist in the HDF5 file ``target`` (which must exist)."""
-    import h5py
-
-    try:
-        with h5py.File(target, "r") as f:
-            for n in names:
-                obj = f.get(n.strip("/"))
-                if isinstance(obj, h5py.Group):
-                    inside = _hdf5_datasets(obj)
-                    raise VolumeError(f"output {target}:{n.strip('/')} is a group (holding "
-                                      f"{', '.join(n.strip('/') + '/' + d for d in inside[:3]) or 'nothing'}"
-                                      f"{', ...' if len(inside) > 3 else ''}); an output never replaces a group: "
-                                      "choose another dataset name")
-                parts = n.strip("/").split("/")
-                for i in range(1, len(parts)):
-                    if isinstance(f.get("/".join(parts[:i])), h5py.Dataset):
-                        raise VolumeError(f"output {target}:{n.strip('/')}: {'/'.join(parts[:i])} is a dataset, "
-                                          "not a group")
-            return [n for n in names if n.strip("/") in f]
-    except OSError as exc:
-        raise VolumeError(f"output {target}: cannot open the existing HDF5 file ({exc}); nothing is written "
-                          "into it") from None
-
-
-def write_hdf5_atomic(
-    path: PathLike,
-    datasets: Mapping[str, np.ndarray],
-    attrs: Mapping[str, Mapping[str, Any]] | None = None,
-    file_attrs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    compression: str | None = "gzip",
-) -> str:
-    """Write datasets into an HDF5 file atomically and return its path.
-
-    ``datasets`` maps dataset names (``"a/b"`` creates group ``a``) to arrays; ``attrs`` maps
-    dataset names to their attribute dicts; ``file_attrs`` go on the root group. Attribute
-    values: strings, numbers, numeric arrays and flat numeric lists are stored natively; dicts
-    and other lists as JSON strings (:attr:`Volume.attrs` decodes them).
-
-    A new file holds just these datasets. Into an existing HDF5 file they are added: every
-    other dataset, group, link and root attribute of the file is kept (copied into the new
-    file, :func:`hdf5_copy_others`), and a dataset of the same name is replaced only with
-    ``overwrite`` (:class:`VolumeError` "... exists; pass --overwrite" otherwise, before
-    anything is written). Something at ``path`` that is not an HDF5 file is never replaced.
-    Everything goes into ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto
-    ``path``: a failure leaves no partial file and the previous ``path`` intact. Each write
-    first checks that it fits on the disk (:class:`SpaceCheck`).
-    """
-    import h5py
-
-    target = os.fspath(path)
-    if not datasets:
-        raise VolumeError(f"{target}: no datasets to write")
-    attrs = dict(attrs or {})
-    unknown = sorted(set(attrs) - set(datasets))
-    if unknown:
-        raise VolumeError(f"{target}: attrs given for unknown datasets: {', '.join(unknown)}")
-    # Encode (and validate) every attribute before touching the disk.
-    enc_attrs = {
-        name: {str(k): _encode_attr(f"{name}:{k}", v) for k, v in (attrs.get(name) or {}).items()}
-        for name in datasets
-    }
-    enc_file_attrs = {str(k): _encode_attr(str(k), v) for k, v in (file_attrs or {}).items()}
-    arrays = {}
-    for name, arr in datasets.items():
-        arr = np.asarray(arr)
-        compound = arr.dtype.names is not None and all(
-            arr.dtype.fields[n][0].kind in "biuf" for n in arr.dtype.names)  # tables (origins, ...)
-        if arr.dtype.kind not in "biuf" and not compound:
-            raise VolumeError(f"{target}:{name}: unsupported dtype {arr.dtype}")
-        arrays[str(name).strip("/")] = arr
-    keep = _existing_hdf5(target)
-    if keep and not overwrite:
-        there = _existing_hdf5_names(target, list(arrays))
-        if there:
-            raise VolumeError(f"{target}:{there[0]} exists; pass --overwrite to replace it (the file's other "
-                              "datasets are kept)")
-    with atomic_path(target, overwrite=True) as tmp:
-        space = SpaceCheck(target)
-        with h5py.File(tmp, "w") as f:
-            if keep:
-                hdf5_copy_others(target, f, list(arrays), space)
-            for k, v in enc_file_attrs.items():
-                f.attrs[k] = v
-            for name, arr in arrays.items():
-                dset = hdf5_write_array(f, name, arr, space, compression)
-                for k, v in enc_attrs[name].items():
-                    dset.attrs[k] = v
-            f.flush()
-    logger.debug("wrote %s (%s)", target, ", ".join(arrays))
-    return target
-
-
-def _zarr_chunks(shape: tuple[int, ...], chunks: Sequence[int] | None) -> tuple[int, ...]:
-    if not shape:
-        return ()
-    if chunks is None:
-        chunks = (64,) * len(shape) if len(shape) == 3 else (max(1, min(65536, shape[0])),) + tuple(shape[1:])
-    return tuple(max(1, min(int(c), int(n))) if n else 1 for c, n in zip(chunks, shape))
-
-
-def _zarr_create(group: Any, name: str, shape, dtype, chunks) -> Any:
-    """An empty (zero-filled) array in a zarr group; zarr 3 (create_array) or 2 (create_dataset)."""
-    make = getattr(group, "create_array", None) or group.create_dataset
-    return make(name, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0)
-
-
-def write_zarr_atomic(
-    store: PathLike,
-    arrays: Mapping[str, np.ndarray],
-    attrs: Mapping[str, Mapping[str, Any]] | None = None,
-    overwrite: bool = False,
-    chunks: Sequence[int] | None = None,
-) -> str:
-    """Write arrays into the zarr group ``store`` (created when missing), each atomically.
-
-    Each array is written complete under a hidden temporary name in the group
-    (``.NAME.tmp-<pid>``), then renamed onto ``NAME``; an existing ``NAME`` is moved aside
-    first and removed after the rename (only with ``overwrite``; otherwise
-    :class:`VolumeError` before anything is written). Other arrays of the group (the raw
-    image beside its segmentation, say) are left alone. Structured arrays (tables such as
-    origins) become a subgroup with one 1-D array per field. 3-D volumes are chunked
-    ``chunks`` (default 64^3, clipped to the shape); attributes as for HDF5 (JSON for dicts).
-    """
-    root_path = os.fspath(store)
-    attrs = dict(attrs or {})
-    targets = {str(name).strip("/"): np.asarray(arr) for name, arr in arrays.items()}
-    if not targets:
-        raise VolumeError(f"{root_path}: no arrays to write")
-    for name, arr in targets.items():
-        if arr.dtype.names is None and arr.dtype.kind not in "biuf":
-            raise VolumeError(f"{root_path}/{name}: unsupported dtype {arr.dtype}")
-        if os.path.exists(os.path.join(root_path, name)) and not overwrite:
-            raise VolumeError(f"{root_path}/{name} exists; pass --overwrite")
-    enc = {name: zarr_attrs(name, attrs.get(name)) for name in targets}
-    group = open_zarr_group(root_path)
-    tag = str(os.getpid())
-    for name, arr in targets.items():
-        tmp_name = zarr_tmp_name(name, tag)
-        tmp_path = os.path.join(root_path, tmp_name)
-        shutil.rmtree(tmp_path, ignore_errors=True)  # a crashed run's leftover
-        try:
-            with disk_errors(os.path.join(root_path, name)):
-                _zarr_write_one(group, root_path, tmp_name, name, tag, arr, enc[name], chunks)
-        except BaseException:
-            shutil.rmtree(tmp_path, ignore_errors=True)
-            raise
-    _fsync_dir(root_path)
-    logger.debug("wrote %s (%s)", root_path, ", ".join(targets))
-    return root_path
-
-
-def _zarr_write_one(group: Any, root_path: str, tmp_name: str, name: str, tag: str, arr: np.ndarray,
-                    attrs: Mapping[str, Any], chunks: Sequence[int] | None) -> None:
-    """One array (or table) of :func:`write_zarr_atomic`: built under ``tmp_name``, then committed."""
-    if arr.dtype.names is not None:  # a table: one array per field
-        target_obj = zarr_put_table(group, tmp_name, arr)
-    else:
-        target_obj = _zarr_create(group, tmp_name, arr.shape, arr.dtype, _zarr_chunks(arr.shape, chunks))
-        if arr.size:
-            target_obj[...] = arr
-    for k, v in attrs.items():
-        target_obj.attrs[k] = v
-    zarr_commit(group, root_path, tmp_name, name, tag)
-
-
-def write_arrays(path: PathLike, arrays: Mapping[str, np.ndarray],
-                 attrs: Mapping[str, Mapping[str, Any]] | None = None, overwrite: bool = False) -> str:
-    """Named arrays (volumes or tables) with their attributes into the HDF5 file or the zarr
-    group at ``path`` (by its suffix), atomically, keeping everything else there
-    (:func:`write_hdf5_atomic`, :func:`write_zarr_atomic`). The one way this package writes
-    results."""
-    if os.fspath(path).lower().endswith(".zarr"):
-        return write_zarr_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
-    return write_hdf5_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
-
-
-def zarr_tmp_name(name: str, tag: str) -> str:
-    """The hidden name an array of a zarr group is built under before :func:`zarr_commit`."""
-    return f".{name.strip('/').replace('/', '_')}.tmp-{tag}"
-
-
-def zarr_attrs(name: str, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Attributes as zarr stores them (JSON types; dicts and arrays as for HDF5)."""
-    return {str(k): _decode_attr(_encode_attr(f"{name}:{k}", v)) for k, v in (attrs or {}).items()}
-
-
-def open_zarr_group(store: PathLike) -> Any:
-    """The zarr group at ``store``, created when missing (:class:`VolumeError` otherwise)."""
-    zarr = _import_zarr()
-    root_path = os.fspath(store)
-    if os.path.exists(root_path) and not os.path.isdir(root_path):
-        raise VolumeError(f"{root_path}: exists and is not a zarr store (directory)")
-    try:
-        return zarr.open_group(root_path, mode="a")
-    except Exception as exc:  # zarr raises various types across versions
-        raise VolumeError(f"{root_path}: cannot open or create a zarr group: {exc}") from None
-
-
-def zarr_create_volume(group: Any, name: str, shape, dtype, chunks: Sequence[int] | None = None) -> Any:
-    """An empty (zero-filled, nothing stored) 3-D array ``name`` in a zarr group."""
-    return _zarr_create(group, name, tuple(shape), np.dtype(dtype), _zarr_chunks(tuple(shape), chunks))
-
-
-def zarr_put_table(group: Any, name: str, table: np.ndarray) -> Any:
-    """A structured array as a subgroup ``name`` with one 1-D array per field."""
-    sub = group.create_group(name)
-    for field in table.dtype.names:
-        col = np.ascontiguousarray(table[field])
-        z = _zarr_create(sub, field, col.shape, col.dtype, _zarr_chunks(col.shape, None))
-        if col.size:
-            z[...] = col
-    sub.attrs["columns"] = list(table.dtype.names)
-    return sub
-
-
 def read_table(path: PathLike, name: str) -> np.ndarray | None:
     """The table ``name`` of the HDF5 file or zarr group at ``path`` (a compound dataset, or a
     group of columns as :func:`zarr_put_table` writes it) as a structured array; ``None`` when
     the file has no such table; :class:`VolumeError` naming it when it cannot be read."""
     path = os.fspath(path)
     if path.lower().endswith(".zarr"):
-        zarr = _import_zarr()
+        zarr = import_zarr()
         try:
             g = zarr.open_group(path, mode="r")
             if name not in g:
@@ -1092,140 +595,3 @@ def read_table(path: PathLike, name: str) -> np.ndarray | None:
             return f[name][...]
     except OSError as exc:
         raise VolumeError(f"{path}:{name}: cannot read ({(str(exc).splitlines() or ['?'])[0]})") from None
-
-
-def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) -> None:
-    """Renames the finished ``tmp_name`` of the group onto ``name`` (an existing ``name`` is
-    moved aside first and removed after the rename)."""
-    final = os.path.join(root_path, name)
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(root_path, f".{name.replace('/', '_')}.old-{tag}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    parent = name.rpartition("/")[0]
-    if parent:  # intermediate groups, with their metadata
-        group.require_group(parent)
-    os.replace(os.path.join(root_path, tmp_name), final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def same_path(a: PathLike, b: PathLike) -> bool:
-    """True when ``a`` and ``b`` name the same file or directory: by identity (symlinks
-    resolved, same device and inode) when both exist, else by resolved absolute path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _writable_dir_check(what: str, directory: str) -> None:
-    """``directory`` (created later when missing) can receive files: its nearest existing
-    ancestor is a directory and is writable; :class:`VolumeError` naming ``what`` otherwise."""
-    d = os.path.abspath(directory)
-    while not os.path.lexists(d):
-        parent = os.path.dirname(d)
-        if parent == d:
-            break
-        d = parent
-    if not os.path.isdir(d):
-        raise VolumeError(f"cannot write {what}: {d} exists and is not a directory")
-    if not os.access(d, os.W_OK | os.X_OK):
-        import errno
-
-        ro = False
-        try:
-            ro = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
-        except OSError:  # pragma: no cover
-            pass
-        why = "read-only file system" if ro else "permission denied"
-        raise VolumeError(os_error_text(OSError(errno.EROFS if ro else errno.EACCES, why, d), what))
-
-
-def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names: Sequence[str] | None = None,
-                 inputs: Sequence[PathLike | VolumeSpec | None] = ()) -> VolumeSpec:
-    """Checks an output spec before any work; returns it parsed, :class:`VolumeError` otherwise.
-
-    - A zarr output names its array (and zarr is installed).
-    - No input is ever replaced: none of the datasets to be written (``names``: default the
-      output dataset alone; ``ffn segment`` adds its ``_origins`` and ``_overlaps``) may be
-      (or contain, or lie inside) one of ``inputs``, the volumes the same command reads, in
-      the same file or zarr group. Files are compared by identity (symlinks resolved, same
-      inode), not by their names. ``overwrite`` does not lift this.
-    - HDF5: something at the path that is not an HDF5 file is refused; an existing dataset of
-      ``names`` needs ``overwrite`` (the file's other datasets are always kept, see
-      :func:`write_hdf5_atomic`). Zarr: an existing array of ``names`` needs ``overwrite``.
-    - The directory that receives the output can be written (not a regular file on the way,
-      not a read-only file system).
-    """
-    out = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
-    if out.kind == "zarr":
-        if not out.dataset:
-            raise VolumeError(f"output {out.path}: name the array to write, as {out.path}/ARRAY")
-        _import_zarr()
-    names = [n.strip("/") for n in (names if names is not None else [str(out.dataset)])]
-    sep = "/" if out.kind == "zarr" else ":"
-    for inp in inputs:
-        if inp is None:
-            continue
-        ip = inp if isinstance(inp, VolumeSpec) else parse_volume_spec(inp)
-        if ip.kind != out.kind or not same_path(ip.path, out.path):
-            continue
-        for n in names:
-            if ip.dataset is None or names_clash(n, ip.dataset):
-                raise VolumeError(f"output {out.path}{sep}{n} would replace the input {ip}; write the output to "
-                                  f"another dataset or file")
-    there = existing_outputs(out, names)
-    if there and not overwrite:
-        if out.kind == "zarr":
-            raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass --overwrite to replace it")
-        raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass --overwrite to replace it (the "
-                          "file's other datasets are kept)")
-    in_store = out.kind == "zarr" and os.path.isdir(out.path)
-    _writable_dir_check(str(out), out.path if in_store else os.path.dirname(os.path.abspath(out.path)))
-    return out
-
-
-def existing_outputs(out: VolumeSpec, names: Sequence[str]) -> list[str]:
-    """Those of the datasets ``names`` that exist in the output file or zarr group ``out``;
-    :class:`VolumeError` when something that is not an HDF5 file (or not a zarr store) is at
-    its path (never written into or replaced)."""
-    if out.kind == "zarr":
-        if os.path.lexists(out.path) and not os.path.isdir(out.path):
-            raise VolumeError(f"output {out.path}: exists and is not a zarr store (directory)")
-        return [n for n in names if os.path.exists(os.path.join(out.path, n))]
-    if not _existing_hdf5(out.path):
-        return []
-    return _existing_hdf5_names(out.path, names)
-
-
-def write_volume(
-    spec: PathLike | VolumeSpec,
-    array: np.ndarray,
-    attrs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    compression: str | None = "gzip",
-) -> VolumeSpec:
-    """Write one 3-D array as ``file.h5:dataset`` atomically (into an existing HDF5 file its
-    other datasets are kept; an existing dataset of that name is replaced only with
-    ``overwrite=True``, :func:`write_hdf5_atomic`). Returns the parsed spec. ``dir.zarr/array``
-    writes that array of the zarr group (:func:`write_zarr_atomic`; other arrays stay)."""
-    parsed = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
-    arr = np.asarray(array)
-    _check_volume_array(str(parsed), arr.shape, arr.dtype)
-    if parsed.kind == "zarr":
-        if not parsed.dataset:
-            raise VolumeError(f"{parsed}: name the array to write, as {parsed.path}/ARRAY")
-        write_zarr_atomic(parsed.path, {parsed.dataset: arr}, attrs={parsed.dataset: dict(attrs or {})},
-                          overwrite=overwrite)
-        return parsed
-    assert parsed.dataset is not None
-    write_hdf5_atomic(
-        parsed.path,
-        {parsed.dataset: arr},
-        attrs={parsed.dataset: dict(attrs or {})},
-        overwrite=overwrite,
-        compression=compression,
-    )
-    return parsed

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import volumes
+from .. import storage
 from .blocks import Block, BlockError
 
 SUFFIX = ".h5"
@@ -74,7 +74,7 @@ def write_block(path: Path, block: Block, box_start: Sequence[int], seg: np.ndar
     """Writes a block's result file (``seg``: its outer box)."""
     core_ids, core_counts = np.unique(seg[block.core_in_outer], return_counts=True)
     core_ids, core_counts = core_ids[core_ids > 0], core_counts[core_ids > 0]
-    volumes.write_hdf5_atomic(
+    storage.write_hdf5_atomic(
         path,
         {"seg": seg, "origins": origins, "core_ids": core_ids.astype(np.uint32),
          "core_counts": core_counts.astype(np.int64)},

@@ -203,7 +203,7 @@ def _origins_table(rows: OriginRows, n_objects: int, dense: bool = True) -> np.n
     """One row per final object (``dense``: all of 1..N; else those holding an origin): the seed
     of a member whose seed lies in its block's core, smallest provisional id first; steps and
     seconds summed over the members."""
-    from ..inference.segment import ORIGIN_DTYPE
+    from ..results import ORIGIN_DTYPE
 
     keep = rows.final > 0
     prov, seeds, steps, secs, incore, final = (getattr(rows, c)[keep] for c in ("prov", "seeds", "steps", "seconds",

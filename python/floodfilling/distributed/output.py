@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .. import locks, volumes
+from .. import locks, storage, volumes
 from . import blockstore, split
 from .reconcile import relabel_core
 
@@ -63,12 +63,12 @@ def zarr_chunks_for(block) -> tuple[int, ...]:
 def tmp_output(plan: Plan) -> Path:
     """HDF5: the temporary output file. Zarr: the hidden array in the output group."""
     if plan.out_kind == "zarr":
-        return Path(plan.out_path) / volumes.zarr_tmp_name(plan.out_ds, plan.run_id)
+        return Path(plan.out_path) / storage.zarr_tmp_name(plan.out_ds, plan.run_id)
     return Path(plan.out_path).with_name(Path(plan.out_path).name + f".tmp-{plan.run_id}")
 
 
 def _tmp_origins_zarr(plan: Plan) -> Path:
-    return Path(plan.out_path) / volumes.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
+    return Path(plan.out_path) / storage.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
 
 
 def tmp_prefixes(plan: Plan) -> tuple[Path, list[str]]:
@@ -76,7 +76,7 @@ def tmp_prefixes(plan: Plan) -> tuple[Path, list[str]]:
     follows): what the workdir's cleanup removes of a killed run."""
     out = Path(plan.out_path)
     if plan.out_kind == "zarr":
-        return out, [volumes.zarr_tmp_name(n, "") for n in (plan.out_ds, f"{plan.out_ds}_origins")]
+        return out, [storage.zarr_tmp_name(n, "") for n in (plan.out_ds, f"{plan.out_ds}_origins")]
     return out.parent, [out.name + ".tmp-"]
 
 
@@ -84,7 +84,7 @@ def recorded_digest(plan: Plan) -> str | None:
     """The ``block_manifest`` attribute of an existing output (None: absent, not ours, unreadable)."""
     try:
         if plan.out_kind == "zarr":
-            zarr = volumes._import_zarr()
+            zarr = volumes.import_zarr()
             value = zarr.open_array(os.path.join(plan.out_path, plan.out_ds), mode="r").attrs.get("block_manifest")
         else:
             import h5py
@@ -151,11 +151,11 @@ def _create_zarr(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) ->
     tmp, tmp_origins = tmp_output(plan), _tmp_origins_zarr(plan)
     for p in (tmp, tmp_origins):
         shutil.rmtree(p, ignore_errors=True)
-    group = volumes.open_zarr_group(plan.out_path)
-    array = volumes.zarr_create_volume(group, tmp.name, plan.box.shape, final.dtype, zarr_chunks_for(plan.grid.block))
-    for key, v in volumes.zarr_attrs(plan.out_ds, {k: v for k, v in attrs.items() if v is not None}).items():
+    group = storage.open_zarr_group(plan.out_path)
+    array = storage.zarr_create_volume(group, tmp.name, plan.box.shape, final.dtype, zarr_chunks_for(plan.grid.block))
+    for key, v in storage.zarr_attrs(plan.out_ds, {k: v for k, v in attrs.items() if v is not None}).items():
         array.attrs[key] = v
-    volumes.zarr_put_table(group, tmp_origins.name, final.origins)
+    storage.zarr_put_table(group, tmp_origins.name, final.origins)
     if not parallel:
         _write_cores_zarr(plan, WriteTask(None, final.dtype, final.blocks(range(len(plan.grid))), final.comp_dir),
                           array)
@@ -169,10 +169,10 @@ def _create_hdf5(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) ->
     shape = plan.box.shape
     offset = None
     names = [plan.out_ds, f"{plan.out_ds}_origins"]
-    space = volumes.SpaceCheck(plan.out_path)
+    space = storage.SpaceCheck(plan.out_path)
     with h5py.File(tmp, "w") as f:
         if os.path.exists(plan.out_path):  # an existing file (check_output saw to it): its other datasets stay
-            volumes.hdf5_copy_others(plan.out_path, f, names, space)
+            storage.hdf5_copy_others(plan.out_path, f, names, space)
         if parallel:
             space.need(int(np.prod(shape)) * final.dtype.itemsize + final.origins.nbytes)  # the ranks' pwrites fill it
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -210,7 +210,7 @@ def write_cores(plan: Plan, task: WriteTask) -> int:
 def _write_cores_zarr(plan: Plan, task: WriteTask, array=None) -> int:
     """Writes relabelled cores into the hidden zarr array (chunks never straddle two cores)."""
     if array is None:
-        array = volumes._import_zarr().open_array(str(tmp_output(plan)), mode="r+")
+        array = volumes.import_zarr().open_array(str(tmp_output(plan)), mode="r+")
     written = 0
     for sl, core in _cores(plan, task.blocks, task.dtype, task.comp_dir):
         array[sl] = core
@@ -252,13 +252,13 @@ def commit(plan: Plan) -> None:
     out = Path(plan.out_path)
     tmp = tmp_output(plan)
     if plan.out_kind == "zarr":  # the table first: the array (with block_manifest) is the commit
-        group = volumes.open_zarr_group(out)
+        group = storage.open_zarr_group(out)
         origins = f"{plan.out_ds}_origins"
-        volumes.zarr_commit(group, str(out), volumes.zarr_tmp_name(origins, plan.run_id), origins, plan.run_id)
-        volumes.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
-        volumes.fsync_dir(str(out.resolve()))
+        storage.zarr_commit(group, str(out), storage.zarr_tmp_name(origins, plan.run_id), origins, plan.run_id)
+        storage.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
+        storage.fsync_dir(str(out.resolve()))
     else:
         os.replace(tmp, out)
-        volumes.fsync_dir(str(out.parent.resolve()))
+        storage.fsync_dir(str(out.parent.resolve()))
     if plan.lock is not None:
         locks.release(plan.lock)

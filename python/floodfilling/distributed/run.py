@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import volumes
+from .. import storage
 from ..config import InferenceConfig
 from ..model import load_model
 from . import labels, mpi, output, worker
@@ -169,7 +169,7 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
     if comm.is_root:
         with comm.abort_on_error("writing the output"):
             create_from = time.perf_counter()
-            with output.discard_on_error(plan), volumes.disk_errors(plan.out_path):
+            with output.discard_on_error(plan), storage.disk_errors(plan.out_path):
                 offset = output.create(plan, final, reconciled.attrs, parallel)
             reconciled.timings["create_output_s"] = time.perf_counter() - create_from
             if parallel:
@@ -179,7 +179,7 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
         task = comm.scatter(tasks, root=0)
         write_from = time.perf_counter()
         with comm.abort_on_error("writing the output"):
-            with output.discard_on_error(plan), volumes.disk_errors(plan.out_path):
+            with output.discard_on_error(plan), storage.disk_errors(plan.out_path):
                 nbytes = output.write_cores(plan, task)
         written = comm.gather((time.perf_counter() - write_from, nbytes), root=0)
         if comm.is_root:

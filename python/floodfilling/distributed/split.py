@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import kernels, volumes
+from .. import kernels, storage
 from ..postprocess import split_disconnected
 from .blocks import BlockError, BlockGrid
 
@@ -156,7 +156,7 @@ def split_dir(workdir: str | os.PathLike, run_id: str) -> Path:
 
 
 def write_components(path: Path, comp: np.ndarray, cc: CoreComponents) -> None:
-    volumes.write_hdf5_atomic(path, {"comp": comp, "gid": cc.gid, "first": cc.first, "count": cc.count},
+    storage.write_hdf5_atomic(path, {"comp": comp, "gid": cc.gid, "first": cc.first, "count": cc.count},
                               overwrite=True, compression="gzip")
 
 

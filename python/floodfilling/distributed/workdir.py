@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import locks, volumes
+from .. import locks, outputs, results, storage, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
 from . import blockstore, output
@@ -75,14 +75,6 @@ class Plan:
 
     def block_path(self, b: Block) -> Path:
         return blockstore.block_file(self.blocks_dir, b.name(self.box.start))
-
-
-def _file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _canonical(d: Any) -> Any:
@@ -154,7 +146,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         "bbox": [list(box.start), list(box.stop)],
         "block": list(block_v),
         "halo": list(halo_v),
-        "model": _file_digest(model_path),
+        "model": results.file_digest(model_path),
         "fov_zyx": list(fov),
         "deltas_zyx": list(info.deltas_zyx),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_MANIFEST},
@@ -168,8 +160,8 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
 
     # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
     names = [plan.out_ds, f"{plan.out_ds}_origins"]
-    volumes.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
-    if volumes.existing_outputs(out, names) and not overwrite:
+    outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
+    if outputs.existing_outputs(out, names) and not overwrite:
         if output.recorded_digest(plan) == out_digest:
             plan.complete = True
         else:
@@ -189,7 +181,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     for d in (plan.blocks_dir, plan.claims_dir):
         d.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(plan)
-    volumes.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    storage.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
     return plan
 
@@ -211,7 +203,7 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
         if holder.get("host") not in (None, host):
             log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
                         "one job per workdir)", wd, holder.get("host"))
-    volumes.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
+    storage.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
 
 
@@ -263,7 +255,7 @@ def _remove_split_dirs(workdir: str | Path) -> None:
 
 def write_report(plan: Plan, report: dict) -> None:
     """``DIR/reconcile.json`` (read by ``ffn status``)."""
-    volumes.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
+    storage.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
 def tidy(plan: Plan) -> None:

@@ -126,7 +126,7 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
     """Segments blocks until none is left to claim; this rank's stats."""
     from ..inference import seeds as seeds_mod
     from ..inference.engine import Job, make_predictor, run_jobs
-    from ..inference.segment import origins_table
+    from ..results import origins_table
 
     grid = plan.grid
     n = len(grid)

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import locks, results, volumes
+from .. import locks, outputs, results, storage, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig
 from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
-from ..results import ORIGIN_DTYPE, Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names  # noqa: F401,E501 (block runner: until it imports results)
+from ..results import Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names
 from .canvas import Canvas, CanvasState
 from .engine import Job, make_predictor, run_jobs
 
@@ -72,7 +72,7 @@ def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
     ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
     try:
-        with volumes.disk_errors(path):
+        with storage.disk_errors(path):
             np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
                      fill_passes=st.fill_passes, max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs,
                      overlaps=ov, counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
@@ -210,7 +210,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset))
     inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
-    out = volumes.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
+    out = outputs.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
     with locks.output_lock(out, names):
         return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
                                progress=progress)
@@ -242,10 +242,10 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         "image_digest": image_digest(raw),
     }
     sp = state_path_for(out_path, out_ds if out.kind == "zarr" else None)
-    volumes.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
+    storage.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
     if overwrite and sp.exists():
         sp.unlink()
-    with volumes.disk_errors(out_path.parent):
+    with storage.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = None
     if cfg.seed_policy == "invert_origins":

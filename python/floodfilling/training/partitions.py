@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import volumes
+from .. import outputs, storage, volumes
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
             margin_zyx=None, seed: int = 0, overwrite: bool = False) -> dict:
     """``ffn prepare``: writes ``partitions`` (uint8, labels' shape) and ``coords`` ((N, 3) z, y, x)
     into the HDF5 file ``out_path`` atomically (an existing file keeps its other datasets; the
-    labels themselves are never replaced, :func:`volumes.check_output`). ``margin_zyx`` defaults
+    labels themselves are never replaced, :func:`outputs.check_output`). ``margin_zyx`` defaults
     to the radius. Returns a summary (counts, number of coordinates, seconds)."""
     from .. import locks
 
@@ -207,7 +207,7 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
     if ":" in os.path.basename(out_path):
         raise PartitionError(f"output {out_path}: give a file name (datasets 'partitions' and 'coords' are fixed)")
     names = ["partitions", "coords"]
-    out = volumes.check_output(volumes.VolumeSpec(out_path, "partitions"), overwrite, names=names,
+    out = outputs.check_output(volumes.VolumeSpec(out_path, "partitions"), overwrite, names=names,
                                inputs=[labels_spec])  # before any work
     with locks.output_lock(out, names):
         with volumes.open_volume(labels_spec) as v:
@@ -224,7 +224,7 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
                   "labels_digest": labels_digest(labels)}
         if res is not None:
             common["resolution_zyx_nm"] = list(res)
-        volumes.write_hdf5_atomic(out_path, {"partitions": parts, "coords": coords.astype(dtype)}, attrs={
+        storage.write_hdf5_atomic(out_path, {"partitions": parts, "coords": coords.astype(dtype)}, attrs={
             "partitions": {**common, "partition_counts": counts},
             "coords": {**common, "margin_zyx": list(margin), "seed": int(seed), "axes": "zyx"},
         }, overwrite=overwrite)

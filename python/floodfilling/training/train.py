@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import volumes
+from .. import storage, volumes
 from ..model import ConvStack3D, ModelError, load_model, save_model
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
@@ -338,13 +338,13 @@ def save_checkpoint(ckdir: Path, net: ConvStack3D, opt: torch.optim.Optimizer, s
                     resume_key: dict[str, Any], meta: dict[str, Any]) -> None:
     """Writes state.pt then model.npz, each atomically (serialised in memory first, so a full
     disk is a one-line error that leaves no temporary file and the previous checkpoint intact)."""
-    with volumes.disk_errors(ckdir):
+    with storage.disk_errors(ckdir):
         ckdir.mkdir(parents=True, exist_ok=True)
     state = {"format": 1, "step": int(step), "model": net.state_dict(), "optimizer": opt.state_dict(),
              "ranks": ranks, "resume_key": resume_key, "meta": meta, "time": time.time()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    volumes.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
+    storage.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
     save_model(ckdir / MODEL_FILE, net, meta)
 
 
@@ -386,7 +386,7 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     w.writerow(METRIC_COLUMNS)
     for r in rows:
         w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
-    volumes.atomic_write_bytes(path, f.getvalue().encode())
+    storage.atomic_write_bytes(path, f.getvalue().encode())
 
 
 def append_metrics(path: Path, row: dict[str, float]) -> None:
@@ -657,7 +657,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     metrics_path = out / METRICS_CSV
     rows: list[dict[str, float]] = []
     if dinfo.is_main:
-        with volumes.disk_errors(out):
+        with storage.disk_errors(out):
             out.mkdir(parents=True, exist_ok=True)
         for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
             stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
