@@ -1,6 +1,13 @@
-"""Training: partition volumes and balanced coordinates (:mod:`.partitions`), FOV-moving
-examples (:mod:`.examples`), the resumable / distributed training loop (:mod:`.train`,
-:mod:`.distributed`) and the ``ffn prepare`` / ``ffn train`` commands (:mod:`.cli`).
+"""Training, one concern per module (each imports only those listed before it, and layers 1-2
+of the package, see ARCHITECTURE.md):
+
+- :mod:`.partitions`: partition volumes and balanced coordinates (``ffn prepare``).
+- :mod:`.examples`: FOV-moving training examples (the reference's 0.95 / 0.05 / 0.9 from config).
+- :mod:`.options`: :class:`TrainOptions` and their checks (messages name the flags).
+- :mod:`.checkpoints`: ``checkpoint/state.pt`` and ``model.npz``, atomically; the resume key.
+- :mod:`.metrics`: ``metrics.csv``, ``metrics.png``, TensorBoard.
+- :mod:`.distributed`: DDP set-up and teardown under ``mpiexec``.
+- :mod:`.train`: the resumable loop, validation. :mod:`.cli`: the ``ffn prepare`` / ``ffn train`` flags.
 
 The names below are imported lazily, so that building the ``ffn`` parser does not import torch.
 The training function is ``floodfilling.training.train.train`` (``floodfilling.training.train``
@@ -16,7 +23,7 @@ _EXPORTS = {
     "move_offsets": "examples", "run_sequences": "examples",
     "DEFAULT_THRESHOLDS": "partitions", "build_coordinates": "partitions", "compute_partitions": "partitions",
     "prepare": "partitions",
-    "TrainError": "train", "TrainOptions": "train", "TrainResult": "train",
+    "TrainError": "options", "TrainOptions": "options", "TrainResult": "train",
 }
 __all__ = sorted(_EXPORTS)
 

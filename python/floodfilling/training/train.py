@@ -17,15 +17,13 @@ never interrupted.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,121 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import storage, volumes
-from ..model import ConvStack3D, ModelError, load_model, save_model
+from ..model import ConvStack3D, ModelError, load_model
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
-from .partitions import DEFAULT_THRESHOLDS, build_coordinates, check_thresholds, compute_partitions, read_attrs
+from .checkpoints import (CHECKPOINT_DIR, MODEL_FILE, RESUME_KEYS, STATE_FILE, check_resume_key,  # noqa: F401
+                          load_checkpoint,
+                          rng_state, save_checkpoint, set_rng_state)
+from .metrics import (METRICS_CSV, METRICS_PNG, TensorBoard, append_metrics, read_metrics,  # noqa: F401
+                      save_plot, write_metrics)
+from .options import TrainError, TrainOptions, check_options
+from .partitions import build_coordinates, compute_partitions, read_attrs
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.pt"
-MODEL_FILE = "model.npz"
-METRICS_CSV = "metrics.csv"
-METRICS_PNG = "metrics.png"
-METRIC_COLUMNS = ["step", "examples", "lr", "loss", "precision", "recall", "f1", "accuracy", "sequences",
-                  "moves_per_sequence", "patch_precision", "patch_recall", "fov_per_s", "elapsed_s",
-                  "val_loss", "val_precision", "val_recall", "val_f1"]
-# Options that must be equal for a resume to continue the same computation.
-RESUME_KEYS = ["depth", "features", "fov", "deltas", "batch", "seed", "world", "optimizer", "momentum", "augment",
-               "image", "labels", "coords", "min_size", "thresholds"]
-
-
-class TrainError(ValueError):
-    """A user-facing problem with the training inputs or options (one-line message)."""
-
-
-@dataclass
-class TrainOptions:
-    image: str  # training image, file.h5:dataset
-    labels: str  # training labels, file.h5:dataset (same shape)
-    out: str  # run directory (metrics, checkpoint/)
-    coords: str | None = None  # `ffn prepare` output (file.h5[:coords]); None: computed from the labels
-    depth: int | None = None  # residual modules (None: 12, or --init's)
-    features: int | None = None  # feature maps per convolution (None: 32, or --init's)
-    fov: tuple[int, int, int] | None = None  # FOV (z, y, x) (None: 33^3, or --init's)
-    deltas: tuple[int, int, int] | None = None  # FOV move (z, y, x) (None: 8^3, or --init's)
-    batch: int = 4  # independent move sequences per step (per rank)
-    max_steps: int = 10000  # total training steps (batches) to reach
-    optimizer: str = "sgd"  # sgd (reference: plain gradient descent) or adam
-    lr: float = 0.001  # learning rate (per rank before --lr-scaling)
-    momentum: float = 0.0  # SGD momentum
-    clip: float = 0.7  # clip every gradient entry to +-clip (reference 0.7; 0: off)
-    seed: int = 0  # seeds weights, coordinates, augmentation
-    device: str = "auto"  # auto, cpu, cuda[:N], xpu[:N]
-    threads: int = 0  # CPU threads (0: torch default; under MPI on CPU: cores / ranks per node)
-    min_size: int = 10000  # objects smaller than this are background (on-the-fly partitions)
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # partition thresholds (on-the-fly)
-    image_mean: float | None = None  # override the measured intensity mean
-    image_std: float | None = None  # override the measured intensity standard deviation
-    augment: bool = True  # random flips (z, y, x) and y/x transposition
-    lr_scaling: str = "sqrt"  # learning rate x world size (linear), x sqrt(world) (sqrt) or x1 (none)
-    warmup_steps: int = 0  # ramp the learning rate from --lr to the scaled one over this many steps
-    checkpoint_every: int = 1000  # steps between checkpoints (0: only time-based and final)
-    checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
-    log_every: int = 100  # steps between metrics rows
-    resume: bool = False  # continue the checkpoint in out/checkpoint
-    init: str | None = None  # start from this model's weights (.npz or directory)
-    progress: bool = False  # tqdm progress bar on rank 0
-    tensorboard: bool = True  # also write TensorBoard events when available
-    val_image: str | None = None  # held-out image for validation (None: no validation); normalised by its own stats
-    val_labels: str | None = None  # its labels (same shape)
-    val_every: int = 1000  # steps between validations (0: only at the end)
-    val_sequences: int = 200  # held-out move sequences per validation: the same ones every time, whatever the ranks
-    val_min_size: int = 1000  # held-out objects smaller than this are background
-
-
-# Range of each numeric option (see floodfilling.config.check_type): (low, low_inclusive, high, high_inclusive).
-_OPTION_BOUNDS: dict[str, tuple] = {
-    "depth": (1, True, None, False), "features": (1, True, None, False), "fov": (1, True, None, False),
-    "deltas": (0, True, None, False), "batch": (1, True, None, False), "max_steps": (0, True, None, False),
-    "lr": (0, False, None, False), "momentum": (0, True, 1, False), "clip": (0, True, None, False),
-    "seed": (0, True, 2**32 - 1, True), "threads": (0, True, None, False), "min_size": (1, True, None, False),
-    "thresholds": (0, False, 1, True), "image_std": (0, False, None, False), "warmup_steps": (0, True, None, False),
-    "checkpoint_every": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
-    "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
-    "val_min_size": (1, True, None, False),
-}
-# Options without a flag of their own name (library-only or negated on the command line).
-_NO_FLAG = {"augment": "--no-augment", "progress": "--quiet", "tensorboard": "--no-tensorboard"}
-
-
-def check_options(opts: TrainOptions) -> TrainOptions:
-    """``opts`` with every option type- and range-checked (floats finite), normalised (lists ->
-    tuples, 1 -> 1.0); a :class:`TrainError` naming the flag otherwise. Touches nothing on disk."""
-    import typing
-
-    from ..config import ConfigError, check_type
-
-    hints = typing.get_type_hints(TrainOptions)
-    vals = {}
-    for f in fields(TrainOptions):
-        v = getattr(opts, f.name)
-        label = (f"option {f.name}={v!r} ({_NO_FLAG[f.name]})" if f.name in _NO_FLAG
-                 else f"--{f.name.replace('_', '-')} {_fmt_value(v)}")
-        try:
-            vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), label)
-        except ConfigError as exc:
-            raise TrainError(str(exc)) from None
-    if vals["optimizer"] not in ("sgd", "adam"):
-        raise TrainError(f"--optimizer {vals['optimizer']!r}: expected sgd or adam")
-    if vals["lr_scaling"] not in ("linear", "sqrt", "none"):
-        raise TrainError(f"--lr-scaling {vals['lr_scaling']!r}: expected linear, sqrt or none")
-    for name in ("image", "labels", "out"):
-        if not vals[name].strip():
-            raise TrainError(f"--{name}: empty")
-    try:
-        check_thresholds(vals["thresholds"])
-    except ValueError as exc:
-        raise TrainError(f"--thresholds: {exc}") from None
-    return TrainOptions(**vals)
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return ",".join(str(x) for x in v)
-    return repr(v) if isinstance(v, str) else str(v)
 
 
 @dataclass
@@ -320,172 +217,6 @@ def model_meta(opts: TrainOptions, stats: dict[str, Any], step: int, world: int,
                      "optimizer": opts.optimizer, "lr": opts.lr, "lr_scaling": opts.lr_scaling, "seed": opts.seed,
                      "init": opts.init, **info},
     }
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-
-
-def save_checkpoint(ckdir: Path, net: ConvStack3D, opt: torch.optim.Optimizer, step: int, ranks: list[dict],
-                    resume_key: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Writes state.pt then model.npz, each atomically (serialised in memory first, so a full
-    disk is a one-line error that leaves no temporary file and the previous checkpoint intact)."""
-    with storage.disk_errors(ckdir):
-        ckdir.mkdir(parents=True, exist_ok=True)
-    state = {"format": 1, "step": int(step), "model": net.state_dict(), "optimizer": opt.state_dict(),
-             "ranks": ranks, "resume_key": resume_key, "meta": meta, "time": time.time()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
-    save_model(ckdir / MODEL_FILE, net, meta)
-
-
-def load_checkpoint(ckdir: Path) -> dict[str, Any]:
-    p = ckdir / STATE_FILE
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - reported with the file name
-        raise TrainError(f"{p}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
-
-
-def check_resume_key(saved: dict[str, Any], mine: dict[str, Any], path: Path) -> None:
-    for k in RESUME_KEYS:
-        a, b = saved.get(k), mine.get(k)
-        if json.dumps(a) != json.dumps(b):
-            what = "another architecture" if k in ("depth", "features", "fov", "deltas") else "another set-up"
-            raise TrainError(f"{path}: checkpoint was trained with {k}={a}, this run asks for {k}={b} ({what}); "
-                             f"use the same options or another --out")
-
-
-# -- metrics ----------------------------------------------------------------------------------
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if v != v else f"{v:.6g}"
-    return str(v)
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    f = io.StringIO(newline="")
-    w = csv.writer(f)
-    w.writerow(METRIC_COLUMNS)
-    for r in rows:
-        w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
-    storage.atomic_write_bytes(path, f.getvalue().encode())
-
-
-def append_metrics(path: Path, row: dict[str, float]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(METRIC_COLUMNS)
-        w.writerow([_fmt(row.get(c, float("nan"))) for c in METRIC_COLUMNS])
-
-
-_COLOURS = {"loss": (200, 40, 40), "precision": (40, 90, 200), "recall": (30, 160, 60), "f1": (150, 60, 170),
-            "val_loss": (240, 150, 40), "val_f1": (240, 150, 40)}
-
-
-def _draw_line(img, x0, y0, x1, y1, colour) -> None:
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
-    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
-    h, w = img.shape[:2]
-    for dy in (0, 1):
-        ok = (ys + dy >= 0) & (ys + dy < h) & (xs >= 0) & (xs < w)
-        img[ys[ok] + dy, xs[ok]] = colour
-
-
-def plot_metrics(rows: list[dict[str, float]], width: int = 640, panel: int = 200) -> np.ndarray:
-    """RGB image: top panel loss (own scale), bottom panel precision, recall, F1 on [0, 1];
-    x is the step. Colours: loss red, precision blue, recall green, F1 purple, validation loss
-    and F1 orange; grey grid at 0.25 steps of the bottom panel and at the loss panel's quarter
-    heights."""
-    pad = 10
-    img = np.full((2 * panel + 3 * pad, width, 3), 255, dtype=np.uint8)
-    steps = np.array([r["step"] for r in rows], dtype=np.float64)
-    if len(steps) == 0:
-        return img
-    s0, s1 = steps.min(), max(steps.max(), steps.min() + 1)
-
-    def xmap(s):
-        return pad + (s - s0) / (s1 - s0) * (width - 2 * pad - 1)
-
-    panels = [(["loss", "val_loss"], None), (["precision", "recall", "f1", "val_f1"], (0.0, 1.0))]
-    for p, (keys, yr) in enumerate(panels):
-        top = pad + p * (panel + pad)
-        img[top:top + panel, pad - 1] = img[top:top + panel, width - pad] = 0
-        img[top - 1, pad - 1:width - pad + 1] = img[top + panel, pad - 1:width - pad + 1] = 0
-        for q in (0.25, 0.5, 0.75):
-            img[top + int(panel * q), pad:width - pad:4] = 180
-        vals = {k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64) for k in keys}
-        if yr is None:
-            allv = np.concatenate([v[np.isfinite(v)] for v in vals.values()] + [np.zeros(0)])
-            if allv.size == 0:
-                continue
-            lo, hi = 0.0, float(allv.max()) * 1.05 or 1.0
-        else:
-            lo, hi = yr
-        for k, v in vals.items():
-            ys = top + panel - 1 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (panel - 1)
-            xs = xmap(steps)
-            ok = np.isfinite(ys)
-            pts = list(zip(xs[ok], ys[ok]))
-            for (a, b), (c, d) in zip(pts[:-1], pts[1:]):
-                _draw_line(img, a, b, c, d, _COLOURS[k])
-            if len(pts) == 1:
-                _draw_line(img, pts[0][0], pts[0][1], pts[0][0] + 1, pts[0][1], _COLOURS[k])
-    return img
-
-
-def save_plot(path: Path, rows: list[dict[str, float]]) -> None:
-    from ..viz import write_png
-
-    try:
-        write_png(path, plot_metrics(rows))
-    except Exception as exc:  # noqa: BLE001 - a plot must never stop training
-        log.warning("could not write %s: %s", path, exc)
-
-
-class _TensorBoard:
-    def __init__(self, logdir: Path, enabled: bool):
-        self.w = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            return
-        self.w = SummaryWriter(str(logdir))
-
-    def add(self, row: dict[str, float]) -> None:
-        if self.w is None:
-            return
-        for k, v in row.items():
-            if k not in ("step",) and isinstance(v, float) and math.isfinite(v):
-                tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
-                self.w.add_scalar(tag, v, int(row["step"]))
-        self.w.flush()
-
-    def close(self) -> None:
-        if self.w is not None:
-            self.w.close()
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -663,7 +394,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
             stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
         rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []
         write_metrics(metrics_path, rows)
-    tb = _TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
+    tb = TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
 
     model = net
     if world > 1:

@@ -1,0 +1,105 @@
+"""The options of ``ffn train`` (:class:`TrainOptions`), checked in one place (types and ranges
+through :func:`floodfilling.config.check_type`; messages name the flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .partitions import DEFAULT_THRESHOLDS, check_thresholds
+
+
+class TrainError(ValueError):
+    """A user-facing problem with the training inputs or options (one-line message)."""
+
+
+@dataclass
+class TrainOptions:
+    image: str  # training image, file.h5:dataset
+    labels: str  # training labels, file.h5:dataset (same shape)
+    out: str  # run directory (metrics, checkpoint/)
+    coords: str | None = None  # `ffn prepare` output (file.h5[:coords]); None: computed from the labels
+    depth: int | None = None  # residual modules (None: 12, or --init's)
+    features: int | None = None  # feature maps per convolution (None: 32, or --init's)
+    fov: tuple[int, int, int] | None = None  # FOV (z, y, x) (None: 33^3, or --init's)
+    deltas: tuple[int, int, int] | None = None  # FOV move (z, y, x) (None: 8^3, or --init's)
+    batch: int = 4  # independent move sequences per step (per rank)
+    max_steps: int = 10000  # total training steps (batches) to reach
+    optimizer: str = "sgd"  # sgd (reference: plain gradient descent) or adam
+    lr: float = 0.001  # learning rate (per rank before --lr-scaling)
+    momentum: float = 0.0  # SGD momentum
+    clip: float = 0.7  # clip every gradient entry to +-clip (reference 0.7; 0: off)
+    seed: int = 0  # seeds weights, coordinates, augmentation
+    device: str = "auto"  # auto, cpu, cuda[:N], xpu[:N]
+    threads: int = 0  # CPU threads (0: torch default; under MPI on CPU: cores / ranks per node)
+    min_size: int = 10000  # objects smaller than this are background (on-the-fly partitions)
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # partition thresholds (on-the-fly)
+    image_mean: float | None = None  # override the measured intensity mean
+    image_std: float | None = None  # override the measured intensity standard deviation
+    augment: bool = True  # random flips (z, y, x) and y/x transposition
+    lr_scaling: str = "sqrt"  # learning rate x world size (linear), x sqrt(world) (sqrt) or x1 (none)
+    warmup_steps: int = 0  # ramp the learning rate from --lr to the scaled one over this many steps
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only time-based and final)
+    checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
+    log_every: int = 100  # steps between metrics rows
+    resume: bool = False  # continue the checkpoint in out/checkpoint
+    init: str | None = None  # start from this model's weights (.npz or directory)
+    progress: bool = False  # tqdm progress bar on rank 0
+    tensorboard: bool = True  # also write TensorBoard events when available
+    val_image: str | None = None  # held-out image for validation (None: no validation); normalised by its own stats
+    val_labels: str | None = None  # its labels (same shape)
+    val_every: int = 1000  # steps between validations (0: only at the end)
+    val_sequences: int = 200  # held-out move sequences per validation: the same ones every time, whatever the ranks
+    val_min_size: int = 1000  # held-out objects smaller than this are background
+
+
+# Range of each numeric option (see floodfilling.config.check_type): (low, low_inclusive, high, high_inclusive).
+_OPTION_BOUNDS: dict[str, tuple] = {
+    "depth": (1, True, None, False), "features": (1, True, None, False), "fov": (1, True, None, False),
+    "deltas": (0, True, None, False), "batch": (1, True, None, False), "max_steps": (0, True, None, False),
+    "lr": (0, False, None, False), "momentum": (0, True, 1, False), "clip": (0, True, None, False),
+    "seed": (0, True, 2**32 - 1, True), "threads": (0, True, None, False), "min_size": (1, True, None, False),
+    "thresholds": (0, False, 1, True), "image_std": (0, False, None, False), "warmup_steps": (0, True, None, False),
+    "checkpoint_every": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
+    "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
+    "val_min_size": (1, True, None, False),
+}
+# Options without a flag of their own name (library-only or negated on the command line).
+_NO_FLAG = {"augment": "--no-augment", "progress": "--quiet", "tensorboard": "--no-tensorboard"}
+
+
+def check_options(opts: TrainOptions) -> TrainOptions:
+    """``opts`` with every option type- and range-checked (floats finite), normalised (lists ->
+    tuples, 1 -> 1.0); a :class:`TrainError` naming the flag otherwise. Touches nothing on disk."""
+    import typing
+
+    from ..config import ConfigError, check_type
+
+    hints = typing.get_type_hints(TrainOptions)
+    vals = {}
+    for f in fields(TrainOptions):
+        v = getattr(opts, f.name)
+        label = (f"option {f.name}={v!r} ({_NO_FLAG[f.name]})" if f.name in _NO_FLAG
+                 else f"--{f.name.replace('_', '-')} {_fmt_value(v)}")
+        try:
+            vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), label)
+        except ConfigError as exc:
+            raise TrainError(str(exc)) from None
+    if vals["optimizer"] not in ("sgd", "adam"):
+        raise TrainError(f"--optimizer {vals['optimizer']!r}: expected sgd or adam")
+    if vals["lr_scaling"] not in ("linear", "sqrt", "none"):
+        raise TrainError(f"--lr-scaling {vals['lr_scaling']!r}: expected linear, sqrt or none")
+    for name in ("image", "labels", "out"):
+        if not vals[name].strip():
+            raise TrainError(f"--{name}: empty")
+    try:
+        check_thresholds(vals["thresholds"])
+    except ValueError as exc:
+        raise TrainError(f"--thresholds: {exc}") from None
+    return TrainOptions(**vals)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    return repr(v) if isinstance(v, str) else str(v)
