@@ -10,12 +10,13 @@ from typing import Sequence
 
 from .storage import existing_hdf5, existing_hdf5_names, os_error_text
 from .volumes import PathLike, VolumeError, VolumeSpec, import_zarr, parse_volume_spec
+
+
 def names_clash(a: str, b: str) -> bool:
     """True when writing dataset ``a`` would replace dataset ``b`` of the same file or group
     (equal, or one inside the other: replacing group ``v`` removes ``v/raw``)."""
     a, b = a.strip("/"), b.strip("/")
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
 
 
 def same_path(a: PathLike, b: PathLike) -> bool:

@@ -37,9 +37,6 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-fsync_dir = fsync_dir  # the public name (callers outside this module)
-
-
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -71,15 +71,6 @@ def _tmp_origins_zarr(plan: Plan) -> Path:
     return Path(plan.out_path) / storage.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
 
 
-def tmp_prefixes(plan: Plan) -> tuple[Path, list[str]]:
-    """Where the temporary outputs of block runs lie and how their names start (the run id
-    follows): what the workdir's cleanup removes of a killed run."""
-    out = Path(plan.out_path)
-    if plan.out_kind == "zarr":
-        return out, [storage.zarr_tmp_name(n, "") for n in (plan.out_ds, f"{plan.out_ds}_origins")]
-    return out.parent, [out.name + ".tmp-"]
-
-
 def recorded_digest(plan: Plan) -> str | None:
     """The ``block_manifest`` attribute of an existing output (None: absent, not ours, unreadable)."""
     try:

@@ -220,10 +220,6 @@ def _clear(wd: Path) -> None:
     _remove_split_dirs(wd)
 
 
-def _is_run_id(text: str) -> bool:
-    return len(text) == 12 and all(c in "0123456789abcdef" for c in text)
-
-
 def _cleanup_stale(plan: Plan) -> None:
     """Claims and temporary files of a killed run (we hold the workdir lock)."""
     n_claims = 0
@@ -235,14 +231,7 @@ def _cleanup_stale(plan: Plan) -> None:
         if blockstore.is_temporary(p.name):
             p.unlink(missing_ok=True)
     _remove_split_dirs(plan.workdir)  # component volumes of a killed split_components run
-    where, prefixes = output.tmp_prefixes(plan)
-    if where.is_dir():
-        for p in where.iterdir():
-            prefix = next((n for n in prefixes if p.name.startswith(n)), None)
-            suffix = p.name[len(prefix):] if prefix else ""
-            if _is_run_id(suffix) and suffix != plan.run_id:
-                # the output of a killed block run (we hold the workdir lock)
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    # (temporary outputs of a killed run: removed by locks.acquire, under the output's lock)
     if n_claims:
         log.info("removed %d stale block claims of an interrupted run", n_claims)
 

@@ -70,18 +70,10 @@ def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
     secs = np.array([st.origins[i].seconds for i in ids], dtype=np.float64)
     ov_rows = [(i, a, c) for i in ids for a, c in zip(*st.overlaps.get(int(i), ((), ())))]
     ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-    try:
-        with storage.disk_errors(path):
-            np.savez(tmp, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
-                     fill_passes=st.fill_passes, max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs,
-                     overlaps=ov, counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # the previous state stays until this one is complete
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:  # the previous state stays until this one is complete
+        np.savez(f, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
+                 fill_passes=st.fill_passes, max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs,
+                 overlaps=ov, counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
 
 
 def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.ndarray]:
