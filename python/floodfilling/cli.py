@@ -30,7 +30,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model file (.npz) or training directory; default: bundled FIB-25")
     p.add_argument("--config", default=None, help="TOML file with [inference] options (see `ffn config`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one inference option (repeatable), e.g. --set min_segment_size=500")
+                   help="override one inference option (repeatable), e.g. --set min_segment_size=500; "
+                        "refine.KEY=VALUE for a [refine] option")
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or xpu[:N] (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (0: all cores)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -52,12 +53,7 @@ def _build_config(args):
     from .config import ConfigError, InferenceConfig
 
     cfg = InferenceConfig.from_toml(args.config) if args.config else InferenceConfig()
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v.strip())
+    overrides = {k: v for k, v in _set_options(args).items() if not k.startswith("refine.")}
     d = cfg.to_dict()
     d.update(overrides)
     cfg = InferenceConfig.from_dict(d, "--set")
@@ -76,6 +72,33 @@ def _build_config(args):
         if value is not None:
             overrides[name] = InferenceConfig.check_option(name, value, label=f"{flag} {value!r}")
     return cfg.with_overrides(**overrides)
+
+
+def _set_options(args) -> dict:
+    """``--set KEY=VALUE`` items as {KEY: typed value} (TOML syntax; bare words are strings)."""
+    from .config import ConfigError
+
+    out = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _build_refine(args):
+    """The [refine] options (config file, then --set refine.KEY=VALUE) when --refine is given;
+    None otherwise (refine options without --refine are an error)."""
+    from .config import ConfigError, RefineConfig
+
+    given = {k.split(".", 1)[1]: v for k, v in _set_options(args).items() if k.startswith("refine.")}
+    if not getattr(args, "refine", False):
+        if given:
+            raise ConfigError(f"--set refine.{next(iter(given))}: refine options need --refine")
+        return None
+    cfg = RefineConfig.from_toml(args.config) if args.config else RefineConfig()
+    return RefineConfig.from_dict({**cfg.to_dict(), **given}, "--set refine.")
 
 
 def _parse_value(v: str):
@@ -98,12 +121,16 @@ def cmd_segment(args) -> int:
     if args.block is not None or args.workdir is not None:
         from .distributed.run import segment_blocks
 
+        if args.refine:  # block refinement: not yet (refine the assembled output in memory instead)
+            raise ValueError("--refine: not yet available with block inference (--block, --workdir); segment "
+                             "without --block, or refine a volume that fits in memory")
         segment_blocks(args.image, args.out, block=args.block, halo=args.halo, workdir=args.workdir,
                        model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
                        inflight=args.inflight, progress=not args.quiet)
         return 0
+    refine = _build_refine(args)
     res = segment(args.image, args.out, model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
-                  progress=not args.quiet)
+                  progress=not args.quiet, refine=refine)
     log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)
     if not args.quiet:
         print(f"wrote {args.out}: {int(res.counters['objects'])} objects, {int(res.counters['steps'])} FOV steps, "
@@ -142,9 +169,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import InferenceConfig
+    from .config import InferenceConfig, RefineConfig
 
-    print(InferenceConfig().to_toml(), end="")
+    print(InferenceConfig().to_toml() + "\n" + RefineConfig().to_toml(), end="")
     return 0
 
 
@@ -229,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", default=None, help="block inference: core block size z,y,x (e.g. 128,256,256); "
                    "runs under mpiexec too")
     p.add_argument("--halo", default=None, help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
+    p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement steps of the "
+                   "[refine] options (gap objects, watershed; see `ffn config`); the flood is kept as <out>_forward")
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,
@@ -307,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.set_defaults(func=cmd_view)
 
-    p = sub.add_parser("config", help="print the default inference options as TOML (with comments)")
+    p = sub.add_parser("config", help="print the default inference and refine options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
 
     try:  # training subcommands (prepare, train) live with the training package

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "resident": ("auto", "on", "off"),
     "compile": COMPILE_MODES,
     "precision": PRECISIONS,
+    "membranes": ("dark", "bright"),
 }
 # The reference's canvas probabilities (google/ffn), shared by inference defaults and training.
 SEED_INIT = 0.95  # probability placed at a new object's seed voxel
@@ -69,8 +70,103 @@ def check_choice(name: str, value: Any, label: str | None = None) -> str:
     return value
 
 
+class Options:
+    """Typed options of one TOML table (``TABLE``): each field's type and range are checked
+    (:func:`check_type`, :data:`_BOUNDS`, :data:`CHOICES`), its one-line comment is its help."""
+
+    TABLE = ""  # the TOML table holding these options
+
+    def validate(self):
+        """Checks every option's type and range (and normalises it: 1 -> 1.0 for a float option,
+        a list -> a tuple); raises :class:`ConfigError` naming the option and its value."""
+        hints = _type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name], _BOUNDS.get(f.name)))
+            if f.name in CHOICES:
+                check_choice(f.name, getattr(self, f.name))
+        return self
+
+    # -- TOML ----------------------------------------------------------------------
+    @classmethod
+    def check_option(cls, name: str, value: Any, label: str | None = None) -> Any:
+        """One option's value, type- and range-checked as :meth:`validate` does (``label``
+        replaces "option NAME=VALUE" in the message, e.g. with the command-line flag)."""
+        hints = _type_hints(cls)
+        if name not in hints:
+            raise ConfigError(f"unknown option {name}")
+        return check_type(name, value, hints[name], _BOUNDS.get(name), label)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>"):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a table of options, got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        vals = {}
+        for f in fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                if isinstance(v, list):
+                    v = tuple(v)
+                vals[f.name] = v
+        try:
+            return cls(**vals).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path):
+        """The ``[TABLE]`` of a TOML file; ``[inference]`` options may also stand at the top level."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory, not a TOML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p}: not a text (UTF-8) file, cannot be TOML (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: invalid TOML ({exc})") from None
+        if cls.TABLE in data:
+            table = data[cls.TABLE]
+        elif cls.TABLE == "inference":  # a file of bare inference options (other tables aside)
+            table = {k: v for k, v in data.items() if k not in TABLES}
+        else:
+            table = {}
+        return cls.from_dict(table, str(p) if cls.TABLE == "inference" else f"{p} [{cls.TABLE}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """TOML text with each option's comment (``None`` values are left commented out)."""
+        comments = _field_comments(type(self))
+        lines = [f"[{self.TABLE}]"]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if comments.get(f.name):
+                lines.append(f"# {comments[f.name]}")
+            lines.append(("# " if v is None else "") + f"{f.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def with_overrides(self, **kw: Any):
+        """A copy with the options in ``kw`` replaced (``None`` values are skipped), validated."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = sorted(set(kw) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+        return dataclasses.replace(self, **kw).validate()
+
+
 @dataclass
-class InferenceConfig:
+class InferenceConfig(Options):
+    TABLE = "inference"
+
     # Seed probability placed at the seed voxel of every new object.
     init_activation: float = SEED_INIT
     # Probability fed to the network where the canvas was never predicted.
@@ -139,11 +235,7 @@ class InferenceConfig:
     def validate(self) -> "InferenceConfig":
         """Checks every option's type and range (and normalises it: 1 -> 1.0 for a float option,
         a list -> a tuple); raises :class:`ConfigError` naming the option and its value."""
-        hints = _type_hints(type(self))
-        for f in fields(self):
-            setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name], _BOUNDS.get(f.name)))
-        for name in CHOICES:
-            check_choice(name, getattr(self, name))
+        super().validate()
         if self.seed_policy == "invert_origins" and not str(self.seed_origins).strip():
             raise ConfigError("option seed_policy='invert_origins' needs seed_origins=FILE.h5:SEG (a previous run's "
                               "output, whose _origins table gives the seeds)")
@@ -157,75 +249,46 @@ class InferenceConfig:
             raise ValueError(f"stages {unknown}: expected some of {sorted(set(OPTION_STAGES.values()))}")
         return {k: v for k, v in self.to_dict().items() if OPTION_STAGES[k] in stages}
 
-    # -- TOML ----------------------------------------------------------------------
-    @classmethod
-    def check_option(cls, name: str, value: Any, label: str | None = None) -> Any:
-        """One option's value, type- and range-checked as :meth:`validate` does (``label``
-        replaces "option NAME=VALUE" in the message, e.g. with the command-line flag)."""
-        hints = _type_hints(cls)
-        if name not in hints:
-            raise ConfigError(f"unknown option {name}")
-        return check_type(name, value, hints[name], _BOUNDS.get(name), label)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "InferenceConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a table of options, got {d!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        vals = {}
-        for f in fields(cls):
-            if f.name in d:
-                v = d[f.name]
-                if isinstance(v, list):
-                    v = tuple(v)
-                vals[f.name] = v
-        try:
-            return cls(**vals).validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+REFINE_STEPS = ("gap_objects", "watershed")  # in the order they run (floodfilling.refine)
 
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "InferenceConfig":
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {p} is a directory, not a TOML file") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {p}: not a text (UTF-8) file, cannot be TOML (byte {exc.start})") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {p}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p}: invalid TOML ({exc})") from None
-        data = data.get("inference", data)
-        return cls.from_dict(data, str(p))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+@dataclass
+class RefineConfig(Options):
+    """``[refine]``: the steps after the exact flood of ``ffn segment --refine``
+    (:mod:`floodfilling.refine`). Thresholds are in units of the normalised image (the
+    volume's standard deviations for the default normalisation) and were chosen on the dev
+    volume (README, "Refinement")."""
 
-    def to_toml(self) -> str:
-        """TOML text with each option's comment (``None`` values are left commented out)."""
-        comments = _field_comments(type(self))
-        lines = ["[inference]"]
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if comments.get(f.name):
-                lines.append(f"# {comments[f.name]}")
-            lines.append(("# " if v is None else "") + f"{f.name} = {_toml_value(v)}")
-        return "\n".join(lines) + "\n"
+    TABLE = "refine"
 
-    def with_overrides(self, **kw: Any) -> "InferenceConfig":
-        """A copy with the options in ``kw`` replaced (``None`` values are skipped), validated."""
-        kw = {k: v for k, v in kw.items() if v is not None}
-        unknown = sorted(set(kw) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
-        return dataclasses.replace(self, **kw).validate()
+    # Steps to run, of "gap_objects" (new objects in the space no flood took) and "watershed"
+    # (fill every voxel from the objects along the image's membranes).
+    steps: tuple[str, ...] = REFINE_STEPS
+    # Polarity of membranes in the image: "dark" (EM with stained membranes) or "bright".
+    membranes: str = "dark"
+    # Gaussian sigma (voxels) of the image used to find cell interiors for gap objects.
+    interior_sigma: float = 1.0
+    # Gap objects: free voxels brighter than this (smoothed, normalised) are cell interior.
+    interior_threshold: float = 0.0
+    # Gap objects: a core is interior voxels at least this many voxels from membranes and objects.
+    gap_core_radius: float = 3.0
+    # Gap objects: cores with fewer voxels make no object.
+    gap_min_core: int = 100
+    # Watershed: Gaussian sigma (voxels) of the relief (0: the normalised intensity itself).
+    watershed_sigma: float = 0.0
+
+    def validate(self) -> "RefineConfig":
+        super().validate()
+        bad = [s for s in self.steps if s not in REFINE_STEPS]
+        if bad:
+            raise ConfigError(f"option steps={list(self.steps)!r}: {bad[0]!r} is not a step; expected some of "
+                              f"{', '.join(repr(s) for s in REFINE_STEPS)}")
+        self.steps = tuple(s for s in REFINE_STEPS if s in self.steps)
+        return self
+
+
+TABLES = (InferenceConfig.TABLE, RefineConfig.TABLE)  # the tables of a config file
 
 
 # -- typed checks --------------------------------------------------------------------
@@ -243,6 +306,8 @@ _BOUNDS: dict[str, Bounds] = {
     "seed_grid_step": _AT_LEAST_1, "image_std": _POSITIVE, "threads": _AT_LEAST_0,
     "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
     "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
+    "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
+    "watershed_sigma": _AT_LEAST_0,
 }
 
 _HINTS: dict[type, dict[str, Any]] = {}

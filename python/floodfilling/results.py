@@ -6,11 +6,13 @@ A result named ``DS`` lives in an HDF5 file (``out.h5:DS``) or a zarr group (``o
     DS_origins     table ORIGIN_DTYPE, one row per object: id, seed z/y/x, FOV steps, seconds
     DS_overlaps    table OVERLAP_DTYPE: (id, other_id, voxels) an object flooded over (plain
                    segment only; dropped when ids were renumbered)
+    DS_forward     (refined results only, ``ffn segment --refine``) the exact flood before
+                   refinement, same ids; objects the refinement added have origins with 0 steps
 
 Tables are compound HDF5 datasets, or zarr groups with one 1-D array per column. Attributes of
 ``DS`` (:class:`ResultAttrs`): ``resolution_zyx_nm``, ``bbox_zyx`` (where the result sits in
 the source image), ``source_image``, ``model``, ``config``, ``normalisation`` and ``counters``
-(JSON); block runs add ``block_manifest``, consensus and agglomeration their own keys. The
+(JSON), ``refine`` (JSON, refined results); block runs add ``block_manifest``, consensus and agglomeration their own keys. The
 writes go through :func:`floodfilling.storage.write_arrays` (atomic; the file's or group's
 other datasets are kept). Digests that tie a result or a resume state to its inputs
 (:func:`file_digest`, :func:`image_digest`) are here too.
@@ -54,6 +56,7 @@ class ResultAttrs:
     config: dict[str, Any]  # InferenceConfig.to_dict()
     normalisation: dict[str, Any]  # Normalisation.to_dict()
     counters: dict[str, Any]  # objects, FOV steps, ...
+    refine: dict[str, Any] | None = None  # RefineConfig.to_dict() of a refined result (None: the exact flood)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -64,13 +67,15 @@ class ResultAttrs:
             "config": json.dumps(self.config),
             "normalisation": json.dumps(self.normalisation),
             "counters": json.dumps(self.counters),
+            "refine": json.dumps(self.refine) if self.refine is not None else None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
 
-def result_names(ds: str) -> list[str]:
-    """The datasets a segmentation result ``ds`` consists of: itself, ``ds_origins``, ``ds_overlaps``."""
-    return [ds, f"{ds}_origins", f"{ds}_overlaps"]
+def result_names(ds: str, refined: bool = False) -> list[str]:
+    """The datasets a segmentation result ``ds`` consists of: itself, ``ds_origins``,
+    ``ds_overlaps``, and for a refined result ``ds_forward`` (the exact flood it refined)."""
+    return [ds, f"{ds}_origins", f"{ds}_overlaps"] + ([f"{ds}_forward"] if refined else [])
 
 
 def origins_table(origins: Mapping[int, Origin]) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import locks, outputs, results, storage, volumes
 from .. import normalise as norm_mod
-from ..config import InferenceConfig
+from ..config import InferenceConfig, RefineConfig
 from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
 from ..postprocess import postprocess
@@ -196,20 +196,24 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
 
 
 def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
-            bbox: volumes.BBox | None = None, overwrite: bool = False, progress: bool = False) -> SegmentResult:
-    """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically)."""
+            bbox: volumes.BBox | None = None, overwrite: bool = False, progress: bool = False,
+            refine: RefineConfig | None = None) -> SegmentResult:
+    """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically).
+    ``refine``: run these refinement steps after the exact flood (:mod:`floodfilling.refine`);
+    the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
+    refine = refine.validate() if refine is not None else None
     out = volumes.parse_volume_spec(out_spec)
-    names = result_names(str(out.dataset))
+    names = result_names(str(out.dataset), refined=refine is not None)
     inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
     out = outputs.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
     with locks.output_lock(out, names):
         return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
-                               progress=progress)
+                               progress=progress, refine=refine)
 
 
 def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
-                    overwrite: bool, progress: bool) -> SegmentResult:
+                    overwrite: bool, progress: bool, refine: RefineConfig | None) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     with volumes.open_volume(image_spec) as vol:
         box = volumes.box_in(bbox, vol.shape)
@@ -246,10 +250,14 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
                            seeds=seeds)
+    extra = {}
+    if refine is not None:  # the exact flood is kept beside the refined result
+        extra[f"{out_ds}_forward"] = result.segmentation
+        result = refined_result(result, norm.apply(raw, image_spec), refine)
     write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
         resolution_zyx_nm=res, bbox_zyx=(box.start, box.stop), source_image=image_spec, model=info.source,
-        config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters).to_dict(),
-        overwrite=overwrite)
+        config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters,
+        refine=refine.to_dict() if refine is not None else None).to_dict(), overwrite=overwrite, extra=extra)
     if sp.exists():
         sp.unlink()
     return result
@@ -279,7 +287,20 @@ def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np
     return tab, start - np.asarray(box.start, np.int64)
 
 
-def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool) -> None:
+def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig) -> SegmentResult:
+    """``result`` after the refinement steps of ``refine`` on ``image`` (normalised as for the
+    flood): objects keep their ids and origins, added objects get origins of 0 steps, the
+    refinement's counters are added as ``refine_<name>``."""
+    from ..refine import refine_array
+
+    r = refine_array(image, result.segmentation, refine)
+    counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
+    return SegmentResult(r.segmentation, {**result.origins, **r.new_origins}, result.overlaps, counters,
+                         result.seconds + r.counters["seconds"], result.normalisation)
+
+
+def write_result(out_path: Path, ds: str, result: SegmentResult, attrs: dict[str, Any], overwrite: bool,
+                 extra: dict[str, np.ndarray] | None = None) -> None:
     """A :class:`SegmentResult` as the result ``ds`` (:func:`floodfilling.results.write_result`)."""
     results.write_result(out_path, ds, result.segmentation, origins_table(result.origins), attrs, overwrite,
-                         overlaps=overlaps_table(result.overlaps))
+                         overlaps=overlaps_table(result.overlaps), extra=extra)

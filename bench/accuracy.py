@@ -1,0 +1,146 @@
+"""Accuracy of the exact reference flood and of each refinement step added one at a time
+(``ffn segment --refine``), against the labels of real volumes.
+
+    python bench/accuracy.py [--volumes fib25,fib25-128,dev] [--workdir DIR] [--forward-from-reference]
+    # writes bench/results/accuracy-<machine>.json and prints a Markdown table
+
+Volumes and conventions:
+- ``fib25``: the whole 250^3 FIB-25 cube, gt label 0 counted (the reference's convention; the
+  cube is ~100 % labelled);
+- ``fib25-128``: its central 128^3 crop, label 0 counted;
+- ``dev``: the 50x100x200 medulla dev volume, reported with gt 0 ignored (its 0 = boundary
+  voxels, 7 %) and counted.
+The forward run uses the bundled model and default options (fp32, exact); runs found in DIR are
+reused (the whole cube takes about an hour on 2 CPU cores). ``--forward-from-reference`` takes
+the whole cube's forward from the reference's published segmentation instead (ours matches it
+to VI 0.0008; see shared/reference/README.md). Each row adds one step to the previous row's
+steps; "watershed" alone is the plain seeded watershed, the floor every step must beat.
+Thresholds of the refinement (config.RefineConfig defaults) were chosen on the dev volume; the
+FIB-25 rows are the held-out check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SHARED, machine_id  # noqa: E402
+
+VOLUMES = {  # name: (file in shared/data, crop per axis or None, gt_zero conventions reported)
+    "fib25": ("fib25_train_250.h5", None, ("label",)),
+    "fib25-128": ("fib25_train_250.h5", slice(61, 189), ("label",)),
+    "dev": ("fib_medulla_dev_50x100x200.h5", None, ("ignore", "label")),
+}
+# Rows: cumulative refinement steps (empty: the forward run alone).
+ROWS = {"forward": (), "+watershed": ("watershed",), "+gap_objects": ("gap_objects", "watershed")}
+METRICS = ("vi", "vi_split", "vi_merge", "are", "precision", "recall", "seg_objects")
+
+
+def volume_files(name: str, workdir: Path) -> Path:
+    """``workdir/name/image.h5`` with ``raw`` and ``labels`` (written once)."""
+    import h5py
+
+    fname, crop, _ = VOLUMES[name]
+    img = workdir / name / "image.h5"
+    if not img.exists():
+        img.parent.mkdir(parents=True, exist_ok=True)
+        sl = (crop,) * 3 if crop is not None else (slice(None),) * 3
+        with h5py.File(SHARED / "data" / fname, "r") as f:
+            raw, labels = f["raw"][sl], f["labels"][sl]
+        with h5py.File(img.with_suffix(".tmp"), "w") as f:
+            f.create_dataset("raw", data=raw).attrs["resolution_zyx_nm"] = [10, 10, 10]
+            f["labels"] = labels
+        img.with_suffix(".tmp").rename(img)
+    return img
+
+
+def forward(name: str, img: Path, from_reference: bool) -> tuple[np.ndarray, float | None]:
+    """The forward segmentation (run once, then reused) and its seconds (None when reused)."""
+    import h5py
+
+    from floodfilling.inference.segment import segment
+
+    if from_reference and name == "fib25":
+        with np.load(SHARED / "reference" / "google_ffn_fib25_training_sample2.npz") as z:
+            return z["segmentation"].astype(np.uint32), None
+    out = img.parent / "forward.h5"
+    seconds = None
+    if not out.exists():
+        t = time.perf_counter()
+        segment(f"{img}:raw", f"{out}:seg", progress=True)
+        seconds = time.perf_counter() - t
+    with h5py.File(out, "r") as f:
+        return f["seg"][:], seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--volumes", default="fib25,fib25-128,dev", help="comma-separated, of " + ", ".join(VOLUMES))
+    ap.add_argument("--workdir", default="/tmp/ffn-accuracy-bench", help="volumes and forward runs (reused)")
+    ap.add_argument("--forward-from-reference", action="store_true",
+                    help="fib25: the reference's published segmentation as the forward run")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/accuracy-<machine>.json)")
+    args = ap.parse_args()
+
+    import h5py
+
+    from floodfilling import evaluation
+    from floodfilling.config import RefineConfig
+    from floodfilling.config import InferenceConfig
+    from floodfilling.inference.segment import resolve_normalisation
+    from floodfilling.model import load_model
+    from floodfilling.refine import refine_array
+
+    info = load_model(None, "cpu")[1]
+
+    result = {"benchmark": "accuracy", "machine": machine_id(), "precision": "fp32",
+              "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "refine": RefineConfig().to_dict(),
+              "volumes": {}}
+    for name in args.volumes.split(","):
+        img = volume_files(name, Path(args.workdir))
+        with h5py.File(img, "r") as f:
+            raw, labels = f["raw"][:], f["labels"][:]
+        seg, fwd_seconds = forward(name, img, args.forward_from_reference)
+        image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)  # as the flood saw it
+        vol = result["volumes"][name] = {"shape": list(raw.shape), "forward_seconds": fwd_seconds,
+                                         "forward_from_reference": bool(args.forward_from_reference and name == "fib25"),
+                                         "rows": {}}
+        for row, steps in ROWS.items():
+            t = time.perf_counter()
+            out = refine_array(image, seg, RefineConfig(steps=steps)).segmentation if steps else seg
+            secs = time.perf_counter() - t
+            table = evaluation.contingency(out, labels)
+            for gt_zero in VOLUMES[name][2]:
+                ev = evaluation.evaluate(None, None, gt_zero=gt_zero, table=table)
+                vol["rows"].setdefault(row, {})[gt_zero] = {k: ev[k] for k in METRICS}
+            vol["rows"][row]["seconds"] = secs
+            print(name, row, json.dumps(vol["rows"][row]), flush=True)
+    out = Path(args.out) if args.out else HERE / "results" / f"accuracy-{machine_id()}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    """The README's table: VI (split / merge) and adapted Rand error per volume and row."""
+    cols = [(n, z) for n, v in result["volumes"].items() for z in VOLUMES[n][2]]
+    head = "| step | " + " | ".join(f"{n} (gt 0 {'ignored' if z == 'ignore' else 'counted'})" for n, z in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for row in ROWS:
+        cells = []
+        for n, z in cols:
+            m = result["volumes"][n]["rows"][row][z]
+            cells.append(f"{m['vi']:.3f} ({m['vi_split']:.3f} / {m['vi_merge']:.3f}), ARE {m['are']:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
