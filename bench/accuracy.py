@@ -96,9 +96,10 @@ def main() -> int:
     from floodfilling.config import InferenceConfig
     from floodfilling.inference.segment import resolve_normalisation
     from floodfilling.model import load_model
-    from floodfilling.refine import refine_array
+    from floodfilling.refine import FloodNetwork, refine_array
 
-    info = load_model(None, "cpu")[1]
+    net, info = load_model(None, "cpu")
+    network = FloodNetwork(net, info, InferenceConfig())
 
     result = {"benchmark": "accuracy", "machine": machine_id(), "precision": "fp32",
               "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "refine": RefineConfig().to_dict(),
@@ -114,13 +115,15 @@ def main() -> int:
                                          "rows": {}}
         for row, steps in ROWS.items():
             t = time.perf_counter()
-            out = refine_array(image, seg, RefineConfig(steps=steps)).segmentation if steps else seg
+            refined = refine_array(image, seg, RefineConfig(steps=steps), network) if steps else None
+            out = refined.segmentation if refined is not None else seg
             secs = time.perf_counter() - t
             table = evaluation.contingency(out, labels)
             for gt_zero in VOLUMES[name][2]:
                 ev = evaluation.evaluate(None, None, gt_zero=gt_zero, table=table)
                 vol["rows"].setdefault(row, {})[gt_zero] = {k: ev[k] for k in METRICS}
             vol["rows"][row]["seconds"] = secs
+            vol["rows"][row]["counters"] = refined.counters if refined is not None else {}
             print(name, row, json.dumps(vol["rows"][row]), flush=True)
     out = Path(args.out) if args.out else HERE / "results" / f"accuracy-{machine_id()}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,10 +7,18 @@ import h5py
 import numpy as np
 import pytest
 
-from floodfilling.config import ConfigError, RefineConfig
-from floodfilling.refine import RefineError, gap_cores, refine_array
+from floodfilling.config import ConfigError, InferenceConfig, RefineConfig
+from floodfilling.model import ModelInfo
+from floodfilling.refine import FloodNetwork, RefineError, gap_cores, join_or_keep, refine_array
+from test_engine import DELTAS, FOV, bright_flood_net
 
 pytest.importorskip("skimage")
+
+
+def bright_network() -> FloodNetwork:
+    """A real network (depth 1, 9^3 FOV) that floods bright voxels and stops at dark ones."""
+    return FloodNetwork(bright_flood_net(), ModelInfo(depth=1, features=4, fov_zyx=FOV, deltas_zyx=DELTAS),
+                        InferenceConfig(threads=1))
 
 
 def cells(shape=(20, 20, 40), wall_x=(19, 20)):
@@ -35,22 +43,48 @@ def test_watershed_stops_at_the_membrane():
     assert set(np.unique(out[truth == 0])) <= {7, 9}  # the membrane is shared out, nothing left at 0
 
 
+GAP = RefineConfig(interior_sigma=0.5, gap_core_radius=3.0, gap_min_core=10, watershed_sigma=0.0)
+
+
 def test_gap_object_for_a_cell_no_flood_reached():
     image, truth = cells()
     seg = np.where(truth == 1, 5, 0).astype(np.uint32)  # the flood found cell 1 only
-    cfg = RefineConfig(steps=("gap_objects", "watershed"), interior_sigma=0.5, gap_core_radius=3.0, gap_min_core=10,
-                       watershed_sigma=0.0)
-    cores, centres = gap_cores(image, seg, cfg)
+    cores, centres = gap_cores(image, seg, GAP)
     assert cores.max() == 1 and len(centres) == 1
     z, y, x = centres[0]  # the deepest voxel of the free cell (20 x 20 x 19 box at x 21..39)
     assert x > 20 and seg[z, y, x] == 0 and cores[z, y, x] == 1
-    r = refine_array(image, seg, cfg)
-    assert list(r.new_origins) == [6] and r.new_origins[6].seed_zyx == centres[0] and r.new_origins[6].steps == 0
+    r = refine_array(image, seg, GAP, bright_network())
+    assert list(r.new_origins) == [6] and r.new_origins[6].seed_zyx == centres[0] and r.new_origins[6].steps > 0
     assert (r.segmentation[truth == 1] == 5).all() and (r.segmentation[truth == 2] == 6).all()
-    assert r.counters["gap_objects"] == 1
+    assert r.counters["gap_objects"] == 1 and r.counters["gap_joined"] == 0
     # without gap objects the watershed hands the free cell to the flood's object: one merge
     only_ws = refine_array(image, seg, RefineConfig(steps=("watershed",), watershed_sigma=0.0)).segmentation
     assert (only_ws[truth > 0] == 5).all()
+
+
+def test_a_gap_flood_that_runs_into_an_object_joins_it():
+    """Object 5 holds the near part of cell 2, the far part is free: the core's flood fills
+    cell 2 (the network floods bright voxels), runs into 5 and joins it."""
+    image, truth = cells()
+    seg = np.where(truth == 1, 4, 0).astype(np.uint32)
+    seg[..., 21:28] = 5
+    r = refine_array(image, seg, GAP, bright_network())
+    assert r.counters["gap_floods"] == 1 and r.counters["gap_joined"] == 1 and r.new_origins == {}
+    assert (r.segmentation[truth == 1] == 4).all() and (r.segmentation[truth == 2] == 5).all()
+    # a join threshold above the flood's share in object 5 keeps it as an object of its own
+    alone = refine_array(image, seg, RefineConfig(**{**GAP.to_dict(), "steps": tuple(GAP.steps),
+                                                     "gap_join_fraction": 1.0}), bright_network())
+    assert list(alone.new_origins) == [6] and (alone.segmentation[..., 30:] == 6).all()
+
+
+def test_join_or_keep_by_hand():
+    z = np.zeros(0)
+    floods = {11: (None, 90, (np.array([3, 7]), np.array([5, 20]))),  # 20 of 115 in object 7: joins 7
+              12: (None, 100, (z, z)),  # ran into nothing: new object 11
+              13: (None, 1000, (np.array([3]), np.array([100]))),  # 100 of 1100 < 10 %: new object 12
+              14: (None, 0, (np.array([2]), np.array([1])))}  # all of it in object 2
+    assert join_or_keep(floods, 10, 0.1) == {11: 7, 12: 11, 13: 12, 14: 2}
+    assert join_or_keep(floods, 10, 0.05) == {11: 7, 12: 11, 13: 3, 14: 2}
 
 
 def test_small_gaps_make_no_object():
@@ -67,9 +101,13 @@ def test_small_gaps_make_no_object():
 def test_bright_membranes_are_the_mirror_image():
     image, truth = cells()
     seg = np.where(truth == 1, 5, 0).astype(np.uint32)
-    dark = refine_array(image, seg, RefineConfig(gap_min_core=10))
-    bright = refine_array(-image, seg, RefineConfig(gap_min_core=10, membranes="bright"))
+    dark = refine_array(image, seg, RefineConfig(gap_min_core=10, steps=("watershed",)))
+    bright = refine_array(-image, seg, RefineConfig(gap_min_core=10, steps=("watershed",), membranes="bright"))
     np.testing.assert_array_equal(dark.segmentation, bright.segmentation)
+    cores = gap_cores(image, seg, RefineConfig(gap_min_core=10))
+    cores_bright = gap_cores(-image, seg, RefineConfig(gap_min_core=10, membranes="bright"))
+    np.testing.assert_array_equal(cores[0], cores_bright[0])
+    assert cores[1] == cores_bright[1] and len(cores[1]) == 1
 
 
 def test_steps_are_checked():
@@ -79,6 +117,8 @@ def test_steps_are_checked():
         RefineConfig(gap_core_radius=-1.0).validate()
     with pytest.raises(RefineError, match="shape"):
         refine_array(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 5), np.uint32), RefineConfig())
+    with pytest.raises(RefineError, match="network"):
+        refine_array(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint32), RefineConfig())
 
 
 def test_no_steps_returns_the_flood():

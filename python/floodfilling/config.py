@@ -275,6 +275,8 @@ class RefineConfig(Options):
     gap_core_radius: float = 3.0
     # Gap objects: cores with fewer voxels make no object.
     gap_min_core: int = 100
+    # Gap objects: a core's flood that runs this fraction of its voxels into one object joins it.
+    gap_join_fraction: float = 0.1
     # Watershed: Gaussian sigma (voxels) of the relief (0: the normalised intensity itself).
     watershed_sigma: float = 0.0
 
@@ -307,6 +309,7 @@ _BOUNDS: dict[str, Bounds] = {
     "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
     "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
     "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
+    "gap_join_fraction": (0, False, 1, True),
     "watershed_sigma": _AT_LEAST_0,
 }
 

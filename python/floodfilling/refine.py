@@ -7,8 +7,13 @@ neurons. Refinement fills it without swallowing the neurons that live there:
 1. **gap objects** (``"gap_objects"``): in the space no object took, the *cores* of cells:
    voxels brighter than ``interior_threshold`` (membranes are dark in the normalised image;
    ``membranes = "bright"`` flips that) and at least ``gap_core_radius`` voxels away from any
-   membrane, object or other dark voxel; each connected core of at least ``gap_min_core``
-   voxels becomes a new object (ids after the flood's, in raster order of their cores).
+   membrane, object or other dark voxel, in connected cores of at least ``gap_min_core``
+   voxels. The network decides what each core is: one flood from its deepest voxel, with the
+   flood's objects in place and the image mirrored by the FOV margin at the volume's faces
+   (so that seeds in the border band, where the reference may not seed, can move). A flood
+   that runs at least ``gap_join_fraction`` of its voxels into one existing object is a piece
+   of it and joins it; any other flood is a new object (ids after the flood's, in the order of
+   their cores: deepest first).
 2. **watershed** (``"watershed"``): a seeded watershed of the normalised intensity (membranes
    are its ridges) from the flood's objects and the gap objects, filling every voxel
    (``watershed_sigma`` smooths the relief first; 0: the raw intensity).
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .config import RefineConfig
+from .config import InferenceConfig, RefineConfig
 from .results import Origin
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,18 @@ class Refined:
     """The refined segmentation, origins of the objects it added, and what each step did."""
 
     segmentation: np.ndarray  # same dtype as the flood's, 0 only where no step reached
-    new_origins: dict[int, Origin] = field(default_factory=dict)  # gap objects: core centre, 0 steps
+    new_origins: dict[int, Origin] = field(default_factory=dict)  # gap objects: seed (core centre), steps
     counters: dict[str, float] = field(default_factory=dict)  # gap_objects, voxels_filled, seconds
+
+
+@dataclass
+class FloodNetwork:
+    """What the gap floods need: the network, its :class:`~floodfilling.model.ModelInfo` and the
+    inference options of the flood being refined."""
+
+    net: object
+    info: object
+    config: InferenceConfig
 
 
 def relief(image: np.ndarray, cfg: RefineConfig) -> np.ndarray:
@@ -78,8 +93,61 @@ def gap_cores(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> tuple[np
     return cores, centres
 
 
-def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> Refined:
-    """Refines ``seg`` (the flood's segmentation of ``image``, the normalised float image)."""
+def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]], network: FloodNetwork):
+    """One flood from each of ``centres`` (in order; one already inside an earlier gap flood is
+    skipped), with ``seg``'s objects in place, on ``image`` mirrored by the FOV margin. Returns
+    (the floods' ids in the volume, > ``seg.max()``, 0 elsewhere; {flood id: (Origin, own voxels,
+    (ids of objects it ran into, voxels))}), voxels counted over the mirrored canvas."""
+    from .inference.canvas import CanvasState
+    from .inference.engine import Job, make_predictor, run_jobs
+
+    margin = tuple(int(f) // 2 for f in network.info.fov_zyx)
+    pad = [(m, m) for m in margin]
+    canvas_seg = np.pad(np.asarray(seg).astype(np.int32), pad, mode="reflect")
+    max_id = int(seg.max(initial=0))
+    # every core seed is tried: no minimum size or boundary distance (the join rule decides)
+    cfg = network.config.with_overrides(min_segment_size=0, min_boundary_dist_zyx=(0, 0, 0), seed_fill_passes=0,
+                                        seed_policy="peaks")
+    predictor = make_predictor(network.net, network.info.fov_zyx, network.info.deltas_zyx, cfg, threads=cfg.threads)
+    seeds = np.asarray(centres, np.int64).reshape(-1, 3) + np.asarray(margin)
+    canvas = predictor.new_canvas(np.pad(np.asarray(image, np.float32), pad, mode="reflect"), seeds, cfg,
+                                  network.info.deltas_zyx, state=CanvasState(segmentation=canvas_seg, max_id=max_id))
+    try:
+        run_jobs([Job("gaps", lambda: canvas)], predictor, inflight=1)
+    finally:
+        canvas.release()
+    st = canvas.state
+    own = np.bincount(np.clip(st.segmentation, 0, None).ravel(), minlength=st.max_id + 1)
+    floods = {}
+    for k in range(max_id + 1, st.max_id + 1):
+        o = st.origins[k]
+        seed = tuple(int(c) - m for c, m in zip(o.seed_zyx, margin))
+        floods[k] = (Origin(seed, o.steps, o.seconds), int(own[k]), st.overlaps.get(k, (np.zeros(0), np.zeros(0))))
+    inner = tuple(slice(m, m + n) for m, n in zip(margin, seg.shape))
+    out = st.segmentation[inner]
+    return np.where(out > max_id, out, 0).astype(np.int64), floods
+
+
+def join_or_keep(floods: dict, max_id: int, fraction: float) -> dict[int, int]:
+    """For each gap flood id: the existing object it joins (it ran at least ``fraction`` of its
+    voxels, own plus overlapping, into that one object), or its new id (max_id + 1, ... in
+    flood order)."""
+    target, next_id = {}, max_id
+    for k in sorted(floods):
+        _, own, (ids, voxels) = floods[k]
+        voxels = np.asarray(voxels, np.int64)
+        total = own + int(voxels.sum())
+        if len(voxels) and total and voxels.max() >= fraction * total:
+            target[k] = int(np.asarray(ids)[np.argmax(voxels)])
+        else:
+            next_id += 1
+            target[k] = next_id
+    return target
+
+
+def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network: FloodNetwork | None = None) -> Refined:
+    """Refines ``seg`` (the flood's segmentation of ``image``, the normalised float image);
+    ``network`` is needed for the gap objects step."""
     import time
 
     try:
@@ -91,15 +159,25 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> Refin
     t0 = time.perf_counter()
     cfg = cfg.validate()
     out = np.asarray(seg)
-    counters: dict[str, float] = {"gap_objects": 0, "voxels_filled": 0}
+    counters: dict[str, float] = {"gap_objects": 0, "gap_cores": 0, "gap_floods": 0, "gap_joined": 0,
+                                  "voxels_filled": 0}
     origins: dict[int, Origin] = {}
     markers = out.astype(np.int64 if out.size and int(out.max()) >= 2**31 - 1 else np.int32)
     if "gap_objects" in cfg.steps:
+        if network is None:
+            raise RefineError("the gap_objects step needs the network (network=FloodNetwork(...))")
+        if out.size and int(out.max()) >= 2**31 - 1:
+            raise RefineError(f"segmentation ids up to {int(out.max())}: gap floods need ids below 2**31")
         cores, centres = gap_cores(image, out, cfg)
-        base = int(markers.max()) if markers.size else 0
-        markers = np.where(cores > 0, cores.astype(markers.dtype) + base, markers)
-        origins = {base + i + 1: Origin(c, 0, 0.0) for i, c in enumerate(centres)}
-        counters["gap_objects"] = len(centres)
+        if centres:
+            flood_ids, floods = flood_gaps(image, out, centres, network)
+            target = join_or_keep(floods, int(out.max()), cfg.gap_join_fraction)
+            lut = np.zeros(max(floods) + 1, np.int64)
+            lut[list(target)] = list(target.values())
+            markers = np.where(flood_ids > 0, lut[flood_ids], markers).astype(markers.dtype)
+            origins = {target[k]: floods[k][0] for k in floods if target[k] > int(out.max())}
+            counters.update(gap_cores=len(centres), gap_floods=len(floods), gap_joined=len(floods) - len(origins))
+        counters["gap_objects"] = len(origins)
     if "watershed" in cfg.steps and markers.any():
         before = np.count_nonzero(markers)
         markers = watershed(-relief(image, cfg), markers=markers)

@@ -253,7 +253,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     extra = {}
     if refine is not None:  # the exact flood is kept beside the refined result
         extra[f"{out_ds}_forward"] = result.segmentation
-        result = refined_result(result, norm.apply(raw, image_spec), refine)
+        result = refined_result(result, norm.apply(raw, image_spec), refine, (net, info, cfg))
     write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
         resolution_zyx_nm=res, bbox_zyx=(box.start, box.stop), source_image=image_spec, model=info.source,
         config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters,
@@ -287,13 +287,14 @@ def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np
     return tab, start - np.asarray(box.start, np.int64)
 
 
-def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig) -> SegmentResult:
+def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network) -> SegmentResult:
     """``result`` after the refinement steps of ``refine`` on ``image`` (normalised as for the
-    flood): objects keep their ids and origins, added objects get origins of 0 steps, the
-    refinement's counters are added as ``refine_<name>``."""
-    from ..refine import refine_array
+    flood) with ``network`` = (net, model info, inference config) of the flood: objects keep
+    their ids and origins, added objects get their gap flood's origin, the refinement's
+    counters are added as ``refine_<name>``."""
+    from ..refine import FloodNetwork, refine_array
 
-    r = refine_array(image, result.segmentation, refine)
+    r = refine_array(image, result.segmentation, refine, FloodNetwork(*network))
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
     return SegmentResult(r.segmentation, {**result.origins, **r.new_origins}, result.overlaps, counters,
                          result.seconds + r.counters["seconds"], result.normalisation)
