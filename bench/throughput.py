@@ -299,7 +299,7 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
                     f.create_dataset("raw", data=mirrored_volume(edge), chunks=(64, 64, 64))
                 kbest = max(sweep, key=lambda kk: sweep[kk]["steps_per_s"])
                 t0 = time.perf_counter()
-                res = segment_blocks(f"{src}:raw", f"{Path(tmp) / 'seg.h5'}:seg", block=f"{block},{block},{block}",
+                res = segment_blocks(f"{src}:raw", f"{Path(tmp) / 'seg.h5'}:seg", block=(block,) * 3,
                                      workdir=str(Path(tmp) / "work"), config=cfg, inflight=int(kbest))
                 dt = time.perf_counter() - t0
                 row["volume"] = {"edge": edge, "block": block, "inflight": int(kbest), "seconds": dt,

@@ -1,6 +1,7 @@
 """Block geometry: cores tile the box, outer = core + halo clipped, neighbour pairs and overlaps
 against brute force, option validation."""
 
+import argparse
 import itertools
 
 import numpy as np
@@ -8,21 +9,32 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from floodfilling.distributed.blocks import BlockError, BlockGrid, axis_bounds, make_grid, parse_zyx
+from floodfilling.cli import zyx_arg
+from floodfilling.distributed.blocks import BlockError, BlockGrid, axis_bounds, make_grid
+from floodfilling.volumes import ParameterError, check_zyx
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def test_parse_zyx():
-    assert parse_zyx("128,256,256", "--block", 1) == (128, 256, 256)
-    assert parse_zyx(" 8, 9 ,10", "--halo") == (8, 9, 10)
-    assert parse_zyx("32", "--halo") == (32, 32, 32)
-    assert parse_zyx([1, 2, 3], "--block") == (1, 2, 3)
+def test_block_and_halo_are_checked_integers():
+    assert check_zyx([1, 2, 3], "block", 1) == (1, 2, 3)
+    for bad in ("1,2,3", (1, 2), (1.5, 2, 3), (True, 2, 3), None):  # text is the command line's to parse
+        with pytest.raises(ParameterError, match="^block=") as e:
+            check_zyx(bad, "block", 1)
+        assert e.value.param == "block"
+    with pytest.raises(ParameterError, match=r"^block=0,4,4: expected 3 integers >= 1"):
+        make_grid((48, 96, 96), (0, 4, 4), (6, 6, 6), (9, 9, 9))
+    with pytest.raises(ParameterError, match=r"^halo=-1,4,4: expected 3 integers >= 0"):
+        make_grid((48, 96, 96), (24, 48, 48), (-1, 4, 4), (9, 9, 9))
+
+
+def test_zyx_text_is_parsed_by_the_command_line():
+    assert zyx_arg("128,256,256") == (128, 256, 256)
+    assert zyx_arg(" 8, 9 ,10") == (8, 9, 10)
+    assert zyx_arg("32") == (32, 32, 32)
     for bad in ("1,2", "a,b,c", "1,2,3,4", ""):
-        with pytest.raises(BlockError, match="--block"):
-            parse_zyx(bad, "--block", 1)
-    with pytest.raises(BlockError, match=">= 1"):
-        parse_zyx("0,4,4", "--block", 1)
+        with pytest.raises(argparse.ArgumentTypeError, match="Z,Y,X"):
+            zyx_arg(bad)
 
 
 def test_axis_bounds_merges_short_remainder():
@@ -88,11 +100,11 @@ def test_make_grid_validation():
     # a block larger than the box is clipped to it
     g = make_grid((20, 30, 30), (128, 256, 256), (6, 6, 6), fov)
     assert len(g) == 1 and g[0].core_shape == (20, 30, 30)
-    with pytest.raises(BlockError, match=r"--block 8,48,48: z size 8 is smaller than the model's FOV 9,9,9"):
+    with pytest.raises(ParameterError, match=r"block=8,48,48: z size 8 is smaller than the model's FOV 9,9,9"):
         make_grid((48, 96, 96), (8, 48, 48), (6, 6, 6), fov)
-    with pytest.raises(BlockError, match=r"--halo 6,3,6: y halo 3 is smaller than the FOV radius 4,4,4"):
+    with pytest.raises(ParameterError, match=r"halo=6,3,6: y halo 3 is smaller than the FOV radius 4,4,4"):
         make_grid((48, 96, 96), (24, 48, 48), (6, 3, 6), fov)
-    with pytest.raises(BlockError, match=r"--halo 30,6,6: z halo 30 is larger than the block"):
+    with pytest.raises(ParameterError, match=r"halo=30,6,6: z halo 30 is larger than the block"):
         make_grid((48, 96, 96), (24, 48, 48), (30, 6, 6), fov)
     with pytest.raises(BlockError, match="smaller than the model's FOV"):
         make_grid((8, 96, 96), (24, 48, 48), (6, 6, 6), fov)

@@ -81,7 +81,7 @@ def test_bad_inputs():
         split_consensus(a.astype(np.float32), a)
     with pytest.raises(ConsensusError, match="b: negative labels"):
         split_consensus(a, -np.ones((2, 2, 2), np.int32))
-    with pytest.raises(ConsensusError, match="--min-size -1"):
+    with pytest.raises(ConsensusError, match="min_size=-1"):
         split_consensus(a, a, -1)
 
 

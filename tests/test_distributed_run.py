@@ -20,9 +20,11 @@ import torch
 
 from floodfilling.cli import main
 from floodfilling.config import InferenceConfig
+from floodfilling.volumes import BBox
 
 CROP = (slice(100, 148), slice(60, 156), slice(60, 156))  # 48 x 96 x 96 -> 2 x 2 x 2 blocks
-BLOCK, HALO = "24,48,48", "6,6,6"
+BLOCK, HALO = "24,48,48", "6,6,6"  # command-line text; the library takes BLOCK_ZYX, HALO_ZYX
+BLOCK_ZYX, HALO_ZYX = (24, 48, 48), (6, 6, 6)
 CORE = (24, 48, 48)
 
 
@@ -61,7 +63,8 @@ def one_thread():
 def run_api(data, out, workdir, **kw):
     from floodfilling.distributed.run import segment_blocks
 
-    kw = dict(dict(block=BLOCK, halo=HALO, workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg()), **kw)
+    kw = dict(dict(block=BLOCK_ZYX, halo=HALO_ZYX, workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg()),
+              **kw)
     return segment_blocks(f"{data / 'crop.h5'}:raw", f"{out}:seg", **kw)
 
 
@@ -163,7 +166,7 @@ def test_dust_size_and_merge_options_reuse_blocks(data, reference, tmp_path, one
     assert 0 < res.n_objects < reference[2].n_objects and np.array_equal(seg, lut[ref])
     assert list(origins["id"]) == list(range(1, res.n_objects + 1))
     # other options and an existing output: not "already complete"
-    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
         run_api(data, out, work, config=cfg().with_overrides(merge_min_fraction=0.9))
     res = run_api(data, out, work, config=cfg().with_overrides(merge_min_fraction=0.9), overwrite=True)
     assert res.blocks_run == 0 and res.n_objects >= reference[2].n_objects
@@ -247,7 +250,7 @@ def test_zarr_output_beside_the_raw_image(data, reference, tmp_path, one_thread)
     (store / ".seg.tmp-0123456789ab").mkdir()  # the output of a killed run
     work = tmp_path / "work"
     shutil.copytree(reference[1], work)
-    kw = dict(block=BLOCK, halo=HALO, workdir=str(work), model=str(data / "tiny.npz"), config=cfg())
+    kw = dict(block=BLOCK_ZYX, halo=HALO_ZYX, workdir=str(work), model=str(data / "tiny.npz"), config=cfg())
     res = segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **kw)
     assert res.blocks_run == 0 and res.n_objects == reference[2].n_objects
     seg, origins, arr = read_zarr(store)
@@ -261,7 +264,7 @@ def test_zarr_output_beside_the_raw_image(data, reference, tmp_path, one_thread)
     assert np.all(zarr.open_group(str(store), mode="r")["raw"][...] == 7)
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith("zarr.json")) == ["raw", "seg", "seg_origins"]
     assert segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **kw).already_complete
-    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
         segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", **dict(kw, config=cfg().with_overrides(dust_size=800)))
     zarr.open_group(str(store), mode="a")["seg"].attrs["marker"] = 1
     res = segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", overwrite=True,
@@ -430,7 +433,7 @@ def test_mpi_more_ranks_than_blocks(data, tmp_path, one_thread):
     p = subprocess.run(ffn_cmd(data, out, tmp_path / "work", 3, "--bbox", bbox), capture_output=True, text=True,
                        env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    res = run_api(data, tmp_path / "one.h5", tmp_path / "work1", bbox=bbox)
+    res = run_api(data, tmp_path / "one.h5", tmp_path / "work1", bbox=BBox.parse(bbox))
     assert res.n_blocks == 2
     assert np.array_equal(read(out)[0], read(tmp_path / "one.h5")[0])
 

@@ -51,7 +51,7 @@ def test_bad_images():
     bad[1, 2, 3] = np.inf
     with pytest.raises(N.NormalisationError, match="NaN or infinite"):
         N.resolve("standardise", bad, 128, 33, source="img.h5:raw")
-    with pytest.raises(N.NormalisationError, match="--normalise"):
+    with pytest.raises(N.NormalisationError, match="option normalise="):
         N.resolve("zscore", bad, 128, 33)
 
 
@@ -61,7 +61,7 @@ def test_dominant_object_warning(caplog):
     n = N.Normalisation("fixed", 128, 33)
     with caplog.at_level(logging.WARNING):
         msg = N.check_dominant_object(seg, n)
-    assert msg and "intensities" in msg and "--normalise" in msg and "--image-mean" in msg
+    assert msg and "intensities" in msg and "normalise=" in msg and "image_mean" in msg
     seg[:4] = 0
     assert N.check_dominant_object(seg, n) is None
 

@@ -83,7 +83,7 @@ def test_api_coords_file_and_existing_checkpoint(data, tmp_path):
     res = train(opts)
     assert res.steps == 3 and res.net is not None and res.fov_per_s > 0
     assert load_model(tmp_path / "r" / "checkpoint")[1].meta["training"]["coords"]["source"] == str(prep)
-    with pytest.raises(ValueError, match="holds a checkpoint; pass --resume"):
+    with pytest.raises(ValueError, match="holds a checkpoint; pass resume=True"):
         train(opts)
     # resume of a finished run: nothing to do, same weights
     again = train(TrainOptions(**{**opts.__dict__, "resume": True}))
@@ -147,7 +147,7 @@ def test_bad_inputs(data, tmp_path, capsys):
     out = tmp_path / "arch"
     assert main(args_for(data, out, "--max-steps", "2")) == 0
     assert main([*args_for(data, out, "--max-steps", "4", "--resume"), "--depth", "2"]) == 2
-    assert "depth=1" in (e := _err(capsys)) and "depth=2" in e and "another architecture" in e
+    assert "depth 1" in (e := _err(capsys)) and "--depth 2" in e and "another architecture" in e
     # --init with a model of another architecture (4 features, 8 requested)
     assert main([*args_for(data, tmp_path / "init", "--init", str(out / "checkpoint")), "--features", "8"]) == 2
     assert "another architecture" in _err(capsys)
@@ -295,7 +295,7 @@ def test_validation_bad_inputs(data, val_data, tmp_path, capsys):
         assert main(args_for(data, tmp_path / "x", "--max-steps", "1", *extra)) == 2
         return capsys.readouterr().err
 
-    assert "--val-image and --val-labels go together" in err("--val-image", f"{val_data}:raw")
+    assert "needs --val-labels LABELS too (the two go together)" in err("--val-image", f"{val_data}:raw")
     assert "have shape (10, 28, 30)" in err("--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels_short")
     assert "--val-labels" in err("--val-image", f"{val_data}:raw", "--val-labels", f"{val_data}:labels",
                                  "--val-min-size", "100000")

@@ -323,7 +323,7 @@ def test_write_hdf5_no_compression(tmp_path):
 def test_write_hdf5_exists_and_overwrite(tmp_path):
     path = tmp_path / "out.h5"
     write_hdf5_atomic(path, {"a": np.zeros((2, 2, 2), np.uint8)})
-    with pytest.raises(VolumeError, match=r"out\.h5:a exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match=r"out\.h5:a exists; pass overwrite=True"):
         write_hdf5_atomic(path, {"a": np.ones((2, 2, 2), np.uint8)})
     write_hdf5_atomic(path, {"b": np.ones((2, 2, 2), np.uint8)}, overwrite=True)
     with h5py.File(path, "r") as f:
@@ -407,7 +407,7 @@ def test_atomic_path_success_and_failure(tmp_path):
         with atomic_path(tmp_path / "never.bin"):
             pass
     assert not (tmp_path / "never.bin").exists()
-    with pytest.raises(VolumeError, match="exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match="exists; pass overwrite=True"):
         with atomic_path(target, overwrite=False):
             pytest.fail("must not get here")
 
@@ -425,7 +425,7 @@ def test_atomic_write_bytes(tmp_path):
     atomic_write_bytes(target, b"{}")
     atomic_write_bytes(target, b"[1]")
     assert target.read_bytes() == b"[1]"
-    with pytest.raises(VolumeError, match="exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match="exists; pass overwrite=True"):
         atomic_write_bytes(target, b"2", overwrite=False)
     assert target.read_bytes() == b"[1]"
     with pytest.raises(VolumeError, match="is a directory"):
@@ -440,7 +440,7 @@ def test_write_volume(tmp_path):
     with open_volume(spec) as v:
         np.testing.assert_array_equal(v.read(), seg)
         assert v.resolution_zyx_nm == (8.0, 8.0, 8.0)
-    with pytest.raises(VolumeError, match="exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match="exists; pass overwrite=True"):
         write_volume(f"{path}:volumes/seg", seg)
     write_volume(f"{path}:other", seg * 2)  # a new dataset beside the first
     with h5py.File(path, "r") as f:
@@ -477,7 +477,7 @@ def test_zarr_write_roundtrip_and_errors(tmp_path):
 
     t = zarr.open_group(str(store), mode="r")["t"]
     assert t["id"][...].tolist() == [1, 2, 3] and list(t.attrs["columns"]) == ["id", "steps"]
-    with pytest.raises(VolumeError, match=r"g/seg exists; pass --overwrite"):
+    with pytest.raises(VolumeError, match=r"g/seg exists; pass overwrite=True"):
         write_volume(f"{store}/g/seg", a)
     write_volume(f"{store}/g/seg", a[:2], overwrite=True)
     with open_volume(f"{store}/g/seg") as v:

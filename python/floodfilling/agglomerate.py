@@ -25,6 +25,7 @@ The output is ``seg`` relabelled, with ``<ds>_origins`` (``seg``'s, for the ids 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -116,20 +117,32 @@ def interior_point(mask: np.ndarray, margin=(0, 0, 0)):
     return tuple(int(v) for v in grid[best])
 
 
+def check_options(opts: AgglomerationOptions) -> AgglomerationOptions:
+    """``opts`` checked, its box as 3 integers (:class:`~floodfilling.volumes.ParameterError`
+    naming the option otherwise)."""
+    box = volumes.check_zyx(opts.box, "box", 1)
+    if not 0 < opts.merge_iou <= 1:
+        raise volumes.ParameterError("merge_iou", opts.merge_iou, f"merge_iou={opts.merge_iou}: must be in (0, 1]")
+    if opts.min_contact < 1:
+        raise volumes.ParameterError("min_contact", opts.min_contact, f"min_contact={opts.min_contact}: must be >= 1")
+    return dataclasses.replace(opts, box=box)
+
+
 def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: InferenceConfig,
                       opts: AgglomerationOptions, within: np.ndarray | None = None, inflight: int | None = None):
     """``image``: normalised float32; ``seg``: the oversegmentation. Returns ``(new seg,
     candidates table)`` (see the module docstring)."""
-    from .inference.engine import Job, make_predictor, run_jobs
+    from .inference.canvas import fov_margin
+    from .inference.engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
+    from .model import select_device
 
-    fov = tuple(int(f) for f in info.fov_zyx)
-    box = tuple(int(b) for b in opts.box)
-    if any(b < f for b, f in zip(box, fov)) or any(s < f for s, f in zip(seg.shape, fov)):
-        raise AgglomerationError(f"--box {','.join(map(str, box))} and the volume {seg.shape} must be at least "
-                                 f"the model's FOV {fov}")
-    if not 0 < opts.merge_iou <= 1 or opts.min_contact < 1:
-        raise AgglomerationError(f"--merge-iou {opts.merge_iou} must be in (0, 1] and --min-contact "
-                                 f"{opts.min_contact} >= 1")
+    opts, fov = check_options(opts), tuple(int(f) for f in info.fov_zyx)
+    box = opts.box
+    if any(b < f for b, f in zip(box, fov)):
+        raise volumes.ParameterError("box", box, f"box={','.join(map(str, box))}: must be at least the model's FOV "
+                                     f"{fov}")
+    if any(s < f for s, f in zip(seg.shape, fov)):
+        raise AgglomerationError(f"the volume {seg.shape} is smaller than the model's FOV {fov}")
     pairs, counts, points = contacts(seg)
     keep = counts >= opts.min_contact
     if within is not None:
@@ -140,21 +153,22 @@ def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: Inf
     table = np.zeros(len(pairs), CANDIDATE_DTYPE)
     table["a"], table["b"], table["contact"] = pairs[:, 0], pairs[:, 1], counts
     cfg = config.with_overrides(min_segment_size=0, seed_fill_passes=0).validate()
-    margin = tuple(f // 2 for f in fov)
+    margin = fov_margin(fov)
     masks: dict[tuple[int, int], np.ndarray] = {}
-    jobs, boxes = [], {}
+    jobs = []
     for i, (ab, pt) in enumerate(zip(pairs, points)):
         bb = place_box(pt, box, seg.shape)
-        boxes[i] = bb
         sub = seg[bb.slices]
         for side in (0, 1):
             p = interior_point(sub == ab[side], margin)
             if p is None:  # no voxel with room for a FOV around it: an empty flood
                 masks[(i, side)] = np.zeros(sub.shape, bool)
                 continue
-            jobs.append(Job((i, side), (lambda bb=bb, p=p: _canvas(predictor, image[bb.slices], p, cfg, info))))
-    k = int(inflight) if inflight else 1
-    predictor = make_predictor(net, fov, info.deltas_zyx, cfg, threads=cfg.threads, inflight=k)
+            jobs.append(Job((i, side), (lambda bb=bb, p=p: subvolume_canvas(predictor, image[bb.slices], cfg, info,
+                                                                            seeds=np.asarray([p], np.int64)))))
+    dev = select_device(cfg.device)
+    k = inflight_on(dev, inflight)
+    predictor = make_predictor(net, fov, info.deltas_zyx, cfg, device=dev, threads=cfg.threads, inflight=k)
 
     def on_done(key, cv) -> None:
         masks[key] = cv.final_segmentation() > 0
@@ -179,20 +193,16 @@ def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: Inf
     return out, table
 
 
-def _canvas(predictor, image, seed, cfg, info):
-    return predictor.new_canvas(np.ascontiguousarray(image, np.float32), np.asarray([seed], np.int64), cfg,
-                                info.deltas_zyx)
-
-
 def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | None = None,
                 config: InferenceConfig | None = None, opts: AgglomerationOptions | None = None,
                 overwrite: bool = False, inflight: int | None = None) -> np.ndarray:
     """Reads the image and segmentation, agglomerates, writes ``out_spec`` atomically; returns
     the candidates table."""
+    from .inference.engine import check_inflight
+
     cfg = (config or InferenceConfig()).validate()
-    opts = opts or AgglomerationOptions()
-    if inflight is not None and int(inflight) < 1:
-        raise AgglomerationError(f"--inflight {inflight}: must be >= 1")
+    opts = check_options(opts or AgglomerationOptions())
+    check_inflight(inflight)
     out = volumes.parse_volume_spec(out_spec)
     names = [str(out.dataset), f"{out.dataset}_agglomeration", f"{out.dataset}_origins"]
     out = outputs.check_output(out, overwrite, names=names, inputs=[image_spec, seg_spec, opts.within])  # before the floods
@@ -217,9 +227,9 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
     if opts.within:
         with volumes.open_volume(opts.within) as vw:
             if tuple(vw.shape) != seg.shape:
-                raise AgglomerationError(f"--within {opts.within}: shape {tuple(vw.shape)} does not match {seg.shape}")
+                raise AgglomerationError(f"within={opts.within}: shape {tuple(vw.shape)} does not match {seg.shape}")
             within = vw.read()
-            volumes.check_labels(within, f"--within {opts.within}", error=AgglomerationError)
+            volumes.check_labels(within, f"within={opts.within}", error=AgglomerationError)
     image = norm.apply(raw, image_spec)
     new, table = agglomerate_array(image, seg, net, info, cfg, opts, within, inflight)
     ds = out.dataset

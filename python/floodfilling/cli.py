@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def cmd_segment(args) -> int:
     if args.block is None and args.workdir is None:  # block-inference options without block inference
         for flag, value in (("--inflight", args.inflight), ("--halo", args.halo)):
             if value is not None:
-                raise ValueError(f"{flag} {value}: only with block inference (--block or --workdir)")
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ValueError(f"{flag} {shown}: only with block inference (--block or --workdir)")
     cfg = _build_config(args)
     if args.block is not None or args.workdir is not None:
         from .distributed.run import segment_blocks
@@ -203,10 +205,9 @@ def cmd_export(args) -> int:
 
 def cmd_agglomerate(args) -> int:
     from .agglomerate import AgglomerationOptions, agglomerate
-    from .distributed.blocks import parse_zyx
 
     cfg = _build_config(args)
-    opts = AgglomerationOptions(box=parse_zyx(args.box, "--box", 1), min_contact=args.min_contact,
+    opts = AgglomerationOptions(box=args.box, min_contact=args.min_contact,
                                 merge_iou=args.merge_iou, within=args.within)
     t = agglomerate(args.image, args.seg, args.out, model=args.model, config=cfg, opts=opts,
                     overwrite=args.overwrite, inflight=args.inflight)
@@ -253,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", default=None, help="only this box of the image: z0,y0,x0:z1,y1,x1 (half-open)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and its resume state)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--block", default=None, help="block inference: core block size z,y,x (e.g. 128,256,256); "
-                   "runs under mpiexec too")
-    p.add_argument("--halo", default=None, help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
+    p.add_argument("--block", type=zyx_arg, default=None, help="block inference: core block size z,y,x (e.g. "
+                   "128,256,256); runs under mpiexec too")
+    p.add_argument("--halo", type=zyx_arg, default=None,
+                   help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
     p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement steps of the "
                    "[refine] options (gap objects, watershed; see `ffn config`); the flood is kept as <out>_forward")
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
@@ -299,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output: file.h5:dataset or dir.zarr/array")
     p.add_argument("--within", default=None,
                    help="only pairs lying mostly in one object of this segmentation (e.g. the forward run)")
-    p.add_argument("--box", default="49,49,49", help="box z,y,x flooded around each contact (>= the FOV)")
+    p.add_argument("--box", type=zyx_arg, default="49,49,49", help="box z,y,x flooded around each contact (>= the FOV)")
     p.add_argument("--min-contact", type=int, default=10, help="face-adjacent voxel pairs that make a candidate")
     p.add_argument("--merge-iou", type=float, default=0.5, help="merge when the two floods overlap this much (IoU)")
-    p.add_argument("--inflight", type=int, default=None, help="boxes sharing each network call (default 1 on CPU)")
+    p.add_argument("--inflight", type=int, default=None,
+                   help="boxes sharing each network call (default: 1 on CPU, 16 on GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_inference_options(p)
     p.set_defaults(func=cmd_agglomerate)
@@ -353,8 +356,43 @@ _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun th
                 "train": "rerun with --resume to continue"}
 
 
-# Library parameters (volumes.ParameterError.param) and the flags that set them.
-_FLAGS = {"bbox": "--bbox"}
+# Library parameters and the flags that set them (training's: training.cli.flags); see
+# volumes.ParameterError for how messages name parameters.
+_FLAGS = {"bbox": "--bbox", "block": "--block", "halo": "--halo", "workdir": "--workdir", "inflight": "--inflight",
+          "overwrite": "--overwrite", "device": "--device", "box": "--box", "min_contact": "--min-contact",
+          "merge_iou": "--merge-iou", "within": "--within", "min_size": "--min-size", "levels": "--levels",
+          "layer_type": "--type", "resolution_zyx": "--resolution"}
+# A parameter in keyword form, ``name=`` (``name=True``: a switch), not inside a path or a word, and
+# not an ``option name=`` of the inference config (set by --set).
+_KEYWORD = re.compile(r"(?<![\w.:/-])(?<!option )([a-z][a-z0-9_]*)=(True\b)?")
+
+
+def with_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each library parameter it names in keyword form that ``flags`` has a flag
+    for written as that flag: ``block=8,8,8: ...`` -> ``--block 8,8,8: ...``, ``pass
+    overwrite=True`` -> ``pass --overwrite`` (the convention: :class:`floodfilling.volumes.ParameterError`)."""
+
+    def flag(m: re.Match) -> str:
+        name = flags.get(m.group(1))
+        if name is None:
+            return m.group(0)
+        return name if m.group(2) else name + " "
+
+    return _KEYWORD.sub(flag, message)
+
+
+def zyx_arg(text: str) -> tuple[int, int, int]:
+    """An argparse type: ``"z,y,x"`` (or one integer for every axis) as 3 integers (the library
+    checks their range)."""
+    try:
+        vals = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}") from None
+    if len(vals) == 1:
+        vals *= 3
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}")
+    return vals[0], vals[1], vals[2]
 
 
 def _bbox(text: str | None):
@@ -383,10 +421,7 @@ def main(argv=None) -> int:
         if args.verbose >= 2:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        flag = _FLAGS.get(getattr(exc, "param", None) or "")
-        if flag:  # a library parameter error: say which flag gave the value
-            msg = f"{flag} {exc.value}: {msg}"
-        print(f"ffn: error: {msg}", file=sys.stderr)
+        print(f"ffn: error: {with_flags(msg, {**_FLAGS, **getattr(args, 'flags', {})})}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = _INTERRUPTED.get(getattr(args, "command", None) or "")

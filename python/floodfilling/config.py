@@ -221,7 +221,7 @@ class InferenceConfig(Options):
     # Seconds between resumable-state saves of a running segmentation (0: never).
     checkpoint_interval_s: float = 60.0
     # Post-processing: split each object into its 6-connected components and renumber 1..N
-    # (off: the reference's output; with --block, joined across block faces).
+    # (off: the reference's output; with block inference, joined across block faces).
     split_components: bool = False
     # Post-processing: objects smaller than this many voxels are removed, ids renumbered (0: keep all).
     dust_size: int = 0

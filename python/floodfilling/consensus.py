@@ -100,7 +100,7 @@ def split_consensus(a, b, min_size: int = 0, *, slab_voxels: int = 1 << 24, name
         raise ConsensusError(f"{names[1]}: shape {tuple(b.shape)} does not match {names[0]}'s {tuple(a.shape)} "
                              "(both must be 3-D)")
     if int(min_size) < 0:
-        raise ConsensusError(f"--min-size {min_size}: must be >= 0")
+        raise ConsensusError(f"min_size={min_size}: must be >= 0")
     shape = tuple(int(s) for s in a.shape)
     slabs = list(_slabs(shape, slab_voxels))
     # pass 1: pieces and their sizes

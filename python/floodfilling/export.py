@@ -9,15 +9,15 @@ images, :func:`downsample`) so that a browser can show the whole volume zoomed o
     ffn export image.h5:raw precomputed/image  # anything else -> "image" layer
 
 Geometry: precomputed volumes are (x, y, z); our arrays are (z, y, x) and are transposed on the
-way. Voxel size from ``resolution_zyx_nm`` (1 nm when absent, or ``--resolution``). Chunks of
+way. Voxel size from ``resolution_zyx_nm`` (1 nm when absent, or ``resolution_zyx``). Chunks of
 64^3 voxels; labels use the compressed_segmentation encoding (lossless), images raw. Each
 level is ``factor`` times coarser than the one before: (2, 2, 2) for near-isotropic data,
 (2, 2, 1) in x, y, z when z is at least twice as coarse as x and y. Levels stop when the largest
-axis is at most 64 voxels (or at ``--levels``).
+axis is at most 64 voxels (or at ``levels``).
 
 Level 0 is written from the input in tiles of ``TILE`` voxels per axis (bounded memory);
-level k is read back from level k-1 in tiles, downsampled, and written. ``--bbox`` (or a
-segmentation made with ``ffn segment --bbox``, whose ``bbox_zyx`` attribute says where it
+level k is read back from level k-1 in tiles, downsampled, and written. ``bbox`` (or a
+segmentation of a box of its image, whose ``bbox_zyx`` attribute says where it
 lies) places the layer at its offset, so it overlays a layer of the whole image. A local directory is written uncompressed (a static HTTP server with CORS can then
 serve it to neuroglancer as ``precomputed://http://host/path``); buckets get gzip with the
 Content-Encoding set by CloudVolume. An existing layer is replaced only with ``overwrite``.
@@ -116,7 +116,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     segmentation)."""
     CloudVolume = _imports()
     if levels is not None and levels < 0:
-        raise ExportError(f"--levels {levels}: must be >= 0")
+        raise ExportError(f"levels={levels}: must be >= 0")
     if tile % (CHUNK * 2) != 0:
         raise ExportError(f"tile {tile}: must be a multiple of {2 * CHUNK}")
     url, local = _url(dest)
@@ -126,7 +126,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
             if not os.path.isdir(path):
                 raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
             if not overwrite:
-                raise ExportError(f"{dest} exists; pass --overwrite to replace it")
+                raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
             if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
                 raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
             shutil.rmtree(path)
@@ -136,7 +136,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
         if layer_type == "auto":
             layer_type = "segmentation" if dt.kind in "iu" and dt != np.uint8 else "image"
         if layer_type not in ("segmentation", "image"):
-            raise ExportError(f"--type {layer_type!r}: expected segmentation, image or auto")
+            raise ExportError(f"layer_type={layer_type!r}: expected segmentation, image or auto")
         if layer_type == "segmentation":
             if dt.kind not in "iu":
                 raise ExportError(f"{spec}: dtype {dt} cannot be a segmentation (integer labels needed)")
@@ -145,7 +145,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
             out_dt = dt if dt in (np.uint8, np.uint16, np.float32) else np.dtype(np.float32)
         res_zyx = tuple(resolution_zyx) if resolution_zyx is not None else (vol.resolution_zyx_nm or (1.0, 1.0, 1.0))
         if len(res_zyx) != 3 or not all(float(r) > 0 for r in res_zyx):
-            raise ExportError(f"--resolution {res_zyx}: need 3 positive numbers (z, y, x nm)")
+            raise ExportError(f"resolution_zyx={res_zyx}: need 3 positive numbers (z, y, x nm)")
         res_xyz = [int(r) if float(r).is_integer() else float(r) for r in res_zyx[::-1]]
         base = _placed_at(vol)
         offset_xyz = [int(b + s) for b, s in zip(base, box.start)][::-1]
@@ -203,7 +203,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
 
 def _placed_at(vol) -> tuple[int, int, int]:
     """Where the volume lies in its image (z, y, x): the start of its ``bbox_zyx`` attribute
-    (written by ``ffn segment --bbox``), else the origin."""
+    (written by ``segment`` with a ``bbox``), else the origin."""
     b = vol.attrs.get("bbox_zyx")
     try:
         start = [int(v) for v in np.asarray(b[0]).reshape(-1)] if b is not None else [0, 0, 0]

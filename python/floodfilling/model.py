@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import storage
+from .volumes import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,8 @@ def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) 
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then xpu, then cpu. An unavailable device is a ValueError."""
+    """``auto`` picks cuda, then xpu, then cpu. An unavailable device is a
+    :class:`~floodfilling.volumes.ParameterError` (a ValueError) naming ``device``."""
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()
@@ -240,19 +242,21 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this torch build has no usable CUDA device")
+            raise ParameterError("device", device, f"device={device}: this torch build has no usable CUDA device")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ParameterError("device", device,
+                                 f"device={device}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return dev
     if kind == "xpu":
         if not _xpu_available():
-            raise ValueError(f"--device {device}: no Intel XPU device (torch.xpu) is available")
+            raise ParameterError("device", device, f"device={device}: no Intel XPU device (torch.xpu) is available")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.xpu.device_count():
-            raise ValueError(f"--device {device}: only {torch.xpu.device_count()} XPU device(s) visible")
+            raise ParameterError("device", device,
+                                 f"device={device}: only {torch.xpu.device_count()} XPU device(s) visible")
         return dev
-    raise ValueError(f"--device {device!r}: expected auto, cpu, cuda[:N] or xpu[:N]")
+    raise ParameterError("device", device, f"device={device!r}: expected auto, cpu, cuda[:N] or xpu[:N]")
 
 
 def _xpu_available() -> bool:

@@ -105,7 +105,7 @@ def estimate_stats(vol, source: str = "image") -> tuple[float, float, np.ndarray
     mean, std = float(s.mean()), float(s.std())
     if not std > 1e-6 * max(1.0, abs(mean)):
         raise NormalisationError(f"{source}: constant intensity {mean:g} (std 0): nothing to segment; "
-                                 "use --normalise fixed with --image-mean/--image-std to force it")
+                                 "use option normalise='fixed' with image_mean/image_std to force it")
     return mean, std, np.quantile(s, np.linspace(0, 1, N_QUANTILES))
 
 
@@ -119,12 +119,12 @@ def resolve(method: str, vol, model_mean: float, model_std: float, model_quantil
             image_mean: float | None = None, image_std: float | None = None, source: str = "image") -> Normalisation:
     """Chooses the normalisation of ``vol`` for a model with the given statistics."""
     if method not in METHODS:
-        raise NormalisationError(f"--normalise {method!r}: expected one of {', '.join(METHODS)}")
+        raise NormalisationError(f"option normalise={method!r}: expected one of {', '.join(METHODS)}")
     if method == "fixed":
         mean = model_mean if image_mean is None else float(image_mean)
         std = model_std if image_std is None else float(image_std)
         if not std > 0:
-            raise NormalisationError(f"--image-std {std!r}: must be > 0")
+            raise NormalisationError(f"option image_std={std!r}: must be > 0")
         return Normalisation("fixed", mean, std)
     vmean, vstd, vq = estimate_stats(vol, source)
     if method == "standardise":
@@ -157,7 +157,7 @@ def check_dominant_object(seg: np.ndarray, norm: Normalisation, where: str = "su
     frac = counts.max() / seg.size
     msg = (f"object {int(ids[counts.argmax()])} covers {frac:.0%} of the {where}: a merged flood like this usually "
            f"means the image intensities do not match the model's training data (normalisation used: "
-           f"{norm.method}, mean {norm.mean:.1f}, std {norm.std:.1f}); try --normalise standardise or "
-           f"--normalise histogram, or set --image-mean/--image-std")
+           f"{norm.method}, mean {norm.mean:.1f}, std {norm.std:.1f}); try option normalise='standardise' or "
+           f"'histogram', or set image_mean/image_std")
     log.warning(msg)
     return msg

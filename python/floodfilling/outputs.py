@@ -87,8 +87,8 @@ def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names:
     there = existing_outputs(out, names)
     if there and not overwrite:
         if out.kind == "zarr":
-            raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass --overwrite to replace it")
-        raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass --overwrite to replace it (the "
+            raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass overwrite=True to replace it")
+        raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass overwrite=True to replace it (the "
                           "file's other datasets are kept)")
     in_store = out.kind == "zarr" and os.path.isdir(out.path)
     _writable_dir_check(str(out), out.path if in_store else os.path.dirname(os.path.abspath(out.path)))

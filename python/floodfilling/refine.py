@@ -98,10 +98,10 @@ def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]
     skipped), with ``seg``'s objects in place, on ``image`` mirrored by the FOV margin. Returns
     (the floods' ids in the volume, > ``seg.max()``, 0 elsewhere; {flood id: (Origin, own voxels,
     (ids of objects it ran into, voxels))}), voxels counted over the mirrored canvas."""
-    from .inference.canvas import CanvasState
-    from .inference.engine import Job, make_predictor, run_jobs
+    from .inference.canvas import CanvasState, fov_margin
+    from .inference.engine import Job, make_predictor, run_jobs, subvolume_canvas
 
-    margin = tuple(int(f) // 2 for f in network.info.fov_zyx)
+    margin = fov_margin(network.info.fov_zyx)
     pad = [(m, m) for m in margin]
     canvas_seg = np.pad(np.asarray(seg).astype(np.int32), pad, mode="reflect")
     max_id = int(seg.max(initial=0))
@@ -110,8 +110,8 @@ def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]
                                         seed_policy="peaks")
     predictor = make_predictor(network.net, network.info.fov_zyx, network.info.deltas_zyx, cfg, threads=cfg.threads)
     seeds = np.asarray(centres, np.int64).reshape(-1, 3) + np.asarray(margin)
-    canvas = predictor.new_canvas(np.pad(np.asarray(image, np.float32), pad, mode="reflect"), seeds, cfg,
-                                  network.info.deltas_zyx, state=CanvasState(segmentation=canvas_seg, max_id=max_id))
+    canvas = subvolume_canvas(predictor, np.pad(np.asarray(image, np.float32), pad, mode="reflect"), cfg,
+                              network.info, seeds=seeds, state=CanvasState(segmentation=canvas_seg, max_id=max_id))
     try:
         run_jobs([Job("gaps", lambda: canvas)], predictor, inflight=1)
     finally:

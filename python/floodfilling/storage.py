@@ -158,7 +158,7 @@ def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
     if os.path.isdir(target):
         raise VolumeError(f"{target}: is a directory")
     if not overwrite and os.path.exists(target):
-        raise VolumeError(f"{target} exists; pass --overwrite")
+        raise VolumeError(f"{target} exists; pass overwrite=True")
     tmp = f"{target}.tmp-{os.getpid()}"
     _remove_quietly(tmp)  # stale leftover of a crashed process with the same pid
     try:
@@ -332,7 +332,7 @@ def write_hdf5_atomic(
     A new file holds just these datasets. Into an existing HDF5 file they are added: every
     other dataset, group, link and root attribute of the file is kept (copied into the new
     file, :func:`hdf5_copy_others`), and a dataset of the same name is replaced only with
-    ``overwrite`` (:class:`VolumeError` "... exists; pass --overwrite" otherwise, before
+    ``overwrite`` (:class:`VolumeError` "... exists; pass overwrite=True" otherwise, before
     anything is written). Something at ``path`` that is not an HDF5 file is never replaced.
     Everything goes into ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto
     ``path``: a failure leaves no partial file and the previous ``path`` intact. Each write
@@ -365,7 +365,7 @@ def write_hdf5_atomic(
     if keep and not overwrite:
         there = existing_hdf5_names(target, list(arrays))
         if there:
-            raise VolumeError(f"{target}:{there[0]} exists; pass --overwrite to replace it (the file's other "
+            raise VolumeError(f"{target}:{there[0]} exists; pass overwrite=True to replace it (the file's other "
                               "datasets are kept)")
     with atomic_path(target, overwrite=True) as tmp:
         space = SpaceCheck(target)
@@ -423,7 +423,7 @@ def write_zarr_atomic(
         if arr.dtype.names is None and arr.dtype.kind not in "biuf":
             raise VolumeError(f"{root_path}/{name}: unsupported dtype {arr.dtype}")
         if os.path.exists(os.path.join(root_path, name)) and not overwrite:
-            raise VolumeError(f"{root_path}/{name} exists; pass --overwrite")
+            raise VolumeError(f"{root_path}/{name} exists; pass overwrite=True")
     enc = {name: zarr_attrs(name, attrs.get(name)) for name in targets}
     group = open_zarr_group(root_path)
     tag = str(os.getpid())

@@ -33,6 +33,7 @@ __all__ = [
     "BBox",
     "ParameterError",
     "box_in",
+    "check_zyx",
     "check_labels",
     "read_table",
 ]
@@ -221,8 +222,19 @@ class BBox:
 
 
 class ParameterError(VolumeError):
-    """A bad value of the library parameter ``param`` (its message names the parameter); the
-    command line prefixes it with the flag that gave the value (``--bbox X: ...``)."""
+    """A bad value ``value`` of the library parameter ``param``.
+
+    How errors name parameters, here and in every library error message (whatever its class):
+    in keyword form, as a caller of the library writes them, ``name=value`` (a placeholder in
+    capitals where there is no value: ``workdir=DIR``), and a switch to set as ``name=True``. A
+    ParameterError's message starts with its parameter (``block=8,48,48: z size 8 is smaller
+    than ...``); a hint reads ``pass overwrite=True``; text that only describes a value does not
+    use ``=`` (``the model has depth 1``). Options of
+    :class:`floodfilling.config.InferenceConfig` are ``option name=value`` (set by TOML or
+    ``--set`` alike). The command line, the one place that knows flags, shows each ``name=`` of
+    a parameter it has a flag for as the flag (``--block 8,48,48: ...``, ``pass --overwrite``)
+    through its tables of flags (:func:`floodfilling.cli.with_flags`); no message names a flag.
+    """
 
     def __init__(self, param: str, value: Any, message: str) -> None:
         super().__init__(message)
@@ -235,11 +247,24 @@ def box_in(bbox: BBox | None, shape: Sequence[int], param: str = "bbox") -> BBox
     if bbox is None:
         return BBox.from_shape(shape)
     if not isinstance(bbox, BBox):
-        raise ParameterError(param, bbox, f"{param} {bbox!r}: expected a BBox (parse text with BBox.parse)")
+        raise ParameterError(param, bbox, f"{param}={bbox!r}: expected a BBox (parse text with BBox.parse)")
     try:
         return bbox.validate(shape)
     except ValueError as exc:
-        raise ParameterError(param, str(bbox), str(exc)) from None
+        raise ParameterError(param, bbox, f"{param}={bbox}: {exc}") from None
+
+
+def check_zyx(value: Any, param: str, minimum: int = 0) -> tuple[int, int, int]:
+    """``value`` as 3 integers (z, y, x) >= ``minimum``; :class:`ParameterError` naming ``param``
+    otherwise (text such as ``"8,8,8"`` is the command line's to parse)."""
+    try:
+        zyx = _int3(value, param)
+    except ValueError:
+        zyx = None
+    if zyx is None or min(zyx) < minimum:
+        shown = ",".join(map(str, zyx)) if zyx else repr(value)
+        raise ParameterError(param, value, f"{param}={shown}: expected 3 integers >= {minimum} (z, y, x)")
+    return zyx
 
 
 # --------------------------------------------------------------------------------------------

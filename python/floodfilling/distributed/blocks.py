@@ -1,7 +1,7 @@
 """Overlapping block decomposition of a volume (or of a bounding box of it).
 
 Geometry along one axis (the same on z, y and x; coordinates relative to the processed box,
-extent ``E``, core size ``B`` = ``--block``, halo ``H`` = ``--halo``)::
+extent ``E``, core size ``B`` = ``block``, halo ``H`` = ``halo``)::
 
     0          B          2B         3B       E
     |--core 0--|--core 1--|--core 2--|-core 3-|     cores tile [0, E) without gaps or overlap
@@ -32,33 +32,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from .. import volumes
+from ..inference.canvas import fov_margin
+
 DEFAULT_BLOCK = (128, 256, 256)
 
 
 class BlockError(ValueError):
     """Bad block/halo options or an unusable work directory (one-line message naming it)."""
-
-
-def parse_zyx(value, option: str, minimum: int = 0) -> tuple[int, int, int]:
-    """``"z,y,x"`` (or one number for all axes, or a 3-sequence) -> 3 ints >= ``minimum``."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace("x", ",").split(",")] if value.strip() else []
-        if len(parts) == 1:
-            parts = parts * 3
-        try:
-            vals = [int(p) for p in parts]
-        except ValueError:
-            raise BlockError(f"{option} {value!r}: expected three integers z,y,x (e.g. 128,256,256)") from None
-    else:
-        try:
-            vals = [int(v) for v in value]
-        except (TypeError, ValueError):
-            raise BlockError(f"{option} {value!r}: expected three integers z,y,x") from None
-    if len(vals) != 3:
-        raise BlockError(f"{option} {value!r}: expected three integers z,y,x (e.g. 128,256,256)")
-    if any(v < minimum for v in vals):
-        raise BlockError(f"{option} {value!r}: every size must be >= {minimum}")
-    return vals[0], vals[1], vals[2]
 
 
 def fmt_zyx(v: Sequence[int]) -> str:
@@ -183,27 +164,30 @@ class BlockGrid:
         return outer / core - 1.0
 
 
-def make_grid(shape: Sequence[int], block: Sequence[int], halo: Sequence[int], fov_zyx: Sequence[int],
-              block_option: str = "--block", halo_option: str = "--halo") -> BlockGrid:
-    """Validates block/halo against the FOV and the box ``shape`` and builds the grid.
+def make_grid(shape: Sequence[int], block: Sequence[int], halo: Sequence[int], fov_zyx: Sequence[int]) -> BlockGrid:
+    """Validates ``block`` (3 integers >= 1) and ``halo`` (>= 0) against the FOV and the box
+    ``shape`` and builds the grid.
 
-    Raises :class:`BlockError` naming the option: a block smaller than the FOV (on an axis
-    where the box is larger than the block), a halo smaller than the FOV radius or larger
-    than the block, or a box smaller than the FOV.
+    Raises :class:`~floodfilling.volumes.ParameterError` naming ``block`` or ``halo``: not 3
+    integers, a block smaller than the FOV (on an axis where the box is larger than the block),
+    a halo smaller than the FOV radius or larger than the block; :class:`BlockError` for a box
+    smaller than the FOV.
     """
+    block, halo = volumes.check_zyx(block, "block", 1), volumes.check_zyx(halo, "halo", 0)
     fov = tuple(int(f) for f in fov_zyx)
-    radius = tuple(f // 2 for f in fov)
+    radius = fov_margin(fov)
     shape = tuple(int(s) for s in shape)
     if any(s < f for s, f in zip(shape, fov)):
         raise BlockError(f"the volume (box) of shape {fmt_zyx(shape)} is smaller than the model's FOV {fmt_zyx(fov)}")
     for ax, name in enumerate("zyx"):
         if block[ax] < fov[ax] and shape[ax] > block[ax]:
-            raise BlockError(f"{block_option} {fmt_zyx(block)}: {name} size {block[ax]} is smaller than the model's "
-                             f"FOV {fmt_zyx(fov)} (z,y,x)")
+            raise volumes.ParameterError("block", block, f"block={fmt_zyx(block)}: {name} size {block[ax]} is smaller "
+                                         f"than the model's FOV {fmt_zyx(fov)} (z,y,x)")
         if halo[ax] < radius[ax]:
-            raise BlockError(f"{halo_option} {fmt_zyx(halo)}: {name} halo {halo[ax]} is smaller than the FOV radius "
-                             f"{fmt_zyx(radius)} (z,y,x); objects at block borders would be segmented without context")
+            raise volumes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is smaller than "
+                                         f"the FOV radius {fmt_zyx(radius)} (z,y,x); objects at block borders would "
+                                         "be segmented without context")
         if halo[ax] > block[ax] and shape[ax] > block[ax]:
-            raise BlockError(f"{halo_option} {fmt_zyx(halo)}: {name} halo {halo[ax]} is larger than the block "
-                             f"{fmt_zyx(block)}; use a halo of at most the block size")
+            raise volumes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is larger than "
+                                         f"the block {fmt_zyx(block)}; use a halo of at most the block size")
     return BlockGrid(shape, tuple(min(b, s) for b, s in zip(block, shape)), halo, min_core=fov)

@@ -29,7 +29,7 @@ One job per workdir at a time (checked through ``DIR/run.json`` on the same host
 Block results depend only on the block (its image, the global normalisation, the model and
 options), never on the rank that ran it or on ``inflight`` (on CPU every FOV runs at batch 1;
 with several threads per rank, bitwise equality across thread counts is up to the BLAS/oneDNN
-build, so compare runs at the same ``--threads``).
+build, so compare runs at the same ``threads``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import storage
+from .. import storage, volumes
 from ..config import InferenceConfig
+from ..inference.engine import check_inflight
 from ..model import load_model
 from . import labels, mpi, output, worker
 from .blocks import BlockError, fmt_zyx
@@ -71,24 +72,26 @@ class BlocksResult:
     already_complete: bool = False
 
 
-def segment_blocks(image_spec: str, out_spec: str, *, block=None, halo=None, workdir=None, model=None,
-                   config: InferenceConfig | None = None, bbox=None, overwrite: bool = False,
+def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int] | None = None,
+                   halo: tuple[int, int, int] | None = None, workdir: str | None = None, model: str | None = None,
+                   config: InferenceConfig | None = None, bbox: volumes.BBox | None = None, overwrite: bool = False,
                    inflight: int | None = None, progress: bool = False, merge_rule: MergeRule | None = None,
                    comm: mpi.Comm | None = None) -> BlocksResult:
     """Segments ``image_spec`` block by block (on every rank of an MPI launch) into ``out_spec``.
 
-    ``block``/``halo``: "z,y,x" strings or 3-sequences (default block 128,256,256, halo the
-    FOV radius + deltas; on a rerun, those recorded in the workdir); ``workdir``: block results
-    and manifest (default ``OUT.blocks`` next to the output file); ``merge_rule``: overlap rule
-    (default from ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise
-    :class:`~.blocks.BlockError` (a ValueError) with a one-line message on every rank.
+    ``block``/``halo``: 3 integers (z, y, x) (default block 128,256,256, halo the FOV radius +
+    deltas; on a rerun, those recorded in the workdir); ``bbox``: a :class:`~floodfilling.volumes.BBox`
+    of the image (default: all of it); ``workdir``: block results and manifest (default
+    ``OUT.blocks`` next to the output file); ``merge_rule``: overlap rule (default from
+    ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise a ValueError
+    (:class:`~.blocks.BlockError`, or :class:`~floodfilling.volumes.ParameterError` naming the
+    parameter) with a one-line message on every rank.
     """
     started = time.perf_counter()
     comm = comm or mpi.world()
     cfg = (config or InferenceConfig()).validate()
     rule = (merge_rule or MergeRule.from_config(cfg)).validate()
-    if inflight is not None and int(inflight) < 1:
-        raise BlockError(f"--inflight {inflight}: must be >= 1")
+    check_inflight(inflight)
     net, info = comm.collective(lambda: load_model(model, "cpu"))
 
     # phase 1: plan

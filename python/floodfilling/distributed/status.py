@@ -43,8 +43,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     wd = Path(workdir)
     mpath = wd / "manifest.json"
     if not mpath.is_file():
-        raise BlockError(f"{wd}: no block-inference manifest.json (is it the --workdir of an `ffn segment --block` "
-                         "run?)")
+        raise BlockError(f"{wd}: no block-inference manifest.json (is it the workdir of a block-inference run?)")
     try:
         man = json.loads(mpath.read_text())
     except (OSError, ValueError) as exc:

@@ -9,9 +9,9 @@
 
 :func:`make_plan` (rank 0) parses and validates the options, opens the volume, computes ONE
 normalisation for the whole volume, builds the block grid, checks the output (an existing one
-that this run wrote is complete; anything else needs ``--overwrite``), checks/writes the
+that this run wrote is complete; anything else needs ``overwrite``), checks/writes the
 manifest (a workdir of a different image, box, model, options or geometry is an error, or is
-cleared with ``--overwrite``), takes the workdir lock and the output's lock
+cleared with ``overwrite``), takes the workdir lock and the output's lock
 (:func:`floodfilling.locks.acquire`) and removes what a killed run left (claims, temporary
 block files, component volumes, temporary outputs). One job per workdir at a time (checked
 through ``run.json`` on the same host).
@@ -34,7 +34,8 @@ from .. import locks, outputs, results, storage, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
 from . import blockstore, output
-from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid, parse_zyx
+from ..inference.canvas import fov_margin
+from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid
 from .reconcile import MergeRule
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def _read_manifest(wd: Path) -> dict | None:
         if old.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {old.get('format')!r}")
     except (ValueError, OSError) as exc:
-        raise BlockError(f"--workdir {wd}: unreadable manifest.json ({exc}); use another --workdir or delete "
-                         "it") from None
+        raise volumes.ParameterError("workdir", wd, f"workdir={wd}: unreadable manifest.json ({exc}); use another "
+                                     "workdir=DIR or delete it") from None
     return old
 
 
@@ -105,35 +106,24 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     from ..inference.segment import resolve_normalisation
 
     if cfg.seed_policy == "invert_origins":
-        raise BlockError("option seed_policy='invert_origins' is not supported with block inference (--block): "
-                         "each block seeds itself; run the whole volume without --block")
+        raise BlockError("option seed_policy='invert_origins' is not supported with block inference (each block "
+                         "seeds itself); segment the whole volume in one piece")
     out = volumes.parse_volume_spec(out_spec)
     if out.kind == "zarr" and not out.dataset:
         raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
     out_path = Path(out.path)
     wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
     if wd.exists() and not wd.is_dir():
-        raise BlockError(f"--workdir {wd}: exists and is not a directory")
+        raise volumes.ParameterError("workdir", wd, f"workdir={wd}: exists and is not a directory")
     old = _read_manifest(wd)
     fov = tuple(info.fov_zyx)
-    default_halo = tuple(f // 2 + d for f, d in zip(fov, info.deltas_zyx))
-    if block is not None:
-        block_v = parse_zyx(block, "--block", 1)
-    else:
-        block_v = tuple(old["block"]) if old and not overwrite else DEFAULT_BLOCK
-    if halo is not None:
-        halo_v = parse_zyx(halo, "--halo", 0)
-    else:
-        halo_v = tuple(old["halo"]) if old and not overwrite else default_halo
+    default_halo = tuple(m + d for m, d in zip(fov_margin(fov), info.deltas_zyx))
+    recorded = old if old and not overwrite else {}  # a rerun's geometry: the one in the workdir
+    block_v = block if block is not None else recorded.get("block", DEFAULT_BLOCK)
+    halo_v = halo if halo is not None else recorded.get("halo", default_halo)
     with volumes.open_volume(image_spec) as vol:
-        try:
-            box = volumes.BBox.parse(bbox) if bbox else volumes.BBox.from_shape(vol.shape)
-            box.validate(vol.shape)
-        except volumes.VolumeError:
-            raise
-        except ValueError as exc:
-            raise BlockError(f"--bbox {bbox}: {exc}") from None
-        grid = make_grid(box.shape, block_v, halo_v, fov)
+        box = volumes.box_in(bbox, vol.shape)
+        grid = make_grid(box.shape, block_v, halo_v, fov)  # checks block and halo
         norm = resolve_normalisation(cfg, info, vol, image_spec)  # one normalisation for the whole volume
         res = vol.resolution_zyx_nm
         vshape, vdtype = list(vol.shape), str(vol.dtype)
@@ -144,8 +134,8 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         "image_shape": vshape,
         "image_dtype": vdtype,
         "bbox": [list(box.start), list(box.stop)],
-        "block": list(block_v),
-        "halo": list(halo_v),
+        "block": [int(v) for v in block_v],
+        "halo": list(grid.halo),
         "model": results.file_digest(model_path),
         "fov_zyx": list(fov),
         "deltas_zyx": list(info.deltas_zyx),
@@ -158,21 +148,22 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
                 run_id, rule, out_kind=out.kind, out_digest=out_digest)
 
-    # an existing output: ours and complete -> nothing to do; anything else needs --overwrite
+    # an existing output: ours and complete -> nothing to do; anything else needs overwrite
     names = [plan.out_ds, f"{plan.out_ds}_origins"]
     outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
     if outputs.existing_outputs(out, names) and not overwrite:
         if output.recorded_digest(plan) == out_digest:
             plan.complete = True
         else:
-            raise BlockError(f"output {out} exists; pass --overwrite to replace it")
+            raise BlockError(f"output {out} exists; pass overwrite=True to replace it")
 
     if old is not None and old != manifest:
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if not overwrite:
-            raise BlockError(f"--workdir {wd} holds blocks of a different run (differs in: {', '.join(diff)}); "
-                             "use another --workdir, the same options as before, or --overwrite to discard them")
-        log.warning("--overwrite: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
+            raise volumes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
+                                         f"{', '.join(diff)}); use another workdir=DIR, the same options as "
+                                         "before, or overwrite=True to discard them")
+        log.warning("overwrite=True: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
     take_lock(wd, run_id, size)
     if not plan.complete:
         plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
@@ -198,7 +189,7 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
             holder = {}
         pid = int(holder.get("pid", -1))
         if holder.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
-            raise BlockError(f"--workdir {wd} is in use by a running job (pid {pid} on {host}, started "
+            raise BlockError(f"workdir={wd} is in use by a running job (pid {pid} on {host}, started "
                              f"{holder.get('started', '?')}); wait for it or stop it first")
         if holder.get("host") not in (None, host):
             log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "

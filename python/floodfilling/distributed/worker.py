@@ -26,7 +26,7 @@ from .. import kernels, volumes
 from ..config import InferenceConfig
 from ..model import select_device
 from . import blockstore, mpi
-from .blocks import Block, BlockError
+from .blocks import Block
 from .workdir import Plan
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ def _rank_device_threads(cfg: InferenceConfig, comm: mpi.Comm) -> tuple[str, int
 def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
                progress: bool) -> RankStats:
     """Segments blocks until none is left to claim; this rank's stats."""
-    from ..inference import seeds as seeds_mod
-    from ..inference.engine import Job, make_predictor, run_jobs
+    from ..inference.engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
     from ..results import origins_table
 
     grid = plan.grid
@@ -134,16 +133,11 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
     if threads > 0:
         kernels.set_num_threads(threads)
     dev = select_device(device)
-    # GPU default: two alternating groups of 8 (batch 8 keeps a GPU busy on 33^3 FOVs; unmeasured)
-    n_inflight = int(inflight) if inflight else (1 if dev.type == "cpu" else 16)
-    if n_inflight < 1:
-        raise BlockError(f"--inflight {inflight}: must be >= 1")
+    n_inflight = inflight_on(dev, inflight)
     predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, threads=threads,
                                inflight=n_inflight)
     log.info("rank %d/%d: device %s, %d thread(s), %d block(s) in flight", comm.rank, comm.size, device,
              threads, n_inflight)
-    fov = tuple(info.fov_zyx)
-    margin = tuple(f // 2 for f in fov)
     host = socket.gethostname()
     claims = Claims(plan, comm.rank, comm.size)
     stats = RankStats()
@@ -154,15 +148,15 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
     def make(ticket: BlockTicket):
         b = claims.next()
         if b is None:  # nothing left: an empty canvas finishes at once
-            return predictor.new_canvas(np.zeros(fov, np.float32), np.zeros((0, 3), np.int64), cfg, info.deltas_zyx)
+            return subvolume_canvas(predictor, np.zeros(info.fov_zyx, np.float32), cfg, info,
+                                    seeds=np.zeros((0, 3), np.int64))
         ticket.block, ticket.started = b, time.perf_counter()
         box = volumes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
                            tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
         image = plan.norm.apply(vol.read(box), f"{plan.image_spec} block {box}")
-        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, plan.resolution or (1, 1, 1),
-                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
-        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(seeds))
-        return predictor.new_canvas(image, seeds, cfg, info.deltas_zyx)
+        cv = subvolume_canvas(predictor, image, cfg, info, plan.resolution or (1, 1, 1))
+        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(cv.seeds))
+        return cv
 
     def on_done(ticket: BlockTicket, cv) -> None:
         b = ticket.block

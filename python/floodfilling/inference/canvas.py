@@ -68,6 +68,12 @@ COUNTER_NAMES = (
 )
 
 
+def fov_margin(fov_zyx) -> tuple[int, int, int]:
+    """The margin of a FOV, ``f // 2`` per axis: how far FOV centres and seeds stay from the
+    volume's faces (the FOV radius)."""
+    return tuple(int(f) // 2 for f in fov_zyx)  # type: ignore[return-value]
+
+
 class Canvas:
     """Flood-fill state of one subvolume (reference semantics, float32 canvas)."""
 
@@ -80,7 +86,7 @@ class Canvas:
         self.fov = np.asarray(fov_zyx, dtype=np.int64)
         if np.any(self.fov > np.asarray(self.shape)):
             raise ValueError(f"volume of shape {self.shape} is smaller than the FOV {tuple(fov_zyx)}")
-        self.margin = tuple(int(v) for v in self.fov // 2)
+        self.margin = fov_margin(fov_zyx)
         self.deltas = tuple(int(v) for v in deltas_zyx)
         self.seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 3)
         self.cfg = config

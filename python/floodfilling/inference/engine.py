@@ -9,7 +9,9 @@ waiting job. Each canvas only ever sees its own FOVs, so its result is the one i
 get alone (bit for bit whenever the network returns the same logits for a FOV regardless
 of its batch-mates, as it does at batch 1 and in fp32 on the CPU).
 
-No Python thread per canvas: canvases are generators (:meth:`Canvas.steps`).
+No Python thread per canvas: canvases are generators (:meth:`Canvas.steps`). Whole volumes,
+blocks and agglomeration boxes all become canvases through :func:`subvolume_canvas` and run
+through :func:`run_jobs`, with ``K`` from :func:`inflight_on`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .canvas import Canvas
+import numpy as np
+
+from ..config import InferenceConfig
+from ..model import ModelInfo
+from ..volumes import ParameterError
+from . import seeds as seeds_mod
+from .canvas import Canvas, CanvasState, fov_margin
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -46,8 +54,7 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
     and launches its next step. A canvas belongs to one group and never has two steps in
     flight, so its results do not depend on the grouping.
     """
-    if inflight < 1:
-        raise ValueError(f"inflight (K) must be >= 1, got {inflight}")
+    check_inflight(inflight)
     waiting = deque(jobs)
     n_groups = max(1, min(int(predictor.pipeline_groups(inflight)), inflight))
     cap = -(-inflight // n_groups)
@@ -96,6 +103,36 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
                 canvases = [a[1] for a in active]
                 pending[g] = predictor.launch(canvases, [a[3] for a in active], canvases[0].t_pad)
     return results
+
+
+def check_inflight(inflight: int | None) -> int | None:
+    """``inflight`` (canvases in flight, K) checked: None (the default, :func:`inflight_on`)
+    or >= 1; a :class:`~floodfilling.volumes.ParameterError` otherwise."""
+    if inflight is not None and int(inflight) < 1:
+        raise ParameterError("inflight", inflight, f"inflight={inflight}: must be >= 1")
+    return inflight
+
+
+def inflight_on(device, inflight: int | None = None) -> int:
+    """Canvases in flight on ``device`` (a torch.device): ``inflight``, by default 1 on a CPU
+    (batch 1 is fastest per FOV) and 16 elsewhere (two alternating groups of 8: batch 8 keeps a
+    GPU busy on 33^3 FOVs; unmeasured)."""
+    if check_inflight(inflight) is not None:
+        return int(inflight)
+    return 1 if device.type == "cpu" else 16
+
+
+def subvolume_canvas(predictor: Predictor, image: np.ndarray, cfg: InferenceConfig, info: ModelInfo,
+                     resolution_zyx=(1, 1, 1), seeds: np.ndarray | None = None,
+                     state: CanvasState | None = None) -> Canvas:
+    """The canvas of one normalised (float32) subvolume ``image``: how segment, blocks and
+    agglomeration alike turn a volume into a canvas. ``seeds``: (N, 3) in order (default: the
+    config's seed policy at ``resolution_zyx``, inside the FOV margin); ``state``: a resumed
+    canvas state."""
+    if seeds is None:
+        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, fov_margin(info.fov_zyx), resolution_zyx,
+                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+    return predictor.new_canvas(image, seeds, cfg, info.deltas_zyx, state=state)
 
 
 def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: int | None = None,

@@ -27,8 +27,8 @@ from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from ..results import Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names
-from .canvas import Canvas, CanvasState
-from .engine import Job, make_predictor, run_jobs
+from .canvas import Canvas, CanvasState, fov_margin
+from .engine import Job, make_predictor, run_jobs, subvolume_canvas
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
                 diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
                 why = "; the image changed since it was saved" if "image_digest" in diff else ""
                 raise SegmentError(f"{path}: resume state belongs to a different run (differs in "
-                                   f"{', '.join(diff)}{why}); delete it or pass --overwrite")
+                                   f"{', '.join(diff)}{why}); delete it or pass overwrite=True")
             st = CanvasState(segmentation=z["segmentation"].copy(), seed_index=int(z["seed_index"]),
                              max_id=int(z["max_id"]), counters=json.loads(str(z["counters"])),
                              fill_passes=int(z["fill_passes"]) if "fill_passes" in z.files else 0)
@@ -98,7 +98,7 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
     except SegmentError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise SegmentError(f"{path}: unreadable resume state ({exc}); delete it or pass --overwrite") from None
+        raise SegmentError(f"{path}: unreadable resume state ({exc}); delete it or pass overwrite=True") from None
 
 
 # -- running -------------------------------------------------------------------------------
@@ -157,17 +157,13 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
         image = norm.apply(raw, source)
     except norm_mod.NormalisationError as exc:
         raise SegmentError(str(exc)) from None
-    margin = tuple(f // 2 for f in info.fov_zyx)
     state = None
     if state_path is not None and state_path.exists():
         state, seeds = load_state(state_path, manifest or {})
         log.info("resuming from %s: seed %d of %d, %d objects", state_path, state.seed_index, len(seeds),
                  len(state.origins))
-    if seeds is None:
-        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, margin, resolution_zyx,
-                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
     predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
-    canvas = predictor.new_canvas(image, seeds, cfg, info.deltas_zyx, state=state)
+    canvas = subvolume_canvas(predictor, image, cfg, info, resolution_zyx, seeds=seeds, state=state)
     between = _BetweenSeeds(canvas, state_path if cfg.checkpoint_interval_s > 0 else None, manifest or {},
                             cfg.checkpoint_interval_s, progress)
     canvas.on_object_done = between
@@ -245,7 +241,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = None
     if cfg.seed_policy == "invert_origins":
-        seeds = seeds_mod.invert_origins(seed_tab, seed_shift, raw.shape, tuple(f // 2 for f in info.fov_zyx))
+        seeds = seeds_mod.invert_origins(seed_tab, seed_shift, raw.shape, fov_margin(info.fov_zyx))
         log.info("invert_origins: %d seeds from %d origins of %s", len(seeds), len(seed_tab), cfg.seed_origins)
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,

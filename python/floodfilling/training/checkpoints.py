@@ -1,6 +1,6 @@
 """Training checkpoints: ``OUT/checkpoint/state.pt`` (what a resume reads: step, weights,
 optimizer, every rank's example stream and RNG states) and ``model.npz`` (the weights, loadable
-by ``ffn segment --model OUT``), each written atomically; the resume key check."""
+by ``segment(model=OUT)``), each written atomically; the resume key check."""
 
 from __future__ import annotations
 
@@ -63,5 +63,5 @@ def check_resume_key(saved: dict[str, Any], mine: dict[str, Any], path: Path) ->
         a, b = saved.get(k), mine.get(k)
         if json.dumps(a) != json.dumps(b):
             what = "another architecture" if k in ("depth", "features", "fov", "deltas") else "another set-up"
-            raise TrainError(f"{path}: checkpoint was trained with {k}={a}, this run asks for {k}={b} ({what}); "
-                             f"use the same options or another --out")
+            raise TrainError(f"{path}: checkpoint was trained with {k} {a}, this run asks for {k}={b} ({what}); "
+                             f"use the same options or another out=DIR")

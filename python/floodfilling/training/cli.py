@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import fields
+
+from ..cli import zyx_arg
 
 log = logging.getLogger("floodfilling")
 
+# TrainOptions fields whose flag is negated or named otherwise: --no-augment, --quiet, --no-tensorboard
+_NEGATED = ("augment", "progress", "tensorboard")
 
-def _triple(text: str) -> tuple[int, int, int]:
-    """``"24"`` or ``"24,24,24"`` (z, y, x) -> a tuple of 3 ints."""
-    try:
-        vals = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}") from None
-    if len(vals) == 1:
-        vals *= 3
-    if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}")
-    return vals[0], vals[1], vals[2]
+
+def flags() -> dict[str, str]:
+    """The library parameter each flag of prepare and train sets (how error messages become
+    flag messages: :func:`floodfilling.cli.with_flags`): every :class:`TrainOptions` field has
+    the flag of its name but the negated switches; prepare's geometry has ``_zyx`` names."""
+    from .options import TrainOptions
+
+    table = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainOptions) if f.name not in _NEGATED}
+    return {**table, "radius_zyx": "--radius", "margin_zyx": "--margin", "overwrite": "--overwrite"}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -74,20 +77,21 @@ def add_parsers(sub) -> None:
     from .partitions import DEFAULT_MIN_SIZE, DEFAULT_RADIUS_ZYX, DEFAULT_THRESHOLDS
 
     th = ",".join(str(t) for t in DEFAULT_THRESHOLDS)
+    table = flags()
     p = sub.add_parser("prepare", help="partition a label volume and write balanced training coordinates")
     p.add_argument("labels", help="ground-truth labels: file.h5:dataset")
     p.add_argument("out", help="output HDF5 file (datasets 'partitions' and 'coords')")
-    p.add_argument("--radius", type=_triple, default=DEFAULT_RADIUS_ZYX,
+    p.add_argument("--radius", type=zyx_arg, default=DEFAULT_RADIUS_ZYX,
                    help="half-size Z,Y,X of the box for the same-object fraction (use fov//2 + deltas; default 24)")
     p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
                    help=f"increasing fraction thresholds separating the partitions (default {th})")
     p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
                    help="objects with fewer voxels count as background (default 10000)")
-    p.add_argument("--margin", type=_triple, default=None,
+    p.add_argument("--margin", type=zyx_arg, default=None,
                    help="coordinates keep this distance Z,Y,X from the border (default: the radius)")
     p.add_argument("--seed", type=int, default=0, help="seed of the oversampling and shuffling (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, flags=table)
 
     p = sub.add_parser("train", help="train a flood-filling network (resumable; DDP under mpiexec)")
     p.add_argument("--image", required=True, help="training image: file.h5:dataset")
@@ -97,8 +101,8 @@ def add_parsers(sub) -> None:
                    help="`ffn prepare` output (file.h5[:coords]); default: partitions computed on the fly")
     p.add_argument("--depth", type=int, default=None, help="residual modules of the network (default 12)")
     p.add_argument("--features", type=int, default=None, help="feature maps per convolution (default 32)")
-    p.add_argument("--fov", type=_triple, default=None, help="field of view Z,Y,X, odd (default 33,33,33)")
-    p.add_argument("--deltas", type=_triple, default=None, help="FOV move Z,Y,X (default 8,8,8)")
+    p.add_argument("--fov", type=zyx_arg, default=None, help="field of view Z,Y,X, odd (default 33,33,33)")
+    p.add_argument("--deltas", type=zyx_arg, default=None, help="FOV move Z,Y,X (default 8,8,8)")
     p.add_argument("--batch", type=int, default=4, help="independent move sequences per step and rank (default 4)")
     p.add_argument("--max-steps", type=int, default=10000, help="train until this many steps in total (default 10000)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
@@ -138,4 +142,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--val-min-size", type=int, default=1000,
                    help="held-out objects smaller than this are background (default 1000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, flags=table)

@@ -101,7 +101,7 @@ def _backend_for(device: torch.device) -> str:
         try:
             import oneccl_bindings_for_pytorch  # noqa: F401
         except ImportError:
-            raise DistributedError("--device xpu with several ranks needs torch with xccl or "
+            raise DistributedError("device=xpu with several ranks needs torch with xccl or "
                                    "oneccl_bindings_for_pytorch (backend 'ccl')") from None
         return "ccl"
     return "gloo"
@@ -203,4 +203,4 @@ def lr_scale(world: int, mode: str) -> float:
         return float(world) ** 0.5
     if mode == "none":
         return 1.0
-    raise DistributedError(f"--lr-scaling {mode!r}: expected linear, sqrt or none")
+    raise DistributedError(f"lr_scaling={mode!r}: expected linear, sqrt or none")

@@ -82,7 +82,7 @@ class Geometry:
     def check_fits(self, shape, what: str = "volume") -> None:
         if any(p > s for p, s in zip(self.patch, shape)):
             raise ExampleError(f"the training patch fov + 2*deltas = {self.patch} does not fit in the {what} "
-                               f"of shape {tuple(shape)}; use a smaller --fov/--deltas")
+                               f"of shape {tuple(shape)}; use a smaller fov=Z,Y,X or deltas=Z,Y,X")
 
 
 def move_offsets(deltas) -> list[tuple[int, int, int]]:

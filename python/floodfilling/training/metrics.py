@@ -1,4 +1,4 @@
-"""Training metrics: ``metrics.csv`` (one row per --log-every steps), ``metrics.png`` (plotted)
+"""Training metrics: ``metrics.csv`` (one row per ``log_every`` steps), ``metrics.png`` (plotted)
 and TensorBoard events."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The options of ``ffn train`` (:class:`TrainOptions`), checked in one place (types and ranges
-through :func:`floodfilling.config.check_type`; messages name the flag)."""
+through :func:`floodfilling.config.check_type`; messages name the option, ``name=value``)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ class TrainOptions:
     labels: str  # training labels, file.h5:dataset (same shape)
     out: str  # run directory (metrics, checkpoint/)
     coords: str | None = None  # `ffn prepare` output (file.h5[:coords]); None: computed from the labels
-    depth: int | None = None  # residual modules (None: 12, or --init's)
-    features: int | None = None  # feature maps per convolution (None: 32, or --init's)
-    fov: tuple[int, int, int] | None = None  # FOV (z, y, x) (None: 33^3, or --init's)
-    deltas: tuple[int, int, int] | None = None  # FOV move (z, y, x) (None: 8^3, or --init's)
+    depth: int | None = None  # residual modules (None: 12, or init's)
+    features: int | None = None  # feature maps per convolution (None: 32, or init's)
+    fov: tuple[int, int, int] | None = None  # FOV (z, y, x) (None: 33^3, or init's)
+    deltas: tuple[int, int, int] | None = None  # FOV move (z, y, x) (None: 8^3, or init's)
     batch: int = 4  # independent move sequences per step (per rank)
     max_steps: int = 10000  # total training steps (batches) to reach
     optimizer: str = "sgd"  # sgd (reference: plain gradient descent) or adam
-    lr: float = 0.001  # learning rate (per rank before --lr-scaling)
+    lr: float = 0.001  # learning rate (per rank before lr_scaling)
     momentum: float = 0.0  # SGD momentum
     clip: float = 0.7  # clip every gradient entry to +-clip (reference 0.7; 0: off)
     seed: int = 0  # seeds weights, coordinates, augmentation
@@ -38,7 +38,7 @@ class TrainOptions:
     image_std: float | None = None  # override the measured intensity standard deviation
     augment: bool = True  # random flips (z, y, x) and y/x transposition
     lr_scaling: str = "sqrt"  # learning rate x world size (linear), x sqrt(world) (sqrt) or x1 (none)
-    warmup_steps: int = 0  # ramp the learning rate from --lr to the scaled one over this many steps
+    warmup_steps: int = 0  # ramp the learning rate from lr to the scaled one over this many steps
     checkpoint_every: int = 1000  # steps between checkpoints (0: only time-based and final)
     checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
     log_every: int = 100  # steps between metrics rows
@@ -64,13 +64,11 @@ _OPTION_BOUNDS: dict[str, tuple] = {
     "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
     "val_min_size": (1, True, None, False),
 }
-# Options without a flag of their own name (library-only or negated on the command line).
-_NO_FLAG = {"augment": "--no-augment", "progress": "--quiet", "tensorboard": "--no-tensorboard"}
 
 
 def check_options(opts: TrainOptions) -> TrainOptions:
     """``opts`` with every option type- and range-checked (floats finite), normalised (lists ->
-    tuples, 1 -> 1.0); a :class:`TrainError` naming the flag otherwise. Touches nothing on disk."""
+    tuples, 1 -> 1.0); a :class:`TrainError` naming the option otherwise. Touches nothing on disk."""
     import typing
 
     from ..config import ConfigError, check_type
@@ -79,27 +77,26 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     vals = {}
     for f in fields(TrainOptions):
         v = getattr(opts, f.name)
-        label = (f"option {f.name}={v!r} ({_NO_FLAG[f.name]})" if f.name in _NO_FLAG
-                 else f"--{f.name.replace('_', '-')} {_fmt_value(v)}")
         try:
-            vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), label)
+            vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), f"{f.name}={fmt_value(v)}")
         except ConfigError as exc:
             raise TrainError(str(exc)) from None
     if vals["optimizer"] not in ("sgd", "adam"):
-        raise TrainError(f"--optimizer {vals['optimizer']!r}: expected sgd or adam")
+        raise TrainError(f"optimizer={vals['optimizer']!r}: expected sgd or adam")
     if vals["lr_scaling"] not in ("linear", "sqrt", "none"):
-        raise TrainError(f"--lr-scaling {vals['lr_scaling']!r}: expected linear, sqrt or none")
+        raise TrainError(f"lr_scaling={vals['lr_scaling']!r}: expected linear, sqrt or none")
     for name in ("image", "labels", "out"):
         if not vals[name].strip():
-            raise TrainError(f"--{name}: empty")
+            raise TrainError(f"{name}={vals[name]!r}: empty")
     try:
         check_thresholds(vals["thresholds"])
     except ValueError as exc:
-        raise TrainError(f"--thresholds: {exc}") from None
+        raise TrainError(f"thresholds={fmt_value(vals['thresholds'])}: {exc}") from None
     return TrainOptions(**vals)
 
 
-def _fmt_value(v: Any) -> str:
+def fmt_value(v: Any) -> str:
+    """An option's value as a message shows it: a tuple as ``a,b,c``, a string quoted."""
     if isinstance(v, (tuple, list)):
         return ",".join(str(x) for x in v)
     return repr(v) if isinstance(v, str) else str(v)

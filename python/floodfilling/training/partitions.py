@@ -48,12 +48,8 @@ class PartitionError(ValueError):
 
 
 def _int3(v, what: str, minimum: int = 0) -> tuple[int, int, int]:
-    if isinstance(v, (int, np.integer)):
-        v = (int(v),) * 3
-    t = tuple(int(x) for x in v)
-    if len(t) != 3 or any(x < minimum for x in t):
-        raise PartitionError(f"{what} must be 3 integers >= {minimum} (z, y, x), got {v!r}")
-    return t  # type: ignore[return-value]
+    """``v`` (3 integers, or one for every axis) checked by :func:`floodfilling.volumes.check_zyx`."""
+    return volumes.check_zyx((v,) * 3 if isinstance(v, (int, np.integer)) else v, what, minimum)
 
 
 def check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
@@ -68,7 +64,7 @@ def check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
 def labels_digest(labels: np.ndarray, slab_voxels: int = 1 << 24) -> str:
     """Digest of a label volume (first 16 hex digits of a sha256 over its shape and its ids as
     little-endian uint64, slab by slab along z): what ``ffn prepare`` records as the
-    ``labels_digest`` attribute of its output and ``ffn train --coords`` compares with its
+    ``labels_digest`` attribute of its output and ``train`` compares (``coords``) with its
     training labels. Independent of the integer dtype the ids are stored in."""
     import hashlib
 
@@ -100,10 +96,10 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
         raise PartitionError(f"{source}: expected a 3-D (z, y, x) label volume, got shape {labels.shape}")
     if labels.dtype.kind not in "iu":
         raise PartitionError(f"{source}: labels must be integers, got dtype {labels.dtype}")
-    r = np.array(_int3(radius_zyx, "radius"))
+    r = np.array(_int3(radius_zyx, "radius_zyx"))
     th = check_thresholds(thresholds)
     if min_size < 1:
-        raise PartitionError(f"min_size must be >= 1, got {min_size}")
+        raise PartitionError(f"min_size={min_size}: must be >= 1")
     shape = np.array(labels.shape)
     diam = 2 * r + 1
     if np.any(shape < diam):
@@ -121,7 +117,7 @@ def compute_partitions(labels: np.ndarray, radius_zyx=DEFAULT_RADIUS_ZYX,
     if not keep.any():
         biggest = int(counts[ids != 0].max()) if np.any(ids != 0) else 0
         raise PartitionError(f"{source}: no object has >= {min_size} voxels (largest: {biggest}); "
-                             f"lower --min-size")
+                             "lower the minimum object size")
     # find_objects wants labels >= 1: compact index j is stored as j + 1.
     slices = ndimage.find_objects(inv + 1)
     out = np.full(labels.shape, IGNORE, dtype=np.uint8)
@@ -169,7 +165,7 @@ def build_coordinates(partitions: np.ndarray, margin_zyx, seed: int = 0,
                       source: str = "partitions") -> np.ndarray:
     """Balanced, shuffled training coordinates (N, 3) int32 (z, y, x); see the module docstring."""
     partitions = np.asarray(partitions)
-    m = np.array(_int3(margin_zyx, "margin"))
+    m = np.array(_int3(margin_zyx, "margin_zyx"))
     shape = np.array(partitions.shape)
     if np.any(shape - 2 * m < 1):
         raise PartitionError(f"{source}: volume of shape {tuple(int(x) for x in shape)} has no voxel at least "
@@ -201,8 +197,8 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
     from .. import locks
 
     t0 = time.perf_counter()
-    radius = _int3(radius_zyx, "--radius")
-    margin = radius if margin_zyx is None else _int3(margin_zyx, "--margin")
+    radius = _int3(radius_zyx, "radius_zyx")
+    margin = radius if margin_zyx is None else _int3(margin_zyx, "margin_zyx")
     out_path = str(out_path)
     if ":" in os.path.basename(out_path):
         raise PartitionError(f"output {out_path}: give a file name (datasets 'partitions' and 'coords' are fixed)")

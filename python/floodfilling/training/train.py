@@ -2,7 +2,7 @@
 
 Directory layout of a run (``out``)::
 
-    metrics.csv           one row per --log-every steps (loss, precision/recall/F1 at 0.9, moves)
+    metrics.csv           one row per log_every steps (loss, precision/recall/F1 at 0.9, moves)
     metrics.png           the same, plotted (loss; precision, recall, F1)
     checkpoint/model.npz  the latest weights + meta (loadable by load_model(out/"checkpoint"))
     checkpoint/state.pt   step, weights, optimizer, every rank's example stream and RNG states
@@ -41,7 +41,7 @@ from .checkpoints import (CHECKPOINT_DIR, MODEL_FILE, RESUME_KEYS, STATE_FILE, c
                           rng_state, save_checkpoint, set_rng_state)
 from .metrics import (METRICS_CSV, METRICS_PNG, TensorBoard, append_metrics, read_metrics,  # noqa: F401
                       save_plot, write_metrics)
-from .options import TrainError, TrainOptions, check_options
+from .options import TrainError, TrainOptions, check_options, fmt_value
 from .partitions import build_coordinates, compute_partitions, read_attrs
 
 log = logging.getLogger(__name__)
@@ -92,35 +92,35 @@ def load_coordinates(spec: str, shape, labels: np.ndarray | None = None,
     try:
         path, ds = volumes.parse_volume_spec(spec, default_dataset="coords")
     except ValueError as exc:
-        raise TrainError(f"--coords {spec}: {exc}") from None
+        raise TrainError(f"coords={spec}: {exc}") from None
     if not os.path.isfile(path):
-        raise TrainError(f"--coords {spec}: no such file")
+        raise TrainError(f"coords={spec}: no such file")
     try:
         with h5py.File(path, "r") as f:
             if ds not in f:
-                raise TrainError(f"--coords {spec}: no dataset {ds!r} (is it an `ffn prepare` output?)")
+                raise TrainError(f"coords={spec}: no dataset {ds!r} (is it an `ffn prepare` output?)")
             d = f[ds]
             coords = d[...]
             attrs = read_attrs(d)
     except OSError as exc:
-        raise TrainError(f"--coords {spec}: cannot read HDF5 file ({exc})") from None
+        raise TrainError(f"coords={spec}: cannot read HDF5 file ({exc})") from None
     if coords.ndim != 2 or coords.shape[1] != 3 or coords.dtype.kind not in "iu":
-        raise TrainError(f"--coords {spec}: expected an (N, 3) integer array, got {coords.shape} {coords.dtype}")
+        raise TrainError(f"coords={spec}: expected an (N, 3) integer array, got {coords.shape} {coords.dtype}")
     vshape = attrs.get("volume_shape")
     if vshape is not None and tuple(vshape) != tuple(shape):
-        raise TrainError(f"--coords {spec} was prepared for a volume of shape {tuple(vshape)}, "
+        raise TrainError(f"coords={spec} was prepared for a volume of shape {tuple(vshape)}, "
                          f"the labels have shape {tuple(shape)}")
     if labels is not None:
         from .partitions import labels_digest
 
         recorded = attrs.get("labels_digest")
         if recorded is None:
-            log.warning("--coords %s records no labels_digest (written by an older ffn prepare): cannot check that "
+            log.warning("coords=%s records no labels_digest (written by an older ffn prepare): cannot check that "
                         "it was prepared from %s", spec, labels_src)
         else:
             have = labels_digest(labels)
             if str(recorded) != have:
-                raise TrainError(f"--coords {spec} was prepared from labels {attrs.get('source_labels', '?')} "
+                raise TrainError(f"coords={spec} was prepared from labels {attrs.get('source_labels', '?')} "
                                  f"(labels_digest {recorded}), not from the training labels {labels_src} "
                                  f"(labels_digest {have}); rerun ffn prepare on {labels_src}")
     return coords.astype(np.int64), attrs
@@ -159,7 +159,7 @@ def load_data(opts: TrainOptions, geometry: Geometry):
     ok = np.all((coords >= m) & (coords < np.array(labels.shape) - m), axis=1)
     if not ok.any():
         raise TrainError(f"no training coordinate is at least {mt} from the border (fov + 2*deltas = "
-                         f"{geometry.patch}); rerun `ffn prepare` with --margin {','.join(map(str, m))}")
+                         f"{geometry.patch}); rerun `ffn prepare` with margin_zyx={','.join(map(str, m))}")
     if not ok.all():
         log.warning("dropping %d of %d coordinates closer than %s to the border", int((~ok).sum()), len(coords), mt)
         coords = coords[ok]
@@ -169,7 +169,7 @@ def load_data(opts: TrainOptions, geometry: Geometry):
 # -- model / optimizer ------------------------------------------------------------------------
 
 def resolve_architecture(opts: TrainOptions) -> tuple[TrainOptions, ConvStack3D | None]:
-    """Fills depth/features/fov/deltas from --init (or the defaults); checks they agree."""
+    """Fills depth/features/fov/deltas from ``init``'s model (or the defaults); checks they agree."""
     init_net = None
     defaults: dict[str, Any] = {"depth": 12, "features": 32, "fov": (33, 33, 33), "deltas": (8, 8, 8)}
     if opts.init:
@@ -179,8 +179,8 @@ def resolve_architecture(opts: TrainOptions) -> tuple[TrainOptions, ConvStack3D 
         for k, v in have.items():
             mine = getattr(opts, k)
             if mine is not None and tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(v)):
-                raise ModelError(f"--init {opts.init}: model has {k}={v}, but {k}={mine} was requested "
-                                 f"(another architecture)")
+                raise ModelError(f"init={opts.init}: the model has {k} {fmt_value(v)}, but {k}={fmt_value(mine)} was "
+                                 "requested (another architecture)")
         defaults = have
     kw = {k: (getattr(opts, k) if getattr(opts, k) is not None else defaults[k]) for k in defaults}
     kw["fov"] = tuple(int(x) for x in kw["fov"])
@@ -193,7 +193,7 @@ def make_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum)
     if opts.optimizer == "adam":
         return torch.optim.Adam(params, lr=opts.lr)
-    raise TrainError(f"--optimizer {opts.optimizer!r}: expected sgd or adam")
+    raise TrainError(f"optimizer={opts.optimizer!r}: expected sgd or adam")
 
 
 def learning_rate(opts: TrainOptions, step: int, world: int) -> float:
@@ -235,10 +235,8 @@ def load_validation(opts: TrainOptions, geometry: Geometry) -> Validation | None
     if not opts.val_image and not opts.val_labels:
         return None
     if not (opts.val_image and opts.val_labels):
-        raise TrainError("--val-image and --val-labels go together")
-    if opts.val_sequences < 1 or opts.val_every < 0 or opts.val_min_size < 1:
-        raise TrainError(f"--val-sequences {opts.val_sequences} and --val-min-size {opts.val_min_size} must be "
-                         f">= 1, --val-every {opts.val_every} >= 0")
+        given, missing = ("val_image", "val_labels=LABELS") if opts.val_image else ("val_labels", "val_image=IMAGE")
+        raise TrainError(f"{given}={getattr(opts, given)}: needs {missing} too (the two go together)")
     raw, labels, image_src, labels_src = _read_pair(opts.val_image, opts.val_labels, geometry, "validation ")
     mean, std, _ = intensity_stats(raw)
     if not std > 0:
@@ -248,7 +246,7 @@ def load_validation(opts: TrainOptions, geometry: Geometry) -> Validation | None
         parts = compute_partitions(labels, geometry.margin, opts.thresholds, opts.val_min_size, source=labels_src)
         coords = build_coordinates(parts, geometry.margin, seed=VAL_SEED, source=labels_src)
     except ValueError as exc:
-        raise TrainError(f"--val-labels: {exc}") from None
+        raise TrainError(f"val_labels={opts.val_labels}: {exc}") from None
     return Validation(image, labels, coords)
 
 
@@ -306,9 +304,9 @@ def train(opts: TrainOptions) -> TrainResult:
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     if opts.depth < 1 or opts.features < 1:
-        raise TrainError(f"--depth and --features must be >= 1, got {opts.depth}, {opts.features}")
+        raise TrainError(f"depth={opts.depth}, features={opts.features}: both must be >= 1")
     if (ckdir / STATE_FILE).exists() and not opts.resume:
-        raise TrainError(f"{ckdir} holds a checkpoint; pass --resume to continue it or choose another --out")
+        raise TrainError(f"{ckdir} holds a checkpoint; pass resume=True to continue it, or another out=DIR")
     dinfo = distributed.setup(opts.device, out)
     if opts.threads <= 0 and dinfo.world > 1 and dinfo.device.type == "cpu":
         # ranks, not threads, share the cores: split them instead of oversubscribing
@@ -440,7 +438,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
             stream.write_back(logits.detach().float().cpu().numpy())
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                raise TrainError(f"loss became {lv} at step {step + 1}; lower --lr")
+                raise TrainError(f"loss became {lv} at step {step + 1}; lower lr={opts.lr}")
             stream.counts.loss_sum += lv * img.shape[0]
             stream.counts.loss_n += img.shape[0]
             step += 1
@@ -480,7 +478,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
                     save_plot(out / METRICS_PNG, rows)
                 t_last_ck = time.monotonic()
         if opts.max_steps == 0 and step == 0:
-            checkpoint()  # --max-steps 0: still leave a loadable (untrained) model
+            checkpoint()  # max_steps=0: still leave a loadable (untrained) model
     finally:
         if bar is not None:
             bar.close()
