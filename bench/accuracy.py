@@ -96,7 +96,7 @@ def main() -> int:
     from floodfilling.config import InferenceConfig
     from floodfilling.inference.segment import resolve_normalisation
     from floodfilling.model import load_model
-    from floodfilling.refine import FloodNetwork, refine_array
+    from floodfilling.inference.refine import FloodNetwork, refine_array
 
     net, info = load_model(None, "cpu")
     network = FloodNetwork(net, info, InferenceConfig())

@@ -185,7 +185,7 @@ def test_refine_keeps_the_exact_flood_and_refines_it(reference_run, crop_file, t
     from floodfilling.config import InferenceConfig, RefineConfig
     from floodfilling.inference.segment import resolve_normalisation
     from floodfilling.model import load_model
-    from floodfilling.refine import FloodNetwork, refine_array
+    from floodfilling.inference.refine import FloodNetwork, refine_array
 
     out = tmp_path / "refined.h5"
     r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1", "--refine",

@@ -1,4 +1,4 @@
-"""Refinement after the flood (floodfilling.refine, ``ffn segment --refine``): hand-built
+"""Refinement after the flood (floodfilling.inference.refine, ``ffn segment --refine``): hand-built
 volumes whose right answer is known, polarity, the exact flood kept, and the command line."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from floodfilling.config import ConfigError, InferenceConfig, RefineConfig
 from floodfilling.model import ModelInfo
-from floodfilling.refine import FloodNetwork, RefineError, gap_cores, join_or_keep, refine_array
+from floodfilling.inference.refine import FloodNetwork, RefineError, gap_cores, join_or_keep, refine_array
 from test_engine import DELTAS, FOV, bright_flood_net
 
 pytest.importorskip("skimage")

@@ -250,13 +250,13 @@ class InferenceConfig(Options):
         return {k: v for k, v in self.to_dict().items() if OPTION_STAGES[k] in stages}
 
 
-REFINE_STEPS = ("gap_objects", "watershed")  # in the order they run (floodfilling.refine)
+REFINE_STEPS = ("gap_objects", "watershed")  # in the order they run (floodfilling.inference.refine)
 
 
 @dataclass
 class RefineConfig(Options):
     """``[refine]``: the steps after the exact flood of ``ffn segment --refine``
-    (:mod:`floodfilling.refine`). Thresholds are in units of the normalised image (the
+    (:mod:`floodfilling.inference.refine`). Thresholds are in units of the normalised image (the
     volume's standard deviations for the default normalisation) and were chosen on the dev
     volume (README, "Refinement")."""
 

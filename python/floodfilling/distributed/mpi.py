@@ -134,6 +134,7 @@ class Comm:
                     h.flush()
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
+            time.sleep(0.5)  # MPI_Abort kills at once: give mpiexec time to forward this rank's message
             self.abort(2)
             raise  # pragma: no cover - abort does not return
 

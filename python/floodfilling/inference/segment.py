@@ -29,6 +29,7 @@ from . import seeds as seeds_mod
 from ..results import Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names
 from .canvas import Canvas, CanvasState, fov_margin
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
+from .refine import FloodNetwork, refine_array
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
             bbox: volumes.BBox | None = None, overwrite: bool = False, progress: bool = False,
             refine: RefineConfig | None = None) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically).
-    ``refine``: run these refinement steps after the exact flood (:mod:`floodfilling.refine`);
+    ``refine``: run these refinement steps after the exact flood (:mod:`floodfilling.inference.refine`);
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
@@ -288,8 +289,6 @@ def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfi
     flood) with ``network`` = (net, model info, inference config) of the flood: objects keep
     their ids and origins, added objects get their gap flood's origin, the refinement's
     counters are added as ``refine_<name>``."""
-    from ..refine import FloodNetwork, refine_array
-
     r = refine_array(image, result.segmentation, refine, FloodNetwork(*network))
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
     return SegmentResult(r.segmentation, {**result.origins, **r.new_origins}, result.overlaps, counters,

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .config import InferenceConfig, RefineConfig
-from .results import Origin
+from ..config import InferenceConfig, RefineConfig
+from ..results import Origin
+from .canvas import CanvasState, fov_margin
+from .engine import Job, make_predictor, run_jobs, subvolume_canvas
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,6 @@ def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]
     skipped), with ``seg``'s objects in place, on ``image`` mirrored by the FOV margin. Returns
     (the floods' ids in the volume, > ``seg.max()``, 0 elsewhere; {flood id: (Origin, own voxels,
     (ids of objects it ran into, voxels))}), voxels counted over the mirrored canvas."""
-    from .inference.canvas import CanvasState, fov_margin
-    from .inference.engine import Job, make_predictor, run_jobs, subvolume_canvas
-
     margin = fov_margin(network.info.fov_zyx)
     pad = [(m, m) for m in margin]
     canvas_seg = np.pad(np.asarray(seg).astype(np.int32), pad, mode="reflect")
