@@ -72,3 +72,18 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             select_device("cuda")
+
+
+def test_model_from_a_training_run_directory(tmp_path):
+    """``--model RUN/`` (what ``ffn train --out RUN`` wrote) loads RUN/checkpoint/model.npz;
+    a directory holding neither that nor model.npz is an error naming both."""
+    net = ConvStack3D(depth=1, features=4)
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    save_model(tmp_path / "run" / "checkpoint" / "model.npz", net, {"fov_zyx": [9, 9, 9], "deltas_zyx": [2, 2, 2]})
+    loaded, info = load_model(tmp_path / "run")
+    assert info.fov_zyx == (9, 9, 9) and info.source.endswith("checkpoint/model.npz")
+    for a, b in zip(net.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no model.npz.*checkpoint/model.npz"):
+        load_model(tmp_path / "empty")

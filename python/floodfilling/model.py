@@ -186,16 +186,17 @@ def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[ConvStack3D, ModelInfo]:
-    """Loads a model file (``.npz``; a training checkpoint directory holds ``model.npz``).
+    """Loads a model file (``.npz``), a directory holding ``model.npz``, or a training run's
+    directory (its latest weights, ``checkpoint/model.npz``).
 
     ``path=None`` loads the bundled FIB-25 model. Returns the network in eval mode on
     ``device`` and its :class:`ModelInfo`.
     """
     p = bundled_model_path() if path is None else Path(path)
     if p.is_dir():
-        cand = p / "model.npz"
-        if not cand.exists():
-            raise ModelError(f"{p}: directory holds no model.npz")
+        cand = next((c for c in (p / "model.npz", p / "checkpoint" / "model.npz") if c.exists()), None)
+        if cand is None:
+            raise ModelError(f"{p}: directory holds no model.npz (nor checkpoint/model.npz of a training run)")
         p = cand
     if not p.exists():
         raise ModelError(f"model file {p} does not exist")
