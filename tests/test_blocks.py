@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from floodfilling.cli import zyx_arg
 from floodfilling.distributed.blocks import BlockError, BlockGrid, axis_bounds, make_grid
-from floodfilling.volumes import ParameterError, check_zyx
+from floodfilling.boxes import ParameterError, check_zyx
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -20,7 +20,7 @@ import torch
 
 from floodfilling.cli import main
 from floodfilling.config import InferenceConfig
-from floodfilling.volumes import BBox
+from floodfilling.boxes import BBox
 
 CROP = (slice(100, 148), slice(60, 156), slice(60, 156))  # 48 x 96 x 96 -> 2 x 2 x 2 blocks
 BLOCK, HALO = "24,48,48", "6,6,6"  # command-line text; the library takes BLOCK_ZYX, HALO_ZYX

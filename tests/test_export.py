@@ -15,7 +15,7 @@ from cloudvolume import CloudVolume  # noqa: E402
 
 from floodfilling.cli import main  # noqa: E402
 from floodfilling.export import downsample, export, pyramid_factor, pyramid_sizes  # noqa: E402
-from floodfilling.volumes import BBox  # noqa: E402
+from floodfilling.boxes import BBox  # noqa: E402
 
 
 def downsample_brute(a, f, labels):

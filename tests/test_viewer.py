@@ -16,7 +16,7 @@ pytest.importorskip("neuroglancer")
 
 from floodfilling.cli import main  # noqa: E402
 from floodfilling.viewer import make_viewer  # noqa: E402
-from floodfilling.volumes import BBox  # noqa: E402
+from floodfilling.boxes import BBox  # noqa: E402
 
 
 @pytest.fixture(scope="module")

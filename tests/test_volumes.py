@@ -1,4 +1,4 @@
-"""Tests of floodfilling.volumes: specs, bounding boxes, lazy reading, atomic writes."""
+"""Tests of floodfilling.volumes, boxes, disk and storage: specs, bounding boxes, lazy reading, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from floodfilling.storage import atomic_path, atomic_write_bytes, write_hdf5_atomic, write_volume
-from floodfilling.volumes import BBox, Volume, VolumeError, VolumeSpec, open_volume, parse_volume_spec
+from floodfilling.boxes import BBox
+from floodfilling.disk import atomic_path, atomic_write_bytes
+from floodfilling.errors import VolumeError
+from floodfilling.storage import write_hdf5_atomic, write_volume
+from floodfilling.volumes import Volume, VolumeSpec, open_volume, parse_volume_spec
 
 
 def _leftovers(directory):

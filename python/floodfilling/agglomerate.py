@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from . import kernels, locks, outputs, results, volumes
+from . import boxes, kernels, locks, outputs, results, volumes
 from .config import InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ def dominant(seg: np.ndarray, other: np.ndarray) -> dict[int, int]:
     return {int(p[i, 0]): int(p[i, 1]) for i in largest_overlaps(p, c)}
 
 
-def place_box(centre, box, shape) -> volumes.BBox:
+def place_box(centre, box, shape) -> boxes.BBox:
     start = [min(max(int(c) - b // 2, 0), max(s - b, 0)) for c, b, s in zip(centre, box, shape)]
-    return volumes.BBox(tuple(start), tuple(min(a + b, s) for a, b, s in zip(start, box, shape)))
+    return boxes.BBox(tuple(start), tuple(min(a + b, s) for a, b, s in zip(start, box, shape)))
 
 
 def interior_point(mask: np.ndarray, margin=(0, 0, 0)):
@@ -118,13 +118,13 @@ def interior_point(mask: np.ndarray, margin=(0, 0, 0)):
 
 
 def check_options(opts: AgglomerationOptions) -> AgglomerationOptions:
-    """``opts`` checked, its box as 3 integers (:class:`~floodfilling.volumes.ParameterError`
+    """``opts`` checked, its box as 3 integers (:class:`~floodfilling.boxes.ParameterError`
     naming the option otherwise)."""
-    box = volumes.check_zyx(opts.box, "box", 1)
+    box = boxes.check_zyx(opts.box, "box", 1)
     if not 0 < opts.merge_iou <= 1:
-        raise volumes.ParameterError("merge_iou", opts.merge_iou, f"merge_iou={opts.merge_iou}: must be in (0, 1]")
+        raise boxes.ParameterError("merge_iou", opts.merge_iou, f"merge_iou={opts.merge_iou}: must be in (0, 1]")
     if opts.min_contact < 1:
-        raise volumes.ParameterError("min_contact", opts.min_contact, f"min_contact={opts.min_contact}: must be >= 1")
+        raise boxes.ParameterError("min_contact", opts.min_contact, f"min_contact={opts.min_contact}: must be >= 1")
     return dataclasses.replace(opts, box=box)
 
 
@@ -139,7 +139,7 @@ def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: Inf
     opts, fov = check_options(opts), tuple(int(f) for f in info.fov_zyx)
     box = opts.box
     if any(b < f for b, f in zip(box, fov)):
-        raise volumes.ParameterError("box", box, f"box={','.join(map(str, box))}: must be at least the model's FOV "
+        raise boxes.ParameterError("box", box, f"box={','.join(map(str, box))}: must be at least the model's FOV "
                                      f"{fov}")
     if any(s < f for s, f in zip(seg.shape, fov)):
         raise AgglomerationError(f"the volume {seg.shape} is smaller than the model's FOV {fov}")

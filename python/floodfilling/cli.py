@@ -357,7 +357,7 @@ _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun th
 
 
 # Library parameters and the flags that set them (training's: training.cli.flags); see
-# volumes.ParameterError for how messages name parameters.
+# boxes.ParameterError for how messages name parameters.
 _FLAGS = {"bbox": "--bbox", "block": "--block", "halo": "--halo", "workdir": "--workdir", "inflight": "--inflight",
           "overwrite": "--overwrite", "device": "--device", "box": "--box", "min_contact": "--min-contact",
           "merge_iou": "--merge-iou", "within": "--within", "min_size": "--min-size", "levels": "--levels",
@@ -370,7 +370,7 @@ _KEYWORD = re.compile(r"(?<![\w.:/-])(?<!option )([a-z][a-z0-9_]*)=(True\b)?")
 def with_flags(message: str, flags: dict[str, str]) -> str:
     """``message`` with each library parameter it names in keyword form that ``flags`` has a flag
     for written as that flag: ``block=8,8,8: ...`` -> ``--block 8,8,8: ...``, ``pass
-    overwrite=True`` -> ``pass --overwrite`` (the convention: :class:`floodfilling.volumes.ParameterError`)."""
+    overwrite=True`` -> ``pass --overwrite`` (the convention: :class:`floodfilling.boxes.ParameterError`)."""
 
     def flag(m: re.Match) -> str:
         name = flags.get(m.group(1))
@@ -397,7 +397,7 @@ def zyx_arg(text: str) -> tuple[int, int, int]:
 
 def _bbox(text: str | None):
     """``--bbox z0,y0,x0:z1,y1,x1`` as a BBox (None: the whole volume)."""
-    from .volumes import BBox
+    from .boxes import BBox
 
     if text is None:
         return None

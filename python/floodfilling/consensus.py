@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, locks, outputs, results, storage, volumes
+from . import disk, kernels, locks, outputs, results, storage, volumes
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,10 @@ def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
 
     out_names = [ds, f"{ds}_origins"]
     keep = os.path.exists(out.path)  # an HDF5 file (check_output saw to it): its other datasets stay
-    with storage.disk_errors(out.path):
+    with disk.disk_errors(out.path):
         os.makedirs(os.path.dirname(os.path.abspath(out.path)), exist_ok=True)
-    space = storage.SpaceCheck(out.path)
-    with storage.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
+    space = disk.SpaceCheck(out.path)
+    with disk.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
         if keep:  # the file's other datasets stay
             storage.hdf5_copy_others(out.path, f, out_names, space)
 
@@ -242,5 +242,5 @@ def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
     except BaseException:
         shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
         raise
-    storage.fsync_dir(out.path)
+    disk.fsync_dir(out.path)
     return table

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import evaluation, results, storage, viz, volumes
+from . import disk, evaluation, results, viz, volumes
 from .config import InferenceConfig
 from .model import bundled_model_path
 from .inference.segment import SegmentResult, segment_array, write_result
@@ -35,7 +35,7 @@ class DemoResult:
 
 def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bool = True) -> DemoResult:
     out_dir = Path(out_dir)
-    with storage.disk_errors(out_dir):
+    with disk.disk_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     crop = demo_crop_path()
     with volumes.open_volume(f"{crop}:raw") as v:
@@ -58,6 +58,6 @@ def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bo
     png = out_dir / "demo_slices.png"
     viz.write_png(png, viz.orthogonal_slices(raw, res.segmentation, zoom=3))
     report = out_dir / "demo_evaluation.json"
-    storage.atomic_write_bytes(report, (json.dumps({"counters": res.counters, "seconds": res.seconds,
+    disk.atomic_write_bytes(report, (json.dumps({"counters": res.counters, "seconds": res.seconds,
                                                      "evaluation": ev}, indent=2) + "\n").encode())
     return DemoResult(res, ev, seg_path, png, report)

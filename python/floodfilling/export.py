@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import volumes
+from . import boxes, volumes
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def downsample(block: np.ndarray, factor, labels: bool) -> np.ndarray:
 
 
 def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None = None,
-           resolution_zyx: Sequence[float] | None = None, bbox: volumes.BBox | None = None, overwrite: bool = False,
+           resolution_zyx: Sequence[float] | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
            tile: int = TILE) -> dict[str, Any]:
     """Writes the volume ``spec`` as a precomputed layer at ``dest``; returns its info JSON.
     ``layer_type``: "segmentation", "image" or "auto" (integer types other than uint8 ->
@@ -131,7 +131,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
                 raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
             shutil.rmtree(path)
     with volumes.open_volume(spec) as vol:
-        box = volumes.box_in(bbox, vol.shape)
+        box = boxes.box_in(bbox, vol.shape)
         dt = np.dtype(vol.dtype)
         if layer_type == "auto":
             layer_type = "segmentation" if dt.kind in "iu" and dt != np.uint8 else "image"

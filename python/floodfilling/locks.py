@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import storage, volumes
+from . import disk, errors, storage, volumes
 
 log = logging.getLogger(__name__)
 
 
-class LockError(volumes.VolumeError):
+class LockError(errors.VolumeError):
     """The output is being written by another process (one-line message)."""
 
 
@@ -81,7 +81,7 @@ def _read_lock(path: Path) -> dict:
 
 def _remove_temporaries(out: volumes.VolumeSpec, names: Sequence[str]) -> None:
     if out.kind != "zarr":
-        storage.remove_temporaries(out.path)
+        disk.remove_temporaries(out.path)
         return
     store = Path(out.path)
     if not store.is_dir():
@@ -104,7 +104,7 @@ def acquire(out: volumes.VolumeSpec, names: Sequence[str] | None = None, workdir
     names = list(names) if names is not None else [str(out.dataset)]
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "output": str(out), "workdir": workdir}
-    with storage.disk_errors(path):
+    with disk.disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):
             try:

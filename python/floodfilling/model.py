@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import storage
-from .volumes import ParameterError
+from . import disk
+from .boxes import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,12 @@ def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) 
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    storage.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
+    disk.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks cuda, then xpu, then cpu. An unavailable device is a
-    :class:`~floodfilling.volumes.ParameterError` (a ValueError) naming ``device``."""
+    :class:`~floodfilling.boxes.ParameterError` (a ValueError) naming ``device``."""
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()

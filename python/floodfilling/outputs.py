@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .storage import existing_hdf5, existing_hdf5_names, os_error_text
-from .volumes import PathLike, VolumeError, VolumeSpec, import_zarr, parse_volume_spec
+from .disk import os_error_text
+from .errors import VolumeError
+from .storage import existing_hdf5, existing_hdf5_names
+from .volumes import PathLike, VolumeSpec, import_zarr, parse_volume_spec
 
 
 def names_clash(a: str, b: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import storage, volumes
+from . import errors, storage, volumes
 
 ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
 OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
@@ -112,7 +112,7 @@ def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray,
 
 def read_origins(spec: str) -> np.ndarray | None:
     """The origins table ``<ds>_origins`` beside a segmentation ``spec`` as an ORIGIN_DTYPE
-    array (extra columns dropped); None when absent; :class:`volumes.VolumeError` naming the
+    array (extra columns dropped); None when absent; :class:`errors.VolumeError` naming the
     table when it is not an origins table."""
     parsed = volumes.parse_volume_spec(spec)
     name = f"{parsed.dataset}_origins"
@@ -121,7 +121,7 @@ def read_origins(spec: str) -> np.ndarray | None:
         return None
     where = f"{parsed.path}/{name}" if parsed.kind == "zarr" else f"{parsed.path}:{name}"
     if raw.dtype.names is None or not set(ORIGIN_DTYPE.names) <= set(raw.dtype.names):
-        raise volumes.VolumeError(f"{where}: not an origins table (columns {raw.dtype.names})")
+        raise errors.VolumeError(f"{where}: not an origins table (columns {raw.dtype.names})")
     tab = np.zeros(len(raw), ORIGIN_DTYPE)
     for col in ORIGIN_DTYPE.names:
         tab[col] = raw[col]

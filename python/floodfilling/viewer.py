@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import volumes
+from . import boxes, volumes
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LazyBox:
     """Array-like view of ``box`` of a :class:`~floodfilling.volumes.Volume`: shape, dtype and
     slicing with ``slice`` objects (steps of 1), read from the file on each access."""
 
-    def __init__(self, vol: volumes.Volume, box: volumes.BBox):
+    def __init__(self, vol: volumes.Volume, box: boxes.BBox):
         self.vol, self.box = vol, box
         self.shape = box.shape
         self.dtype = vol.dtype
@@ -81,14 +81,14 @@ def _layer_name(spec: str, taken: set[str]) -> str:
     return name
 
 
-def open_layers(image: str, labels: Sequence[str] = (), bbox: volumes.BBox | None = None) -> tuple[list[Layer], tuple]:
+def open_layers(image: str, labels: Sequence[str] = (), bbox: boxes.BBox | None = None) -> tuple[list[Layer], tuple]:
     """Opens the volumes (lazily) and checks they fit together; returns the layers and the
     voxel size (z, y, x) in nm. Labels must be an integer type and have the image's shape."""
     vols: list[volumes.Volume] = []
     try:
         img = volumes.open_volume(image)
         vols.append(img)
-        box = volumes.box_in(bbox, img.shape)
+        box = boxes.box_in(bbox, img.shape)
         taken: set[str] = set()
         layers = [Layer(_layer_name(image, taken), image, "image", LazyBox(img, box))]
         for spec in labels:
@@ -130,7 +130,7 @@ def _ng_data(layer: Layer):
     return _Cast()
 
 
-def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: volumes.BBox | None = None,
+def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: boxes.BBox | None = None,
                 bind_address: str = "127.0.0.1", port: int = 0):
     """A neuroglancer Viewer serving ``image`` and ``labels``; returns ``(viewer, layers)``.
     The server starts on the first ``viewer.get_viewer_url()``. ``port`` 0: any free port."""
@@ -158,7 +158,7 @@ def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: volumes.BBox | 
     return viewer, layers
 
 
-def _seed_points(ng, origins: np.ndarray, box: volumes.BBox) -> list:
+def _seed_points(ng, origins: np.ndarray, box: boxes.BBox) -> list:
     """Point annotations at the voxel centres of the seeds inside ``box``."""
     z, y, x = (np.asarray(origins[c], np.int64) for c in ("z", "y", "x"))
     inside = np.all([(v >= a) & (v < b) for v, a, b in zip((z, y, x), box.start, box.stop)], axis=0)

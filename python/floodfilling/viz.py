@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import atomic_write_bytes
+from .disk import atomic_write_bytes
 
 
 def label_colours(labels: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .. import volumes
+from .. import boxes
 from ..inference.canvas import fov_margin
 
 DEFAULT_BLOCK = (128, 256, 256)
@@ -168,12 +168,12 @@ def make_grid(shape: Sequence[int], block: Sequence[int], halo: Sequence[int], f
     """Validates ``block`` (3 integers >= 1) and ``halo`` (>= 0) against the FOV and the box
     ``shape`` and builds the grid.
 
-    Raises :class:`~floodfilling.volumes.ParameterError` naming ``block`` or ``halo``: not 3
+    Raises :class:`~floodfilling.boxes.ParameterError` naming ``block`` or ``halo``: not 3
     integers, a block smaller than the FOV (on an axis where the box is larger than the block),
     a halo smaller than the FOV radius or larger than the block; :class:`BlockError` for a box
     smaller than the FOV.
     """
-    block, halo = volumes.check_zyx(block, "block", 1), volumes.check_zyx(halo, "halo", 0)
+    block, halo = boxes.check_zyx(block, "block", 1), boxes.check_zyx(halo, "halo", 0)
     fov = tuple(int(f) for f in fov_zyx)
     radius = fov_margin(fov)
     shape = tuple(int(s) for s in shape)
@@ -181,13 +181,13 @@ def make_grid(shape: Sequence[int], block: Sequence[int], halo: Sequence[int], f
         raise BlockError(f"the volume (box) of shape {fmt_zyx(shape)} is smaller than the model's FOV {fmt_zyx(fov)}")
     for ax, name in enumerate("zyx"):
         if block[ax] < fov[ax] and shape[ax] > block[ax]:
-            raise volumes.ParameterError("block", block, f"block={fmt_zyx(block)}: {name} size {block[ax]} is smaller "
+            raise boxes.ParameterError("block", block, f"block={fmt_zyx(block)}: {name} size {block[ax]} is smaller "
                                          f"than the model's FOV {fmt_zyx(fov)} (z,y,x)")
         if halo[ax] < radius[ax]:
-            raise volumes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is smaller than "
+            raise boxes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is smaller than "
                                          f"the FOV radius {fmt_zyx(radius)} (z,y,x); objects at block borders would "
                                          "be segmented without context")
         if halo[ax] > block[ax] and shape[ax] > block[ax]:
-            raise volumes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is larger than "
+            raise boxes.ParameterError("halo", halo, f"halo={fmt_zyx(halo)}: {name} halo {halo[ax]} is larger than "
                                          f"the block {fmt_zyx(block)}; use a halo of at most the block size")
     return BlockGrid(shape, tuple(min(b, s) for b, s in zip(block, shape)), halo, min_core=fov)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .. import locks, storage, volumes
+from .. import disk, locks, storage, volumes
 from . import blockstore, split
 from .reconcile import relabel_core
 
@@ -160,7 +160,7 @@ def _create_hdf5(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) ->
     shape = plan.box.shape
     offset = None
     names = [plan.out_ds, f"{plan.out_ds}_origins"]
-    space = storage.SpaceCheck(plan.out_path)
+    space = disk.SpaceCheck(plan.out_path)
     with h5py.File(tmp, "w") as f:
         if os.path.exists(plan.out_path):  # an existing file (check_output saw to it): its other datasets stay
             storage.hdf5_copy_others(plan.out_path, f, names, space)
@@ -247,9 +247,9 @@ def commit(plan: Plan) -> None:
         origins = f"{plan.out_ds}_origins"
         storage.zarr_commit(group, str(out), storage.zarr_tmp_name(origins, plan.run_id), origins, plan.run_id)
         storage.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
-        storage.fsync_dir(str(out.resolve()))
+        disk.fsync_dir(str(out.resolve()))
     else:
         os.replace(tmp, out)
-        storage.fsync_dir(str(out.parent.resolve()))
+        disk.fsync_dir(str(out.parent.resolve()))
     if plan.lock is not None:
         locks.release(plan.lock)

@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import storage, volumes
+from .. import boxes, disk
 from ..config import InferenceConfig
 from ..inference.engine import check_inflight
 from ..model import load_model
@@ -74,17 +74,17 @@ class BlocksResult:
 
 def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int] | None = None,
                    halo: tuple[int, int, int] | None = None, workdir: str | None = None, model: str | None = None,
-                   config: InferenceConfig | None = None, bbox: volumes.BBox | None = None, overwrite: bool = False,
+                   config: InferenceConfig | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
                    inflight: int | None = None, progress: bool = False, merge_rule: MergeRule | None = None,
                    comm: mpi.Comm | None = None) -> BlocksResult:
     """Segments ``image_spec`` block by block (on every rank of an MPI launch) into ``out_spec``.
 
     ``block``/``halo``: 3 integers (z, y, x) (default block 128,256,256, halo the FOV radius +
-    deltas; on a rerun, those recorded in the workdir); ``bbox``: a :class:`~floodfilling.volumes.BBox`
+    deltas; on a rerun, those recorded in the workdir); ``bbox``: a :class:`~floodfilling.boxes.BBox`
     of the image (default: all of it); ``workdir``: block results and manifest (default
     ``OUT.blocks`` next to the output file); ``merge_rule``: overlap rule (default from
     ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise a ValueError
-    (:class:`~.blocks.BlockError`, or :class:`~floodfilling.volumes.ParameterError` naming the
+    (:class:`~.blocks.BlockError`, or :class:`~floodfilling.boxes.ParameterError` naming the
     parameter) with a one-line message on every rank.
     """
     started = time.perf_counter()
@@ -172,7 +172,7 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
     if comm.is_root:
         with comm.abort_on_error("writing the output"):
             create_from = time.perf_counter()
-            with output.discard_on_error(plan), storage.disk_errors(plan.out_path):
+            with output.discard_on_error(plan), disk.disk_errors(plan.out_path):
                 offset = output.create(plan, final, reconciled.attrs, parallel)
             reconciled.timings["create_output_s"] = time.perf_counter() - create_from
             if parallel:
@@ -182,7 +182,7 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
         task = comm.scatter(tasks, root=0)
         write_from = time.perf_counter()
         with comm.abort_on_error("writing the output"):
-            with output.discard_on_error(plan), storage.disk_errors(plan.out_path):
+            with output.discard_on_error(plan), disk.disk_errors(plan.out_path):
                 nbytes = output.write_cores(plan, task)
         written = comm.gather((time.perf_counter() - write_from, nbytes), root=0)
         if comm.is_root:

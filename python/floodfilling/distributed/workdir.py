@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import locks, outputs, results, storage, volumes
+from .. import boxes, disk, locks, outputs, results, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
 from . import blockstore, output
@@ -49,7 +49,7 @@ _NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "split_compone
 @dataclass
 class Plan:
     image_spec: str
-    box: volumes.BBox
+    box: boxes.BBox
     resolution: tuple | None
     grid: BlockGrid
     norm: Normalisation
@@ -95,7 +95,7 @@ def _read_manifest(wd: Path) -> dict | None:
         if old.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {old.get('format')!r}")
     except (ValueError, OSError) as exc:
-        raise volumes.ParameterError("workdir", wd, f"workdir={wd}: unreadable manifest.json ({exc}); use another "
+        raise boxes.ParameterError("workdir", wd, f"workdir={wd}: unreadable manifest.json ({exc}); use another "
                                      "workdir=DIR or delete it") from None
     return old
 
@@ -114,7 +114,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     out_path = Path(out.path)
     wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
     if wd.exists() and not wd.is_dir():
-        raise volumes.ParameterError("workdir", wd, f"workdir={wd}: exists and is not a directory")
+        raise boxes.ParameterError("workdir", wd, f"workdir={wd}: exists and is not a directory")
     old = _read_manifest(wd)
     fov = tuple(info.fov_zyx)
     default_halo = tuple(m + d for m, d in zip(fov_margin(fov), info.deltas_zyx))
@@ -122,7 +122,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     block_v = block if block is not None else recorded.get("block", DEFAULT_BLOCK)
     halo_v = halo if halo is not None else recorded.get("halo", default_halo)
     with volumes.open_volume(image_spec) as vol:
-        box = volumes.box_in(bbox, vol.shape)
+        box = boxes.box_in(bbox, vol.shape)
         grid = make_grid(box.shape, block_v, halo_v, fov)  # checks block and halo
         norm = resolve_normalisation(cfg, info, vol, image_spec)  # one normalisation for the whole volume
         res = vol.resolution_zyx_nm
@@ -160,7 +160,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     if old is not None and old != manifest:
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if not overwrite:
-            raise volumes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
+            raise boxes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
                                          f"{', '.join(diff)}); use another workdir=DIR, the same options as "
                                          "before, or overwrite=True to discard them")
         log.warning("overwrite=True: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
@@ -172,7 +172,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     for d in (plan.blocks_dir, plan.claims_dir):
         d.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(plan)
-    storage.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    disk.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
     return plan
 
@@ -194,7 +194,7 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
         if holder.get("host") not in (None, host):
             log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
                         "one job per workdir)", wd, holder.get("host"))
-    storage.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
+    disk.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
 
 
@@ -235,7 +235,7 @@ def _remove_split_dirs(workdir: str | Path) -> None:
 
 def write_report(plan: Plan, report: dict) -> None:
     """``DIR/reconcile.json`` (read by ``ffn status``)."""
-    storage.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
+    disk.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
 def tidy(plan: Plan) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels, volumes
+from .. import boxes, kernels, volumes
 from ..config import InferenceConfig
 from ..model import select_device
 from . import blockstore, mpi
@@ -151,7 +151,7 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
             return subvolume_canvas(predictor, np.zeros(info.fov_zyx, np.float32), cfg, info,
                                     seeds=np.zeros((0, 3), np.int64))
         ticket.block, ticket.started = b, time.perf_counter()
-        box = volumes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
+        box = boxes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
                            tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
         image = plan.norm.apply(vol.read(box), f"{plan.image_spec} block {box}")
         cv = subvolume_canvas(predictor, image, cfg, info, plan.resolution or (1, 1, 1))

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import InferenceConfig
 from ..model import ModelInfo
-from ..volumes import ParameterError
+from ..boxes import ParameterError
 from . import seeds as seeds_mod
 from .canvas import Canvas, CanvasState, fov_margin
 from .predictor import Predictor
@@ -107,7 +107,7 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
 
 def check_inflight(inflight: int | None) -> int | None:
     """``inflight`` (canvases in flight, K) checked: None (the default, :func:`inflight_on`)
-    or >= 1; a :class:`~floodfilling.volumes.ParameterError` otherwise."""
+    or >= 1; a :class:`~floodfilling.boxes.ParameterError` otherwise."""
     if inflight is not None and int(inflight) < 1:
         raise ParameterError("inflight", inflight, f"inflight={inflight}: must be >= 1")
     return inflight

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import locks, outputs, results, storage, volumes
+from .. import boxes, disk, locks, outputs, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig, RefineConfig
 from ..model import ModelInfo, load_model
@@ -71,7 +71,7 @@ def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
     secs = np.array([st.origins[i].seconds for i in ids], dtype=np.float64)
     ov_rows = [(i, a, c) for i in ids for a, c in zip(*st.overlaps.get(int(i), ((), ())))]
     ov = np.array(ov_rows, dtype=np.int64).reshape(-1, 3)
-    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:  # the previous state stays until this one is complete
+    with disk.atomic_path(path) as tmp, open(tmp, "wb") as f:  # the previous state stays until this one is complete
         np.savez(f, segmentation=st.segmentation, seeds=canvas.seeds, seed_index=st.seed_index,
                  fill_passes=st.fill_passes, max_id=st.max_id, origin_ids=ids, origins=org, origin_seconds=secs,
                  overlaps=ov, counters=json.dumps(st.counters), manifest=json.dumps(manifest, sort_keys=True))
@@ -193,7 +193,7 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
 
 
 def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
-            bbox: volumes.BBox | None = None, overwrite: bool = False, progress: bool = False,
+            bbox: boxes.BBox | None = None, overwrite: bool = False, progress: bool = False,
             refine: RefineConfig | None = None) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically).
     ``refine``: run these refinement steps after the exact flood (:mod:`floodfilling.inference.refine`);
@@ -213,7 +213,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
                     overwrite: bool, progress: bool, refine: RefineConfig | None) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     with volumes.open_volume(image_spec) as vol:
-        box = volumes.box_in(bbox, vol.shape)
+        box = boxes.box_in(bbox, vol.shape)
         if cfg.seed_policy == "invert_origins":
             seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
         raw = vol.read(box)
@@ -235,10 +235,10 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         "image_digest": image_digest(raw),
     }
     sp = state_path_for(out_path, out_ds if out.kind == "zarr" else None)
-    storage.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
+    disk.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
     if overwrite and sp.exists():
         sp.unlink()
-    with storage.disk_errors(out_path.parent):
+    with disk.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = None
     if cfg.seed_policy == "invert_origins":
@@ -260,7 +260,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     return result
 
 
-def _origins_to_invert(seg_spec: str, box: volumes.BBox) -> tuple[np.ndarray, np.ndarray]:
+def _origins_to_invert(seg_spec: str, box: boxes.BBox) -> tuple[np.ndarray, np.ndarray]:
     """(origins table of the segmentation ``seg_spec``, shift from its box into ``box``)."""
     with volumes.open_volume(seg_spec) as prev:
         prev_box = prev.attrs.get("bbox_zyx")

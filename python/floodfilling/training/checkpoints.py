@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import storage
+from .. import disk
 from ..model import ConvStack3D, save_model
 from .options import TrainError
 
@@ -40,13 +40,13 @@ def save_checkpoint(ckdir: Path, net: ConvStack3D, opt: torch.optim.Optimizer, s
                     resume_key: dict[str, Any], meta: dict[str, Any]) -> None:
     """Writes state.pt then model.npz, each atomically (serialised in memory first, so a full
     disk is a one-line error that leaves no temporary file and the previous checkpoint intact)."""
-    with storage.disk_errors(ckdir):
+    with disk.disk_errors(ckdir):
         ckdir.mkdir(parents=True, exist_ok=True)
     state = {"format": 1, "step": int(step), "model": net.state_dict(), "optimizer": opt.state_dict(),
              "ranks": ranks, "resume_key": resume_key, "meta": meta, "time": time.time()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    storage.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
+    disk.atomic_write_bytes(ckdir / STATE_FILE, buf.getvalue())
     save_model(ckdir / MODEL_FILE, net, meta)
 
 

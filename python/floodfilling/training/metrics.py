@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import storage
+from .. import disk
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     w.writerow(METRIC_COLUMNS)
     for r in rows:
         w.writerow([_fmt(r.get(c, float("nan"))) for c in METRIC_COLUMNS])
-    storage.atomic_write_bytes(path, f.getvalue().encode())
+    disk.atomic_write_bytes(path, f.getvalue().encode())
 
 
 def append_metrics(path: Path, row: dict[str, float]) -> None:

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import outputs, storage, volumes
+from .. import boxes, outputs, storage, volumes
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class PartitionError(ValueError):
 
 
 def _int3(v, what: str, minimum: int = 0) -> tuple[int, int, int]:
-    """``v`` (3 integers, or one for every axis) checked by :func:`floodfilling.volumes.check_zyx`."""
-    return volumes.check_zyx((v,) * 3 if isinstance(v, (int, np.integer)) else v, what, minimum)
+    """``v`` (3 integers, or one for every axis) checked by :func:`floodfilling.boxes.check_zyx`."""
+    return boxes.check_zyx((v,) * 3 if isinstance(v, (int, np.integer)) else v, what, minimum)
 
 
 def check_thresholds(thresholds: Sequence[float]) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import storage, volumes
+from .. import disk, volumes
 from ..model import ConvStack3D, ModelError, load_model
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
@@ -386,7 +386,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
     metrics_path = out / METRICS_CSV
     rows: list[dict[str, float]] = []
     if dinfo.is_main:
-        with storage.disk_errors(out):
+        with disk.disk_errors(out):
             out.mkdir(parents=True, exist_ok=True)
         for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
             stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
