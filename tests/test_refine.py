@@ -125,3 +125,21 @@ def test_no_steps_returns_the_flood():
     image, truth = cells()
     seg = np.where(truth == 1, 5, 0).astype(np.uint32)
     np.testing.assert_array_equal(refine_array(image, seg, RefineConfig(steps=())).segmentation, seg)
+
+
+def test_cores_whose_seeds_cannot_flood_leave_the_gap_to_the_watershed():
+    """A network that never floods (every seed falls below move_threshold): no gap object, the
+    watershed fills the free cell from the flood's objects, counters say so."""
+    import torch
+
+    class Never(torch.nn.Module):
+        def forward(self, image, seed):
+            return torch.full_like(seed, -5.0)
+
+    image, truth = cells()
+    seg = np.where(truth == 1, 5, 0).astype(np.uint32)
+    net = FloodNetwork(Never(), ModelInfo(depth=1, features=4, fov_zyx=FOV, deltas_zyx=DELTAS),
+                       InferenceConfig(threads=1))
+    r = refine_array(image, seg, GAP, net)
+    assert r.counters["gap_cores"] == 1 and r.counters["gap_floods"] == 0 and r.counters["gap_objects"] == 0
+    assert (r.segmentation == 5).all()

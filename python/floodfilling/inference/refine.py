@@ -26,6 +26,7 @@ Both run on the image as normalised for the flood. The steps were chosen by meas
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,21 +63,19 @@ class FloodNetwork:
     config: InferenceConfig
 
 
-def relief(image: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """The intensity with membranes low (float32), smoothed by ``watershed_sigma``."""
+def membranes_low(image: np.ndarray, cfg: RefineConfig, sigma: float) -> np.ndarray:
+    """The intensity (float32) with membranes low, whatever their polarity, smoothed by a
+    Gaussian of ``sigma`` voxels (0: not smoothed)."""
     r = np.asarray(image, np.float32)
     if cfg.membranes == "bright":
         r = -r
-    return ndimage.gaussian_filter(r, cfg.watershed_sigma) if cfg.watershed_sigma > 0 else r
+    return ndimage.gaussian_filter(r, sigma) if sigma > 0 else r
 
 
 def gap_cores(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """Cores of cells in the space ``seg`` left free: (labels 1..N int32, the deepest voxel of
     each core: largest distance, then raster order)."""
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), cfg.interior_sigma)
-    if cfg.membranes == "bright":
-        smooth = -smooth
-    free = (seg == 0) & (smooth > cfg.interior_threshold)
+    free = (seg == 0) & (membranes_low(image, cfg, cfg.interior_sigma) > cfg.interior_threshold)
     depth = ndimage.distance_transform_edt(free)
     cores, n = ndimage.label(depth >= cfg.gap_core_radius)
     sizes = np.bincount(cores.ravel(), minlength=n + 1)
@@ -147,8 +146,6 @@ def join_or_keep(floods: dict, max_id: int, fraction: float) -> dict[int, int]:
 def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network: FloodNetwork | None = None) -> Refined:
     """Refines ``seg`` (the flood's segmentation of ``image``, the normalised float image);
     ``network`` is needed for the gap objects step."""
-    import time
-
     try:
         from skimage.segmentation import watershed
     except ImportError:
@@ -167,19 +164,19 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
             raise RefineError("the gap_objects step needs the network (network=FloodNetwork(...))")
         if out.size and int(out.max()) >= 2**31 - 1:
             raise RefineError(f"segmentation ids up to {int(out.max())}: gap floods need ids below 2**31")
-        cores, centres = gap_cores(image, out, cfg)
-        if centres:
-            flood_ids, floods = flood_gaps(image, out, centres, network)
+        _, centres = gap_cores(image, out, cfg)
+        flood_ids, floods = flood_gaps(image, out, centres, network) if centres else (None, {})
+        if floods:  # none when every core's seed was too weak to flood
             target = join_or_keep(floods, int(out.max()), cfg.gap_join_fraction)
             lut = np.zeros(max(floods) + 1, np.int64)
             lut[list(target)] = list(target.values())
             markers = np.where(flood_ids > 0, lut[flood_ids], markers).astype(markers.dtype)
             origins = {target[k]: floods[k][0] for k in floods if target[k] > int(out.max())}
-            counters.update(gap_cores=len(centres), gap_floods=len(floods), gap_joined=len(floods) - len(origins))
-        counters["gap_objects"] = len(origins)
+        counters.update(gap_cores=len(centres), gap_floods=len(floods), gap_joined=len(floods) - len(origins),
+                        gap_objects=len(origins))
     if "watershed" in cfg.steps and markers.any():
         before = np.count_nonzero(markers)
-        markers = watershed(-relief(image, cfg), markers=markers)
+        markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
         counters["voxels_filled"] = int(np.count_nonzero(markers) - before)
     dtype = out.dtype if int(markers.max(initial=0)) <= np.iinfo(out.dtype).max else np.uint64
     counters["seconds"] = time.perf_counter() - t0
