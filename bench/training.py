@@ -107,7 +107,7 @@ def evaluate_dev(net, geometry, n_sequences: int, batch: int, seed: int) -> dict
 
     from floodfilling.training.examples import ExampleSource, ExampleStream, run_sequences
     from floodfilling.training.partitions import build_coordinates, compute_partitions
-    from floodfilling.training.train import intensity_stats
+    from floodfilling.training.volumes import intensity_stats
 
     with h5py.File(DEV, "r") as f:
         raw, labels = f["raw"][...], f["labels"][...]

@@ -174,7 +174,8 @@ def test_train_refuses_coords_of_other_labels(train_data, tmp_path, capsys):
 
 
 def test_coords_digest_checked_old_files_warn(train_data, tmp_path, caplog):
-    from floodfilling.training.train import TrainError, load_coordinates
+    from floodfilling.training.options import TrainError
+    from floodfilling.training.volumes import load_coordinates
 
     data, prep = train_data
     with h5py.File(data, "r") as f:

@@ -287,7 +287,7 @@ def test_train_options_library():
     opts = check_options(TrainOptions(image="a.h5:raw", labels="a.h5:lab", out="run", lr=1, fov=[9, 9, 9],
                                       thresholds=[0.1, 0.5], image_mean=np.float32(3)))
     assert opts.lr == 1.0 and type(opts.lr) is float and opts.fov == (9, 9, 9) and opts.thresholds == (0.1, 0.5)
-    assert type(opts.image_mean) is float
+    assert type(opts.volumes[0].image_mean) is float and opts.image_mean is None  # the one volume, in volumes
     for kw, words in [({"lr": math.nan}, "lr=nan"), ({"batch": 2.5}, "batch=2.5"),
                       ({"augment": "no"}, "augment='no'"), ({"max_steps": True}, "max_steps=True"),
                       ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"), ({"lr_scaling": "cube"}, "lr_scaling=")]:

@@ -134,7 +134,7 @@ def test_bad_inputs(data, tmp_path, capsys):
     base = ["train", "--out", str(tmp_path / "x"), *TINY, "--max-steps", "2"]
     # image and labels of different shapes
     assert main([*base, "--image", f"{data}:raw", "--labels", f"{data}:labels_small"]) == 2
-    assert "has shape (30, 32, 34) but labels" in _err(capsys)
+    assert "has shape (30, 32, 34) but --labels" in (e := _err(capsys)) and f"--image {data}:raw" in e
     # no object above --min-size
     assert main([*base, "--image", f"{data}:raw", "--labels", f"{data}:labels", "--min-size", "1000000"]) == 2
     assert "no object has >= 1000000 voxels" in _err(capsys)

@@ -185,13 +185,9 @@ def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
     return info
 
 
-def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[ConvStack3D, ModelInfo]:
-    """Loads a model file (``.npz``), a directory holding ``model.npz``, or a training run's
-    directory (its latest weights, ``checkpoint/model.npz``).
-
-    ``path=None`` loads the bundled FIB-25 model. Returns the network in eval mode on
-    ``device`` and its :class:`ModelInfo`.
-    """
+def model_file(path: str | os.PathLike | None = None) -> Path:
+    """The file :func:`load_model` reads for ``path`` (``None``: the bundled model; a directory:
+    its ``model.npz`` or ``checkpoint/model.npz``)."""
     p = bundled_model_path() if path is None else Path(path)
     if p.is_dir():
         cand = next((c for c in (p / "model.npz", p / "checkpoint" / "model.npz") if c.exists()), None)
@@ -200,6 +196,17 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         p = cand
     if not p.exists():
         raise ModelError(f"model file {p} does not exist")
+    return p
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[ConvStack3D, ModelInfo]:
+    """Loads a model file (``.npz``), a directory holding ``model.npz``, or a training run's
+    directory (its latest weights, ``checkpoint/model.npz``).
+
+    ``path=None`` loads the bundled FIB-25 model. Returns the network in eval mode on
+    ``device`` and its :class:`ModelInfo`.
+    """
+    p = model_file(path)
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

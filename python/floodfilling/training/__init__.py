@@ -3,7 +3,9 @@ of the package, see ARCHITECTURE.md):
 
 - :mod:`.partitions`: partition volumes and balanced coordinates (``ffn prepare``).
 - :mod:`.examples`: FOV-moving training examples (the reference's 0.95 / 0.05 / 0.9 from config).
-- :mod:`.options`: :class:`TrainOptions` and their checks (messages name the flags).
+- :mod:`.options`: :class:`TrainOptions`, :class:`TrainVolume` and their checks (messages name the flags).
+- :mod:`.volumes`: the training volumes read, checked, normalised each by its own statistics, and
+  the examples drawn from several of them (:class:`~.volumes.VolumeMix`).
 - :mod:`.checkpoints`: ``checkpoint/state.pt`` and ``model.npz``, atomically; the resume key.
 - :mod:`.metrics`: ``metrics.csv``, ``metrics.png``, TensorBoard.
 - :mod:`.distributed`: DDP set-up and teardown under ``mpiexec``.
@@ -23,7 +25,7 @@ _EXPORTS = {
     "move_offsets": "examples", "run_sequences": "examples",
     "DEFAULT_THRESHOLDS": "partitions", "build_coordinates": "partitions", "compute_partitions": "partitions",
     "prepare": "partitions",
-    "TrainError": "options", "TrainOptions": "options", "TrainResult": "train",
+    "TrainError": "options", "TrainOptions": "options", "TrainVolume": "options", "TrainResult": "train",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,7 +23,7 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.npz"
 # Options that must be equal for a resume to continue the same computation.
 RESUME_KEYS = ["depth", "features", "fov", "deltas", "batch", "seed", "world", "optimizer", "momentum", "augment",
-               "image", "labels", "coords", "min_size", "thresholds"]
+               "image", "labels", "coords", "min_size", "thresholds", "init", "volumes"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,5 +63,9 @@ def check_resume_key(saved: dict[str, Any], mine: dict[str, Any], path: Path) ->
         a, b = saved.get(k), mine.get(k)
         if json.dumps(a) != json.dumps(b):
             what = "another architecture" if k in ("depth", "features", "fov", "deltas") else "another set-up"
+            if k == "init":  # the parent model's sha256
+                raise TrainError(f"{path}: checkpoint was fine-tuned from the model with sha256 {a or 'none (no init)'}"
+                                 f", this run from {b or 'none (no init)'} ({what}); give the same init=MODEL or "
+                                 f"another out=DIR")
             raise TrainError(f"{path}: checkpoint was trained with {k} {a}, this run asks for {k}={b} ({what}); "
                              f"use the same options or another out=DIR")

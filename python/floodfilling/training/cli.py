@@ -21,8 +21,10 @@ def flags() -> dict[str, str]:
     the flag of its name but the negated switches; prepare's geometry has ``_zyx`` names."""
     from .options import TrainOptions
 
-    table = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainOptions) if f.name not in _NEGATED}
-    return {**table, "radius_zyx": "--radius", "margin_zyx": "--margin", "overwrite": "--overwrite"}
+    table = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainOptions)
+             if f.name not in _NEGATED and f.name != "volumes"}
+    return {**table, "radius_zyx": "--radius", "margin_zyx": "--margin", "overwrite": "--overwrite",
+            "volume_weights": "--volume-weights"}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -46,15 +48,45 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _volume_options(args) -> dict:
+    """The training volumes of ``ffn train`` as :class:`TrainOptions` fields: ``image``/``labels``/
+    ``coords``/``image_mean``/``image_std`` for one volume, else ``volumes``. ``--image`` and
+    ``--labels`` come in pairs; ``--coords``, ``--image-mean``, ``--image-std`` once per volume
+    (in the same order) or not at all; ``--volume-weights`` one number per volume."""
+    from .options import TrainVolume
+
+    images, labels = list(args.image), list(args.labels)
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"--image given {n} time(s) but --labels {len(labels)}: give them in pairs, "
+                         f"--image IMAGE --labels LABELS per training volume")
+    per = {"coords": args.coords, "image_mean": args.image_mean, "image_std": args.image_std}
+    for name, vals in per.items():
+        if vals and len(vals) != n:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} given {len(vals)} time(s) for {n} training volumes (--image): give it once "
+                             f"per volume, in the same order, or not at all")
+    weights = args.volume_weights
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"--volume-weights {','.join(map(str, weights))}: {len(weights)} weight(s) for {n} "
+                         f"training volumes (--image); give one per volume")
+    col = {name: (list(vals) if vals else [None] * n) for name, vals in per.items()}
+    if n == 1 and weights is None:
+        return {"image": images[0], "labels": labels[0], **{name: col[name][0] for name in per}}
+    w = list(weights) if weights is not None else [None] * n
+    return {"volumes": tuple(TrainVolume(images[i], labels[i], col["coords"][i], w[i], col["image_mean"][i],
+                                         col["image_std"][i]) for i in range(n))}
+
+
 def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
     opts = TrainOptions(
-        image=args.image, labels=args.labels, out=args.out, coords=args.coords, depth=args.depth,
+        **_volume_options(args), out=args.out, depth=args.depth,
         features=args.features, fov=args.fov, deltas=args.deltas, batch=args.batch, max_steps=args.max_steps,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, clip=args.clip, seed=args.seed,
         device=args.device, threads=args.threads, min_size=args.min_size, thresholds=args.thresholds,
-        image_mean=args.image_mean, image_std=args.image_std, augment=not args.no_augment,
+        augment=not args.no_augment,
         lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
         checkpoint_secs=args.checkpoint_secs, log_every=args.log_every, resume=args.resume, init=args.init,
         progress=not args.quiet, tensorboard=not args.no_tensorboard, val_image=args.val_image,
@@ -94,11 +126,15 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_prepare, flags=table)
 
     p = sub.add_parser("train", help="train a flood-filling network (resumable; DDP under mpiexec)")
-    p.add_argument("--image", required=True, help="training image: file.h5:dataset")
-    p.add_argument("--labels", required=True, help="training labels (same shape): file.h5:dataset")
+    p.add_argument("--image", required=True, action="append",
+                   help="training image: file.h5:dataset (repeat, each with its --labels, for several volumes)")
+    p.add_argument("--labels", required=True, action="append",
+                   help="training labels (same shape), one per --image in the same order: file.h5:dataset")
     p.add_argument("--out", required=True, help="run directory: metrics.csv/png, checkpoint/ (model.npz, state.pt)")
-    p.add_argument("--coords", default=None,
-                   help="`ffn prepare` output (file.h5[:coords]); default: partitions computed on the fly")
+    p.add_argument("--coords", default=None, action="append",
+                   help="`ffn prepare` output (file.h5[:coords]), once per volume in order; default: computed")
+    p.add_argument("--volume-weights", type=_floats, default=None,
+                   help="W1,W2,...: share of examples per volume (default: by number of coordinates)")
     p.add_argument("--depth", type=int, default=None, help="residual modules of the network (default 12)")
     p.add_argument("--features", type=int, default=None, help="feature maps per convolution (default 32)")
     p.add_argument("--fov", type=zyx_arg, default=None, help="field of view Z,Y,X, odd (default 33,33,33)")
@@ -118,8 +154,10 @@ def add_parsers(sub) -> None:
                    help="on-the-fly partitions: smaller objects are background (default 10000)")
     p.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS,
                    help="on-the-fly partitions: fraction thresholds (default as `ffn prepare`)")
-    p.add_argument("--image-mean", type=float, default=None, help="use this intensity mean instead of the measured one")
-    p.add_argument("--image-std", type=float, default=None, help="use this intensity std instead of the measured one")
+    p.add_argument("--image-mean", type=float, default=None, action="append",
+                   help="use this intensity mean instead of the measured one (once per volume)")
+    p.add_argument("--image-std", type=float, default=None, action="append",
+                   help="use this intensity std instead of the measured one (once per volume)")
     p.add_argument("--no-augment", action="store_true", help="no random flips / y-x transposition")
     p.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="sqrt",
                    help="learning rate x ranks (linear), x sqrt(ranks) (sqrt, default) or unscaled (none)")
@@ -131,7 +169,8 @@ def add_parsers(sub) -> None:
                    help="seconds between checkpoints (0: off; default 600)")
     p.add_argument("--log-every", type=int, default=100, help="steps between rows of metrics.csv (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (fresh start if none)")
-    p.add_argument("--init", default=None, help="start from this model's weights (.npz or directory)")
+    p.add_argument("--init", default=None,
+                   help="fine-tune this model (.npz, run directory, or 'bundled'): its depth, features, FOV, deltas")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
     p.add_argument("--val-image", default=None,
                    help="held-out image for validation (file.h5:dataset; normalised by its own mean/std)")

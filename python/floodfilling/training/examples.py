@@ -144,7 +144,12 @@ class ExampleSource:
     def example(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(image patch float32, target patch float32) of this rank's example number ``k``."""
         g = k * self.world + self.rank
-        c = self.coords[g % len(self.coords)]
+        return self.patch(g, g)
+
+    def patch(self, i: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image patch, target patch) at coordinate ``i`` (modulo their number) with the
+        augmentation of draw ``g``."""
+        c = self.coords[i % len(self.coords)]
         m = np.array(self.geometry.margin)
         sl = tuple(slice(int(a - r), int(a + r + 1)) for a, r in zip(c, m))
         lab = self.labels[sl]

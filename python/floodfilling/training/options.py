@@ -1,9 +1,11 @@
-"""The options of ``ffn train`` (:class:`TrainOptions`), checked in one place (types and ranges
-through :func:`floodfilling.config.check_type`; messages name the option, ``name=value``)."""
+"""The options of ``ffn train`` (:class:`TrainOptions`, its volumes :class:`TrainVolume`), checked
+in one place (types and ranges through :func:`floodfilling.config.check_type`; messages name the
+option, ``name=value``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .partitions import DEFAULT_THRESHOLDS, check_thresholds
@@ -13,11 +15,25 @@ class TrainError(ValueError):
     """A user-facing problem with the training inputs or options (one-line message)."""
 
 
+@dataclass(frozen=True)
+class TrainVolume:
+    """One training volume. Its image is normalised by its own intensity mean/std (measured,
+    unless given); its examples are drawn in proportion to ``weight`` (all volumes have one) or
+    else to its number of training coordinates."""
+
+    image: str  # training image, file.h5:dataset
+    labels: str  # its labels, file.h5:dataset (same shape)
+    coords: str | None = None  # `ffn prepare` output for these labels; None: computed from them
+    weight: float | None = None  # relative share of the examples (None: by number of coordinates)
+    image_mean: float | None = None  # override the measured intensity mean of this image
+    image_std: float | None = None  # override the measured intensity standard deviation of this image
+
+
 @dataclass
 class TrainOptions:
-    image: str  # training image, file.h5:dataset
-    labels: str  # training labels, file.h5:dataset (same shape)
-    out: str  # run directory (metrics, checkpoint/)
+    image: str | None = None  # training image, file.h5:dataset (one volume; several: volumes)
+    labels: str | None = None  # training labels, file.h5:dataset (same shape)
+    out: str = ""  # run directory (metrics, checkpoint/)
     coords: str | None = None  # `ffn prepare` output (file.h5[:coords]); None: computed from the labels
     depth: int | None = None  # residual modules (None: 12, or init's)
     features: int | None = None  # feature maps per convolution (None: 32, or init's)
@@ -43,7 +59,7 @@ class TrainOptions:
     checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
     log_every: int = 100  # steps between metrics rows
     resume: bool = False  # continue the checkpoint in out/checkpoint
-    init: str | None = None  # start from this model's weights (.npz or directory)
+    init: str | None = None  # fine-tune this model (.npz, directory, or "bundled"): its geometry is the run's
     progress: bool = False  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when available
     val_image: str | None = None  # held-out image for validation (None: no validation); normalised by its own stats
@@ -51,6 +67,11 @@ class TrainOptions:
     val_every: int = 1000  # steps between validations (0: only at the end)
     val_sequences: int = 200  # held-out move sequences per validation: the same ones every time, whatever the ranks
     val_min_size: int = 1000  # held-out objects smaller than this are background
+    volumes: tuple[TrainVolume, ...] = ()  # several training volumes (instead of image/labels/coords/image_*)
+
+
+# The options that describe the one training volume when ``volumes`` is not given.
+SINGLE_VOLUME = ("image", "labels", "coords", "image_mean", "image_std")
 
 
 # Range of each numeric option (see floodfilling.config.check_type): (low, low_inclusive, high, high_inclusive).
@@ -76,6 +97,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     hints = typing.get_type_hints(TrainOptions)
     vals = {}
     for f in fields(TrainOptions):
+        if f.name == "volumes":
+            continue
         v = getattr(opts, f.name)
         try:
             vals[f.name] = check_type(f.name, v, hints[f.name], _OPTION_BOUNDS.get(f.name), f"{f.name}={fmt_value(v)}")
@@ -85,14 +108,64 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise TrainError(f"optimizer={vals['optimizer']!r}: expected sgd or adam")
     if vals["lr_scaling"] not in ("linear", "sqrt", "none"):
         raise TrainError(f"lr_scaling={vals['lr_scaling']!r}: expected linear, sqrt or none")
-    for name in ("image", "labels", "out"):
-        if not vals[name].strip():
-            raise TrainError(f"{name}={vals[name]!r}: empty")
+    if not vals["out"].strip():
+        raise TrainError(f"out={vals['out']!r}: empty")
     try:
         check_thresholds(vals["thresholds"])
     except ValueError as exc:
         raise TrainError(f"thresholds={fmt_value(vals['thresholds'])}: {exc}") from None
+    vols = tuple(opts.volumes or ())
+    if vols:
+        given = [k for k in SINGLE_VOLUME if vals[k] is not None]
+        if given:
+            raise TrainError(f"{given[0]}={fmt_value(vals[given[0]])}: give the training data either as "
+                             f"{'/'.join(SINGLE_VOLUME)} (one volume) or as volumes, not both")
+    else:
+        for name in ("image", "labels"):
+            if vals[name] is None or not vals[name].strip():
+                raise TrainError(f"{name}={vals[name]!r}: a training {name} is required (or volumes=[...])")
+        vols = (TrainVolume(vals["image"], vals["labels"], vals["coords"], None, vals["image_mean"],
+                            vals["image_std"]),)
+    vals.update({k: None for k in SINGLE_VOLUME})
+    vals["volumes"] = check_volumes(vols)
     return TrainOptions(**vals)
+
+
+def check_volumes(vols) -> tuple[TrainVolume, ...]:
+    """The volumes type- and range-checked; messages name the option and the volume (1-based, with
+    its image); weights are given for every volume or none."""
+    import typing
+
+    from ..config import ConfigError, check_type
+
+    hints = typing.get_type_hints(TrainVolume)
+    bounds = {"weight": (0, False, None, False), "image_std": (0, False, None, False)}
+    out = []
+    for i, v in enumerate(vols, start=1):
+        if not isinstance(v, TrainVolume):
+            raise TrainError(f"volumes: item {i} is a {type(v).__name__}, expected a TrainVolume")
+        where = f"(volume {i} of {len(vols)}, image={v.image})"
+        vals = {}
+        for f in fields(TrainVolume):
+            x = getattr(v, f.name)
+            name = "volume_weights" if f.name == "weight" else f.name
+            try:
+                vals[f.name] = check_type(f.name, x, hints[f.name], bounds.get(f.name), f"{name}={fmt_value(x)}")
+            except ConfigError as exc:
+                raise TrainError(f"{exc} {where}") from None
+        for name in ("image", "labels"):
+            if not vals[name].strip():
+                raise TrainError(f"{name}={vals[name]!r}: empty {where}")
+        out.append(replace(v, **vals))
+    if not out:
+        raise TrainError("volumes: no training volume")
+    n_weights = sum(v.weight is not None for v in out)
+    if 0 < n_weights < len(out):
+        raise TrainError(f"volume_weights={fmt_value([v.weight for v in out])}: give every volume a weight, "
+                         f"or none (examples in proportion to the volumes' coordinates)")
+    if n_weights and not math.isfinite(sum(v.weight for v in out)):  # type: ignore[misc]
+        raise TrainError(f"volume_weights={fmt_value([v.weight for v in out])}: too large")
+    return tuple(out)
 
 
 def fmt_value(v: Any) -> str:

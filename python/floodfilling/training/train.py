@@ -8,6 +8,11 @@ Directory layout of a run (``out``)::
     checkpoint/state.pt   step, weights, optimizer, every rank's example stream and RNG states
     tensorboard/          event files, when torch.utils.tensorboard imports
 
+The model's metadata (``model.npz``'s ``__meta__``, also in ``state.pt``) records under
+``training`` every training volume (files, coordinates, probability, the intensity mean/std it was
+normalised with) and, when fine-tuned (``init``: a model file, a run directory or ``bundled``, whose
+depth/features/FOV/deltas the run takes), the parent model: what was given, its file and sha256.
+
 Both checkpoint files are replaced atomically (temporary file + rename); ``state.pt`` is the
 one a resume reads. A resumed run continues the exact same computation: the example stream is
 a function of (seed, example number) plus the in-flight canvases saved in ``state.pt``, so on
@@ -17,13 +22,14 @@ never interrupted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import disk, volumes
-from ..model import ConvStack3D, ModelError, load_model
+from ..model import ConvStack3D, ModelError, load_model, model_file
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
@@ -42,7 +48,8 @@ from .checkpoints import (CHECKPOINT_DIR, MODEL_FILE, RESUME_KEYS, STATE_FILE, c
 from .metrics import (METRICS_CSV, METRICS_PNG, TensorBoard, append_metrics, read_metrics,  # noqa: F401
                       save_plot, write_metrics)
 from .options import TrainError, TrainOptions, check_options, fmt_value
-from .partitions import build_coordinates, compute_partitions, read_attrs
+from .partitions import build_coordinates, compute_partitions
+from .volumes import LoadedVolume, intensity_stats, load_volumes, mixed_source, read_pair
 
 log = logging.getLogger(__name__)
 
@@ -58,134 +65,47 @@ class TrainResult:
     net: ConvStack3D | None = field(default=None, repr=False)  # the trained network (this rank's copy)
 
 
-# -- data -------------------------------------------------------------------------------------
-
-def intensity_stats(raw: np.ndarray) -> tuple[float, float, list[float]]:
-    """Mean, standard deviation and the 101 quantiles (0, 1, ..., 100 %) of ``raw``."""
-    a = np.asarray(raw)
-    if a.dtype == np.uint8:  # exact, fast: from the histogram
-        hist = np.bincount(a.ravel(), minlength=256).astype(np.float64)
-        v = np.arange(256, dtype=np.float64)
-        n = hist.sum()
-        mean = float((hist * v).sum() / n)
-        std = float(np.sqrt((hist * (v - mean) ** 2).sum() / n))
-    else:
-        mean, std = float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64))
-    q = np.quantile(a, np.linspace(0.0, 1.0, 101)).astype(np.float64)
-    return mean, std, [float(x) for x in q]
-
-
-def _read(spec: str, what: str) -> tuple[np.ndarray, str]:
-    with volumes.open_volume(spec) as v:
-        return v.read(), str(v.spec)
-
-
-def load_coordinates(spec: str, shape, labels: np.ndarray | None = None,
-                     labels_src: str = "the training labels") -> tuple[np.ndarray, dict[str, Any]]:
-    """Coordinates (N, 3) zyx from an ``ffn prepare`` file (``file.h5`` or ``file.h5:dataset``).
-
-    With ``labels``, the digest ``ffn prepare`` recorded of the labels it read (attribute
-    ``labels_digest``) must be theirs: coordinates of another label volume of the same shape
-    are refused; a file without the attribute (older ``ffn prepare``) is accepted with a warning."""
-    import h5py
-
-    try:
-        path, ds = volumes.parse_volume_spec(spec, default_dataset="coords")
-    except ValueError as exc:
-        raise TrainError(f"coords={spec}: {exc}") from None
-    if not os.path.isfile(path):
-        raise TrainError(f"coords={spec}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if ds not in f:
-                raise TrainError(f"coords={spec}: no dataset {ds!r} (is it an `ffn prepare` output?)")
-            d = f[ds]
-            coords = d[...]
-            attrs = read_attrs(d)
-    except OSError as exc:
-        raise TrainError(f"coords={spec}: cannot read HDF5 file ({exc})") from None
-    if coords.ndim != 2 or coords.shape[1] != 3 or coords.dtype.kind not in "iu":
-        raise TrainError(f"coords={spec}: expected an (N, 3) integer array, got {coords.shape} {coords.dtype}")
-    vshape = attrs.get("volume_shape")
-    if vshape is not None and tuple(vshape) != tuple(shape):
-        raise TrainError(f"coords={spec} was prepared for a volume of shape {tuple(vshape)}, "
-                         f"the labels have shape {tuple(shape)}")
-    if labels is not None:
-        from .partitions import labels_digest
-
-        recorded = attrs.get("labels_digest")
-        if recorded is None:
-            log.warning("coords=%s records no labels_digest (written by an older ffn prepare): cannot check that "
-                        "it was prepared from %s", spec, labels_src)
-        else:
-            have = labels_digest(labels)
-            if str(recorded) != have:
-                raise TrainError(f"coords={spec} was prepared from labels {attrs.get('source_labels', '?')} "
-                                 f"(labels_digest {recorded}), not from the training labels {labels_src} "
-                                 f"(labels_digest {have}); rerun ffn prepare on {labels_src}")
-    return coords.astype(np.int64), attrs
-
-
-def _read_pair(image_spec: str, labels_spec: str, geometry: Geometry, what: str = ""):
-    """(raw, labels, image source, labels source), checked to fit together and the FOV."""
-    raw, image_src = _read(image_spec, "image")
-    labels, labels_src = _read(labels_spec, "labels")
-    if raw.shape != labels.shape:
-        raise TrainError(f"{what}image {image_src} has shape {raw.shape} but {what}labels {labels_src} have shape "
-                         f"{labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise TrainError(f"{what}labels {labels_src}: expected integer ids, got dtype {labels.dtype}")
-    try:
-        geometry.check_fits(raw.shape, f"volume {image_src}")
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-    return raw, labels, image_src, labels_src
-
-
-def load_data(opts: TrainOptions, geometry: Geometry):
-    """(raw, labels, coords, info) with every check the user can act on."""
-    raw, labels, image_src, labels_src = _read_pair(opts.image, opts.labels, geometry)
-    info: dict[str, Any] = {}
-    if opts.coords:
-        coords, attrs = load_coordinates(opts.coords, labels.shape, labels, labels_src)
-        info["coords"] = {"source": opts.coords, **{k: attrs[k] for k in ("radius_zyx", "margin_zyx", "min_size")
-                                                    if k in attrs}}
-    else:
-        parts = compute_partitions(labels, geometry.margin, opts.thresholds, opts.min_size, source=labels_src)
-        coords = build_coordinates(parts, geometry.margin, seed=opts.seed, source=labels_src)
-        info["coords"] = {"source": "computed", "radius_zyx": list(geometry.margin), "min_size": opts.min_size}
-    m = np.array(geometry.margin)
-    mt = tuple(int(x) for x in m)
-    ok = np.all((coords >= m) & (coords < np.array(labels.shape) - m), axis=1)
-    if not ok.any():
-        raise TrainError(f"no training coordinate is at least {mt} from the border (fov + 2*deltas = "
-                         f"{geometry.patch}); rerun `ffn prepare` with margin_zyx={','.join(map(str, m))}")
-    if not ok.all():
-        log.warning("dropping %d of %d coordinates closer than %s to the border", int((~ok).sum()), len(coords), mt)
-        coords = coords[ok]
-    return raw, labels, coords, info
-
-
 # -- model / optimizer ------------------------------------------------------------------------
 
-def resolve_architecture(opts: TrainOptions) -> tuple[TrainOptions, ConvStack3D | None]:
-    """Fills depth/features/fov/deltas from ``init``'s model (or the defaults); checks they agree."""
-    init_net = None
+BUNDLED = "bundled"  # init=bundled: the package's FIB-25 model (what load_model(None) loads)
+
+
+def init_model(init: str) -> tuple[ConvStack3D, Any, dict[str, Any]]:
+    """(network, ModelInfo, parent record) of ``init``: a model file, a directory holding one
+    (a training run's), or :data:`BUNDLED`; the record names it and the sha256 of its file."""
+    try:
+        path = model_file(None if init == BUNDLED else init)
+    except ModelError as exc:
+        raise ModelError(f"init={init}: {exc}") from None
+    h = hashlib.sha256()
+    with disk.disk_errors(path, "reading"), open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    net, info = load_model(path, "cpu")
+    parent = {"model": BUNDLED if init == BUNDLED else os.path.abspath(init), "file": str(path.resolve()),
+              "sha256": h.hexdigest(), "intensity": {"mean": info.image_mean, "std": info.image_std}}
+    return net, info, parent
+
+
+def resolve_architecture(opts: TrainOptions) -> tuple[TrainOptions, ConvStack3D | None, dict[str, Any] | None]:
+    """Fills depth/features/fov/deltas from ``init``'s model (or the defaults); checks they agree.
+    Returns the options, ``init``'s network and its parent record (see :func:`init_model`)."""
+    init_net, parent = None, None
     defaults: dict[str, Any] = {"depth": 12, "features": 32, "fov": (33, 33, 33), "deltas": (8, 8, 8)}
     if opts.init:
-        init_net, info = load_model(opts.init, "cpu")
+        init_net, info, parent = init_model(opts.init)
         have = {"depth": info.depth, "features": info.features, "fov": tuple(info.fov_zyx),
                 "deltas": tuple(info.deltas_zyx)}
         for k, v in have.items():
             mine = getattr(opts, k)
             if mine is not None and tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(v)):
                 raise ModelError(f"init={opts.init}: the model has {k} {fmt_value(v)}, but {k}={fmt_value(mine)} was "
-                                 "requested (another architecture)")
+                                 f"requested (another architecture; leave {k}= out to take the model's)")
         defaults = have
     kw = {k: (getattr(opts, k) if getattr(opts, k) is not None else defaults[k]) for k in defaults}
     kw["fov"] = tuple(int(x) for x in kw["fov"])
     kw["deltas"] = tuple(int(x) for x in kw["deltas"])
-    return TrainOptions(**{**asdict(opts), **kw}), init_net
+    return replace(opts, **kw), init_net, parent
 
 
 def make_optimizer(opts: TrainOptions, params) -> torch.optim.Optimizer:
@@ -203,19 +123,26 @@ def learning_rate(opts: TrainOptions, step: int, world: int) -> float:
     return target
 
 
-def model_meta(opts: TrainOptions, stats: dict[str, Any], step: int, world: int, info: dict[str, Any]) -> dict:
+def model_meta(opts: TrainOptions, loaded: list[LoadedVolume], step: int, world: int,
+               parent: dict[str, Any] | None) -> dict:
+    """The model file's metadata: geometry, the intensity statistics inference uses for this model
+    (the first volume's; every volume was normalised by its own, all listed under
+    ``training.volumes``), the reference's inference settings and how it was trained (``training.
+    init``: the parent model, its file and sha256, when fine-tuned)."""
+    first = loaded[0]
     return {
         "fov_zyx": list(opts.fov),
         "deltas_zyx": list(opts.deltas),
-        "intensity": {"mean": stats["mean"], "std": stats["std"], "quantiles": stats["quantiles"]},
+        "intensity": {"mean": first.mean, "std": first.std, "quantiles": first.quantiles},
         "inference_settings": {"init_activation": SEED_INIT, "pad_value": SEED_PAD, "move_threshold": MOVE_THRESHOLD,
                                "segment_threshold": 0.6, "min_segment_size": 1000,
-                               "image_mean": stats["mean"], "image_stddev": stats["std"]},
+                               "image_mean": first.mean, "image_stddev": first.std},
         "trained_steps": int(step),
         "source": "floodfilling training",
-        "training": {"image": opts.image, "labels": opts.labels, "batch": opts.batch, "world": world,
-                     "optimizer": opts.optimizer, "lr": opts.lr, "lr_scaling": opts.lr_scaling, "seed": opts.seed,
-                     "init": opts.init, **info},
+        "training": {"image": first.info["image"], "labels": first.info["labels"], "batch": opts.batch,
+                     "world": world, "optimizer": opts.optimizer, "lr": opts.lr, "lr_scaling": opts.lr_scaling,
+                     "seed": opts.seed, "init": parent, "coords": first.info["coords"],
+                     "volumes": [lv.info for lv in loaded]},
     }
 
 
@@ -237,7 +164,8 @@ def load_validation(opts: TrainOptions, geometry: Geometry) -> Validation | None
     if not (opts.val_image and opts.val_labels):
         given, missing = ("val_image", "val_labels=LABELS") if opts.val_image else ("val_labels", "val_image=IMAGE")
         raise TrainError(f"{given}={getattr(opts, given)}: needs {missing} too (the two go together)")
-    raw, labels, image_src, labels_src = _read_pair(opts.val_image, opts.val_labels, geometry, "validation ")
+    raw, labels, image_src, labels_src = read_pair(opts.val_image, opts.val_labels, geometry,
+                                                   ("val_image", "val_labels"))
     mean, std, _ = intensity_stats(raw)
     if not std > 0:
         raise TrainError(f"validation image {image_src}: intensity standard deviation is {std}; cannot normalise")
@@ -298,7 +226,7 @@ def train(opts: TrainOptions) -> TrainResult:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out)
     ckdir = out / CHECKPOINT_DIR
-    opts, init_net = resolve_architecture(opts)
+    opts, init_net, parent = resolve_architecture(opts)
     try:
         geometry = Geometry(opts.fov, opts.deltas)
     except ValueError as exc:
@@ -313,7 +241,7 @@ def train(opts: TrainOptions) -> TrainResult:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // distributed.local_size(dinfo.world)))
     ok = False
     try:
-        res = _train(opts, geometry, init_net, dinfo, out, ckdir, t_start)
+        res = _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start)
         ok = True
         return res
     finally:
@@ -330,20 +258,26 @@ def _absolute_spec(spec: str | None) -> str | None:
     return os.path.abspath(path) + (f":{ds}" if ds else "")
 
 
-def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
+def resume_key_of(opts: TrainOptions, world: int, parent: dict[str, Any] | None) -> dict[str, Any]:
+    """What a resume must share with the checkpoint (:data:`RESUME_KEYS`): the files by absolute
+    path; ``volumes`` only for several volumes or weights (a single-volume key as before)."""
+    first = opts.volumes[0]
+    key = {**{k: getattr(opts, k) for k in RESUME_KEYS if hasattr(opts, k) and k != "volumes"}, "world": world,
+           "image": _absolute_spec(first.image), "labels": _absolute_spec(first.labels),
+           "coords": _absolute_spec(first.coords), "init": parent["sha256"] if parent else None, "volumes": None}
+    if len(opts.volumes) > 1 or first.weight is not None:
+        key["volumes"] = [[_absolute_spec(v.image), _absolute_spec(v.labels), _absolute_spec(v.coords), v.weight]
+                          for v in opts.volumes]
+    return json.loads(json.dumps(key))
+
+
+def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> TrainResult:
     rank, world = dinfo.rank, dinfo.world
-    raw, labels, coords, data_info = load_data(opts, geometry)
+    loaded = load_volumes(opts)
     val = load_validation(opts, geometry)
-    mean, std, quantiles = intensity_stats(raw)
-    if opts.image_mean is not None:
-        mean = float(opts.image_mean)
-    if opts.image_std is not None:
-        std = float(opts.image_std)
-    if not std > 0:
-        raise TrainError(f"image {opts.image}: intensity standard deviation is {std}; cannot normalise")
-    stats = {"mean": mean, "std": std, "quantiles": quantiles}
-    image = ((raw.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
-    del raw
+    if len(loaded) > 1:
+        log.info("training volumes: %s", "; ".join(f"{lv.info['image']} ({lv.info['coordinates']} coordinates, "
+                                                     f"p={lv.info['probability']:.3f})" for lv in loaded))
 
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
@@ -357,13 +291,9 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
         if p.dim() == 5 and p.shape[2:] == (1, 1, 1):
             p.data = p.data.clone(memory_format=torch.contiguous_format)
     opt = make_optimizer(opts, net.parameters())
-    source = ExampleSource(image, labels, coords, geometry, seed=opts.seed, rank=rank, world=world,
-                           augment=opts.augment)
-    stream = ExampleStream(source, opts.batch)
-    resume_key = {**{k: getattr(opts, k) for k in RESUME_KEYS if hasattr(opts, k)}, "world": world}
-    for k in ("image", "labels", "coords"):  # the same files, wherever the run is resumed from
-        resume_key[k] = _absolute_spec(resume_key[k])
-    resume_key = json.loads(json.dumps(resume_key))
+    source = mixed_source(loaded, geometry, seed=opts.seed, rank=rank, world=world, augment=opts.augment)
+    stream = ExampleStream(source, opts.batch)  # type: ignore[arg-type]
+    resume_key = resume_key_of(opts, world, parent)
 
     step = 0
     if opts.resume and (ckdir / STATE_FILE).exists():
@@ -410,7 +340,7 @@ def _train(opts, geometry, init_net, dinfo, out, ckdir, t_start) -> TrainResult:
         ranks = _gather({"stream": stream.state_dict(), "counts": stream.counts.vector(), "rng": rng_state()}, dinfo)
         if dinfo.is_main:
             save_checkpoint(ckdir, net, opt, step, ranks, resume_key,
-                            model_meta(opts, stats, step, world, data_info))
+                            model_meta(opts, loaded, step, world, parent))
             log.info("checkpoint at step %d", step)
 
     t_last_ck = time.monotonic()
