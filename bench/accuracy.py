@@ -61,20 +61,22 @@ def volume_files(name: str, workdir: Path) -> Path:
     return img
 
 
-def forward(name: str, img: Path, from_reference: bool) -> tuple[np.ndarray, float | None]:
-    """The forward segmentation (run once, then reused) and its seconds (None when reused)."""
+def forward(name: str, img: Path, from_reference: bool, precision: str = "fp32") -> tuple[np.ndarray, float | None]:
+    """The forward segmentation at ``precision`` (run once, then reused) and its seconds (None
+    when reused)."""
     import h5py
 
+    from floodfilling.config import InferenceConfig
     from floodfilling.inference.segment import segment
 
-    if from_reference and name == "fib25":
+    if from_reference and name == "fib25" and precision == "fp32":
         with np.load(SHARED / "reference" / "google_ffn_fib25_training_sample2.npz") as z:
             return z["segmentation"].astype(np.uint32), None
-    out = img.parent / "forward.h5"
+    out = img.parent / ("forward.h5" if precision == "fp32" else f"forward-{precision}.h5")
     seconds = None
     if not out.exists():
         t = time.perf_counter()
-        segment(f"{img}:raw", f"{out}:seg", progress=True)
+        segment(f"{img}:raw", f"{out}:seg", config=InferenceConfig(precision=precision), progress=True)
         seconds = time.perf_counter() - t
     with h5py.File(out, "r") as f:
         return f["seg"][:], seconds
@@ -86,7 +88,10 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ffn-accuracy-bench", help="volumes and forward runs (reused)")
     ap.add_argument("--forward-from-reference", action="store_true",
                     help="fib25: the reference's published segmentation as the forward run")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/accuracy-<machine>.json)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="of the forward flood and the gap floods (bf16: autocast, needs AVX512_BF16/AMX on CPU)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default bench/results/accuracy-<machine>.json, accuracy-bf16-<machine>.json)")
     args = ap.parse_args()
 
     import h5py
@@ -99,19 +104,20 @@ def main() -> int:
     from floodfilling.inference.refine import FloodNetwork, refine_array
 
     net, info = load_model(None, "cpu")
-    network = FloodNetwork(net, info, InferenceConfig())
+    network = FloodNetwork(net, info, InferenceConfig(precision=args.precision))
 
-    result = {"benchmark": "accuracy", "machine": machine_id(), "precision": "fp32",
+    result = {"benchmark": "accuracy", "machine": machine_id(), "precision": args.precision,
               "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "refine": RefineConfig().to_dict(),
               "volumes": {}}
     for name in args.volumes.split(","):
         img = volume_files(name, Path(args.workdir))
         with h5py.File(img, "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
-        seg, fwd_seconds = forward(name, img, args.forward_from_reference)
+        seg, fwd_seconds = forward(name, img, args.forward_from_reference, args.precision)
         image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)  # as the flood saw it
         vol = result["volumes"][name] = {"shape": list(raw.shape), "forward_seconds": fwd_seconds,
-                                         "forward_from_reference": bool(args.forward_from_reference and name == "fib25"),
+                                         "forward_from_reference": bool(args.forward_from_reference and name == "fib25"
+                                                                       and args.precision == "fp32"),
                                          "rows": {}}
         for row, steps in ROWS.items():
             t = time.perf_counter()
@@ -125,7 +131,8 @@ def main() -> int:
             vol["rows"][row]["seconds"] = secs
             vol["rows"][row]["counters"] = refined.counters if refined is not None else {}
             print(name, row, json.dumps(vol["rows"][row]), flush=True)
-    out = Path(args.out) if args.out else HERE / "results" / f"accuracy-{machine_id()}.json"
+    tag = "" if args.precision == "fp32" else f"{args.precision}-"
+    out = Path(args.out) if args.out else HERE / "results" / f"accuracy-{tag}{machine_id()}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     return 0

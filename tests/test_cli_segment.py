@@ -178,16 +178,22 @@ def test_zarr_input_and_output(reference_run, crop_file, tmp_path, capsys):
     assert "name the array" in capsys.readouterr().err
 
 
-def test_refine_keeps_the_exact_flood_and_refines_it(reference_run, crop_file, tmp_path):
+@pytest.fixture(scope="module")
+def refined_run(crop_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refined") / "refined.h5"
+    r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1", "--refine")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_refine_keeps_the_exact_flood_and_refines_it(reference_run, refined_run, crop_file):
     """`--refine`: <ds>_forward is the plain run bit for bit; the refinement only adds (every
     flood voxel keeps its id, every other voxel gets one); added objects have origins with
     their flood's steps; against the labels the refined result is better than the flood (VI
     and adapted Rand error, gt 0 counted). (refine_array itself: tests/test_refine.py.)"""
     from floodfilling import evaluation
 
-    out = tmp_path / "refined.h5"
-    r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1", "--refine")
-    assert r.returncode == 0, r.stderr
+    out = refined_run
     plain = read_out(reference_run)[0]
     with h5py.File(out, "r") as f:
         seg, forward, origins = f["seg"][:], f["seg_forward"][:], f["seg_origins"][:]
@@ -203,6 +209,38 @@ def test_refine_keeps_the_exact_flood_and_refines_it(reference_run, crop_file, t
     assert json.loads(attrs["refine"])["steps"] == ["gap_objects", "watershed"]
     before, after = evaluation.evaluate(plain, labels, "label"), evaluation.evaluate(seg, labels, "label")
     assert after["vi"] < before["vi"] and after["are"] < before["are"]
+
+
+def test_refine_resume_after_sigkill_in_the_refinement(refined_run, crop_file, tmp_path):
+    """`--refine` killed (SIGKILL) after its flood finished, while refining: nothing is written,
+    the finished flood's state is kept, and the rerun skips the flood (resumes at the last
+    seed) and writes output identical to an uninterrupted run."""
+    out = tmp_path / "seg.h5"
+    state = tmp_path / "seg.h5.resume.npz"
+    cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
+           "--threads", "1", "--checkpoint-interval", "1000", "--refine"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not state.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)  # with a 1000 s interval the only save is the finished flood's
+    assert proc.poll() is None, "run finished before it could be killed"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-written
+    with np.load(state) as z:
+        assert int(z["seed_index"]) == len(z["seeds"])  # the flood is done
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert not state.exists()
+    with h5py.File(out, "r") as f, h5py.File(refined_run, "r") as g:
+        for name in ("seg", "seg_forward"):
+            assert np.array_equal(f[name][:], g[name][:]), name
+        for col in ("id", "z", "y", "x", "steps"):  # (not the seconds)
+            assert np.array_equal(f["seg_origins"][col], g["seg_origins"][col]), col
+        c1, c0 = json.loads(f["seg"].attrs["counters"]), json.loads(g["seg"].attrs["counters"])
+        for k in ("steps", "objects", "refine_gap_objects", "refine_gap_floods", "refine_voxels_filled"):
+            assert c1.get(k) == c0.get(k), k
 
 
 def test_refine_options_need_refine(crop_file, tmp_path):

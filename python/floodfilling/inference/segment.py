@@ -142,10 +142,13 @@ def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo, vol, source: st
 def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
                   resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
                   progress: bool = False, net_and_info=None, normalisation: Normalisation | None = None,
-                  source: str = "image", seeds: np.ndarray | None = None) -> SegmentResult:
+                  source: str = "image", seeds: np.ndarray | None = None,
+                  keep_final_state: bool = False) -> SegmentResult:
     """Segments an in-memory raw volume. ``state_path`` enables resumable runs;
     ``normalisation`` (default: from ``config`` and the statistics of ``raw``); ``seeds``
-    ((N, 3) in order; default: from the config's seed policy)."""
+    ((N, 3) in order; default: from the config's seed policy); ``keep_final_state``: also save
+    the finished flood's state, so that a run killed in a later phase (``--refine``) resumes
+    after the flood instead of redoing its end (the caller deletes the state once written)."""
     cfg = (config or InferenceConfig()).validate()
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
@@ -183,6 +186,8 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
             state_path.unlink()  # no object to resume: a fixed model must start afresh
         raise SegmentError(f"{source}: {what} ({nan_steps} of {all_steps} FOV steps): the model or the "
                            f"normalised image produces NaN")
+    if keep_final_state and between.state_path is not None:
+        save_state(state_path, canvas, manifest or {})
     norm_mod.check_dominant_object(seg, norm, f"{source} ({'x'.join(map(str, seg.shape))} voxels)")
     origins, overlaps = canvas.state.origins, canvas.state.overlaps
     if cfg.split_components or cfg.dust_size > 0:
@@ -246,7 +251,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         log.info("invert_origins: %d seeds from %d origins of %s", len(seeds), len(seed_tab), cfg.seed_origins)
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
-                           seeds=seeds)
+                           seeds=seeds, keep_final_state=refine is not None)
     extra = {}
     if refine is not None:  # the exact flood is kept beside the refined result
         extra[f"{out_ds}_forward"] = result.segmentation
