@@ -60,19 +60,24 @@ def test_segment_writes_outputs(reference_run, crop_file):
     assert not any(p.name.endswith((".resume.npz",)) or ".tmp-" in p.name for p in reference_run.parent.iterdir())
 
 
+def kill_after(cmd, path, timeout, delay):
+    """Runs ``cmd`` and SIGKILLs it ``delay`` seconds after ``path`` appears (it must still run)."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not path.exists() and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be killed"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill(reference_run, crop_file, tmp_path):
     out = tmp_path / "seg.h5"
     state = tmp_path / "seg.h5.resume.npz"
     cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
            "--threads", "1", "--checkpoint-interval", "0.001"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    t0 = time.time()
-    while not state.exists() and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(cmd, state, timeout=120, delay=0.3)
     assert not out.exists()  # nothing half-written
     with np.load(state) as z:
         done_seeds = int(z["seed_index"])
@@ -219,14 +224,7 @@ def test_refine_resume_after_sigkill_in_the_refinement(refined_run, crop_file, t
     state = tmp_path / "seg.h5.resume.npz"
     cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
            "--threads", "1", "--checkpoint-interval", "1000", "--refine"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    t0 = time.time()
-    while not state.exists() and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.02)  # with a 1000 s interval the only save is the finished flood's
-    assert proc.poll() is None, "run finished before it could be killed"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(cmd, state, timeout=300, delay=1.0)  # with a 1000 s interval the only save is the finished flood's
     assert not out.exists()  # nothing half-written
     with np.load(state) as z:
         assert int(z["seed_index"]) == len(z["seeds"])  # the flood is done

@@ -4,11 +4,9 @@ bad inputs, learning-rate schedule, DDP under mpiexec."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddp_helpers import train_on_two_ranks
 from floodfilling.cli import main
 from floodfilling.model import load_model
 from floodfilling.testing import voronoi_volume
@@ -184,34 +183,13 @@ def test_learning_rate_schedule():
 
 @pytest.mark.mpi
 def test_ddp_two_ranks_stay_identical(data, tmp_path):
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found (pip install 'floodfilling[mpi]')")
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        from floodfilling.training.train import TrainOptions, train
-        from floodfilling.training.distributed import detect_rank_world
-        out = sys.argv[1]
+    out, a = train_on_two_ranks(tmp_path, f"""
         res = train(TrainOptions(image="{data}:raw", labels="{data}:labels", out=out, depth=1, features=4,
                                  fov=(7, 7, 7), deltas=(2, 2, 2), batch=2, max_steps=6, log_every=3, min_size=200,
                                  checkpoint_every=3, threads=1, optimizer="adam", lr=0.01, device="cpu",
                                  lr_scaling="linear", tensorboard=False, val_image="{data}:raw",
                                  val_labels="{data}:labels", val_every=3, val_sequences=5, val_min_size=200))
-        rank, world, _ = detect_rank_world()
-        assert world == 2
-        torch.save(res.net.state_dict(), f"{{out}}/params-rank{{rank}}.pt")
-    """))
-    out = tmp_path / "ddp"
-    out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    p = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(out)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = torch.load(out / "params-rank0.pt")
-    b = torch.load(out / "params-rank1.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    """)
     st = _params(out)
     assert st["step"] == 6 and len(st["ranks"]) == 2 and st["resume_key"]["world"] == 2
     rows = read_metrics(out / "metrics.csv")  # validation ran on both ranks (5 sequences: 3 + 2)

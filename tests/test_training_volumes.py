@@ -5,11 +5,6 @@ model and its record, exact resume with two volumes, input errors, DDP under mpi
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 
 import h5py
@@ -17,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddp_helpers import train_on_two_ranks
 from floodfilling.cli import main
 from floodfilling.model import bundled_model_path, load_model
 from floodfilling.testing import voronoi_volume
@@ -280,34 +276,13 @@ def test_several_volume_input_errors(two, tmp_path, capsys):
 
 @pytest.mark.mpi
 def test_ddp_two_volumes(two, tmp_path):
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found (pip install 'floodfilling[mpi]')")
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        from floodfilling.training.options import TrainOptions, TrainVolume
-        from floodfilling.training.train import train
-        from floodfilling.training.distributed import detect_rank_world
-        out = sys.argv[1]
+    out, a = train_on_two_ranks(tmp_path, f"""
         vols = (TrainVolume("{two}/a.h5:raw", "{two}/a.h5:labels", weight=1.0),
                 TrainVolume("{two}/b.h5:raw", "{two}/b.h5:labels", weight=1.0))
         res = train(TrainOptions(out=out, volumes=vols, depth=1, features=4, fov=(7, 7, 7), deltas=(2, 2, 2),
                                  batch=2, max_steps=4, log_every=2, min_size=200, checkpoint_every=2, threads=1,
                                  optimizer="adam", lr=0.01, device="cpu", tensorboard=False))
-        rank, world, _ = detect_rank_world()
-        assert world == 2
-        torch.save(res.net.state_dict(), f"{{out}}/params-rank{{rank}}.pt")
-    """))
-    out = tmp_path / "ddp"
-    out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    p = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(out)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = torch.load(out / "params-rank0.pt"), torch.load(out / "params-rank1.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    """)
     st = _state(out)
     assert st["step"] == 4 and len(st["ranks"]) == 2 and st["resume_key"]["world"] == 2
     assert [v["probability"] for v in st["meta"]["training"]["volumes"]] == [0.5, 0.5]
