@@ -310,8 +310,9 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
     return out
 
 
-def _limited(jobs, max_steps):
-    """Jobs whose canvases stop after max_steps FOV steps (seed list cut when reached)."""
+def _limited(jobs, max_steps, deadline=None):
+    """Jobs whose canvases stop after max_steps FOV steps (seed list cut when reached) or, with
+    ``deadline`` (a time.perf_counter() value), at the first step after it."""
     from floodfilling.inference.engine import Job
 
     def wrap(job):
@@ -327,6 +328,8 @@ def _limited(jobs, max_steps):
                     return
                 for _ in range(max_steps):
                     out = yield c
+                    if deadline is not None and time.perf_counter() > deadline:
+                        return
                     try:
                         c = gen.send(out)
                     except StopIteration:

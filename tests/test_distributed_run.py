@@ -127,6 +127,48 @@ def test_device_resident_blocks_equal_host_blocks(data, reference, tmp_path, one
     assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
 
 
+def test_prefetch_gives_the_same_blocks_and_records_the_wait(data, reference, tmp_path, one_thread):
+    """Blocks read, normalised and seeded ahead in 2 threads: the volume and every block file
+    as without; the engine's wait for prepared blocks is in reconcile.json's per_rank."""
+    import json as _json
+
+    res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=2, config=cfg().with_overrides(prefetch=2))
+    assert res.n_objects == reference[2].n_objects
+    assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
+    for p in sorted((reference[1] / "blocks").iterdir()):
+        with h5py.File(p, "r") as a, h5py.File(tmp_path / "work" / "blocks" / p.name, "r") as b:
+            assert np.array_equal(a["seg"][:], b["seg"][:]) and a.attrs["max_id"] == b.attrs["max_id"]
+    ranks = {}
+    for name, work in (("ahead", tmp_path / "work"), ("in loop", reference[1])):
+        (r,) = _json.loads((work / "reconcile.json").read_text())["per_rank"]
+        assert r["blocks"] == 8 and r["prepare_seconds"] > 0 and r["host_wait_seconds"] >= 0
+        ranks[name] = r
+    # without prefetch the engine waits for all of the preparation (timed inside the wait)
+    assert ranks["in loop"]["host_wait_seconds"] >= ranks["in loop"]["prepare_seconds"]
+    assert res.timings["host_wait_seconds_sum"] == ranks["ahead"]["host_wait_seconds"]
+    from floodfilling.distributed.status import block_status, format_status
+
+    st = block_status(tmp_path / "work")
+    assert st["reconcile"]["host_wait_seconds"] == ranks["ahead"]["host_wait_seconds"]
+    assert "the engine waited" in format_status(st)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_error_preparing_a_block_is_the_same_one_line_error(data, tmp_path, one_thread, prefetch):
+    """A NaN in the last block (raised in a prefetch thread, or in the loop) ends the run with
+    the same error; the blocks before it are written."""
+    from floodfilling.distributed.run import segment_blocks
+    from floodfilling.normalise import NormalisationError
+
+    with pytest.raises(NormalisationError) as e:
+        segment_blocks(f"{data / 'crop.h5'}:nan", f"{tmp_path / 'seg.h5'}:seg", block=BLOCK_ZYX, halo=HALO_ZYX,
+                       workdir=str(tmp_path / "work"), model=str(data / "tiny.npz"),
+                       bbox=BBox((0, 48, 48), (48, 96, 96)),  # 2 blocks in z; the NaN is in the second
+                       config=cfg().with_overrides(normalise="fixed", prefetch=prefetch))
+    assert str(e.value).endswith("block 18,48,48:48,96,96: contains NaN or infinite values"), str(e.value)
+    assert "\n" not in str(e.value) and len(list((tmp_path / "work" / "blocks").iterdir())) == 1
+
+
 def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     work = tmp_path / "work"
     shutil.copytree(reference[1], work)

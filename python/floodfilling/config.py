@@ -54,7 +54,7 @@ OPTION_STAGES: dict[str, str] = {
     "seed_policy": "flood", "seed_origins": "flood", "seed_min_distance": "flood", "seed_fill_passes": "flood",
     "seed_fill_min_radius": "flood", "seed_grid_step": "flood", "normalise": "flood", "image_mean": "flood",
     "image_std": "flood", "resident": "flood", "compile": "flood", "precision": "flood",
-    "device": "runtime", "threads": "runtime", "checkpoint_interval_s": "runtime",
+    "device": "runtime", "threads": "runtime", "checkpoint_interval_s": "runtime", "prefetch": "runtime",
     "split_components": "postprocess", "dust_size": "postprocess",
     "merge_min_fraction": "blocks", "merge_min_voxels": "blocks", "merge_min_iou": "blocks",
 }
@@ -225,6 +225,9 @@ class InferenceConfig(Options):
     split_components: bool = False
     # Post-processing: objects smaller than this many voxels are removed, ids renumbered (0: keep all).
     dust_size: int = 0
+    # Block inference: blocks read, normalised and seeded ahead of the engine, each by a background
+    # thread, while the device works (None: 4 on cuda/xpu, 0 on cpu; 0: when a slot frees, in the loop).
+    prefetch: int | None = None
     # Block inference: merge two blocks' objects that share this fraction of the smaller one's overlap voxels.
     merge_min_fraction: float = 0.5
     # Block inference: ... and at least this many voxels of the overlap.
@@ -307,7 +310,7 @@ _BOUNDS: dict[str, Bounds] = {
     "seed_min_distance": _AT_LEAST_1, "seed_fill_passes": _AT_LEAST_0, "seed_fill_min_radius": _POSITIVE,
     "seed_grid_step": _AT_LEAST_1, "image_std": _POSITIVE, "threads": _AT_LEAST_0,
     "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
-    "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
+    "prefetch": _AT_LEAST_0, "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
     "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
     "gap_join_fraction": (0, False, 1, True),
     "watershed_sigma": _AT_LEAST_0,

@@ -13,8 +13,10 @@ module may name a higher one's types under ``TYPE_CHECKING``):
   zarr, commit = rename, discard on error). ``blockstore``, ``split``, ``reconcile``.
 - :mod:`.workdir`: the :class:`~.workdir.Plan`, manifest, workdir lock ``run.json``, cleanup of
   what a killed run left, ``reconcile.json``. ``blocks``, ``blockstore``, ``output``, ``reconcile``.
-- :mod:`.worker`: claims and running blocks through the engine on each rank. ``blocks``,
-  ``blockstore``, ``mpi``, ``workdir``.
+- :mod:`.prefetch`: items claimed in order and prepared ahead by background threads (generic:
+  a claim and a prepare function). Nothing.
+- :mod:`.worker`: claims, blocks prepared ahead (read, normalise, seeds) and run through the
+  engine on each rank. ``blocks``, ``blockstore``, ``mpi``, ``prefetch``, ``workdir``.
 - :mod:`.labels`: the reconcile phase (pairs over ranks, union-find, split components) from
   block results to the :class:`~.labels.FinalLabels` the output is written from. ``blockstore``,
   ``mpi``, ``reconcile``, ``split``, ``workdir``.
@@ -24,7 +26,8 @@ module may name a higher one's types under ``TYPE_CHECKING``):
 The data path of ``ffn segment --block`` (``DIR`` = ``--workdir``, default ``OUT.blocks``)::
 
     IMAGE --plan (rank 0)--> Plan + DIR/manifest.json, DIR/run.json, output lock
-          --worker (every rank: claim DIR/claims/<name>, engine)--> DIR/blocks/<name>.h5
+          --worker (every rank: claim DIR/claims/<name>, prefetch threads: read, normalise,
+            seeds; engine)--> DIR/blocks/<name>.h5
           --labels (pairs over ranks; union-find on rank 0)--> Reconciled --> FinalLabels
           --output (create on rank 0; cores from every rank)--> OUT.tmp-<run id> --rename--> OUT
 """

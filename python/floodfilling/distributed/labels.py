@@ -172,6 +172,8 @@ def reconcile(plan: Plan, results: list[RankResult], cfg, info, ranks: int, timi
     timings = dict(timings, gather_s=t_union - t_gather, union_find_s=t_done - t_union,
                    block_seconds_sum=sum(s.seconds for s in rank_stats),
                    block_seconds_max_rank=max(s.seconds for s in rank_stats),
+                   host_wait_seconds_sum=sum(s.host_wait_seconds for s in rank_stats),
+                   prepare_seconds_sum=sum(s.prepare_seconds for s in rank_stats),
                    wait_for_others_s_max=max(r.idle_s for r in results), pair_read_s=match.read_s,
                    pair_match_s=match.match_s, pairs_matched=match.pairs, pair_voxels=match.voxels)
     return Reconciled(labels, metas, attrs, counters, timings, rank_stats, match.candidates, ranks)

@@ -117,7 +117,9 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
         "running": running, "per_rank": per_rank, "job": job,
         "finished": report is not None and done == len(grid),
-        "reconcile": ({k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report}
+        "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
+                       # the engines waiting for blocks to be read, normalised and seeded (all ranks)
+                       "host_wait_seconds": report.get("timings", {}).get("host_wait_seconds_sum")}
                       if report else None),
     }
 
@@ -142,7 +144,9 @@ def format_status(s: dict[str, Any]) -> str:
                      f"(pid {r.get('pid', '?')} is gone; claimed {r['since_s']:.0f} s ago, the block is not done)")
     if s["finished"]:
         rec = s["reconcile"] or {}
-        lines.append(f"  finished: {rec.get('objects', '?')} objects, {rec.get('merges', '?')} merges")
+        wait = rec.get("host_wait_seconds")
+        lines.append(f"  finished: {rec.get('objects', '?')} objects, {rec.get('merges', '?')} merges"
+                     + (f"; the engine waited {wait:.1f} s for blocks to be prepared" if wait is not None else ""))
     elif s["job"]:
         lines.append(f"  job: pid {s['job'].get('pid')} on {s['job'].get('host')}, {s['job'].get('ranks')} rank(s), "
                      f"started {s['job'].get('started')}")

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "floodfilling-blocks/1"
 # options that do not change block results (left out of the manifest)
-_NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "split_components", "dust_size",
+_NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "prefetch", "split_components", "dust_size",
                     "merge_min_fraction", "merge_min_voxels", "merge_min_iou")
 
 

@@ -130,9 +130,15 @@ def subvolume_canvas(predictor: Predictor, image: np.ndarray, cfg: InferenceConf
     config's seed policy at ``resolution_zyx``, inside the FOV margin); ``state``: a resumed
     canvas state."""
     if seeds is None:
-        seeds = seeds_mod.make_seeds(cfg.seed_policy, image, fov_margin(info.fov_zyx), resolution_zyx,
-                                     min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+        seeds = subvolume_seeds(image, cfg, info, resolution_zyx)
     return predictor.new_canvas(image, seeds, cfg, info.deltas_zyx, state=state)
+
+
+def subvolume_seeds(image: np.ndarray, cfg: InferenceConfig, info: ModelInfo, resolution_zyx=(1, 1, 1)) -> np.ndarray:
+    """The seeds :func:`subvolume_canvas` gives ``image`` by default (the config's seed policy
+    inside the FOV margin), for callers that prepare them ahead (host work only, no predictor)."""
+    return seeds_mod.make_seeds(cfg.seed_policy, image, fov_margin(info.fov_zyx), resolution_zyx,
+                                min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
 
 
 def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: int | None = None,
