@@ -65,19 +65,39 @@ def kill_after(cmd, path, timeout, delay):
     proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
     t0 = time.time()
     while not path.exists() and proc.poll() is None and time.time() - t0 < timeout:
-        time.sleep(0.02)
+        time.sleep(0.005)
     assert proc.poll() is None, "run finished before it could be killed"
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
-def test_resume_after_sigkill(reference_run, crop_file, tmp_path):
+@pytest.fixture
+def device_run(test_device, reference_run, crop_file, fib25, tmp_path):
+    """(image spec, extra flags, uninterrupted output) of the device lane's resume test: on cpu
+    the crop, no flags (the default device, as today) and ``reference_run``; on a GPU a larger
+    crop (so a run lasts long enough to be killed), ``--device`` and its own uninterrupted run
+    (its default path there: resident)."""
+    if test_device.type == "cpu":
+        return f"{crop_file}:raw", [], reference_run
+    p = tmp_path / "big.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("raw", data=fib25[0][:96, :160, :160])
+    flags = ["--device", str(test_device)]
+    ref = tmp_path / "ref.h5"
+    r = ffn("segment", f"{p}:raw", f"{ref}:seg", "-q", *flags)
+    assert r.returncode == 0, r.stderr
+    return f"{p}:raw", flags, ref
+
+
+@pytest.mark.device
+def test_resume_after_sigkill(device_run, test_device, tmp_path):
+    image, flags, reference_run = device_run
     out = tmp_path / "seg.h5"
     state = tmp_path / "seg.h5.resume.npz"
-    cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
-           "--threads", "1", "--checkpoint-interval", "0.001"]
-    kill_after(cmd, state, timeout=120, delay=0.3)
+    cmd = [sys.executable, "-m", "floodfilling.cli", "segment", image, f"{out}:seg", "-q",
+           "--threads", "1", "--checkpoint-interval", "0.001", *flags]
+    kill_after(cmd, state, timeout=120, delay=0.3 if test_device.type == "cpu" else 0.05)
     assert not out.exists()  # nothing half-written
     with np.load(state) as z:
         done_seeds = int(z["seed_index"])

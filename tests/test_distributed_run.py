@@ -46,8 +46,8 @@ def data(tmp_path_factory, fib25):
     return d
 
 
-def cfg():
-    return InferenceConfig(min_segment_size=200, threads=1, device="cpu")
+def cfg(device="cpu"):
+    return InferenceConfig(min_segment_size=200, threads=1, device=str(device))
 
 
 @pytest.fixture
@@ -83,6 +83,20 @@ def reference(data, tmp_path_factory):
     return d / "seg.h5", d / "work", res
 
 
+@pytest.fixture(scope="module")
+def device_reference(data, reference, test_device, tmp_path_factory):
+    """The reference run on the device lane's device (host path, K = 1, batch 1): ``reference``
+    itself on cpu; on a GPU its own run, since its float32 convolutions round differently
+    from the CPU's (the device tests below compare the device with itself, exactly)."""
+    if test_device.type == "cpu":
+        return reference
+    d = tmp_path_factory.mktemp("ref_device")
+    c = cfg(test_device)
+    c.resident = "off"
+    res = run_api(data, d / "seg.h5", d / "work", inflight=1, config=c)
+    return d / "seg.h5", d / "work", res
+
+
 def test_single_process_invariants(reference):
     from floodfilling.distributed.blocks import make_grid
     from floodfilling.distributed.reconcile import MergeRule
@@ -111,16 +125,25 @@ def test_single_process_invariants(reference):
     assert sorted(p.name for p in work.iterdir()) == ["blocks", "manifest.json", "reconcile.json"]
 
 
-def test_inflight_does_not_change_results(data, reference, tmp_path, one_thread):
-    res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=3)
+@pytest.mark.device
+def test_inflight_does_not_change_results(data, device_reference, tmp_path, one_thread, test_device):
+    """3 blocks in flight on the host path == 1. On a GPU (batches of 3 there) this also needs
+    batch-size-independent logits: see test_device_path_equals_host_path_k1_k8_and_pipelined."""
+    reference = device_reference
+    c = cfg(test_device)
+    c.resident = "off"
+    res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=3, config=c)
     assert res.n_objects == reference[2].n_objects
     assert np.array_equal(read(tmp_path / "seg.h5")[0], read(reference[0])[0])
 
 
-def test_device_resident_blocks_equal_host_blocks(data, reference, tmp_path, one_thread):
-    """The device-resident engine (torch tensors; here on the cpu device), 3 blocks sharing
-    each batched call, gives the host path's volume."""
-    c = cfg()
+@pytest.mark.device
+def test_device_resident_blocks_equal_host_blocks(data, device_reference, tmp_path, one_thread, test_device):
+    """The device-resident engine (torch tensors on the lane's device; two alternating groups
+    on cuda/xpu), 3 blocks sharing each batched call, gives the host path's volume (on a GPU,
+    batches: as above)."""
+    reference = device_reference
+    c = cfg(test_device)
     c.resident = "on"
     res = run_api(data, tmp_path / "seg.h5", tmp_path / "work", inflight=3, config=c)
     assert res.n_objects == reference[2].n_objects
@@ -169,7 +192,12 @@ def test_an_error_preparing_a_block_is_the_same_one_line_error(data, tmp_path, o
     assert "\n" not in str(e.value) and len(list((tmp_path / "work" / "blocks").iterdir())) == 1
 
 
-def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
+@pytest.mark.device
+def test_resume_skips_finished_blocks(data, device_reference, tmp_path, one_thread, test_device):
+    """Resume after a killed run (blocks missing, a stale claim, a half-written block and
+    output): only the missing blocks run (on the lane's device) and the volume is the
+    uninterrupted run's."""
+    reference = device_reference
     work = tmp_path / "work"
     shutil.copytree(reference[1], work)
     blocks = sorted((work / "blocks").iterdir())
@@ -181,7 +209,8 @@ def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     kept = {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]}
     out = tmp_path / "seg.h5"
     (tmp_path / "seg.h5.tmp-0123456789ab").write_bytes(b"output of a killed run")
-    res = run_api(data, out, work)
+    # K = 1 (batch 1, as the reference) on the device's default path: resident on cuda/xpu
+    res = run_api(data, out, work, config=cfg(test_device), inflight=1)
     assert (res.blocks_run, res.blocks_skipped) == (2, 6)
     assert {p.name: os.stat(p).st_ino for p in blocks[:2] + blocks[4:]} == kept
     assert np.array_equal(read(out)[0], read(reference[0])[0])
@@ -189,7 +218,7 @@ def test_resume_skips_finished_blocks(data, reference, tmp_path, one_thread):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.h5", "work"]
     # the output is complete: rerunning does nothing
     mtime = os.stat(out).st_mtime_ns
-    assert run_api(data, out, work).already_complete and os.stat(out).st_mtime_ns == mtime
+    assert run_api(data, out, work, config=cfg(test_device)).already_complete and os.stat(out).st_mtime_ns == mtime
 
 
 def test_dust_size_and_merge_options_reuse_blocks(data, reference, tmp_path, one_thread):

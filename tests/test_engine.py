@@ -48,23 +48,27 @@ def blocks(fib25):
     return out
 
 
-def run(blocks, k, max_batch):
+def run(blocks, k, max_batch, device="cpu"):
     net = bright_flood_net()
     cfg = InferenceConfig(min_segment_size=50)
-    pred = Predictor(net, FOV, device="cpu", max_batch=max_batch)
+    pred = Predictor(net, FOV, device=device, max_batch=max_batch)
     jobs = [Job(i, (lambda b=b: Canvas(b[0], b[1], cfg, FOV, DELTAS))) for i, b in enumerate(blocks)]
     res = run_jobs(jobs, pred, inflight=k)
     return {i: (cv.final_segmentation(), {o: (v.seed_zyx, v.steps) for o, v in cv.state.origins.items()},
                 cv.state.counters["steps"]) for i, cv in res.items()}, pred
 
 
-def test_k8_equals_k1_voxel_for_voxel_and_step_for_step(blocks):
-    alone, p1 = run(blocks, 1, 1)
+@pytest.mark.device
+def test_k8_equals_k1_voxel_for_voxel_and_step_for_step(blocks, test_device):
+    """The host path with the network on the lane's device. Batches of 8 are exact on the CPU;
+    on a GPU they also need batch-size-independent logits (see
+    test_device_path_equals_host_path_k1_k8_and_pipelined)."""
+    alone, p1 = run(blocks, 1, 1, test_device)
     assert sum(r[2] for r in alone.values()) > 50  # it really floods
     assert all(len(r[1]) >= 1 for r in alone.values()) and sum(len(r[1]) for r in alone.values()) >= 12
-    together, p8 = run(blocks, 8, 1)
-    assert p8.calls == p1.calls  # batch 1 on CPU: one call per FOV either way
-    batched, pb = run(blocks, 8, 8)
+    together, p8 = run(blocks, 8, 1, test_device)
+    assert p8.calls == p1.calls  # batch 1: one call per FOV either way
+    batched, pb = run(blocks, 8, 8, test_device)
     assert pb.calls < p1.calls  # FOVs of different canvases shared network calls
     for i in alone:
         for other in (together, batched):

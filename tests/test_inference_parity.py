@@ -40,13 +40,18 @@ def test_seeds_match_reference(fib25_image, reference):
     assert all(tuple(o["seed_zyx"]) in got for o in origins.values())
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("k", PARITY_IDS)
-def test_object_parity(k, fib25_image, reference, bundled):
+def test_object_parity(k, fib25_image, reference, bundled_device, test_device):
+    """The host path (network on the lane's device, batch 1). On a GPU the fp32 convolutions
+    round differently from TensorFlow's and the CPU's (~1e-5): an object whose flood meets a
+    float32 near-tie could differ (1 of the 254 reference objects does, ../shared/reference);
+    these ids have none on the CPU."""
     ref, origins = reference
-    net, info = bundled
+    net, info = bundled_device
     state = CanvasState(segmentation=(ref * ((ref > 0) & (ref < k))).astype(np.int32), max_id=k - 1)
     cv = Canvas(fib25_image, np.zeros((0, 3)), InferenceConfig(), info.fov_zyx, info.deltas_zyx, state=state)
-    steps = cv.flood_one(tuple(origins[k]["seed_zyx"]), Predictor(net, info.fov_zyx, device="cpu"))
+    steps = cv.flood_one(tuple(origins[k]["seed_zyx"]), Predictor(net, info.fov_zyx, device=test_device))
     assert steps == origins[k]["steps"]
     assert np.array_equal(cv.segmentation == k, ref == k)
     assert cv.state.origins[k].seed_zyx == tuple(origins[k]["seed_zyx"])

@@ -84,8 +84,11 @@ def test_all_nan_predictions_raise_instead_of_an_empty_segmentation(tiny_model, 
     assert n == m > 0 and "the model or the normalised image produces NaN" in msg
 
 
-def test_nan_steps_counted_alike_on_both_paths(tiny_model):
-    """The counter comes from the face maxima both paths already return to the host."""
+@pytest.mark.device
+def test_nan_steps_counted_alike_on_both_paths(tiny_model, test_device):
+    """The counter comes from the face maxima both paths already return to the host (NaN
+    predictions on the device lane's device: the host path copies them back, the device path
+    takes NaN face maxima on the device)."""
     from floodfilling.inference.canvas import Canvas
     from floodfilling.inference.engine import make_predictor
 
@@ -94,7 +97,7 @@ def test_nan_steps_counted_alike_on_both_paths(tiny_model):
     seeds = np.array([[12, 12, 12], [8, 12, 12]])
     counts = {}
     for resident in ("off", "on"):
-        cfg = InferenceConfig(device="cpu", resident=resident, min_segment_size=10)
+        cfg = InferenceConfig(device=str(test_device), resident=resident, min_segment_size=10)
         pred = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg)
         cv = pred.new_canvas(image, seeds, cfg, info.deltas_zyx)
         assert isinstance(cv, Canvas)

@@ -31,6 +31,33 @@ for the logits and one for the image, ``Z, Y, X`` the largest canvas shape seen 
 when a larger canvas arrives); a canvas occupies ``[slot, :z, :y, :x]`` and gives its slot
 back when it finishes, so memory is ``2 x 4 bytes x slots x block voxels``.
 
+Synchronisation (every device -> host read goes through :mod:`.transfer`, whose
+``Pending.wait`` is the only way to read a copy; the device runs its streams asynchronously
+of the host):
+
+- step results: :meth:`DevicePredictor._launch_one` enqueues the step on the current (main)
+  stream, then :func:`~.transfer.to_host_async` copies its ``n x (12 + Q)`` results and records
+  event E_step after the copy. :meth:`DevicePredictor._collect_one` calls ``wait`` (blocks on
+  E_step) before the host reads any number of the step. Each canvas of the batch remembers
+  that Pending as its last step (``DeviceCanvas._last_step``).
+- object commits: :meth:`DeviceCanvas._commit_logits` copies the object's box on the pool's
+  side stream. That stream first waits for E_step of the canvas's last step
+  (``wait_event``), which follows every main-stream write of this canvas (the object's
+  start, every FOV write), and not for anything queued later on the main stream (the other
+  group's step); an event recorded after the copy on the side stream guards the read
+  (``wait``). The host waits before it returns, so the next object's writes of this canvas
+  (queued on the main stream after the commit) cannot overtake the copy.
+- :meth:`DeviceCanvas.device_logits` (tests) and the host path's
+  :meth:`~floodfilling.inference.predictor.Predictor.run` copy on the current stream and
+  wait at once.
+- host -> device uploads (the image at :meth:`SlotPool.acquire`, the step's small index
+  array from pinned memory) are ordered by the stream that uses them; they are not reads.
+
+On the cpu device every torch operation is done when it returns, so there are no events
+and the "copies" are the tensors themselves; tests/test_transfer.py replaces the transfer
+with a fake asynchronous one (the buffer holds garbage until ``wait``) to check that every
+read waits.
+
 Exactness: the disco decision counts voxels >= move_threshold and compares the count with
 the smallest count that makes ``count / n > disco_seed_threshold`` in double precision (as
 the native kernel); face maxima take the first maximum in C order of each face (as
@@ -46,6 +73,7 @@ import numpy as np
 import torch
 
 from ..config import InferenceConfig
+from . import transfer
 from .canvas import Canvas, CanvasState, logit32
 from .predictor import Predictor
 
@@ -76,6 +104,7 @@ class SlotPool:
         self.image = torch.zeros((self.slots,) + self.shape, dtype=torch.float32, device=device)
         self.logits = torch.full((self.slots,) + self.shape, float("nan"), dtype=torch.float32, device=device)
         self.free = list(range(self.slots))[::-1]
+        self._side = None  # the side stream of object commits (side_stream())
 
     def _grow(self, shape, slots) -> None:
         new_shape = tuple(max(a, int(b)) for a, b in zip(self.shape, shape))
@@ -104,15 +133,11 @@ class SlotPool:
         self.free.append(slot)
 
     def side_stream(self):
-        """Context manager: a second stream of the device (cuda/xpu), else nothing."""
-        import contextlib
-
-        mod = getattr(torch, self.device.type, None)
-        if self.device.type == "cpu" or not hasattr(mod, "Stream") or not hasattr(mod, "stream"):
-            return contextlib.nullcontext()
-        if getattr(self, "_side", None) is None:
-            self._side = mod.Stream(device=self.device)
-        return mod.stream(self._side)
+        """The pool's second stream of the device for object commits (cuda/xpu; made on
+        first use), None on cpu."""
+        if self._side is None:
+            self._side = transfer.new_stream(self.device)
+        return self._side
 
     def nbytes(self) -> int:
         return 2 * 4 * self.slots * int(np.prod(self.shape))
@@ -133,6 +158,7 @@ class DeviceCanvas(Canvas):
         self._qpos = np.zeros((64, 3), np.int64)
         self._qval = np.zeros(64, np.float64)
         self._pending = None  # rows queried by the step in flight
+        self._last_step = None  # transfer.Pending of this canvas's last launched step (its event)
         self._strides = np.array([self.fov[1] * self.fov[2], self.fov[2], 1], np.int64)
 
     def _alloc_logits(self):
@@ -182,11 +208,13 @@ class DeviceCanvas(Canvas):
 
     def _commit_logits(self, box):
         # On a side stream: the device may still be running the other group's step on the
-        # main stream, which a copy there would wait for. This canvas's own writes are all
-        # done (its last step was collected; its next object starts after the commit).
-        with self.pool.side_stream():
-            host = self._view(self.pool.logits)[box].to("cpu")
-        return np.ascontiguousarray(host.numpy()), (0, 0, 0)
+        # main stream, which a copy there would wait for. The side stream waits for the
+        # event of this canvas's last step (after every write of this canvas), and the host
+        # waits for the copy before the next object of this canvas writes anything.
+        # (no step yet: the copy queues on the main stream, behind this canvas's writes)
+        side = self.pool.side_stream() if self._last_step is not None else None
+        pending = transfer.to_host_async(self._view(self.pool.logits)[box], stream=side, after=self._last_step)
+        return np.ascontiguousarray(pending.wait()), (0, 0, 0)
 
     def release(self) -> None:
         if self.slot is not None:
@@ -195,15 +223,7 @@ class DeviceCanvas(Canvas):
 
     def device_logits(self) -> np.ndarray:
         """Host copy of the canvas logits (for tests)."""
-        return self._view(self.pool.logits).cpu().numpy()
-
-
-def _event(device: torch.device):
-    """A recorded event on the device's current stream (cuda or xpu)."""
-    mod = torch.cuda if device.type == "cuda" else getattr(torch, device.type)
-    ev = mod.Event()
-    ev.record()
-    return ev
+        return transfer.to_host_async(self._view(self.pool.logits)).wait()
 
 
 class DevicePredictor(Predictor):
@@ -317,18 +337,16 @@ class DevicePredictor(Predictor):
         parts = [scores, arg.to(torch.float32)]
         if qmax:
             parts.append(flat.gather(1, dev_arr[:, 4:]))
-        res = torch.cat(parts, 1)
-        event = None
-        if self.device.type != "cpu":  # the one device -> host copy of the step, async
-            res = res.to("cpu", non_blocking=True)
-            event = _event(self.device)
-        return res, event, [len(q) for q in qs]
+        # the one device -> host copy of the step (asynchronous; its event guards the read)
+        pending = transfer.to_host_async(torch.cat(parts, 1))
+        for cv in canvases:
+            cv._last_step = pending
+        return pending, [len(q) for q in qs]
 
     def _collect_one(self, handle) -> list:
-        res, event, nq = handle
-        if event is not None:
-            event.synchronize()
-        res = res.numpy()
+        """Waits for one launched batch (its copy's event); per canvas (scores, offsets, qvals)."""
+        pending, nq = handle
+        res = pending.wait()
         out = []
         rows = np.arange(6)
         for i in range(len(nq)):

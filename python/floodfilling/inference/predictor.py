@@ -19,6 +19,7 @@ import torch
 from .. import kernels
 from ..config import check_choice
 from ..model import ConvStack3D, prepare_for_inference, select_device
+from . import transfer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class Predictor:
         return contextlib.nullcontext()
 
     def run(self, n: int) -> np.ndarray:
-        """Runs the network on the first ``n`` FOVs of the input buffers; (n, *fov) float32."""
+        """Runs the network on the first ``n`` FOVs of the input buffers; (n, *fov) float32.
+        Returns after the logits' copy has arrived (its event), so the buffers may be refilled."""
         img, seed = self._img_t[:n], self._seed_t[:n]
         if self.device.type != "cpu":
             img = img.to(self.device, non_blocking=True)
@@ -105,7 +107,7 @@ class Predictor:
             out = self.forward(img, seed)
         self.calls += 1
         self.fovs += n
-        return out[:, 0].float().cpu().numpy()
+        return transfer.to_host_async(out[:, 0].float()).wait()  # waits for the copy's event
 
     def predict(self, canvases, centers, pad_logit: float) -> np.ndarray:
         """Logits for FOV ``centers[k]`` of ``canvases[k]`` (each has .image and .logits)."""
