@@ -58,8 +58,8 @@ sys.path.insert(0, str(HERE))
 from common import SHARED, fib25_crop, machine_id  # noqa: E402
 from gpu_common import device_info, log, one_line, peak_memory, reset_peak, run_child, sync, tiny_model  # noqa: E402
 from gpu_host import child_blocks, host_keeps_up, sec_blocks, sec_host  # noqa: E402
-BUDGETS = {"tests": 75, "sweep": 60, "host": 25, "blocks": 170, "training": 60, "ddp": 45, "compile": 80}
-QUICK_BUDGETS = {"tests": 150, "sweep": 45, "host": 30, "blocks": 120, "training": 45, "ddp": 45, "compile": 40}
+BUDGETS = {"tests": 120, "sweep": 60, "host": 25, "blocks": 130, "training": 60, "ddp": 45, "compile": 80}
+QUICK_BUDGETS = {"tests": 300, "sweep": 45, "host": 30, "blocks": 120, "training": 45, "ddp": 45, "compile": 40}
 TOTAL_S = 470  # all sections together (8 minutes less start-up)
 ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "ZE_FLAT_DEVICE_HIERARCHY", "OMP_NUM_THREADS",
             "ONEAPI_DEVICE_SELECTOR", "CCL_ATL_TRANSPORT", "FI_PROVIDER", "FFN_SHARED")
@@ -93,6 +93,8 @@ class TimedPredictor:
 
 def sec_tests(device: str, deadline: float, args, ctx) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "device", "-q", "-p", "no:cacheprovider"]
+    if args.quick:  # the 10 reference objects of the bundled model take minutes on a CPU (CI runs them)
+        cmd += ["-k", "not test_object_parity"]
     env = dict(os.environ, FFN_TEST_DEVICE=device)
     t0 = time.perf_counter()
     try:
@@ -108,7 +110,7 @@ def sec_tests(device: str, deadline: float, args, ctx) -> dict:
                                                 last)}
     m = re.search(r"in ([\d.]+)s", last)
     note = {"note": "pytest exit 5: no test carries the device mark"} if p.returncode == 5 else {}
-    return {**note, "command": f"FFN_TEST_DEVICE={device} python -m pytest -m device -q", "returncode": p.returncode,
+    return {**note, "command": f"FFN_TEST_DEVICE={device} " + " ".join(cmd[1:]), "returncode": p.returncode,
             "counts": counts, "pytest_seconds": float(m.group(1)) if m else None,
             "ok": p.returncode == 0 and counts.get("passed", 0) > 0,
             "tail": lines[-8:] if p.returncode else lines[-1:]}
