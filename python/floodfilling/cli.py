@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -238,7 +239,15 @@ def cmd_view(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        return 0
+        # Ctrl-C ends the command at once: the server's worker threads (a thread pool that
+        # the interpreter joins at exit) once held a CI run's exit for over 30 s; `view` only
+        # reads, so nothing is left half-written by leaving without that join.
+        import neuroglancer
+
+        neuroglancer.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
