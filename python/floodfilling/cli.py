@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -235,19 +235,17 @@ def cmd_view(args) -> int:
     url = viewer.get_viewer_url()
     print(url, flush=True)
     print(f"serving {', '.join(lay.name for lay in layers)}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    # Ctrl-C (SIGINT) stops serving even where the shell started us with SIGINT ignored (a
+    # background job of a non-interactive shell), in which case Python would never raise it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        # Ctrl-C ends the command at once: the server's worker threads (a thread pool that
-        # the interpreter joins at exit) once held a CI run's exit for over 30 s; `view` only
-        # reads, so nothing is left half-written by leaving without that join.
         import neuroglancer
 
         neuroglancer.stop()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
