@@ -128,13 +128,14 @@ def read_origins(spec: str) -> np.ndarray | None:
     return tab
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, first 16 hex digits (a model file in manifests)."""
+def file_digest(path: str | os.PathLike, digits: int | None = 16) -> str:
+    """sha256 of a file's bytes, its first ``digits`` hex digits (16: a model file in manifests;
+    None: all 64, as a fine-tuned model records its parent)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:digits]
 
 
 def image_digest(raw: np.ndarray) -> str:

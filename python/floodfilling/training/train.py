@@ -22,7 +22,6 @@ never interrupted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from .. import disk, volumes
 from ..model import ConvStack3D, ModelError, load_model, model_file
+from ..results import file_digest
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
@@ -77,13 +77,11 @@ def init_model(init: str) -> tuple[ConvStack3D, Any, dict[str, Any]]:
         path = model_file(None if init == BUNDLED else init)
     except ModelError as exc:
         raise ModelError(f"init={init}: {exc}") from None
-    h = hashlib.sha256()
-    with disk.disk_errors(path, "reading"), open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with disk.disk_errors(path, "reading"):
+        sha256 = file_digest(path, digits=None)
     net, info = load_model(path, "cpu")
     parent = {"model": BUNDLED if init == BUNDLED else os.path.abspath(init), "file": str(path.resolve()),
-              "sha256": h.hexdigest(), "intensity": {"mean": info.image_mean, "std": info.image_std}}
+              "sha256": sha256, "intensity": {"mean": info.image_mean, "std": info.image_std}}
     return net, info, parent
 
 
