@@ -14,7 +14,9 @@ The forward run uses the bundled model and default options (fp32, exact); runs f
 reused (the whole cube takes about an hour on 2 CPU cores). ``--forward-from-reference`` takes
 the whole cube's forward from the reference's published segmentation instead (ours matches it
 to VI 0.0008; see shared/reference/README.md). Each row adds one step to the previous row's
-steps; "watershed" alone is the plain seeded watershed, the floor every step must beat.
+steps; "watershed" alone is the plain seeded watershed, the floor every step must beat. "+rejoin"
+needs the forward run's overlaps, which the reference's published segmentation lacks: with
+``--forward-from-reference`` the cube's row says "not measured".
 Thresholds of the refinement (config.RefineConfig defaults) were chosen on the dev volume; the
 FIB-25 rows are the held-out check.
 """
@@ -39,7 +41,8 @@ VOLUMES = {  # name: (file in shared/data, crop per axis or None, gt_zero conven
     "dev": ("fib_medulla_dev_50x100x200.h5", None, ("ignore", "label")),
 }
 # Rows: cumulative refinement steps (empty: the forward run alone).
-ROWS = {"forward": (), "+watershed": ("watershed",), "+gap_objects": ("gap_objects", "watershed")}
+ROWS = {"forward": (), "+watershed": ("watershed",), "+gap_objects": ("gap_objects", "watershed"),
+        "+rejoin": ("rejoin", "gap_objects", "watershed")}
 METRICS = ("vi", "vi_split", "vi_merge", "are", "precision", "recall", "seg_objects")
 
 
@@ -61,9 +64,9 @@ def volume_files(name: str, workdir: Path) -> Path:
     return img
 
 
-def forward(name: str, img: Path, from_reference: bool, precision: str = "fp32") -> tuple[np.ndarray, float | None]:
-    """The forward segmentation at ``precision`` (run once, then reused) and its seconds (None
-    when reused)."""
+def forward(name: str, img: Path, from_reference: bool, precision: str = "fp32"):
+    """The forward segmentation at ``precision`` (run once, then reused), its seconds (None when
+    reused) and its overlaps (None for the reference's, which does not record them)."""
     import h5py
 
     from floodfilling.config import InferenceConfig
@@ -71,15 +74,17 @@ def forward(name: str, img: Path, from_reference: bool, precision: str = "fp32")
 
     if from_reference and name == "fib25" and precision == "fp32":
         with np.load(SHARED / "reference" / "google_ffn_fib25_training_sample2.npz") as z:
-            return z["segmentation"].astype(np.uint32), None
+            return z["segmentation"].astype(np.uint32), None, None
     out = img.parent / ("forward.h5" if precision == "fp32" else f"forward-{precision}.h5")
     seconds = None
     if not out.exists():
         t = time.perf_counter()
         segment(f"{img}:raw", f"{out}:seg", config=InferenceConfig(precision=precision), progress=True)
         seconds = time.perf_counter() - t
+    from floodfilling.results import overlaps_dict
+
     with h5py.File(out, "r") as f:
-        return f["seg"][:], seconds
+        return f["seg"][:], seconds, overlaps_dict(f["seg_overlaps"][:])
 
 
 def main() -> int:
@@ -113,15 +118,18 @@ def main() -> int:
         img = volume_files(name, Path(args.workdir))
         with h5py.File(img, "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
-        seg, fwd_seconds = forward(name, img, args.forward_from_reference, args.precision)
+        seg, fwd_seconds, overlaps = forward(name, img, args.forward_from_reference, args.precision)
         image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)  # as the flood saw it
         vol = result["volumes"][name] = {"shape": list(raw.shape), "forward_seconds": fwd_seconds,
                                          "forward_from_reference": bool(args.forward_from_reference and name == "fib25"
                                                                        and args.precision == "fp32"),
                                          "rows": {}}
         for row, steps in ROWS.items():
+            if "rejoin" in steps and overlaps is None:
+                vol["rows"][row] = {"not_measured": "the reference's segmentation records no overlaps"}
+                continue
             t = time.perf_counter()
-            refined = refine_array(image, seg, RefineConfig(steps=steps), network) if steps else None
+            refined = refine_array(image, seg, RefineConfig(steps=steps), network, overlaps) if steps else None
             out = refined.segmentation if refined is not None else seg
             secs = time.perf_counter() - t
             table = evaluation.contingency(out, labels)
@@ -146,7 +154,10 @@ def markdown(result: dict) -> str:
     for row in ROWS:
         cells = []
         for n, z in cols:
-            m = result["volumes"][n]["rows"][row][z]
+            m = result["volumes"][n]["rows"].get(row, {}).get(z)
+            if m is None:
+                cells.append("not measured")
+                continue
             cells.append(f"{m['vi']:.3f} ({m['vi_split']:.3f} / {m['vi_merge']:.3f}), ARE {m['are']:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

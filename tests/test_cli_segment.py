@@ -226,12 +226,16 @@ def test_refine_keeps_the_exact_flood_and_refines_it(reference_run, refined_run,
     with h5py.File(crop_file, "r") as f:
         labels = f["labels"][:]
     np.testing.assert_array_equal(forward, plain)
-    np.testing.assert_array_equal(seg[plain > 0], plain[plain > 0])
+    pairs = np.unique(np.stack([plain[plain > 0], seg[plain > 0]]), axis=1)  # (flood id, refined id)
+    assert len(np.unique(pairs[0])) == pairs.shape[1]  # each flood object lies in one refined object
+    moved = pairs[:, pairs[0] != pairs[1]]
+    assert (moved[1] < moved[0]).all()  # keeps its id, or rejoined an earlier object
     assert (seg > 0).all() and set(np.unique(seg)) == set(origins["id"].tolist())
     added = origins[origins["id"] > plain.max()]
     counters = json.loads(attrs["counters"])
     assert len(added) == counters["refine_gap_objects"] and (added["steps"] > 0).all()
-    assert json.loads(attrs["refine"])["steps"] == ["gap_objects", "watershed"]
+    assert json.loads(attrs["refine"])["steps"] == ["rejoin", "gap_objects", "watershed"]
+    assert moved.shape[1] == counters["refine_rejoined"]
     before, after = evaluation.evaluate(plain, labels, "label"), evaluation.evaluate(seg, labels, "label")
     assert after["vi"] < before["vi"] and after["are"] < before["are"]
 
@@ -267,6 +271,8 @@ def test_refine_options_need_refine(crop_file, tmp_path):
     r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set",
             "refine.steps=['watershed', 'magic']")
     assert r.returncode == 2 and "'magic' is not a step" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set", "dust_size=100")
+    assert r.returncode == 2 and "rejoin" in r.stderr and "dust_size" in r.stderr and len(r.stderr.splitlines()) == 1
     r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64")
     assert r.returncode == 2 and "--refine" in r.stderr and "block" in r.stderr
     assert not (tmp_path / "o.h5").exists()

@@ -43,7 +43,8 @@ def test_watershed_stops_at_the_membrane():
     assert set(np.unique(out[truth == 0])) <= {7, 9}  # the membrane is shared out, nothing left at 0
 
 
-GAP = RefineConfig(interior_sigma=0.5, gap_core_radius=3.0, gap_min_core=10, watershed_sigma=0.0)
+GAP = RefineConfig(steps=("gap_objects", "watershed"), interior_sigma=0.5, gap_core_radius=3.0, gap_min_core=10,
+                   watershed_sigma=0.0)
 
 
 def test_gap_object_for_a_cell_no_flood_reached():
@@ -115,10 +116,14 @@ def test_steps_are_checked():
         RefineConfig(steps=("watershed", "magic")).validate()
     with pytest.raises(ConfigError, match="gap_core_radius"):
         RefineConfig(gap_core_radius=-1.0).validate()
+    with pytest.raises(ConfigError, match="rejoin_fraction"):
+        RefineConfig(rejoin_fraction=0.0).validate()
     with pytest.raises(RefineError, match="shape"):
         refine_array(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 5), np.uint32), RefineConfig())
-    with pytest.raises(RefineError, match="network"):
+    with pytest.raises(RefineError, match="overlaps"):
         refine_array(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint32), RefineConfig())
+    with pytest.raises(RefineError, match="network"):
+        refine_array(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint32), RefineConfig(), overlaps={})
 
 
 def test_no_steps_returns_the_flood():
@@ -143,3 +148,90 @@ def test_cores_whose_seeds_cannot_flood_leave_the_gap_to_the_watershed():
     r = refine_array(image, seg, GAP, net)
     assert r.counters["gap_cores"] == 1 and r.counters["gap_floods"] == 0 and r.counters["gap_objects"] == 0
     assert (r.segmentation == 5).all()
+
+
+# -- rejoin: flood objects that their own flood found to be pieces of an earlier object ----------
+
+def rejoin_by_rule(seg: np.ndarray, overlaps: dict, fraction: float) -> np.ndarray:
+    """The rule written out voxel by voxel: object k (in id order) is relabelled to the final id
+    of the object it ran into most, when that is at least ``fraction`` of (its voxels + all it
+    ran into); the group keeps its lowest id."""
+    final = {}
+    for k in sorted(int(v) for v in np.unique(seg) if v):
+        ids, vox = overlaps.get(k, ((), ()))
+        pairs = [(int(v), int(i)) for i, v in zip(ids, vox) if i > 0]
+        total = int((seg == k).sum()) + sum(v for v, _ in pairs)
+        if pairs and total:
+            most = max(v for v, _ in pairs)
+            j = min(i for v, i in pairs if v == most)
+            if most >= fraction * total:
+                final[k] = final.get(j, j)
+                continue
+        final[k] = k
+    # a later object may have joined an object that joined another: follow to the end
+    changed = True
+    while changed:
+        changed = False
+        for k, j in final.items():
+            if final.get(j, j) != j:
+                final[k] = final[j]
+                changed = True
+    out = seg.copy()
+    for z, y, x in np.ndindex(seg.shape):
+        if seg[z, y, x]:
+            out[z, y, x] = final[int(seg[z, y, x])]
+    return out
+
+
+def test_rejoin_by_hand():
+    """Five objects in a row; 3 ran mostly into 1 (joins), 4 ran into 3 (joins 3, so 1), 5 ran
+    a little into 2 (stays), 2 ran into nothing."""
+    seg = np.zeros((2, 3, 10), np.uint32)
+    for k, x in zip(range(1, 6), (0, 2, 4, 6, 8)):
+        seg[..., x:x + 2] = k  # 12 voxels each
+    overlaps = {1: ((), ()), 2: ((), ()),
+                3: (np.array([1, 2]), np.array([20, 5])),  # 20 of 12 + 25 = 37: 0.54 -> joins 1
+                4: (np.array([3]), np.array([12])),  # 12 of 24: 0.5 -> joins 3
+                5: (np.array([2, 4]), np.array([3, 3]))}  # 3 of 18 each: stays
+    image = np.zeros(seg.shape, np.float32)
+    r = refine_array(image, seg, RefineConfig(steps=("rejoin",)), overlaps=overlaps)
+    want = seg.copy()
+    want[np.isin(seg, [3, 4])] = 1
+    np.testing.assert_array_equal(r.segmentation, want)
+    assert r.joined == {3: 1, 4: 1} and r.counters["rejoined"] == 2
+    np.testing.assert_array_equal(r.segmentation, rejoin_by_rule(seg, overlaps, 0.5))
+    # 0.52: object 3 (0.54) joins 1, object 4 (0.5) stays
+    r = refine_array(image, seg, RefineConfig(steps=("rejoin",), rejoin_fraction=0.52), overlaps=overlaps)
+    assert r.joined == {3: 1}
+    # 0.15: 5 (3 of 18 = 0.17 into each of 2 and 4, a tie) joins the lower id, 2
+    r = refine_array(image, seg, RefineConfig(steps=("rejoin",), rejoin_fraction=0.15), overlaps=overlaps)
+    assert r.joined == {3: 1, 4: 1, 5: 2}
+    np.testing.assert_array_equal(r.segmentation, rejoin_by_rule(seg, overlaps, 0.15))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rejoin_matches_the_rule_on_random_floods(seed):
+    rng = np.random.default_rng(seed)
+    n = 12
+    seg = rng.integers(0, n + 1, size=(4, 5, 6)).astype(np.uint32)
+    overlaps = {}
+    for k in range(2, n + 1):
+        m = int(rng.integers(0, 4))
+        ids = rng.choice(np.arange(1, k), size=min(m, k - 1), replace=False)
+        overlaps[k] = (ids.astype(np.int64), rng.integers(1, 30, size=len(ids)).astype(np.int64))
+    for fraction in (0.2, 0.5, 0.8):
+        r = refine_array(np.zeros(seg.shape, np.float32), seg, RefineConfig(steps=("rejoin",), rejoin_fraction=fraction),
+                         overlaps=overlaps)
+        np.testing.assert_array_equal(r.segmentation, rejoin_by_rule(seg, overlaps, fraction))
+
+
+def test_rejoin_then_gap_objects_take_new_ids_after_the_flood():
+    """A rejoined top id is not reused: the gap object gets max(flood) + 1."""
+    image, truth = cells()
+    seg = np.where(truth == 1, 4, 0).astype(np.uint32)
+    seg[..., :5] = 5  # 5 is a piece of 4 by its flood's overlaps; cell 2 is free
+    overlaps = {4: ((), ()), 5: (np.array([4]), np.array([5000]))}  # 5000 of 2000 + 5000
+    steps = ("rejoin", "gap_objects", "watershed")
+    r = refine_array(image, seg, RefineConfig(**{**GAP.to_dict(), "steps": steps}), bright_network(), overlaps=overlaps)
+    assert r.joined == {5: 4} and list(r.new_origins) == [6]
+    assert (r.segmentation[truth == 1] == 4).all() and (r.segmentation[truth == 2] == 6).all()

@@ -253,7 +253,7 @@ class InferenceConfig(Options):
         return {k: v for k, v in self.to_dict().items() if OPTION_STAGES[k] in stages}
 
 
-REFINE_STEPS = ("gap_objects", "watershed")  # in the order they run (floodfilling.inference.refine)
+REFINE_STEPS = ("rejoin", "gap_objects", "watershed")  # in the order they run (floodfilling.inference.refine)
 
 
 @dataclass
@@ -265,13 +265,16 @@ class RefineConfig(Options):
 
     TABLE = "refine"
 
-    # Steps to run, of "gap_objects" (new objects in the space no flood took) and "watershed"
-    # (fill every voxel from the objects along the image's membranes).
+    # Steps to run, of "rejoin" (flood objects that their own flood found to be pieces of an earlier
+    # object join it), "gap_objects" (new objects in the space no flood took) and "watershed" (fill
+    # every voxel from the objects along the image's membranes).
     steps: tuple[str, ...] = REFINE_STEPS
     # Polarity of membranes in the image: "dark" (EM with stained membranes) or "bright".
     membranes: str = "dark"
     # Gaussian sigma (voxels) of the image used to find cell interiors for gap objects.
     interior_sigma: float = 1.0
+    # Rejoin: an object whose own flood ran this fraction of its voxels into one earlier object joins it.
+    rejoin_fraction: float = 0.5
     # Gap objects: free voxels brighter than this (smoothed, normalised) are cell interior.
     interior_threshold: float = 0.0
     # Gap objects: a core is interior voxels at least this many voxels from membranes and objects.
@@ -312,7 +315,7 @@ _BOUNDS: dict[str, Bounds] = {
     "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
     "prefetch": _AT_LEAST_0, "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
     "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
-    "gap_join_fraction": (0, False, 1, True),
+    "gap_join_fraction": (0, False, 1, True), "rejoin_fraction": (0, False, 1, True),
     "watershed_sigma": _AT_LEAST_0,
 }
 

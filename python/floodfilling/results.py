@@ -94,6 +94,16 @@ def overlaps_table(overlaps: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> np.
     return np.array(rows, dtype=OVERLAP_DTYPE)
 
 
+def overlaps_dict(table: np.ndarray, ids=None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """An overlaps table (OVERLAP_DTYPE, or rows (id, other id, voxels)) as ``{id: (other ids,
+    voxels)}`` int64, for ``ids`` (default: the ids in the table; an id without rows gets empty arrays)."""
+    t = np.asarray(table)
+    cols = np.stack([t[n] for n in t.dtype.names], 1) if t.dtype.names else t.reshape(-1, 3)
+    cols = cols.astype(np.int64)
+    ids = np.unique(cols[:, 0]).tolist() if ids is None else ids
+    return {int(i): (cols[cols[:, 0] == i, 1].copy(), cols[cols[:, 0] == i, 2].copy()) for i in ids}
+
+
 def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray, origins: np.ndarray | None,
                  attrs: Mapping[str, Any], overwrite: bool, overlaps: np.ndarray | None = None,
                  extra: Mapping[str, np.ndarray] | None = None) -> None:

@@ -26,7 +26,8 @@ from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
-from ..results import Origin, file_digest, image_digest, origins_table, overlaps_table, read_origins, result_names
+from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, read_origins,
+                       result_names)
 from .canvas import Canvas, CanvasState, fov_margin
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
 from .refine import FloodNetwork, refine_array
@@ -91,10 +92,7 @@ def load_state(path: Path, manifest: dict[str, Any]) -> tuple[CanvasState, np.nd
                              fill_passes=int(z["fill_passes"]) if "fill_passes" in z.files else 0)
             for i, row, s in zip(z["origin_ids"].tolist(), z["origins"].tolist(), z["origin_seconds"].tolist()):
                 st.origins[i] = Origin(tuple(row[:3]), int(row[3]), float(s))
-            ov = z["overlaps"]
-            for i in st.origins:
-                rows = ov[ov[:, 0] == i]
-                st.overlaps[i] = (rows[:, 1].copy(), rows[:, 2].copy())
+            st.overlaps = overlaps_dict(z["overlaps"], st.origins)
             return st, z["seeds"].copy()
     except SegmentError:
         raise
@@ -205,6 +203,9 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
+    if refine is not None and "rejoin" in refine.steps and (cfg.split_components or cfg.dust_size > 0):
+        raise SegmentError("refine step 'rejoin' needs the flood's overlaps, which split_components and dust_size "
+                           "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
     inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
@@ -292,11 +293,12 @@ def _origins_to_invert(seg_spec: str, box: boxes.BBox) -> tuple[np.ndarray, np.n
 def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network) -> SegmentResult:
     """``result`` after the refinement steps of ``refine`` on ``image`` (normalised as for the
     flood) with ``network`` = (net, model info, inference config) of the flood: objects keep
-    their ids and origins, added objects get their gap flood's origin, the refinement's
-    counters are added as ``refine_<name>``."""
-    r = refine_array(image, result.segmentation, refine, FloodNetwork(*network))
+    their ids and origins (those that rejoined an earlier object are gone), added objects get
+    their gap flood's origin, the refinement's counters are added as ``refine_<name>``."""
+    r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
-    return SegmentResult(r.segmentation, {**result.origins, **r.new_origins}, result.overlaps, counters,
+    origins = {k: o for k, o in result.origins.items() if k not in r.joined}
+    return SegmentResult(r.segmentation, {**origins, **r.new_origins}, result.overlaps, counters,
                          result.seconds + r.counters["seconds"], result.normalisation)
 
 
