@@ -91,6 +91,25 @@ def test_api_coords_file_and_existing_checkpoint(data, tmp_path):
         assert torch.equal(v, again.net.state_dict()[k])
 
 
+def test_kept_models_equal_the_checkpoints_of_shorter_runs(data, tmp_path):
+    """--keep-every 2 keeps the weights of steps 2, 4, 6 under models/; each is the model of a
+    run stopped at that step (same seed), and the last is the checkpoint's; a kept file loads
+    as a model (segment --model models/model-STEP.npz)."""
+    common = ["--batch", "2", "--optimizer", "sgd", "--lr", "0.01", "--seed", "3"]
+    assert main(args_for(data, tmp_path / "long", "--max-steps", "6", "--keep-every", "2", *common)) == 0
+    kept = sorted(p.name for p in (tmp_path / "long" / "models").iterdir())
+    assert kept == ["model-0000002.npz", "model-0000004.npz", "model-0000006.npz"]
+    assert main(args_for(data, tmp_path / "short", "--max-steps", "4", *common)) == 0
+    for got, want in (("model-0000004.npz", tmp_path / "short" / "checkpoint"),
+                      ("model-0000006.npz", tmp_path / "long" / "checkpoint")):
+        net, info = load_model(tmp_path / "long" / "models" / got)
+        ref = load_model(want)[0]
+        assert info.meta["trained_steps"] == int(got[6:13])
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, ref.state_dict()[k]), (got, k)
+    assert main(args_for(data, tmp_path / "bad", "--max-steps", "2", "--keep-every", "-1")) == 2
+
+
 def _params(path):
     return torch.load(Path(path) / "checkpoint" / "state.pt", weights_only=False)
 

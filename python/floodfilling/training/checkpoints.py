@@ -26,6 +26,14 @@ RESUME_KEYS = ["depth", "features", "fov", "deltas", "batch", "seed", "world", "
                "image", "labels", "coords", "min_size", "thresholds", "init", "volumes"]
 
 
+KEPT_DIR = "models"  # OUT/models/model-STEP.npz: the weights every keep_every steps
+
+
+def kept_model_path(out: Path, step: int) -> Path:
+    """Where the weights of ``step`` are kept (``keep_every``): ``out/models/model-0000050.npz``."""
+    return Path(out) / KEPT_DIR / f"model-{int(step):07d}.npz"
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

@@ -88,7 +88,8 @@ def cmd_train(args) -> int:
         device=args.device, threads=args.threads, min_size=args.min_size, thresholds=args.thresholds,
         augment=not args.no_augment,
         lr_scaling=args.lr_scaling, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
-        checkpoint_secs=args.checkpoint_secs, log_every=args.log_every, resume=args.resume, init=args.init,
+        checkpoint_secs=args.checkpoint_secs, keep_every=args.keep_every, log_every=args.log_every,
+        resume=args.resume, init=args.init,
         progress=not args.quiet, tensorboard=not args.no_tensorboard, val_image=args.val_image,
         val_labels=args.val_labels, val_every=args.val_every, val_sequences=args.val_sequences,
         val_min_size=args.val_min_size,
@@ -167,6 +168,9 @@ def add_parsers(sub) -> None:
                    help="steps between checkpoints (0: only time-based and at the end; default 1000)")
     p.add_argument("--checkpoint-secs", type=float, default=600.0,
                    help="seconds between checkpoints (0: off; default 600)")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep the weights every N steps as OUT/models/model-STEP.npz, to choose one by "
+                        "segmenting held-out labels (0: only the latest; default 0)")
     p.add_argument("--log-every", type=int, default=100, help="steps between rows of metrics.csv (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (fresh start if none)")
     p.add_argument("--init", default=None,

@@ -57,6 +57,7 @@ class TrainOptions:
     warmup_steps: int = 0  # ramp the learning rate from lr to the scaled one over this many steps
     checkpoint_every: int = 1000  # steps between checkpoints (0: only time-based and final)
     checkpoint_secs: float = 600.0  # seconds between checkpoints (0: off)
+    keep_every: int = 0  # also keep the weights every this many steps as out/models/model-STEP.npz (0: latest only)
     log_every: int = 100  # steps between metrics rows
     resume: bool = False  # continue the checkpoint in out/checkpoint
     init: str | None = None  # fine-tune this model (.npz, directory, or "bundled"): its geometry is the run's
@@ -82,6 +83,7 @@ _OPTION_BOUNDS: dict[str, tuple] = {
     "seed": (0, True, 2**32 - 1, True), "threads": (0, True, None, False), "min_size": (1, True, None, False),
     "thresholds": (0, False, 1, True), "image_std": (0, False, None, False), "warmup_steps": (0, True, None, False),
     "checkpoint_every": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
+    "keep_every": (0, True, None, False),
     "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
     "val_min_size": (1, True, None, False),
 }
