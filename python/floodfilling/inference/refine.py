@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .. import kernels
 from ..config import InferenceConfig, RefineConfig
 from ..results import Origin
 from .canvas import CanvasState, fov_margin
@@ -110,7 +111,7 @@ def rejoin_targets(own_voxels: np.ndarray, overlaps: dict, fraction: float) -> d
         ids, voxels = (np.asarray(a, np.int64) for a in overlaps[k])
         keep = ids > 0
         ids, voxels = ids[keep], voxels[keep]
-        total = int(own_voxels[k]) + int(voxels.sum()) if k < len(own_voxels) else int(voxels.sum())
+        total = int(own_voxels[k]) + int(voxels.sum())
         if not len(voxels) or not total:
             continue
         best = np.flatnonzero(voxels == voxels.max())
@@ -119,8 +120,6 @@ def rejoin_targets(own_voxels: np.ndarray, overlaps: dict, fraction: float) -> d
             pairs.append((k, j))
     if not pairs:
         return {}
-    from .. import kernels
-
     ids, roots = kernels.union_find(np.asarray(pairs, np.uint64))
     return {int(i): int(r) for i, r in zip(ids, roots) if i != r}
 
@@ -129,8 +128,9 @@ def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]
                max_id: int | None = None):
     """One flood from each of ``centres`` (in order; one already inside an earlier gap flood is
     skipped), with ``seg``'s objects in place, on ``image`` mirrored by the FOV margin. Returns
-    (the floods' ids in the volume, > ``max_id`` (default ``seg.max()``), 0 elsewhere; {flood id: (Origin, own voxels,
-    (ids of objects it ran into, voxels))}), voxels counted over the mirrored canvas."""
+    (the floods' ids in the volume, > ``max_id`` (default ``seg.max()``), 0 elsewhere; {flood id:
+    (Origin, own voxels, (ids of objects it ran into, voxels))}), voxels counted over the
+    mirrored canvas."""
     margin = fov_margin(network.info.fov_zyx)
     pad = [(m, m) for m in margin]
     canvas_seg = np.pad(np.asarray(seg).astype(np.int32), pad, mode="reflect")
@@ -199,7 +199,9 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
         if overlaps is None:
             raise RefineError("the rejoin step needs the flood's overlaps (overlaps=...); postprocessing "
                               "(split_components, dust_size) drops them")
-        if out.size and first_new < 2**31 - 1:
+        if first_new >= 2**31 - 1:
+            raise RefineError(f"segmentation ids up to {first_new}: rejoin needs ids below 2**31 (a flood's ids)")
+        if out.size:
             joined = rejoin_targets(np.bincount(markers.ravel(), minlength=first_new + 1), overlaps,
                                     cfg.rejoin_fraction)
         if joined:
@@ -210,8 +212,8 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
     if "gap_objects" in cfg.steps:
         if network is None:
             raise RefineError("the gap_objects step needs the network (network=FloodNetwork(...))")
-        if out.size and int(out.max()) >= 2**31 - 1:
-            raise RefineError(f"segmentation ids up to {int(out.max())}: gap floods need ids below 2**31")
+        if first_new >= 2**31 - 1:
+            raise RefineError(f"segmentation ids up to {first_new}: gap floods need ids below 2**31")
         _, centres = gap_cores(image, markers, cfg)
         flood_ids, floods = flood_gaps(image, markers, centres, network, first_new) if centres else (None, {})
         if floods:  # none when every core's seed was too weak to flood
