@@ -194,7 +194,7 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
     origins: dict[int, Origin] = {}
     joined: dict[int, int] = {}
     first_new = int(out.max(initial=0))  # ids above it are new objects (not reused after a rejoin)
-    markers = out.astype(np.int64 if out.size and int(out.max()) >= 2**31 - 1 else np.int32)
+    markers = out.astype(np.int64 if first_new >= 2**31 - 1 else np.int32)
     if "rejoin" in cfg.steps:
         if overlaps is None:
             raise RefineError("the rejoin step needs the flood's overlaps (overlaps=...); postprocessing "

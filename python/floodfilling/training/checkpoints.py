@@ -34,6 +34,14 @@ def kept_model_path(out: Path, step: int) -> Path:
     return Path(out) / KEPT_DIR / f"model-{int(step):07d}.npz"
 
 
+def save_kept_model(out: Path, step: int, net: ConvStack3D, meta: dict[str, Any]) -> None:
+    """The weights of ``step`` as :func:`kept_model_path` (atomically, as model.npz)."""
+    path = kept_model_path(out, step)
+    with disk.disk_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, net, meta)
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

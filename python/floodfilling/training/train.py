@@ -5,8 +5,8 @@ Directory layout of a run (``out``)::
     metrics.csv           one row per log_every steps (loss, precision/recall/F1 at 0.9, moves)
     metrics.png           the same, plotted (loss; precision, recall, F1)
     checkpoint/model.npz  the latest weights + meta (loadable by load_model(out/"checkpoint"))
-    models/model-STEP.npz the weights every keep_every steps (kept; loadable like any model file)
     checkpoint/state.pt   step, weights, optimizer, every rank's example stream and RNG states
+    models/model-STEP.npz the weights every keep_every steps (kept; loadable like any model file)
     tensorboard/          event files, when torch.utils.tensorboard imports
 
 The model's metadata (``model.npz``'s ``__meta__``, also in ``state.pt``) records under
@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import disk, volumes
-from ..model import ConvStack3D, ModelError, load_model, model_file, save_model
+from ..model import ConvStack3D, ModelError, load_model, model_file
 from ..results import file_digest
 from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
 from .checkpoints import (CHECKPOINT_DIR, MODEL_FILE, RESUME_KEYS, STATE_FILE, check_resume_key,  # noqa: F401
-                          kept_model_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                          load_checkpoint, rng_state, save_checkpoint, save_kept_model, set_rng_state)
 from .metrics import (METRICS_CSV, METRICS_PNG, TensorBoard, append_metrics, read_metrics,  # noqa: F401
                       save_plot, write_metrics)
 from .options import TrainError, TrainOptions, check_options, fmt_value
@@ -397,11 +397,9 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> Trai
                     log.info("step %d: loss %.4f precision %.3f recall %.3f f1 %.3f moves/seq %.2f %.1f FOV/s",
                              step, row["loss"], row["precision"], row["recall"], row["f1"],
                              row["moves_per_sequence"], row["fov_per_s"])
-            keep = opts.keep_every > 0 and step % opts.keep_every == 0
-            if keep and dinfo.is_main:  # a model to choose by held-out segmentation (README, "Adapting")
-                with disk.disk_errors(out):
-                    kept_model_path(out, step).parent.mkdir(parents=True, exist_ok=True)
-                save_model(kept_model_path(out, step), net, model_meta(opts, loaded, step, world, parent))
+            if opts.keep_every > 0 and step % opts.keep_every == 0 and dinfo.is_main:
+                # a model to choose by held-out segmentation (README, "Adapting to your data")
+                save_kept_model(out, step, net, model_meta(opts, loaded, step, world, parent))
             due = step == opts.max_steps or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0)
             if opts.checkpoint_secs > 0 and not due:
                 due = _broadcast_flag(time.monotonic() - t_last_ck >= opts.checkpoint_secs, dinfo)
