@@ -273,6 +273,13 @@ def test_refine_options_need_refine(crop_file, tmp_path):
     assert r.returncode == 2 and "'magic' is not a step" in r.stderr and len(r.stderr.splitlines()) == 1
     r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set", "dust_size=100")
     assert r.returncode == 2 and "rejoin" in r.stderr and "dust_size" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64")
-    assert r.returncode == 2 and "--refine" in r.stderr and "block" in r.stderr
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64",
+            "--set", "refine.tile=[16,16,16]")  # with blocks, the tiles are the blocks
+    assert r.returncode == 2 and "refine.tile=16,16,16" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64",
+            "--set", "split_components=true")
+    assert r.returncode == 2 and "rejoin" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set",
+            "refine.halo=[1,2]")
+    assert r.returncode == 2 and "halo" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "o.h5").exists()

@@ -9,7 +9,9 @@ import pytest
 
 from floodfilling.config import ConfigError, InferenceConfig, RefineConfig
 from floodfilling.model import ModelInfo
-from floodfilling.inference.refine import FloodNetwork, RefineError, gap_cores, join_or_keep, refine_array
+from floodfilling.inference.refine import (FloodNetwork, GapFlood, RefineError, gap_cores, paint_gap_floods,
+                                          refine_array, resolve_gap_floods)
+from floodfilling.results import Origin
 from test_engine import DELTAS, FOV, bright_flood_net
 
 pytest.importorskip("skimage")
@@ -78,14 +80,40 @@ def test_a_gap_flood_that_runs_into_an_object_joins_it():
     assert list(alone.new_origins) == [6] and (alone.segmentation[..., 30:] == 6).all()
 
 
-def test_join_or_keep_by_hand():
-    z = np.zeros(0)
-    floods = {11: (None, 90, (np.array([3, 7]), np.array([5, 20]))),  # 20 of 115 in object 7: joins 7
-              12: (None, 100, (z, z)),  # ran into nothing: new object 11
-              13: (None, 1000, (np.array([3]), np.array([100]))),  # 100 of 1100 < 10 %: new object 12
-              14: (None, 0, (np.array([2]), np.array([1])))}  # all of it in object 2
-    assert join_or_keep(floods, 10, 0.1) == {11: 7, 12: 11, 13: 12, 14: 2}
-    assert join_or_keep(floods, 10, 0.05) == {11: 7, 12: 11, 13: 3, 14: 2}
+def flood(seed, start, mask, overlaps=((), ()), canvas_voxels=None) -> GapFlood:
+    mask = np.asarray(mask, bool)
+    return GapFlood(seed, Origin(seed, 1, 0.0), start, mask,
+                    int(mask.sum()) if canvas_voxels is None else canvas_voxels,
+                    (np.asarray(overlaps[0], np.int64), np.asarray(overlaps[1], np.int64)))
+
+
+def test_resolve_gap_floods_by_hand():
+    """Floods in order over a flood whose objects go up to id 10 (volume 1 x 1 x 20, a flood is
+    a run of x): join by own overlaps, new ids in order, shared voxels go to the earlier flood
+    and count as running into it, a seed inside an earlier kept flood drops the flood."""
+    line = lambda x0, x1: flood((0, 0, x0), (0, 0, x0), np.ones((1, 1, x1 - x0)))  # noqa: E731
+    floods = [
+        flood((0, 0, 0), (0, 0, 0), np.ones((1, 1, 4)), ((3, 7), (1, 2))),  # 2 of 7 in 7 (>= 10 %): joins 7
+        line(5, 9),  # ran into nothing: new object 11
+        None,  # seed too weak
+        flood((0, 0, 12), (0, 0, 8), np.ones((1, 1, 10))),  # x 8..17: 1 voxel shared with 11 (1/10): joins 11
+        line(6, 7),  # seed inside flood 1 (kept): dropped
+        flood((0, 0, 19), (0, 0, 19), np.ones((1, 1, 1)), ((2,), (9,)), canvas_voxels=91),  # 9 / 100 < 10 %: new 12
+    ]
+    dec = resolve_gap_floods(floods, 10, 0.1)
+    assert dec.targets == [7, 11, 0, 11, 0, 12]
+    assert (dec.joined, dec.inside, dec.new) == (2, 1, 2)
+    assert resolve_gap_floods(floods, 10, 0.09).targets == [7, 11, 0, 11, 0, 2]  # 9 % now joins object 2
+    # the shared voxel was the only overlap of flood 3: at a threshold above 1/10 it is a new object
+    assert resolve_gap_floods(floods, 10, 0.2).targets == [7, 11, 0, 12, 0, 13]
+    # painting: an earlier flood keeps a shared voxel, objects of the flood are never painted over
+    markers = np.zeros((1, 1, 20), np.int64)
+    markers[0, 0, 4] = 3
+    paint_gap_floods(markers, (0, 0, 0), floods, [7, 11, 0, 13, 0, 14])
+    assert markers[0, 0].tolist() == [7] * 4 + [3] + [11] * 4 + [13] * 9 + [0, 14]
+    window = np.zeros((1, 1, 5), np.int64)  # a window x 6..10 sees the same voxels
+    paint_gap_floods(window, (0, 0, 6), floods, [7, 11, 0, 13, 0, 14])
+    assert window[0, 0].tolist() == markers[0, 0, 6:11].tolist()
 
 
 def test_small_gaps_make_no_object():

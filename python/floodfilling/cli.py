@@ -121,17 +121,14 @@ def cmd_segment(args) -> int:
                 shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
                 raise ValueError(f"{flag} {shown}: only with block inference (--block or --workdir)")
     cfg = _build_config(args)
+    refine = _build_refine(args)
     if args.block is not None or args.workdir is not None:
         from .distributed.run import segment_blocks
 
-        if args.refine:  # block refinement: not yet (refine the assembled output in memory instead)
-            raise ValueError("--refine: not yet available with block inference (--block, --workdir); segment "
-                             "without --block, or refine a volume that fits in memory")
         segment_blocks(args.image, args.out, block=args.block, halo=args.halo, workdir=args.workdir,
                        model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
-                       inflight=args.inflight, progress=not args.quiet)
+                       inflight=args.inflight, progress=not args.quiet, refine=refine)
         return 0
-    refine = _build_refine(args)
     res = segment(args.image, args.out, model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
                   progress=not args.quiet, refine=refine)
     log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)

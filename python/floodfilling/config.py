@@ -285,6 +285,12 @@ class RefineConfig(Options):
     gap_join_fraction: float = 0.1
     # Watershed: Gaussian sigma (voxels) of the relief (0: the normalised intensity itself).
     watershed_sigma: float = 0.0
+    # Gap objects: each core's flood runs in a box of this size (z,y,x) around its seed, on its own.
+    gap_box: tuple[int, int, int] = (128, 128, 128)
+    # Cores and watershed work tile by tile (z,y,x; 0: the whole axis); block inference uses its blocks.
+    tile: tuple[int, int, int] = (0, 0, 0)
+    # Context (z,y,x voxels) each tile reads beyond its faces for cores and watershed.
+    halo: tuple[int, int, int] = (32, 32, 32)
 
     def validate(self) -> "RefineConfig":
         super().validate()
@@ -316,7 +322,7 @@ _BOUNDS: dict[str, Bounds] = {
     "prefetch": _AT_LEAST_0, "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
     "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
     "gap_join_fraction": (0, False, 1, True), "rejoin_fraction": (0, False, 1, True),
-    "watershed_sigma": _AT_LEAST_0,
+    "watershed_sigma": _AT_LEAST_0, "gap_box": _AT_LEAST_1, "tile": _AT_LEAST_0, "halo": _AT_LEAST_0,
 }
 
 _HINTS: dict[type, dict[str, Any]] = {}

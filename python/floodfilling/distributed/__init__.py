@@ -20,7 +20,11 @@ module may name a higher one's types under ``TYPE_CHECKING``):
 - :mod:`.labels`: the reconcile phase (pairs over ranks, union-find, split components) from
   block results to the :class:`~.labels.FinalLabels` the output is written from. ``blockstore``,
   ``mpi``, ``reconcile``, ``split``, ``workdir``.
-- :mod:`.run`: :func:`~.run.segment_blocks`, the four phases plan, blocks, reconcile, write. Any.
+- :mod:`.refine`: ``--refine`` on the reconciled flood, the blocks as tiles (tables on rank 0;
+  cores, gap floods and tiles over ranks, saved in ``DIR/refine-<digest>/``). ``blockstore``,
+  ``mpi``, ``reconcile``, ``split``.
+- :mod:`.run`: :func:`~.run.segment_blocks`, the four phases plan, blocks, reconcile, write
+  (with ``--refine``, refine between reconcile and write). Any.
 - :mod:`.status`: ``ffn status WORKDIR`` (reads the workdir only). ``blocks``, ``blockstore``, ``workdir``.
 
 The data path of ``ffn segment --block`` (``DIR`` = ``--workdir``, default ``OUT.blocks``)::

@@ -6,6 +6,8 @@ complete) by the rank that segmented it, read by reconciliation, the output writ
 
     seg           (outer box) segmentation, block-local ids 1..max_id (gzip)
     origins       ORIGIN_DTYPE table of the block's objects (outer-box coordinates)
+    overlaps      OVERLAP_DTYPE table: voxels each object's flood ran into earlier objects
+                  (local ids; read by the rejoin step of ``--refine``)
     core_ids      uint32, sorted local ids present in the core
     core_counts   int64, their voxels in the core
     attrs         core_start, core_stop, outer_start, outer_stop (box coordinates),
@@ -70,14 +72,14 @@ class BlockSummary:
 
 def write_block(path: Path, block: Block, box_start: Sequence[int], seg: np.ndarray, origins: np.ndarray,
                 max_id: int, counters: dict[str, float], seconds: float, manifest_digest: str, rank: int,
-                host: str) -> None:
-    """Writes a block's result file (``seg``: its outer box)."""
+                host: str, overlaps: np.ndarray) -> None:
+    """Writes a block's result file (``seg``: its outer box; ``overlaps``: OVERLAP_DTYPE)."""
     core_ids, core_counts = np.unique(seg[block.core_in_outer], return_counts=True)
     core_ids, core_counts = core_ids[core_ids > 0], core_counts[core_ids > 0]
     storage.write_hdf5_atomic(
         path,
         {"seg": seg, "origins": origins, "core_ids": core_ids.astype(np.uint32),
-         "core_counts": core_counts.astype(np.int64)},
+         "core_counts": core_counts.astype(np.int64), "overlaps": overlaps},
         file_attrs={"core_start": list(block.core_start), "core_stop": list(block.core_stop),
                     "outer_start": list(block.outer_start), "outer_stop": list(block.outer_stop),
                     "box_start": list(box_start), "max_id": int(max_id),
@@ -113,6 +115,17 @@ def read_meta(path: Path) -> BlockMeta:
                              counters=json.loads(f.attrs["counters"]), seconds=float(f.attrs["seconds"]),
                              outer_start=tuple(int(v) for v in f.attrs["outer_start"]))
     except (OSError, KeyError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_overlaps(path: Path) -> np.ndarray:
+    """The block's overlaps table (OVERLAP_DTYPE, local ids)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f["overlaps"][:]
+    except (OSError, KeyError) as exc:
         raise _unreadable(path, exc) from None
 
 

@@ -12,6 +12,10 @@ Zarr (``out.zarr/ds``): the array is built under a hidden name in the group
 stay). Its chunks divide the block shape (:func:`zarr_chunks_for`), so the ranks write their
 cores concurrently, compressed, without ever sharing a chunk.
 
+With ``--refine`` the output holds two segmentations written the same way (:class:`Layers`):
+``<ds>`` (refined) and ``<ds>_forward`` (the reconciled flood), and the tables ``<ds>_origins``
+and ``<ds>_overlaps``.
+
 An error while writing (no space left, say) removes the temporary output and releases the
 output's lock (:func:`discard_on_error`); the blocks stay in the workdir for the rerun.
 """
@@ -22,7 +26,7 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -38,14 +42,29 @@ if TYPE_CHECKING:  # no import at run time: workdir imports this module
 
 
 @dataclass
+class Layers:
+    """What the output is written from: ``<ds>`` from ``main`` (its origins table is
+    ``<ds>_origins``), further segmentations of the box (``<ds>_forward`` of a refined run) and
+    tables (``<ds>_overlaps``) by dataset name."""
+
+    main: "FinalLabels"
+    extra: dict[str, "FinalLabels"] = field(default_factory=dict)
+    tables: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def segmentations(self, ds: str) -> dict[str, "FinalLabels"]:
+        return {ds: self.main, **self.extra}
+
+
+@dataclass
 class WriteTask:
-    """One rank's share of a parallel write: the cores of ``blocks`` (block index, core ids,
-    output ids), relabelled, into the temporary output."""
+    """One rank's share of a parallel write of one segmentation ``name``: the cores of
+    ``blocks`` (block index, core ids, output ids), relabelled, into the temporary output."""
 
     offset: int | None  # HDF5: the dataset's byte offset in the file; zarr: None
     dtype: np.dtype
     blocks: list[tuple[int, np.ndarray, np.ndarray]]
-    comp_dir: Path | None = None  # split_components: cores come from the component volumes here
+    comp_dir: Path | None = None  # split_components / refine: cores come from the volumes stored here
+    name: str = ""  # the dataset (default: the plan's)
 
 
 def zarr_chunks_for(block) -> tuple[int, ...]:
@@ -60,15 +79,12 @@ def zarr_chunks_for(block) -> tuple[int, ...]:
     return tuple(out)
 
 
-def tmp_output(plan: Plan) -> Path:
-    """HDF5: the temporary output file. Zarr: the hidden array in the output group."""
+def tmp_output(plan: Plan, name: str | None = None) -> Path:
+    """HDF5: the temporary output file. Zarr: the hidden array (of ``name``, default the
+    plan's dataset) in the output group."""
     if plan.out_kind == "zarr":
-        return Path(plan.out_path) / storage.zarr_tmp_name(plan.out_ds, plan.run_id)
+        return Path(plan.out_path) / storage.zarr_tmp_name(name or plan.out_ds, plan.run_id)
     return Path(plan.out_path).with_name(Path(plan.out_path).name + f".tmp-{plan.run_id}")
-
-
-def _tmp_origins_zarr(plan: Plan) -> Path:
-    return Path(plan.out_path) / storage.zarr_tmp_name(f"{plan.out_ds}_origins", plan.run_id)
 
 
 def recorded_digest(plan: Plan) -> str | None:
@@ -97,8 +113,8 @@ def discard_on_error(plan: Plan) -> Iterator[None]:
     except BaseException:
         tmp = tmp_output(plan)
         if plan.out_kind == "zarr":
-            for p in (tmp, _tmp_origins_zarr(plan)):
-                shutil.rmtree(p, ignore_errors=True)
+            for name in plan.out_names:
+                shutil.rmtree(tmp_output(plan, name), ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         if plan.lock is not None:
@@ -127,81 +143,93 @@ def _cores(plan: Plan, blocks, dtype, comp_dir: Path | None = None):
                                                                                            np.dtype(dtype))
 
 
-def create(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) -> int | None:
-    """Rank 0: writes the output at its temporary path: the segmentation with its attributes
-    and ``<ds>_origins``. Single writer: fills the segmentation (HDF5: chunked, gzip).
-    Parallel: HDF5 allocates it contiguous and uncompressed (no fill) and returns its byte
-    offset in the file, where every rank then writes its blocks' cores (:func:`write_cores`)."""
+def create(plan: Plan, layers: Layers, attrs: dict, parallel: bool) -> dict[str, int] | None:
+    """Rank 0: writes the output at its temporary path: the segmentations with their attributes,
+    ``<ds>_origins`` and the tables. Single writer: fills the segmentations (HDF5: chunked,
+    gzip). Parallel: HDF5 allocates them contiguous and uncompressed (no fill) and returns
+    their byte offsets in the file by name, where every rank then writes its blocks' cores
+    (:func:`write_cores`)."""
     if plan.out_kind == "zarr":
-        _create_zarr(plan, final, attrs, parallel)
+        _create_zarr(plan, layers, attrs, parallel)
         return None
-    return _create_hdf5(plan, final, attrs, parallel)
+    return _create_hdf5(plan, layers, attrs, parallel)
 
 
-def _create_zarr(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) -> None:
-    tmp, tmp_origins = tmp_output(plan), _tmp_origins_zarr(plan)
-    for p in (tmp, tmp_origins):
-        shutil.rmtree(p, ignore_errors=True)
+def _tables(plan: Plan, layers: Layers) -> dict[str, np.ndarray]:
+    return {f"{plan.out_ds}_origins": layers.main.origins, **layers.tables}
+
+
+def _create_zarr(plan: Plan, layers: Layers, attrs: dict, parallel: bool) -> None:
+    for name in plan.out_names:
+        shutil.rmtree(tmp_output(plan, name), ignore_errors=True)
     group = storage.open_zarr_group(plan.out_path)
-    array = storage.zarr_create_volume(group, tmp.name, plan.box.shape, final.dtype, zarr_chunks_for(plan.grid.block))
-    for key, v in storage.zarr_attrs(plan.out_ds, {k: v for k, v in attrs.items() if v is not None}).items():
-        array.attrs[key] = v
-    storage.zarr_put_table(group, tmp_origins.name, final.origins)
-    if not parallel:
-        _write_cores_zarr(plan, WriteTask(None, final.dtype, final.blocks(range(len(plan.grid))), final.comp_dir),
-                          array)
+    for name, final in layers.segmentations(plan.out_ds).items():
+        array = storage.zarr_create_volume(group, tmp_output(plan, name).name, plan.box.shape, final.dtype,
+                                           zarr_chunks_for(plan.grid.block))
+        for key, v in storage.zarr_attrs(name, {k: v for k, v in attrs.items() if v is not None}).items():
+            array.attrs[key] = v
+        if not parallel:
+            _write_cores_zarr(plan, _task(plan, final, None, range(len(plan.grid)), name), array)
+    for name, table in _tables(plan, layers).items():
+        storage.zarr_put_table(group, tmp_output(plan, name).name, table)
 
 
-def _create_hdf5(plan: Plan, final: FinalLabels, attrs: dict, parallel: bool) -> int | None:
+def _create_hdf5(plan: Plan, layers: Layers, attrs: dict, parallel: bool) -> dict[str, int] | None:
     import h5py
 
     tmp = tmp_output(plan)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shape = plan.box.shape
-    offset = None
-    names = [plan.out_ds, f"{plan.out_ds}_origins"]
+    offsets = {}
     space = disk.SpaceCheck(plan.out_path)
     with h5py.File(tmp, "w") as f:
         if os.path.exists(plan.out_path):  # an existing file (check_output saw to it): its other datasets stay
-            storage.hdf5_copy_others(plan.out_path, f, names, space)
-        if parallel:
-            space.need(int(np.prod(shape)) * final.dtype.itemsize + final.origins.nbytes)  # the ranks' pwrites fill it
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            d = f.create_dataset(plan.out_ds, shape=shape, dtype=final.dtype.newbyteorder("<"), dcpl=dcpl)
-            offset = int(d.id.get_offset())
-        else:
-            d = f.create_dataset(plan.out_ds, shape=shape, dtype=final.dtype, chunks=tuple(min(64, s) for s in shape),
-                                 compression="gzip", fillvalue=0)
-            for sl, core in _cores(plan, final.blocks(range(len(plan.grid))), final.dtype, final.comp_dir):
-                space.need(core.nbytes)
-                d[sl] = core
-        for key, v in attrs.items():
-            if v is not None:
-                d.attrs[key] = _h5_attr(v)
-        f.create_dataset(f"{plan.out_ds}_origins", data=final.origins)
+            storage.hdf5_copy_others(plan.out_path, f, list(plan.out_names), space)
+        for name, final in layers.segmentations(plan.out_ds).items():
+            if parallel:
+                space.need(int(np.prod(shape)) * final.dtype.itemsize + final.origins.nbytes)  # the ranks' pwrites fill it
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                d = f.create_dataset(name, shape=shape, dtype=final.dtype.newbyteorder("<"), dcpl=dcpl)
+                offsets[name] = int(d.id.get_offset())
+            else:
+                d = f.create_dataset(name, shape=shape, dtype=final.dtype, chunks=tuple(min(64, s) for s in shape),
+                                     compression="gzip", fillvalue=0)
+                for sl, core in _cores(plan, final.blocks(range(len(plan.grid))), final.dtype, final.comp_dir):
+                    space.need(core.nbytes)
+                    d[sl] = core
+            for key, v in attrs.items():
+                if v is not None:
+                    d.attrs[key] = _h5_attr(v)
+        for name, table in _tables(plan, layers).items():
+            f.create_dataset(name, data=table)
         f.flush()
-    return offset
+    return offsets if parallel else None
 
 
-def write_tasks(plan: Plan, final: FinalLabels, offset: int | None, ranks: int) -> list[WriteTask]:
-    """Rank r writes blocks r, r + ranks, ... (as it matched their pairs)."""
+def _task(plan: Plan, final: FinalLabels, offset: int | None, blocks, name: str) -> WriteTask:
+    return WriteTask(offset, final.dtype, final.blocks(blocks), final.comp_dir, name)
+
+
+def write_tasks(plan: Plan, layers: Layers, offsets: dict[str, int] | None, ranks: int) -> list[list[WriteTask]]:
+    """Rank r writes blocks r, r + ranks, ... (as it matched their pairs) of every segmentation."""
     n = len(plan.grid)
-    return [WriteTask(offset, final.dtype, final.blocks(range(r, n, ranks)), final.comp_dir) for r in range(ranks)]
+    return [[_task(plan, final, (offsets or {}).get(name), range(r, n, ranks), name)
+             for name, final in layers.segmentations(plan.out_ds).items()] for r in range(ranks)]
 
 
-def write_cores(plan: Plan, task: WriteTask) -> int:
+def write_cores(plan: Plan, tasks: list[WriteTask]) -> int:
     """Every rank (parallel write): its blocks' cores into the temporary output; the bytes written."""
     if plan.out_kind == "zarr":
-        return _write_cores_zarr(plan, task)
-    return _pwrite_cores(plan, task)
+        return sum(_write_cores_zarr(plan, task) for task in tasks)
+    return sum(_pwrite_cores(plan, task) for task in tasks)
 
 
 def _write_cores_zarr(plan: Plan, task: WriteTask, array=None) -> int:
     """Writes relabelled cores into the hidden zarr array (chunks never straddle two cores)."""
     if array is None:
-        array = volumes.import_zarr().open_array(str(tmp_output(plan)), mode="r+")
+        array = volumes.import_zarr().open_array(str(tmp_output(plan, task.name or None)), mode="r+")
     written = 0
     for sl, core in _cores(plan, task.blocks, task.dtype, task.comp_dir):
         array[sl] = core
@@ -242,11 +270,10 @@ def commit(plan: Plan) -> None:
     """Rank 0, at the very end: the output goes live (rename) and its lock is released."""
     out = Path(plan.out_path)
     tmp = tmp_output(plan)
-    if plan.out_kind == "zarr":  # the table first: the array (with block_manifest) is the commit
+    if plan.out_kind == "zarr":  # the tables first: the array (with block_manifest) is the commit
         group = storage.open_zarr_group(out)
-        origins = f"{plan.out_ds}_origins"
-        storage.zarr_commit(group, str(out), storage.zarr_tmp_name(origins, plan.run_id), origins, plan.run_id)
-        storage.zarr_commit(group, str(out), tmp.name, plan.out_ds, plan.run_id)
+        for name in plan.out_names[1:] + (plan.out_ds,):
+            storage.zarr_commit(group, str(out), tmp_output(plan, name).name, name, plan.run_id)
         disk.fsync_dir(str(out.resolve()))
     else:
         os.replace(tmp, out)

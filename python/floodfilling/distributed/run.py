@@ -35,16 +35,18 @@ build, so compare runs at the same ``threads``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from .. import boxes, disk
-from ..config import InferenceConfig
+from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
 from ..model import load_model
 from . import labels, mpi, output, worker
+from . import refine as refine_mod
 from .blocks import BlockError, fmt_zyx
 from .labels import FinalLabels, Reconciled
 from .reconcile import MergeRule
@@ -76,7 +78,7 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
                    halo: tuple[int, int, int] | None = None, workdir: str | None = None, model: str | None = None,
                    config: InferenceConfig | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
                    inflight: int | None = None, progress: bool = False, merge_rule: MergeRule | None = None,
-                   comm: mpi.Comm | None = None) -> BlocksResult:
+                   comm: mpi.Comm | None = None, refine: RefineConfig | None = None) -> BlocksResult:
     """Segments ``image_spec`` block by block (on every rank of an MPI launch) into ``out_spec``.
 
     ``block``/``halo``: 3 integers (z, y, x) (default block 128,256,256, halo the FOV radius +
@@ -85,19 +87,28 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     ``OUT.blocks`` next to the output file); ``merge_rule``: overlap rule (default from
     ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise a ValueError
     (:class:`~.blocks.BlockError`, or :class:`~floodfilling.boxes.ParameterError` naming the
-    parameter) with a one-line message on every rank.
+    parameter) with a one-line message on every rank. ``refine``: refine the reconciled flood
+    block by block (:mod:`.refine`) into ``OUT``, the flood kept as ``<ds>_forward``.
     """
     started = time.perf_counter()
     comm = comm or mpi.world()
     cfg = (config or InferenceConfig()).validate()
     rule = (merge_rule or MergeRule.from_config(cfg)).validate()
     check_inflight(inflight)
+    refine = refine.validate() if refine is not None else None
+    if refine is not None and "rejoin" in refine.steps and (cfg.split_components or cfg.dust_size > 0):
+        raise BlockError("refine step 'rejoin' needs the flood's overlaps, which split_components and dust_size "
+                         "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
+    if refine is not None and any(refine.tile):
+        raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
+                         "leave refine.tile at 0,0,0")
     net, info = comm.collective(lambda: load_model(model, "cpu"))
 
     # phase 1: plan
     run_id = uuid.uuid4().hex[:12]
     plan: Plan = comm.on_root(lambda: make_plan(image_spec, out_spec, block, halo, workdir, info, info.source, cfg,
-                                                bbox, overwrite, rule, run_id, comm.size))
+                                                bbox, overwrite, rule, run_id, comm.size,
+                                                refine.to_dict() if refine is not None else None))
     if plan.complete:
         return _already_complete(plan, comm)
     if comm.is_root:
@@ -118,8 +129,18 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     reconciled, final, match_end = _reconcile(plan, cfg, info, comm, stats, blocks_end - idle_from, blocks_end,
                                               timings)
 
+    # phase 3b: refine
+    layers = output.Layers(final) if comm.is_root else None
+    if refine is not None:
+        refine_from = time.perf_counter()
+        with comm.abort_on_error("refinement"):
+            refined = refine_mod.refine_blocks(plan, reconciled, final, refine, net, info, cfg, comm, inflight)
+        if comm.is_root:
+            layers = _refined_layers(plan, reconciled, final, refined, refine)
+            reconciled.timings["refine_s"] = time.perf_counter() - refine_from
+
     # phase 4: write
-    result = _write(plan, reconciled, final, comm, match_end)
+    result = _write(plan, reconciled, layers, comm, match_end)
     result.timings["total_s"] = time.perf_counter() - started
     return result
 
@@ -163,7 +184,18 @@ def _reconcile(plan: Plan, cfg: InferenceConfig, info, comm: mpi.Comm, stats: Ra
     return reconciled, final, match_end
 
 
-def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None, comm: mpi.Comm,
+def _refined_layers(plan: Plan, reconciled: Reconciled, final: FinalLabels, refined: refine_mod.RefinedBlocks,
+                    refine: RefineConfig) -> output.Layers:
+    """Rank 0: ``<ds>`` from the refined tiles, ``<ds>_forward`` the flood, ``<ds>_overlaps``."""
+    main = FinalLabels(refined.max_id, refined.keys, refined.keys, refined.origins, final.n_merges,
+                       comp_dir=refined.comp_dir)
+    reconciled.counters.update({f"refine_{k}": v for k, v in refined.counters.items()})
+    reconciled.attrs["counters"] = json.dumps(reconciled.counters)
+    reconciled.attrs["refine"] = json.dumps(refine.to_dict())
+    return output.Layers(main, {f"{plan.out_ds}_forward": final}, {f"{plan.out_ds}_overlaps": refined.overlaps})
+
+
+def _write(plan: Plan, reconciled: Reconciled | None, layers: output.Layers | None, comm: mpi.Comm,
            match_end: float) -> BlocksResult:
     """Phase 4: rank 0 creates the output (and with one rank fills it), every rank writes its
     blocks' cores (several ranks), rank 0 renames it into place; the summary on every rank."""
@@ -173,10 +205,10 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
         with comm.abort_on_error("writing the output"):
             create_from = time.perf_counter()
             with output.discard_on_error(plan), disk.disk_errors(plan.out_path):
-                offset = output.create(plan, final, reconciled.attrs, parallel)
+                offsets = output.create(plan, layers, reconciled.attrs, parallel)
             reconciled.timings["create_output_s"] = time.perf_counter() - create_from
             if parallel:
-                tasks = output.write_tasks(plan, final, offset, comm.size)
+                tasks = output.write_tasks(plan, layers, offsets, comm.size)
     if parallel:
         comm.wait_all()  # sleep while rank 0 reconciles
         task = comm.scatter(tasks, root=0)
@@ -191,7 +223,7 @@ def _write(plan: Plan, reconciled: Reconciled | None, final: FinalLabels | None,
     summary = None
     if comm.is_root:
         with comm.abort_on_error("writing the output"), output.discard_on_error(plan):
-            summary = _finish(plan, reconciled, final, match_end)
+            summary = _finish(plan, reconciled, layers.main, match_end)
     comm.wait_all()
     return comm.bcast(summary, root=0)
 

@@ -174,11 +174,12 @@ def read_plane(path: Path, axis: int, last: bool) -> tuple[np.ndarray, np.ndarra
         raise BlockError(f"{path}: unreadable component volume ({exc}); rerun") from None
 
 
-def read_components(path: Path) -> np.ndarray:
+def read_components(path: Path, region: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A stored component volume (or its ``region``)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return f["comp"][:]
+            return f["comp"][region if region is not None else ()]
     except (OSError, KeyError) as exc:
         raise BlockError(f"{path}: unreadable component volume ({exc}); rerun") from None

@@ -40,7 +40,7 @@ from .reconcile import MergeRule
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "floodfilling-blocks/1"
+MANIFEST_FORMAT = "floodfilling-blocks/2"  # 2: block files carry their overlaps
 # options that do not change block results (left out of the manifest)
 _NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "prefetch", "split_components", "dust_size",
                     "merge_min_fraction", "merge_min_voxels", "merge_min_iou")
@@ -65,6 +65,20 @@ class Plan:
     complete: bool = False
     out_digest: str = ""
     lock: Path | None = None  # the output's lock (rank 0 holds it from the plan to the rename)
+    refine: dict | None = None  # --refine: the [refine] options (RefineConfig.to_dict())
+
+    @property
+    def out_names(self) -> tuple[str, ...]:
+        """The datasets the run writes: ``<ds>``, ``<ds>_origins`` and, refined, ``<ds>_overlaps``
+        and ``<ds>_forward`` (as an in-memory refined run)."""
+        ds = self.out_ds
+        return (ds, f"{ds}_origins") + ((f"{ds}_overlaps", f"{ds}_forward") if self.refine is not None else ())
+
+    @property
+    def refine_dir(self) -> Path:
+        """Refinement files of this output (cores, gap floods, refined tiles): named by the
+        output's digest, so a rerun with other options never reuses them."""
+        return Path(self.workdir) / f"refine-{self.out_digest[:16]}"
 
     @property
     def blocks_dir(self) -> Path:
@@ -101,7 +115,7 @@ def _read_manifest(wd: Path) -> dict | None:
 
 
 def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path: str, cfg: InferenceConfig,
-              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int) -> Plan:
+              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int, refine: dict | None = None) -> Plan:
     """Phase 1 (rank 0): see the module docstring."""
     from ..inference.segment import resolve_normalisation
 
@@ -144,12 +158,13 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     })
     digest = _digest(manifest)
     out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size),
-                          "split_components": bool(cfg.split_components)})
+                          "split_components": bool(cfg.split_components),
+                          **({"refine": refine} if refine is not None else {})})
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
-                run_id, rule, out_kind=out.kind, out_digest=out_digest)
+                run_id, rule, out_kind=out.kind, out_digest=out_digest, refine=refine)
 
     # an existing output: ours and complete -> nothing to do; anything else needs overwrite
-    names = [plan.out_ds, f"{plan.out_ds}_origins"]
+    names = list(plan.out_names)
     outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
     if outputs.existing_outputs(out, names) and not overwrite:
         if output.recorded_digest(plan) == out_digest:
@@ -209,6 +224,7 @@ def _clear(wd: Path) -> None:
     for name in ("manifest.json", "reconcile.json"):
         (wd / name).unlink(missing_ok=True)
     _remove_split_dirs(wd)
+    _remove_refine_dirs(wd)
 
 
 def _cleanup_stale(plan: Plan) -> None:
@@ -222,6 +238,7 @@ def _cleanup_stale(plan: Plan) -> None:
         if blockstore.is_temporary(p.name):
             p.unlink(missing_ok=True)
     _remove_split_dirs(plan.workdir)  # component volumes of a killed split_components run
+    _remove_refine_dirs(plan.workdir, keep=plan.refine_dir)  # another output's refinement (its options changed)
     # (temporary outputs of a killed run: removed by locks.acquire, under the output's lock)
     if n_claims:
         log.info("removed %d stale block claims of an interrupted run", n_claims)
@@ -233,13 +250,21 @@ def _remove_split_dirs(workdir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _remove_refine_dirs(workdir: str | Path, keep: Path | None = None) -> None:
+    for p in Path(workdir).glob("refine-*"):
+        if p.is_dir() and (keep is None or p.resolve() != Path(keep).resolve()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_report(plan: Plan, report: dict) -> None:
     """``DIR/reconcile.json`` (read by ``ffn status``)."""
     disk.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
 def tidy(plan: Plan) -> None:
-    """Rank 0, at the end: claims, component volumes and the workdir lock go; blocks stay."""
+    """Rank 0, at the end: claims, component volumes, refinement files and the workdir lock go;
+    blocks stay."""
     shutil.rmtree(plan.claims_dir, ignore_errors=True)
     _remove_split_dirs(plan.workdir)
+    _remove_refine_dirs(plan.workdir)
     (Path(plan.workdir) / "run.json").unlink(missing_ok=True)

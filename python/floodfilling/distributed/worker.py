@@ -143,7 +143,7 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
                progress: bool) -> RankStats:
     """Segments blocks until none is left to claim; this rank's stats."""
     from ..inference.engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas, subvolume_seeds
-    from ..results import origins_table
+    from ..results import origins_table, overlaps_table
 
     grid = plan.grid
     n = len(grid)
@@ -192,7 +192,8 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
         secs = time.perf_counter() - ticket.started
         counters = {key: float(v) for key, v in cv.state.counters.items()}
         blockstore.write_block(plan.block_path(b), b, plan.box.start, seg, origins_table(cv.state.origins),
-                               cv.state.max_id, counters, secs, plan.digest, comm.rank, host)
+                               cv.state.max_id, counters, secs, plan.digest, comm.rank, host,
+                               overlaps_table(cv.state.overlaps))
         stats.blocks += 1
         stats.steps += int(counters.get("steps", 0))
         stats.seconds += secs

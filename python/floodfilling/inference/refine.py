@@ -14,16 +14,31 @@ neurons. Refinement fills it without swallowing the neurons that live there:
    ``membranes = "bright"`` flips that) and at least ``gap_core_radius`` voxels away from any
    membrane, object or other dark voxel, in connected cores of at least ``gap_min_core``
    voxels. The network decides what each core is: one flood from its deepest voxel, with the
-   flood's objects in place and the image mirrored by the FOV margin at the volume's faces
-   (so that seeds in the border band, where the reference may not seed, can move). A flood
-   that runs at least ``gap_join_fraction`` of its voxels into one existing object is a piece
-   of it and joins it; any other flood is a new object (ids after the flood's, in the order of
-   their cores: deepest first).
+   flood's objects in place, in a box of ``gap_box`` voxels around the seed (moved inside the
+   volume; the image mirrored by the FOV margin at the volume's faces, so that seeds in the
+   border band, where the reference may not seed, can move). The floods are independent of
+   each other (one canvas each, batched through the engine); :func:`resolve_gap_floods` then
+   takes them in core order: a flood whose seed lies in an earlier kept flood is dropped,
+   voxels two floods share go to the earlier one, and a flood that runs at least
+   ``gap_join_fraction`` of its voxels into one object (of the flood or an earlier gap
+   object) is a piece of it and joins it; any other flood is a new object (ids after the
+   flood's, in core order).
 3. **watershed** (``"watershed"``): a seeded watershed of the normalised intensity (membranes
    are its ridges) from the flood's objects and the gap objects, filling every voxel
    (``watershed_sigma`` smooths the relief first; 0: the raw intensity).
 
-The last two run on the image as normalised for the flood. The steps were chosen by measurement
+Cores and watershed work **tile by tile** so that a volume larger than memory can be refined
+block by block with the same result: each tile reads a *window* (the tile grown by ``halo``,
+clipped to the volume), computes there, and keeps its core (cores tile the volume; the tile
+grid follows :class:`floodfilling.distributed.blocks.BlockGrid`). Cores are connected within
+a tile and ordered by tile (C order), then by their first voxel. With ``tile = 0,0,0`` (the
+default in memory) one tile is the whole volume. Rejoin and the resolution of the gap floods
+are decisions on tables, the same whoever computes them. So the result depends on the tile
+grid, never on how tiles or floods are spread over processes (``ffn segment --block
+--refine`` refines on its block grid; :func:`refine_array` with ``tile`` = the block size gives
+the same volume).
+
+The steps run on the image as normalised for the flood and were chosen by measurement
 (``bench/accuracy.py``; figures and where thresholds were chosen in the README, section
 "Refinement"). Geometry: 6-connectivity throughout (cores, watershed), distances in voxels.
 """
@@ -33,6 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -41,9 +57,13 @@ from .. import kernels
 from ..config import InferenceConfig, RefineConfig
 from ..results import Origin
 from .canvas import CanvasState, fov_margin
-from .engine import Job, make_predictor, run_jobs, subvolume_canvas
+from .engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
 
 log = logging.getLogger(__name__)
+
+# reads the box [start, stop) (volume coordinates) of a volume: how the steps see the image and
+# the segmentation, an array in memory or a file read block by block
+Reader = Callable[[Sequence[int], Sequence[int]], np.ndarray]
 
 
 class RefineError(ValueError):
@@ -70,6 +90,42 @@ class FloodNetwork:
     config: InferenceConfig
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its core (the voxels it decides) and window (core + halo, clipped to the
+    volume), half-open boxes in volume coordinates."""
+
+    core_start: tuple[int, int, int]
+    core_stop: tuple[int, int, int]
+    window_start: tuple[int, int, int]
+    window_stop: tuple[int, int, int]
+
+    @property
+    def core(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.core_start, self.core_stop))
+
+    @property
+    def core_in_window(self) -> tuple[slice, ...]:
+        return tuple(slice(a - w, b - w) for a, b, w in zip(self.core_start, self.core_stop, self.window_start))
+
+
+def tiles_of(shape: Sequence[int], tile: Sequence[int], halo: Sequence[int],
+             min_core: Sequence[int] = (1, 1, 1)) -> list[Tile]:
+    """The tiles of a volume of ``shape``: the blocks of the block-inference grid with core
+    ``tile`` (0 on an axis: the whole axis) and ``halo``, in C order of the grid; ``min_core``:
+    a last core shorter than this joins the previous one (block inference uses the FOV)."""
+    from ..distributed.blocks import BlockGrid  # geometry only; imported late (the package imports inference)
+
+    size = tuple(int(t) if int(t) > 0 else int(s) for t, s in zip(tile, shape))
+    grid = BlockGrid(shape, tuple(min(t, int(s)) for t, s in zip(size, shape)), halo, min_core=min_core)
+    return [Tile(b.core_start, b.core_stop, b.outer_start, b.outer_stop) for b in grid]
+
+
+def array_reader(volume: np.ndarray) -> Reader:
+    """A :data:`Reader` of an array in memory."""
+    return lambda start, stop: volume[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
+
+
 def membranes_low(image: np.ndarray, cfg: RefineConfig, sigma: float) -> np.ndarray:
     """The intensity (float32) with membranes low, whatever their polarity, smoothed by a
     Gaussian of ``sigma`` voxels (0: not smoothed)."""
@@ -79,11 +135,15 @@ def membranes_low(image: np.ndarray, cfg: RefineConfig, sigma: float) -> np.ndar
     return ndimage.gaussian_filter(r, sigma) if sigma > 0 else r
 
 
-def gap_cores(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """Cores of cells in the space ``seg`` left free: (labels 1..N int32, the deepest voxel of
-    each core: largest distance, then raster order)."""
+def gap_cores(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig,
+              core: tuple[slice, ...] | None = None) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Cores of cells in the space ``seg`` left free, within the box ``core`` of the arrays
+    (default: all of them; the arrays are a tile's window, smoothing and distances see all of
+    it): (labels 1..N int32 of the core box, numbered in raster order of their first voxel; the
+    deepest voxel of each core in array coordinates: largest distance, then raster order)."""
+    core = core if core is not None else tuple(slice(0, n) for n in seg.shape)
     free = (seg == 0) & (membranes_low(image, cfg, cfg.interior_sigma) > cfg.interior_threshold)
-    depth = ndimage.distance_transform_edt(free)
+    depth = ndimage.distance_transform_edt(free)[core]
     cores, n = ndimage.label(depth >= cfg.gap_core_radius)
     sizes = np.bincount(cores.ravel(), minlength=n + 1)
     keep = np.flatnonzero(sizes >= cfg.gap_min_core)
@@ -97,8 +157,16 @@ def gap_cores(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig) -> tuple[np
         order = np.lexsort((np.arange(flat.size), -depth.ravel()))  # deepest first, raster ties
         order = order[flat[order] > 0]
         first = np.unique(flat[order], return_index=True)[1]
-        centres = [tuple(int(v) for v in np.unravel_index(order[i], seg.shape)) for i in first]
+        offset = [s.start for s in core]
+        centres = [tuple(int(v) + o for v, o in zip(np.unravel_index(order[i], cores.shape), offset)) for i in first]
     return cores, centres
+
+
+def tile_gap_centres(image: Reader, seg: Reader, tile: Tile, cfg: RefineConfig) -> list[tuple[int, int, int]]:
+    """The seeds (volume coordinates) of the gap cores in ``tile``'s core, in core order."""
+    w0, w1 = tile.window_start, tile.window_stop
+    _, centres = gap_cores(image(w0, w1), seg(w0, w1), cfg, tile.core_in_window)
+    return [tuple(c + w for c, w in zip(centre, w0)) for centre in centres]
 
 
 def rejoin_targets(own_voxels: np.ndarray, overlaps: dict, fraction: float) -> dict[int, int]:
@@ -124,64 +192,234 @@ def rejoin_targets(own_voxels: np.ndarray, overlaps: dict, fraction: float) -> d
     return {int(i): int(r) for i, r in zip(ids, roots) if i != r}
 
 
-def flood_gaps(image: np.ndarray, seg: np.ndarray, centres: list[tuple[int, ...]], network: FloodNetwork,
-               max_id: int | None = None):
-    """One flood from each of ``centres`` (in order; one already inside an earlier gap flood is
-    skipped), with ``seg``'s objects in place, on ``image`` mirrored by the FOV margin. Returns
-    (the floods' ids in the volume, > ``max_id`` (default ``seg.max()``), 0 elsewhere; {flood id:
-    (Origin, own voxels, (ids of objects it ran into, voxels))}), voxels counted over the
-    mirrored canvas."""
-    margin = fov_margin(network.info.fov_zyx)
-    pad = [(m, m) for m in margin]
-    canvas_seg = np.pad(np.asarray(seg).astype(np.int32), pad, mode="reflect")
-    max_id = int(seg.max(initial=0)) if max_id is None else int(max_id)
+# -- gap floods ---------------------------------------------------------------------------------
+
+@dataclass
+class GapFlood:
+    """One gap core's flood, alone in its box."""
+
+    seed: tuple[int, int, int]  # volume coordinates
+    origin: Origin  # seed, network steps, seconds
+    start: tuple[int, int, int]  # volume coordinates of mask[0, 0, 0]
+    mask: np.ndarray  # bool: the flood's voxels in the volume, cropped to their bounding box
+    canvas_voxels: int  # its voxels on the canvas (the box with the mirrored margin)
+    overlaps: tuple[np.ndarray, np.ndarray]  # (ids of the objects it ran into, voxels), over the canvas
+
+    @property
+    def stop(self) -> tuple[int, ...]:
+        return tuple(a + n for a, n in zip(self.start, self.mask.shape))
+
+    def contains(self, zyx: Sequence[int]) -> bool:
+        if any(not a <= c < b for c, a, b in zip(zyx, self.start, self.stop)):
+            return False
+        return bool(self.mask[tuple(int(c) - a for c, a in zip(zyx, self.start))])
+
+
+def flood_box(seed: Sequence[int], box: Sequence[int], shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, stop) of the ``box``-sized box around ``seed``, moved inside the volume of
+    ``shape`` (the whole axis where the volume is smaller)."""
+    start, stop = [], []
+    for c, b, n in zip(seed, box, shape):
+        b = min(int(b), int(n))
+        a = min(max(int(c) - b // 2, 0), int(n) - b)
+        start.append(a)
+        stop.append(a + b)
+    return tuple(start), tuple(stop)
+
+
+def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence[Sequence[int]],
+               network: FloodNetwork, max_id: int, box: Sequence[int], inflight: int | None = None,
+               on_flood: Callable[[int, GapFlood | None], None] | None = None) -> list[GapFlood | None]:
+    """One flood from each of ``seeds`` (volume coordinates), each alone on a canvas of its
+    :func:`flood_box` with ``seg``'s objects (ids <= ``max_id``) in place and the image
+    mirrored by the FOV margin at the volume's faces; up to ``inflight`` canvases share each
+    network call (default: :func:`~floodfilling.inference.engine.inflight_on` the device).
+    Returns, in seed order, each :class:`GapFlood` or None where the seed was too weak to flood
+    (``on_flood(index, flood)`` is also called as each finishes)."""
+    info = network.info
+    margin = fov_margin(info.fov_zyx)
     # every core seed is tried: no minimum size or boundary distance (the join rule decides)
     cfg = network.config.with_overrides(min_segment_size=0, min_boundary_dist_zyx=(0, 0, 0), seed_fill_passes=0,
                                         seed_policy="peaks")
-    predictor = make_predictor(network.net, network.info.fov_zyx, network.info.deltas_zyx, cfg, threads=cfg.threads)
-    seeds = np.asarray(centres, np.int64).reshape(-1, 3) + np.asarray(margin)
-    canvas = subvolume_canvas(predictor, np.pad(np.asarray(image, np.float32), pad, mode="reflect"), cfg,
-                              network.info, seeds=seeds, state=CanvasState(segmentation=canvas_seg, max_id=max_id))
-    try:
-        run_jobs([Job("gaps", lambda: canvas)], predictor, inflight=1)
-    finally:
-        canvas.release()
-    st = canvas.state
-    own = np.bincount(np.clip(st.segmentation, 0, None).ravel(), minlength=st.max_id + 1)
-    floods = {}
-    for k in range(max_id + 1, st.max_id + 1):
-        o = st.origins[k]
-        seed = tuple(int(c) - m for c, m in zip(o.seed_zyx, margin))
-        floods[k] = (Origin(seed, o.steps, o.seconds), int(own[k]), st.overlaps.get(k, (np.zeros(0), np.zeros(0))))
-    inner = tuple(slice(m, m + n) for m, n in zip(margin, seg.shape))
-    out = st.segmentation[inner]
-    return np.where(out > max_id, out, 0).astype(np.int64), floods
+    from ..model import select_device
+
+    k = inflight_on(select_device(cfg.device), inflight)
+    predictor = make_predictor(network.net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads, inflight=k)
+    shape = tuple(int(s) for s in shape)
+    floods: list[GapFlood | None] = [None] * len(seeds)
+    placed: dict[int, tuple] = {}  # flood index -> (box start, padding) while its canvas runs
+
+    def make(i: int):
+        start, stop = flood_box(seeds[i], box, shape)
+        pad = [(m if a == 0 else 0, m if b == n else 0) for m, a, b, n in zip(margin, start, stop, shape)]
+        img = np.pad(np.asarray(image(start, stop), np.float32), pad, mode="reflect")
+        labels = np.pad(np.asarray(seg(start, stop)).astype(np.int32), pad, mode="reflect")
+        at = np.asarray([[c - a + p[0] for c, a, p in zip(seeds[i], start, pad)]], np.int64)
+        cv = subvolume_canvas(predictor, img, cfg, info, seeds=at,
+                              state=CanvasState(segmentation=labels, max_id=int(max_id)))
+        placed[i] = (start, pad)
+        return cv
+
+    def done(i: int, cv) -> None:
+        st = cv.state
+        flood = None
+        if st.max_id > max_id:  # the flood made its object (id max_id + 1)
+            start, pad = placed[i]
+            inner = tuple(slice(p[0], n - p[1]) for p, n in zip(pad, st.segmentation.shape))
+            mask = st.segmentation[inner] == max_id + 1
+            nz = np.nonzero(mask)
+            lo = [int(v.min()) for v in nz]
+            hi = [int(v.max()) + 1 for v in nz]
+            o = st.origins[max_id + 1]
+            flood = GapFlood(tuple(int(c) for c in seeds[i]), Origin(tuple(int(c) for c in seeds[i]), o.steps, o.seconds),
+                             tuple(a + s for a, s in zip(lo, start)),
+                             np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi))]),
+                             int(np.count_nonzero(st.segmentation == max_id + 1)),
+                             tuple(np.asarray(a, np.int64) for a in st.overlaps.get(max_id + 1, (np.zeros(0), np.zeros(0)))))
+        floods[i] = flood
+        del placed[i]
+        if on_flood is not None:
+            on_flood(i, flood)
+
+    run_jobs([Job(i, lambda i=i: make(i)) for i in range(len(seeds))], predictor, inflight=k, on_done=done)
+    return floods
 
 
-def join_or_keep(floods: dict, max_id: int, fraction: float) -> dict[int, int]:
-    """For each gap flood id: the existing object it joins (it ran at least ``fraction`` of its
-    voxels, own plus overlapping, into that one object), or its new id (max_id + 1, ... in
-    flood order)."""
-    target, next_id = {}, max_id
-    for k in sorted(floods):
-        _, own, (ids, voxels) = floods[k]
-        voxels = np.asarray(voxels, np.int64)
-        total = own + int(voxels.sum())
+@dataclass
+class GapDecisions:
+    """What :func:`resolve_gap_floods` decided: per flood its id in the result (0: no flood, or
+    its seed lay in an earlier flood), and the counts."""
+
+    targets: list[int]
+    joined: int = 0  # floods that joined an object
+    inside: int = 0  # floods dropped: seed in an earlier kept flood
+    new: int = 0  # new objects
+
+
+def _intersection(a0, a1, b0, b1):
+    s = tuple(max(x, y) for x, y in zip(a0, b0))
+    e = tuple(min(x, y) for x, y in zip(a1, b1))
+    return (s, e) if all(x < y for x, y in zip(s, e)) else None
+
+
+def _sub(box, start):
+    s, e = box
+    return tuple(slice(a - o, b - o) for a, b, o in zip(s, e, start))
+
+
+def resolve_gap_floods(floods: Sequence[GapFlood | None], max_id: int, fraction: float) -> GapDecisions:
+    """Takes the floods in order (see the module docstring): their ids in the result, new
+    objects numbered ``max_id + 1, ...``. A flood's voxels are its canvas voxels less those an
+    earlier kept flood holds; what it ran into is its overlaps with the flood's objects plus
+    those shared voxels, counted for the earlier flood's id. Of objects tied for the most
+    voxels the lowest id is taken."""
+    dec = GapDecisions([0] * len(floods))
+    kept: list[int] = []
+    next_id = int(max_id)
+    for k, f in enumerate(floods):
+        if f is None:
+            continue
+        claimed = np.zeros(f.mask.shape, bool)
+        shared: dict[int, int] = {}
+        inside = False
+        for j in kept:
+            g = floods[j]
+            if g.contains(f.seed):
+                inside = True
+                break
+            box = _intersection(f.start, f.stop, g.start, g.stop)
+            if box is None:
+                continue
+            fs, gs = _sub(box, f.start), _sub(box, g.start)
+            both = f.mask[fs] & g.mask[gs] & ~claimed[fs]
+            n = int(np.count_nonzero(both))
+            if n:
+                claimed[fs] |= both
+                shared[dec.targets[j]] = shared.get(dec.targets[j], 0) + n
+        if inside:
+            dec.inside += 1
+            continue
+        ids = np.concatenate([np.asarray(f.overlaps[0], np.int64), np.asarray(list(shared), np.int64)])
+        voxels = np.concatenate([np.asarray(f.overlaps[1], np.int64), np.asarray(list(shared.values()), np.int64)])
+        keep = ids > 0
+        ids, voxels = ids[keep], voxels[keep]
+        if len(ids):
+            ids, inv = np.unique(ids, return_inverse=True)
+            voxels = np.bincount(inv, weights=voxels).astype(np.int64)
+        total = f.canvas_voxels - int(np.count_nonzero(claimed)) + int(voxels.sum())
         if len(voxels) and total and voxels.max() >= fraction * total:
-            target[k] = int(np.asarray(ids)[np.argmax(voxels)])
+            dec.targets[k] = int(ids[np.flatnonzero(voxels == voxels.max())].min())
+            dec.joined += 1
         else:
             next_id += 1
-            target[k] = next_id
-    return target
+            dec.targets[k] = next_id
+            dec.new += 1
+        kept.append(k)
+    return dec
+
+
+def paint_gap_floods(markers: np.ndarray, start: Sequence[int], floods: Sequence[GapFlood | None],
+                     targets: Sequence[int]) -> int:
+    """Writes each kept flood (target > 0) into ``markers`` (the window at ``start``, in
+    place) where it is still 0, in flood order (an earlier flood keeps a shared voxel);
+    returns the voxels written."""
+    stop = tuple(a + n for a, n in zip(start, markers.shape))
+    written = 0
+    for f, t in zip(floods, targets):
+        if f is None or not t:
+            continue
+        box = _intersection(start, stop, f.start, f.stop)
+        if box is None:
+            continue
+        view = markers[_sub(box, start)]
+        put = f.mask[_sub(box, f.start)] & (view == 0)
+        view[put] = t
+        written += int(np.count_nonzero(put))
+    return written
+
+
+def fill_tile(image: Reader, markers: Reader, tile: Tile, cfg: RefineConfig, floods: Sequence[GapFlood | None] = (),
+              targets: Sequence[int] = (), dtype=np.int64) -> tuple[np.ndarray, int]:
+    """The refined core of ``tile``: its window's markers with the gap floods painted in, then
+    (step "watershed") the seeded watershed of the window; (core, voxels the watershed filled in it)."""
+    w0, w1 = tile.window_start, tile.window_stop
+    m = np.asarray(markers(w0, w1)).astype(dtype)
+    paint_gap_floods(m, w0, floods, targets)
+    before = int(np.count_nonzero(m[tile.core_in_window]))
+    if "watershed" in cfg.steps and m.any():
+        from skimage.segmentation import watershed
+
+        m = watershed(-membranes_low(image(w0, w1), cfg, cfg.watershed_sigma), markers=m)
+    core = np.ascontiguousarray(m[tile.core_in_window])
+    return core, int(np.count_nonzero(core)) - before
+
+
+def check_ids(max_id: int, step: str) -> None:
+    if max_id >= 2**31 - 1:
+        raise RefineError(f"segmentation ids up to {max_id}: the {step} step needs ids below 2**31 (a flood's ids)")
+
+
+def rejoin_lut(own_voxels: np.ndarray, overlaps: dict | None, cfg: RefineConfig) -> dict[int, int]:
+    """The rejoin step's decisions (``{}`` when the step is not chosen)."""
+    if "rejoin" not in cfg.steps:
+        return {}
+    if overlaps is None:
+        raise RefineError("the rejoin step needs the flood's overlaps (overlaps=...); postprocessing "
+                          "(split_components, dust_size) drops them")
+    check_ids(len(own_voxels) - 1, "rejoin")
+    return rejoin_targets(own_voxels, overlaps, cfg.rejoin_fraction) if len(own_voxels) > 1 else {}
 
 
 def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network: FloodNetwork | None = None,
-                 overlaps: dict | None = None) -> Refined:
-    """Refines ``seg`` (the flood's segmentation of ``image``, the normalised float image);
-    ``network`` is needed for the gap objects step, ``overlaps`` (the flood's: id -> (ids,
-    voxels), as :class:`~floodfilling.inference.canvas.CanvasState` keeps them) for rejoin."""
+                 overlaps: dict | None = None, tile: Sequence[int] | None = None,
+                 inflight: int | None = None) -> Refined:
+    """Refines ``seg`` (the flood's segmentation of ``image``, the normalised float image) in
+    memory; ``network`` is needed for the gap objects step, ``overlaps`` (the flood's: id ->
+    (ids, voxels), as :class:`~floodfilling.inference.canvas.CanvasState` keeps them) for
+    rejoin; ``tile``: the tile size (default ``cfg.tile``; block inference: its block size);
+    ``inflight``: gap floods sharing each network call."""
     try:
-        from skimage.segmentation import watershed
+        import skimage.segmentation  # noqa: F401
     except ImportError:
         raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
     if image.shape != seg.shape:
@@ -189,47 +427,38 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
     t0 = time.perf_counter()
     cfg = cfg.validate()
     out = np.asarray(seg)
-    counters: dict[str, float] = {"rejoined": 0, "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
-                                  "gap_joined": 0, "voxels_filled": 0}
-    origins: dict[int, Origin] = {}
-    joined: dict[int, int] = {}
     first_new = int(out.max(initial=0))  # ids above it are new objects (not reused after a rejoin)
     markers = out.astype(np.int64 if first_new >= 2**31 - 1 else np.int32)
-    if "rejoin" in cfg.steps:
-        if overlaps is None:
-            raise RefineError("the rejoin step needs the flood's overlaps (overlaps=...); postprocessing "
-                              "(split_components, dust_size) drops them")
-        if first_new >= 2**31 - 1:
-            raise RefineError(f"segmentation ids up to {first_new}: rejoin needs ids below 2**31 (a flood's ids)")
-        if out.size:
-            joined = rejoin_targets(np.bincount(markers.ravel(), minlength=first_new + 1), overlaps,
-                                    cfg.rejoin_fraction)
-        if joined:
-            lut = np.arange(first_new + 1, dtype=markers.dtype)
-            lut[list(joined)] = list(joined.values())
-            markers = lut[markers]
-        counters["rejoined"] = len(joined)
+    joined = rejoin_lut(np.bincount(markers.ravel(), minlength=first_new + 1) if out.size else np.zeros(1, np.int64),
+                        overlaps, cfg)
+    if "gap_objects" in cfg.steps and network is None:
+        raise RefineError("the gap_objects step needs the network (network=FloodNetwork(...))")
+    if joined:
+        lut = np.arange(first_new + 1, dtype=markers.dtype)
+        lut[list(joined)] = list(joined.values())
+        markers = lut[markers]
+    tiles = tiles_of(markers.shape, cfg.tile if tile is None else tile, cfg.halo)
+    counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
+                                  "gap_inside": 0, "gap_joined": 0, "voxels_filled": 0}
+    floods, dec = [], GapDecisions([])
     if "gap_objects" in cfg.steps:
-        if network is None:
-            raise RefineError("the gap_objects step needs the network (network=FloodNetwork(...))")
-        if first_new >= 2**31 - 1:
-            raise RefineError(f"segmentation ids up to {first_new}: gap floods need ids below 2**31")
-        _, centres = gap_cores(image, markers, cfg)
-        flood_ids, floods = flood_gaps(image, markers, centres, network, first_new) if centres else (None, {})
-        if floods:  # none when every core's seed was too weak to flood
-            target = join_or_keep(floods, first_new, cfg.gap_join_fraction)
-            lut = np.zeros(max(floods) + 1, np.int64)
-            lut[list(target)] = list(target.values())
-            markers = np.where(flood_ids > 0, lut[flood_ids], markers).astype(markers.dtype)
-            origins = {target[k]: floods[k][0] for k in floods if target[k] > first_new}
-        counters.update(gap_cores=len(centres), gap_floods=len(floods), gap_joined=len(floods) - len(origins),
-                        gap_objects=len(origins))
-    if "watershed" in cfg.steps and markers.any():
-        before = np.count_nonzero(markers)
-        markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
-        counters["voxels_filled"] = int(np.count_nonzero(markers) - before)
-    dtype = out.dtype if int(markers.max(initial=0)) <= np.iinfo(out.dtype).max else np.uint64
+        check_ids(first_new, "gap_objects")
+        centres = [c for t in tiles for c in tile_gap_centres(array_reader(image), array_reader(markers), t, cfg)]
+        floods = flood_gaps(array_reader(image), array_reader(markers), markers.shape, centres, network, first_new,
+                            cfg.gap_box, inflight) if centres else []
+        dec = resolve_gap_floods(floods, first_new, cfg.gap_join_fraction)
+        counters.update(gap_cores=len(centres), gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
+                        gap_joined=dec.joined, gap_objects=dec.new)
+    result = markers
+    if floods or "watershed" in cfg.steps:
+        result = np.zeros(markers.shape, np.int64)
+        for t in tiles:
+            core, filled = fill_tile(array_reader(image), array_reader(markers), t, cfg, floods, dec.targets)
+            result[t.core] = core
+            counters["voxels_filled"] += filled
+    origins = {t: f.origin for f, t in zip(floods, dec.targets) if t > first_new}
+    dtype = out.dtype if int(result.max(initial=0)) <= np.iinfo(out.dtype).max else np.uint64
     counters["seconds"] = time.perf_counter() - t0
     log.info("refine: %d objects rejoined, %d gap objects, %d voxels filled", counters["rejoined"],
              counters["gap_objects"], counters["voxels_filled"])
-    return Refined(markers.astype(dtype), origins, counters, joined)
+    return Refined(result.astype(dtype), origins, counters, joined)

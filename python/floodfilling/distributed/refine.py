@@ -1,0 +1,249 @@
+"""``ffn segment IMAGE OUT --block z,y,x --refine``: the refinement of
+:mod:`floodfilling.inference.refine` on the reconciled block flood, tile by tile, every rank
+taking its share, each piece saved in the workdir so that a killed run resumes.
+
+The tiles are the blocks: a tile's core is its block's core, its window the core grown by
+``[refine] halo``. What a tile or a flood computes depends only on the volume and the tables
+below, so the result equals :func:`~floodfilling.inference.refine.refine_array` of the
+assembled flood with ``tile`` = the block size and the flood's overlaps table (tested).
+
+1. **Tables** (rank 0): the flood's overlaps in output ids (each block's, through the
+   reconciled labels, summed; pairs within one object dropped), the voxels of each object (its
+   cores' counts) and the rejoin decisions. Written to ``<ds>_overlaps``.
+2. **Cores** (tiles over ranks): the gap cores of each tile's core, gathered in tile order
+   (``DIR/refine-<digest>/centres.npy``).
+3. **Gap floods** (floods over ranks, batched through the engine): ``floods/<i>.h5`` each; a
+   rerun skips those on disk. Rank 0 then resolves them in order (the decisions are broadcast).
+4. **Tiles** (tiles over ranks): markers (flood after rejoin, gap floods painted) and
+   watershed in the window, the core to ``tiles/<block>.h5``; a rerun skips those on disk.
+The output phase writes ``<ds>`` from the tiles and ``<ds>_forward`` from the blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import boxes, results, storage, volumes
+from ..config import InferenceConfig, RefineConfig
+from ..inference import refine as rf
+from . import blockstore, mpi, split
+from .blocks import BlockError
+from .reconcile import relabel_core
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefinedBlocks:
+    """What the output phase needs of the refinement (rank 0)."""
+
+    keys: list  # per block: ids in its refined core
+    origins: np.ndarray  # ORIGIN_DTYPE: the flood's objects that stay, then the gap objects
+    overlaps: np.ndarray  # OVERLAP_DTYPE: the flood's overlaps in output ids
+    max_id: int
+    comp_dir: Path
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def flood_overlaps(plan, labels) -> np.ndarray:
+    """Every block's overlaps table in output ids (``labels``: the reconciled
+    :class:`~.reconcile.GlobalLabels`), summed per pair; pairs within one object dropped."""
+    rows = []
+    for b in plan.grid:
+        t = blockstore.read_overlaps(plan.block_path(b))
+        if not len(t):
+            continue
+        off = labels.offsets[b.index]
+        a = labels.final_of(t["id"].astype(np.uint64) + off)
+        c = labels.final_of(t["other_id"].astype(np.uint64) + off)
+        keep = (a > 0) & (c > 0) & (a != c)
+        rows.append(np.stack([a[keep].astype(np.int64), c[keep].astype(np.int64), t["voxels"][keep]], 1))
+    allrows = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
+    pairs, inv = np.unique(allrows[:, :2], axis=0, return_inverse=True)
+    voxels = np.bincount(inv.ravel(), weights=allrows[:, 2], minlength=len(pairs)).astype(np.int64)
+    out = np.zeros(len(pairs), results.OVERLAP_DTYPE)
+    if len(pairs):
+        out["id"], out["other_id"], out["voxels"] = pairs[:, 0], pairs[:, 1], voxels
+    return out
+
+
+class FloodReader:
+    """:data:`~floodfilling.inference.refine.Reader` of the reconciled flood (output ids, after
+    the rejoin decisions ``joined``), read from the block results' cores."""
+
+    def __init__(self, plan, final, joined: dict[int, int]):
+        self.plan, self.final = plan, final
+        self.lut = None
+        if joined:
+            self.lut = np.arange(final.n_objects + 1, dtype=np.int64)
+            self.lut[list(joined)] = list(joined.values())
+
+    def __call__(self, start, stop) -> np.ndarray:
+        out = np.zeros(tuple(b - a for a, b in zip(start, stop)), np.int64)
+        for b in self.plan.grid:
+            s = tuple(max(x, y) for x, y in zip(start, b.core_start))
+            e = tuple(min(x, y) for x, y in zip(stop, b.core_stop))
+            if any(y <= x for x, y in zip(s, e)):
+                continue
+            if self.final.comp_dir is not None:  # split_components: the core's component volume
+                src = split.read_components(self.final.comp_dir / f"{b.name(self.plan.box.start)}.h5",
+                                            tuple(slice(x - c, y - c) for x, y, c in zip(s, e, b.core_start)))
+            else:
+                src = blockstore.read_region(self.plan.block_path(b), s, e)
+            core = relabel_core(src, self.final.keys[b.index], self.final.values[b.index], np.uint64).astype(np.int64)
+            out[tuple(slice(x - a, y - a) for x, y, a in zip(s, e, start))] = core
+        return self.lut[out] if self.lut is not None else out
+
+
+class ImageReader:
+    """:data:`~floodfilling.inference.refine.Reader` of the image (box coordinates), normalised
+    as the blocks were."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.vol = volumes.open_volume(plan.image_spec)
+
+    def __call__(self, start, stop) -> np.ndarray:
+        o = self.plan.box.start
+        box = boxes.BBox(tuple(a + x for a, x in zip(o, start)), tuple(a + x for a, x in zip(o, stop)))
+        return self.plan.norm.apply(self.vol.read(box), f"{self.plan.image_spec} {box}")
+
+    def close(self) -> None:
+        self.vol.close()
+
+
+def _save_flood(path: Path, flood: rf.GapFlood | None) -> None:
+    if flood is None:
+        storage.write_hdf5_atomic(path, {"none": np.zeros(0, np.uint8)}, overwrite=True)
+        return
+    storage.write_hdf5_atomic(path, {"mask": flood.mask.astype(np.uint8), "overlap_ids": flood.overlaps[0],
+                                     "overlap_voxels": flood.overlaps[1]},
+                              file_attrs={"seed": list(flood.seed), "start": list(flood.start),
+                                          "steps": int(flood.origin.steps), "seconds": float(flood.origin.seconds),
+                                          "canvas_voxels": int(flood.canvas_voxels)},
+                              overwrite=True, compression="gzip")
+
+
+def _load_flood(path: Path) -> rf.GapFlood | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "none" in f:
+                return None
+            a = f.attrs
+            seed = tuple(int(v) for v in a["seed"])
+            return rf.GapFlood(seed, results.Origin(seed, int(a["steps"]), float(a["seconds"])),
+                               tuple(int(v) for v in a["start"]), f["mask"][:].astype(bool), int(a["canvas_voxels"]),
+                               (f["overlap_ids"][:].astype(np.int64), f["overlap_voxels"][:].astype(np.int64)))
+    except (OSError, KeyError) as exc:
+        raise BlockError(f"{path}: unreadable gap flood ({exc}); delete it and rerun") from None
+
+
+def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: InferenceConfig, comm: mpi.Comm,
+                  inflight: int | None) -> RefinedBlocks | None:
+    """Collective: the refinement of the reconciled flood ``final`` (see the module docstring);
+    the result on rank 0, None elsewhere."""
+    t0 = time.perf_counter()
+    rdir = plan.refine_dir
+    n = len(plan.grid)
+    final = comm.bcast(final, root=0)  # every rank reads the flood through its tables
+    tables = None
+    if comm.is_root:
+        (rdir / "floods").mkdir(parents=True, exist_ok=True)
+        (rdir / "tiles").mkdir(parents=True, exist_ok=True)
+        for p in list((rdir / "floods").iterdir()) + list((rdir / "tiles").iterdir()):
+            if ".tmp" in p.name:  # left by a killed writer
+                p.unlink(missing_ok=True)
+        overlaps = flood_overlaps(plan, reconciled.labels)
+        own = np.zeros(final.n_objects + 1, np.int64)
+        for k in range(n):
+            np.add.at(own, final.values[k].astype(np.int64), reconciled.metas[k].core_counts)
+        own[0] = 0
+        joined = rf.rejoin_lut(own, results.overlaps_dict(overlaps) if len(overlaps) else {}, rcfg)
+        tables = (overlaps, joined)
+    comm.wait_all()
+    overlaps, joined = comm.bcast(tables, root=0)
+    first_new = int(final.n_objects)
+    tiles = rf.tiles_of(plan.box.shape, plan.grid.block, rcfg.halo, min_core=info.fov_zyx)
+    if [t.core_start for t in tiles] != [b.core_start for b in plan.grid]:
+        raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
+    seg = FloodReader(plan, final, joined)
+    image = ImageReader(plan)
+    counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
+                                  "gap_inside": 0, "gap_joined": 0, "voxels_filled": 0}
+    floods: list = []
+    targets: list[int] = []
+    dec = rf.GapDecisions([])
+    try:
+        if "gap_objects" in rcfg.steps:
+            rf.check_ids(first_new, "gap_objects")
+            floods, dec, n_cores = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
+                                               first_new)
+            targets = dec.targets
+            counters.update(gap_cores=n_cores, gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
+                            gap_joined=dec.joined, gap_objects=dec.new)
+        filled = 0
+        for i in range(comm.rank, n, comm.size):
+            path = rdir / "tiles" / f"{plan.grid[i].name(plan.box.start)}.h5"
+            if path.exists():
+                continue
+            core, nfill = rf.fill_tile(image, seg, tiles[i], rcfg, floods, targets)
+            ids = np.unique(core)
+            storage.write_hdf5_atomic(path, {"comp": core.astype(np.uint64), "ids": ids[ids > 0].astype(np.uint64)},
+                                      file_attrs={"filled": nfill}, overwrite=True, compression="gzip")
+            filled += nfill
+    finally:
+        image.close()
+    comm.wait_all()
+    gathered = comm.gather(filled, root=0)
+    if not comm.is_root:
+        return None
+    import h5py
+
+    keys, max_id = [], first_new
+    for b in plan.grid:
+        with h5py.File(rdir / "tiles" / f"{b.name(plan.box.start)}.h5", "r") as f:
+            keys.append(f["ids"][:])
+            counters["voxels_filled"] += int(f.attrs["filled"])
+            if len(keys[-1]):
+                max_id = max(max_id, int(keys[-1][-1]))
+    stay = final.origins[~np.isin(final.origins["id"].astype(np.int64), list(joined))] if joined else final.origins
+    added = results.origins_table({t: f.origin for f, t in zip(floods, dec.targets) if t > first_new})
+    counters["seconds"] = time.perf_counter() - t0
+    log.info("refine: %d objects rejoined, %d gap objects, %d voxels filled (%d this run), %.1f s",
+             counters["rejoined"], counters["gap_objects"], counters["voxels_filled"], sum(gathered), counters["seconds"])
+    return RefinedBlocks(keys, np.concatenate([stay, added.astype(stay.dtype)]), overlaps, max_id, rdir / "tiles",
+                         counters)
+
+
+def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new):
+    """Phases 2 and 3: (floods, the decisions on them, cores), the same on every rank."""
+    rdir = plan.refine_dir
+    cpath = rdir / "centres.npy"
+    centres = None
+    if not cpath.exists():
+        mine = {i: rf.tile_gap_centres(image, seg, tiles[i], rcfg) for i in range(comm.rank, len(tiles), comm.size)}
+        got = comm.gather(mine, root=0)
+        if comm.is_root:
+            per = {k: v for d in got for k, v in d.items()}
+            centres = np.asarray([c for i in range(len(tiles)) for c in per[i]], np.int64).reshape(-1, 3)
+            tmp = cpath.with_name(cpath.name + ".tmp.npy")
+            np.save(tmp, centres)
+            tmp.replace(cpath)
+        comm.wait_all()
+    centres = comm.bcast(np.load(cpath) if comm.is_root else None, root=0)
+    fdir = rdir / "floods"
+    todo = [i for i in range(comm.rank, len(centres), comm.size) if not (fdir / f"{i}.h5").exists()]
+    if todo:
+        rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in centres[i]) for i in todo],
+                      rf.FloodNetwork(net, info, cfg), first_new, rcfg.gap_box, inflight,
+                      on_flood=lambda j, f: _save_flood(fdir / f"{todo[j]}.h5", f))
+    comm.wait_all()
+    floods = [_load_flood(fdir / f"{i}.h5") for i in range(len(centres))]
+    return floods, rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction), len(centres)
