@@ -18,7 +18,8 @@ steps; "watershed" alone is the plain seeded watershed, the floor every step mus
 needs the forward run's overlaps, which the reference's published segmentation lacks: with
 ``--forward-from-reference`` the cube's row says "not measured".
 Thresholds of the refinement (config.RefineConfig defaults) were chosen on the dev volume; the
-FIB-25 rows are the held-out check.
+FIB-25 rows are the held-out check. ``--tile z,y,x`` refines tile by tile (a ``--block`` run
+refines with its blocks as tiles: this measures what that changes); ``--rows`` picks rows.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ffn-accuracy-bench", help="volumes and forward runs (reused)")
     ap.add_argument("--forward-from-reference", action="store_true",
                     help="fib25: the reference's published segmentation as the forward run")
+    ap.add_argument("--tile", default="0,0,0", help="refine tile z,y,x (0,0,0: one tile; a block run uses its "
+                    "block, e.g. 128,256,256)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to measure, of " + ", ".join(ROWS))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="of the forward flood and the gap floods (bf16: autocast, needs AVX512_BF16/AMX on CPU)")
     ap.add_argument("--out", default=None,
@@ -111,9 +115,11 @@ def main() -> int:
     net, info = load_model(None, "cpu")
     network = FloodNetwork(net, info, InferenceConfig(precision=args.precision))
 
+    tile = tuple(int(v) for v in args.tile.split(","))
+    rows = {r: ROWS[r] for r in args.rows.split(",")}
     result = {"benchmark": "accuracy", "machine": machine_id(), "precision": args.precision,
-              "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "refine": RefineConfig().to_dict(),
-              "volumes": {}}
+              "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
+              "refine": RefineConfig(tile=tile).to_dict(), "volumes": {}}
     for name in args.volumes.split(","):
         img = volume_files(name, Path(args.workdir))
         with h5py.File(img, "r") as f:
@@ -124,12 +130,13 @@ def main() -> int:
                                          "forward_from_reference": bool(args.forward_from_reference and name == "fib25"
                                                                        and args.precision == "fp32"),
                                          "rows": {}}
-        for row, steps in ROWS.items():
+        for row, steps in rows.items():
             if "rejoin" in steps and overlaps is None:
                 vol["rows"][row] = {"not_measured": "the reference's segmentation records no overlaps"}
                 continue
             t = time.perf_counter()
-            refined = refine_array(image, seg, RefineConfig(steps=steps), network, overlaps) if steps else None
+            refined = (refine_array(image, seg, RefineConfig(steps=steps, tile=tile), network, overlaps)
+                       if steps else None)
             out = refined.segmentation if refined is not None else seg
             secs = time.perf_counter() - t
             table = evaluation.contingency(out, labels)

@@ -111,6 +111,25 @@ def test_other_refine_options_are_another_output(data, refined, one_thread):
                        refine=RefineConfig(steps=("watershed",)))
 
 
+def test_zarr_output_holds_the_same_datasets(data, refined, tmp_path, one_thread):
+    """A refined block run into a zarr group: the HDF5 run's four datasets, nothing temporary left."""
+    zarr = pytest.importorskip("zarr")
+    from floodfilling.distributed.run import segment_blocks
+
+    ref, _ = read_all(refined[0])
+    store = tmp_path / "vol.zarr"
+    zarr.open_group(str(store), mode="w")
+    segment_blocks(f"{data / 'crop.h5'}:raw", f"{store}/seg", block=BLOCK_ZYX, halo=HALO_ZYX,
+                   workdir=str(tmp_path / "work"), model=str(data / "tiny.npz"), config=cfg(), refine=REFINE)
+    g = zarr.open_group(str(store), mode="r")
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith("zarr.json")) == sorted(ref)
+    np.testing.assert_array_equal(g["seg"][...], ref["seg"])
+    np.testing.assert_array_equal(g["seg_forward"][...], ref["seg_forward"])
+    for table in ("seg_origins", "seg_overlaps"):
+        for col in ref[table].dtype.names:
+            np.testing.assert_array_equal(g[table][col][...], ref[table][col])
+
+
 @pytest.mark.mpi
 def test_mpi_two_ranks_refined_equal_one_rank_and_resume_after_sigkill(data, refined, tmp_path):
     """2 ranks give the single-process output; a run killed (SIGKILL) during its gap floods

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from .. import boxes, disk
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
+from ..inference.refine import check_flood_options
 from ..model import load_model
 from . import labels, mpi, output, worker
 from . import refine as refine_mod
@@ -96,9 +97,8 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     rule = (merge_rule or MergeRule.from_config(cfg)).validate()
     check_inflight(inflight)
     refine = refine.validate() if refine is not None else None
-    if refine is not None and "rejoin" in refine.steps and (cfg.split_components or cfg.dust_size > 0):
-        raise BlockError("refine step 'rejoin' needs the flood's overlaps, which split_components and dust_size "
-                         "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
+    if refine is not None:
+        check_flood_options(refine, cfg)
     if refine is not None and any(refine.tile):
         raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
                          "leave refine.tile at 0,0,0")
@@ -187,6 +187,7 @@ def _reconcile(plan: Plan, cfg: InferenceConfig, info, comm: mpi.Comm, stats: Ra
 def _refined_layers(plan: Plan, reconciled: Reconciled, final: FinalLabels, refined: refine_mod.RefinedBlocks,
                     refine: RefineConfig) -> output.Layers:
     """Rank 0: ``<ds>`` from the refined tiles, ``<ds>_forward`` the flood, ``<ds>_overlaps``."""
+    # n_objects: the largest id (rejoined ids are gone, so ids are not 1..N), which sets the dtype
     main = FinalLabels(refined.max_id, refined.keys, refined.keys, refined.origins, final.n_merges,
                        comp_dir=refined.comp_dir)
     reconciled.counters.update({f"refine_{k}": v for k, v in refined.counters.items()})

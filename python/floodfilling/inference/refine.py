@@ -394,6 +394,13 @@ def fill_tile(image: Reader, markers: Reader, tile: Tile, cfg: RefineConfig, flo
     return core, int(np.count_nonzero(core)) - before
 
 
+def check_flood_options(cfg: RefineConfig, flood: InferenceConfig) -> None:
+    """Refuses, before any work, refine steps the flood's options make impossible."""
+    if "rejoin" in cfg.steps and (flood.split_components or flood.dust_size > 0):
+        raise RefineError("refine step 'rejoin' needs the flood's overlaps, which split_components and dust_size "
+                          "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
+
+
 def check_ids(max_id: int, step: str) -> None:
     if max_id >= 2**31 - 1:
         raise RefineError(f"segmentation ids up to {max_id}: the {step} step needs ids below 2**31 (a flood's ids)")

@@ -30,7 +30,7 @@ from ..results import (Origin, file_digest, image_digest, origins_table, overlap
                        result_names)
 from .canvas import Canvas, CanvasState, fov_margin
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
-from .refine import FloodNetwork, refine_array
+from .refine import FloodNetwork, check_flood_options, refine_array
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,8 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
-    if refine is not None and "rejoin" in refine.steps and (cfg.split_components or cfg.dust_size > 0):
-        raise SegmentError("refine step 'rejoin' needs the flood's overlaps, which split_components and dust_size "
-                           "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
+    if refine is not None:
+        check_flood_options(refine, cfg)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
     inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
