@@ -70,10 +70,11 @@ def test_block_refinement_equals_the_in_memory_refinement(data, refined, one_thr
     assert set(ds) == {"seg", "seg_origins", "seg_overlaps", "seg_forward"}
     # the case exercises every step: gap floods in several blocks, some joined, some new, a rejoin
     assert counters["refine_gap_floods"] >= 2 and counters["refine_gap_objects"] >= 1
-    assert counters["refine_voxels_filled"] > 0
+    assert counters["refine_voxels_filled"] > 0 and counters["refine_gap_steps"] >= counters["refine_gap_floods"]
     mem = in_memory(data, ds["seg_forward"], ds["seg_overlaps"], attrs)
     np.testing.assert_array_equal(ds["seg"], mem.segmentation)
-    for k in ("rejoined", "gap_cores", "gap_floods", "gap_inside", "gap_joined", "gap_objects", "voxels_filled"):
+    for k in ("rejoined", "gap_cores", "gap_floods", "gap_inside", "gap_joined", "gap_objects", "gap_steps",
+              "voxels_filled"):
         assert counters[f"refine_{k}"] == mem.counters[k], k
     # origins: the flood's objects that stay, then the gap objects with their seeds
     flood_ids = set(int(i) for i in np.unique(ds["seg_forward"]) if i)

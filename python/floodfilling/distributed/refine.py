@@ -21,6 +21,7 @@ The output phase writes ``<ds>`` from the tiles and ``<ds>_forward`` from the bl
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import boxes, results, storage, volumes
+from .. import boxes, disk, results, storage, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference import refine as rf
 from . import blockstore, mpi, split
@@ -117,30 +118,34 @@ class ImageReader:
         self.vol.close()
 
 
-def _save_flood(path: Path, flood: rf.GapFlood | None) -> None:
+def _save_flood(path: Path, flood: rf.GapFlood | None, steps: int) -> None:
+    """One gap flood's file (``steps``: its network steps; a seed too weak to flood has a file too)."""
     if flood is None:
-        storage.write_hdf5_atomic(path, {"none": np.zeros(0, np.uint8)}, overwrite=True)
+        storage.write_hdf5_atomic(path, {"none": np.zeros(0, np.uint8)}, file_attrs={"network_steps": steps},
+                                  overwrite=True)
         return
     storage.write_hdf5_atomic(path, {"mask": flood.mask.astype(np.uint8), "overlap_ids": flood.overlaps[0],
                                      "overlap_voxels": flood.overlaps[1]},
                               file_attrs={"seed": list(flood.seed), "start": list(flood.start),
                                           "steps": int(flood.origin.steps), "seconds": float(flood.origin.seconds),
-                                          "canvas_voxels": int(flood.canvas_voxels)},
+                                          "canvas_voxels": int(flood.canvas_voxels), "network_steps": steps},
                               overwrite=True, compression="gzip")
 
 
-def _load_flood(path: Path) -> rf.GapFlood | None:
+def _load_flood(path: Path) -> tuple[rf.GapFlood | None, int]:
+    """(the flood or None, its network steps)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            if "none" in f:
-                return None
             a = f.attrs
+            if "none" in f:
+                return None, int(a["network_steps"])
             seed = tuple(int(v) for v in a["seed"])
             return rf.GapFlood(seed, results.Origin(seed, int(a["steps"]), float(a["seconds"])),
                                tuple(int(v) for v in a["start"]), f["mask"][:].astype(bool), int(a["canvas_voxels"]),
-                               (f["overlap_ids"][:].astype(np.int64), f["overlap_voxels"][:].astype(np.int64)))
+                               (f["overlap_ids"][:].astype(np.int64), f["overlap_voxels"][:].astype(np.int64))), \
+                int(a["network_steps"])
     except (OSError, KeyError) as exc:
         raise BlockError(f"{path}: unreadable gap flood ({exc}); delete it and rerun") from None
 
@@ -176,18 +181,18 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     seg = FloodReader(plan, final, joined)
     image = ImageReader(plan)
     counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
-                                  "gap_inside": 0, "gap_joined": 0, "voxels_filled": 0}
+                                  "gap_inside": 0, "gap_joined": 0, "gap_steps": 0, "voxels_filled": 0}
     floods: list = []
     targets: list[int] = []
     dec = rf.GapDecisions([])
     try:
         if "gap_objects" in rcfg.steps:
             rf.check_ids(first_new, "gap_objects")
-            floods, dec, n_cores = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
-                                               first_new)
+            floods, dec, n_cores, steps = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
+                                                      first_new)
             targets = dec.targets
             counters.update(gap_cores=n_cores, gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
-                            gap_joined=dec.joined, gap_objects=dec.new)
+                            gap_joined=dec.joined, gap_objects=dec.new, gap_steps=steps)
         filled = 0
         for i in range(comm.rank, n, comm.size):
             path = rdir / "tiles" / f"{plan.grid[i].name(plan.box.start)}.h5"
@@ -223,19 +228,19 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
 
 
 def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new):
-    """Phases 2 and 3: (floods, the decisions on them, cores), the same on every rank."""
+    """Phases 2 and 3: (floods, the decisions on them, cores, network steps of all floods), the
+    same on every rank."""
     rdir = plan.refine_dir
     cpath = rdir / "centres.npy"
-    centres = None
-    if not cpath.exists():
+    if not comm.bcast(cpath.exists() if comm.is_root else None, root=0):  # one answer for all ranks
         mine = {i: rf.tile_gap_centres(image, seg, tiles[i], rcfg) for i in range(comm.rank, len(tiles), comm.size)}
         got = comm.gather(mine, root=0)
         if comm.is_root:
             per = {k: v for d in got for k, v in d.items()}
             centres = np.asarray([c for i in range(len(tiles)) for c in per[i]], np.int64).reshape(-1, 3)
-            tmp = cpath.with_name(cpath.name + ".tmp.npy")
-            np.save(tmp, centres)
-            tmp.replace(cpath)
+            buf = io.BytesIO()
+            np.save(buf, centres)
+            disk.atomic_write_bytes(cpath, buf.getvalue())
         comm.wait_all()
     centres = comm.bcast(np.load(cpath) if comm.is_root else None, root=0)
     fdir = rdir / "floods"
@@ -243,7 +248,9 @@ def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, f
     if todo:
         rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in centres[i]) for i in todo],
                       rf.FloodNetwork(net, info, cfg), first_new, rcfg.gap_box, inflight,
-                      on_flood=lambda j, f: _save_flood(fdir / f"{todo[j]}.h5", f))
+                      on_flood=lambda j, f, steps: _save_flood(fdir / f"{todo[j]}.h5", f, steps))
     comm.wait_all()
-    floods = [_load_flood(fdir / f"{i}.h5") for i in range(len(centres))]
-    return floods, rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction), len(centres)
+    loaded = [_load_flood(fdir / f"{i}.h5") for i in range(len(centres))]
+    floods = [f for f, _ in loaded]
+    return floods, rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction), len(centres), \
+        sum(steps for _, steps in loaded)

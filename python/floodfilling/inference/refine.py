@@ -229,13 +229,15 @@ def flood_box(seed: Sequence[int], box: Sequence[int], shape: Sequence[int]) -> 
 
 def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence[Sequence[int]],
                network: FloodNetwork, max_id: int, box: Sequence[int], inflight: int | None = None,
-               on_flood: Callable[[int, GapFlood | None], None] | None = None) -> list[GapFlood | None]:
+               on_flood: Callable[[int, GapFlood | None, int], None] | None = None
+               ) -> tuple[list[GapFlood | None], list[int]]:
     """One flood from each of ``seeds`` (volume coordinates), each alone on a canvas of its
     :func:`flood_box` with ``seg``'s objects (ids <= ``max_id``) in place and the image
     mirrored by the FOV margin at the volume's faces; up to ``inflight`` canvases share each
     network call (default: :func:`~floodfilling.inference.engine.inflight_on` the device).
-    Returns, in seed order, each :class:`GapFlood` or None where the seed was too weak to flood
-    (``on_flood(index, flood)`` is also called as each finishes)."""
+    Returns, in seed order, each :class:`GapFlood` or None where the seed was too weak to flood,
+    and each one's network steps (``on_flood(index, flood, steps)`` is also called as each
+    finishes)."""
     info = network.info
     margin = fov_margin(info.fov_zyx)
     # every core seed is tried: no minimum size or boundary distance (the join rule decides)
@@ -247,6 +249,7 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
     predictor = make_predictor(network.net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads, inflight=k)
     shape = tuple(int(s) for s in shape)
     floods: list[GapFlood | None] = [None] * len(seeds)
+    steps = [0] * len(seeds)
     placed: dict[int, tuple] = {}  # flood index -> (box start, padding) while its canvas runs
 
     def make(i: int):
@@ -277,12 +280,13 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
                              int(np.count_nonzero(st.segmentation == max_id + 1)),
                              tuple(np.asarray(a, np.int64) for a in st.overlaps.get(max_id + 1, (np.zeros(0), np.zeros(0)))))
         floods[i] = flood
+        steps[i] = int(st.counters.get("steps", 0))
         del placed[i]
         if on_flood is not None:
-            on_flood(i, flood)
+            on_flood(i, flood, steps[i])
 
     run_jobs([Job(i, lambda i=i: make(i)) for i in range(len(seeds))], predictor, inflight=k, on_done=done)
-    return floods
+    return floods, steps
 
 
 @dataclass
@@ -446,16 +450,16 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
         markers = lut[markers]
     tiles = tiles_of(markers.shape, cfg.tile if tile is None else tile, cfg.halo)
     counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
-                                  "gap_inside": 0, "gap_joined": 0, "voxels_filled": 0}
+                                  "gap_inside": 0, "gap_joined": 0, "gap_steps": 0, "voxels_filled": 0}
     floods, dec = [], GapDecisions([])
     if "gap_objects" in cfg.steps:
         check_ids(first_new, "gap_objects")
         centres = [c for t in tiles for c in tile_gap_centres(array_reader(image), array_reader(markers), t, cfg)]
-        floods = flood_gaps(array_reader(image), array_reader(markers), markers.shape, centres, network, first_new,
-                            cfg.gap_box, inflight) if centres else []
+        floods, steps = flood_gaps(array_reader(image), array_reader(markers), markers.shape, centres, network,
+                                   first_new, cfg.gap_box, inflight) if centres else ([], [])
         dec = resolve_gap_floods(floods, first_new, cfg.gap_join_fraction)
         counters.update(gap_cores=len(centres), gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
-                        gap_joined=dec.joined, gap_objects=dec.new)
+                        gap_joined=dec.joined, gap_objects=dec.new, gap_steps=sum(steps))
     result = markers
     if floods or "watershed" in cfg.steps:
         result = np.zeros(markers.shape, np.int64)
