@@ -116,6 +116,28 @@ def test_resolve_gap_floods_by_hand():
     assert window[0, 0].tolist() == markers[0, 0, 6:11].tolist()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_the_spatial_index_never_changes_a_decision(seed):
+    """resolve_gap_floods compares a flood only with earlier floods near it (grid cells); with
+    one cell for the whole volume it compares every pair. Random touching floods: the same
+    decisions at every cell size."""
+    rng = np.random.default_rng(seed)
+    floods = []
+    for _ in range(60):
+        start = tuple(int(v) for v in rng.integers(0, 10, 3))
+        mask = rng.random(tuple(int(v) for v in rng.integers(1, 7, 3))) < 0.6
+        mask.flat[0] = True
+        seed_zyx = tuple(int(a + v) for a, v in zip(start, rng.integers(-1, 3, 3)))  # sometimes outside its box
+        n = int(rng.integers(0, 3))
+        floods.append(None if rng.random() < 0.1 else
+                      flood(seed_zyx, start, mask, (rng.integers(1, 5, n), rng.integers(1, 20, n)),
+                            int(mask.sum()) + int(rng.integers(0, 5))))
+    every_pair = resolve_gap_floods(floods, 10, 0.1, cell=10**6)
+    assert every_pair.inside > 0 and every_pair.joined > 0 and every_pair.new > 0
+    for cell in (1, 2, 3, 7):
+        assert resolve_gap_floods(floods, 10, 0.1, cell=cell) == every_pair
+
+
 def test_small_gaps_make_no_object():
     image, truth = cells()
     seg = np.where(truth > 0, 5, 0).astype(np.uint32)

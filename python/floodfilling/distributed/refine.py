@@ -13,9 +13,13 @@ assembled flood with ``tile`` = the block size and the flood's overlaps table (t
 2. **Cores** (tiles over ranks): the gap cores of each tile's core, gathered in tile order
    (``DIR/refine-<digest>/centres.npy``).
 3. **Gap floods** (floods over ranks, batched through the engine): ``floods/<i>.h5`` each; a
-   rerun skips those on disk. Rank 0 then resolves them in order (the decisions are broadcast).
-4. **Tiles** (tiles over ranks): markers (flood after rejoin, gap floods painted) and
-   watershed in the window, the core to ``tiles/<block>.h5``; a rerun skips those on disk.
+   rerun skips those on disk. Rank 0 then resolves them in order, reading them through a
+   cache (each flood is compared only with earlier floods near it), and broadcasts the
+   decisions and each flood's box.
+4. **Tiles** (tiles over ranks): markers (flood after rejoin, the gap floods that reach the
+   window painted, read from their files) and watershed in the window, the core to
+   ``tiles/<block>.h5``; a rerun skips those on disk.
+No rank holds more than a window, the floods near it and the tables (per object and per flood).
 The output phase writes ``<ds>`` from the tiles and ``<ds>_forward`` from the blocks.
 """
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,22 +188,21 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     image = ImageReader(plan)
     counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
                                   "gap_inside": 0, "gap_joined": 0, "gap_steps": 0, "voxels_filled": 0}
-    floods: list = []
-    targets: list[int] = []
+    gaps: GapPlan | None = None
     dec = rf.GapDecisions([])
     try:
         if "gap_objects" in rcfg.steps:
             rf.check_ids(first_new, "gap_objects")
-            floods, dec, n_cores, steps = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
-                                                      first_new)
-            targets = dec.targets
-            counters.update(gap_cores=n_cores, gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
-                            gap_joined=dec.joined, gap_objects=dec.new, gap_steps=steps)
+            gaps = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new)
+            dec = gaps.decisions
+            counters.update(gap_cores=gaps.n_cores, gap_floods=sum(b is not None for b in gaps.boxes),
+                            gap_inside=dec.inside, gap_joined=dec.joined, gap_objects=dec.new, gap_steps=gaps.steps)
         filled = 0
         for i in range(comm.rank, n, comm.size):
             path = rdir / "tiles" / f"{plan.grid[i].name(plan.box.start)}.h5"
             if path.exists():
                 continue
+            floods, targets = gaps.touching(tiles[i]) if gaps is not None else ([], [])
             core, nfill = rf.fill_tile(image, seg, tiles[i], rcfg, floods, targets)
             ids = np.unique(core)
             storage.write_hdf5_atomic(path, {"comp": core.astype(np.uint64), "ids": ids[ids > 0].astype(np.uint64)},
@@ -219,7 +224,7 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
             if len(keys[-1]):
                 max_id = max(max_id, int(keys[-1][-1]))
     stay = final.origins[~np.isin(final.origins["id"].astype(np.int64), list(joined))] if joined else final.origins
-    added = results.origins_table({t: f.origin for f, t in zip(floods, dec.targets) if t > first_new})
+    added = results.origins_table({t: gaps.floods[i].origin for i, t in enumerate(dec.targets) if t > first_new})
     counters["seconds"] = time.perf_counter() - t0
     log.info("refine: %d objects rejoined, %d gap objects, %d voxels filled (%d this run), %.1f s",
              counters["rejoined"], counters["gap_objects"], counters["voxels_filled"], sum(gathered), counters["seconds"])
@@ -227,9 +232,49 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
                          counters)
 
 
-def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new):
-    """Phases 2 and 3: (floods, the decisions on them, cores, network steps of all floods), the
-    same on every rank."""
+class FloodFiles(Sequence):
+    """The gap floods of a run as a sequence that reads each from its file on demand, keeping
+    the last ``cache`` read (the resolution reads floods in order and their neighbours again)."""
+
+    def __init__(self, fdir: Path, n: int, cache: int = 512):
+        self.fdir, self.n, self.cache = fdir, n, cache
+        self._cached: OrderedDict[int, rf.GapFlood | None] = OrderedDict()
+        self.steps: dict[int, int] = {}  # network steps of each flood read so far
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> rf.GapFlood | None:
+        if i in self._cached:
+            self._cached.move_to_end(i)
+            return self._cached[i]
+        flood, self.steps[i] = _load_flood(self.fdir / f"{i}.h5")
+        self._cached[i] = flood
+        if len(self._cached) > self.cache:
+            self._cached.popitem(last=False)
+        return flood
+
+
+@dataclass
+class GapPlan:
+    """The resolved gap floods, as every rank needs them for its tiles."""
+
+    floods: FloodFiles
+    targets: list[int]  # per flood: its id in the result (0: none or dropped)
+    boxes: list  # per flood: (start, stop) of its voxels, or None
+    decisions: rf.GapDecisions
+    n_cores: int
+    steps: int  # network steps of all floods
+
+    def touching(self, tile: rf.Tile) -> tuple[list, list[int]]:
+        """(floods, ids) of the kept floods whose voxels reach into ``tile``'s window, in order."""
+        idx = [i for i, (t, b) in enumerate(zip(self.targets, self.boxes))
+               if t and b is not None and rf.box_intersection(tile.window_start, tile.window_stop, *b) is not None]
+        return [self.floods[i] for i in idx], [self.targets[i] for i in idx]
+
+
+def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new) -> GapPlan:
+    """Phases 2 and 3 (cores, floods, resolution on rank 0): the same plan on every rank."""
     rdir = plan.refine_dir
     cpath = rdir / "centres.npy"
     if not comm.bcast(cpath.exists() if comm.is_root else None, root=0):  # one answer for all ranks
@@ -250,7 +295,14 @@ def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, f
                       rf.FloodNetwork(net, info, cfg), first_new, rcfg.gap_box, inflight,
                       on_flood=lambda j, f, steps: _save_flood(fdir / f"{todo[j]}.h5", f, steps))
     comm.wait_all()
-    loaded = [_load_flood(fdir / f"{i}.h5") for i in range(len(centres))]
-    floods = [f for f, _ in loaded]
-    return floods, rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction), len(centres), \
-        sum(steps for _, steps in loaded)
+    floods = FloodFiles(fdir, len(centres))
+    resolved = None
+    if comm.is_root:  # reads every flood once, in order (and its neighbours again, mostly cached)
+        dec = rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction)
+        boxes = []
+        for i in range(len(floods)):
+            f = floods[i]
+            boxes.append((f.start, f.stop) if f is not None else None)
+        resolved = (dec, boxes, sum(floods.steps.values()))
+    dec, boxes, steps = comm.bcast(resolved, root=0)
+    return GapPlan(floods, dec.targets, boxes, dec, len(centres), steps)

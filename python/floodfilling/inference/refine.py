@@ -45,6 +45,7 @@ The steps run on the image as normalised for the flood and were chosen by measur
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -300,7 +301,8 @@ class GapDecisions:
     new: int = 0  # new objects
 
 
-def _intersection(a0, a1, b0, b1):
+def box_intersection(a0, a1, b0, b1):
+    """(start, stop) of the intersection of the boxes [a0, a1) and [b0, b1), None when empty."""
     s = tuple(max(x, y) for x, y in zip(a0, b0))
     e = tuple(min(x, y) for x, y in zip(a1, b1))
     return (s, e) if all(x < y for x, y in zip(s, e)) else None
@@ -311,27 +313,38 @@ def _sub(box, start):
     return tuple(slice(a - o, b - o) for a, b, o in zip(s, e, start))
 
 
-def resolve_gap_floods(floods: Sequence[GapFlood | None], max_id: int, fraction: float) -> GapDecisions:
+def _cells(lo: Sequence[int], hi: Sequence[int], cell: int):
+    """The cells (``cell`` voxels a side, a grid from the origin) the box [lo, hi) touches."""
+    return itertools.product(*(range(a // cell, (b - 1) // cell + 1) for a, b in zip(lo, hi)))
+
+
+def resolve_gap_floods(floods: Sequence[GapFlood | None], max_id: int, fraction: float,
+                       cell: int = 64) -> GapDecisions:
     """Takes the floods in order (see the module docstring): their ids in the result, new
     objects numbered ``max_id + 1, ...``. A flood's voxels are its canvas voxels less those an
     earlier kept flood holds; what it ran into is its overlaps with the flood's objects plus
     those shared voxels, counted for the earlier flood's id. Of objects tied for the most
-    voxels the lowest id is taken."""
+    voxels the lowest id is taken. Each flood is compared with the earlier kept floods whose
+    boxes share a grid cell (``cell`` voxels) with its box or seed, in order, so ``floods`` may
+    be a sequence that loads them on demand (a block run's files)."""
     dec = GapDecisions([0] * len(floods))
-    kept: list[int] = []
+    near: dict[tuple, list[int]] = {}  # grid cell -> kept floods whose box touches it
     next_id = int(max_id)
-    for k, f in enumerate(floods):
+    for k in range(len(floods)):
+        f = floods[k]
         if f is None:
             continue
+        lo = tuple(min(a, c) for a, c in zip(f.start, f.seed))
+        hi = tuple(max(b, c + 1) for b, c in zip(f.stop, f.seed))
         claimed = np.zeros(f.mask.shape, bool)
         shared: dict[int, int] = {}
         inside = False
-        for j in kept:
+        for j in sorted({j for c in _cells(lo, hi, cell) for j in near.get(c, ())}):
             g = floods[j]
             if g.contains(f.seed):
                 inside = True
                 break
-            box = _intersection(f.start, f.stop, g.start, g.stop)
+            box = box_intersection(f.start, f.stop, g.start, g.stop)
             if box is None:
                 continue
             fs, gs = _sub(box, f.start), _sub(box, g.start)
@@ -358,7 +371,8 @@ def resolve_gap_floods(floods: Sequence[GapFlood | None], max_id: int, fraction:
             next_id += 1
             dec.targets[k] = next_id
             dec.new += 1
-        kept.append(k)
+        for c in _cells(f.start, f.stop, cell):
+            near.setdefault(c, []).append(k)
     return dec
 
 
@@ -372,7 +386,7 @@ def paint_gap_floods(markers: np.ndarray, start: Sequence[int], floods: Sequence
     for f, t in zip(floods, targets):
         if f is None or not t:
             continue
-        box = _intersection(start, stop, f.start, f.stop)
+        box = box_intersection(start, stop, f.start, f.stop)
         if box is None:
             continue
         view = markers[_sub(box, start)]
