@@ -196,3 +196,24 @@ def test_flood_overlaps_by_hand(tmp_path):
     want = {(b2, a): 5 + 7, (b1, a): 4, (a, b1): 9}
     assert {(int(r["id"]), int(r["other_id"])): int(r["voxels"]) for r in got} == want
     assert blockstore.read_overlaps(paths[0]).shape == (3,)
+
+
+def test_status_shows_the_refinement(refined, tmp_path, capsys):
+    """`ffn status` during a refinement: gap floods and tiles on disk (the pieces a rerun reuses)."""
+    import shutil
+
+    from floodfilling.cli import main
+
+    work = tmp_path / "work"
+    shutil.copytree(refined[0].parent / "work", work)
+    rdir = work / "refine-0123456789abcdef"
+    (rdir / "floods").mkdir(parents=True)
+    (rdir / "tiles").mkdir()
+    assert main(["status", str(work)]) == 0
+    assert "refining: not found yet, 0/8 tiles done" in capsys.readouterr().out
+    np.save(rdir / "centres.npy", np.zeros((5, 3), np.int64))
+    for name in ("floods/0.h5", "floods/3.h5", "floods/4.h5.tmp-1", "tiles/seg_0-0-0_24-48-48.h5"):
+        (rdir / name).write_bytes(b"")
+    assert main(["status", str(work), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["refine"] == {"gap_cores": 5, "gap_floods_done": 2, "tiles_done": 1, "tiles": 8}

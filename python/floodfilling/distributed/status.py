@@ -3,7 +3,8 @@ a login node, while the job runs under the scheduler, or after it was killed).
 
 Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks, through :mod:`.blockstore`:
 seconds, FOV steps, objects, rank, host), ``claims/*`` (blocks being segmented now: run, host,
-pid, rank), ``run.json`` (the job holding the workdir) and ``reconcile.json`` (written at the very end).
+pid, rank), ``run.json`` (the job holding the workdir), ``reconcile.json`` (written at the very end)
+and, during ``--refine``, ``refine-<digest>/`` (gap cores, gap floods and refined tiles on disk).
 Nothing is written. The time left is estimated from the finished blocks' mean seconds per
 voxel, the voxels left, and the number of ranks working now (claims). A claim made on this host
 by a process that no longer exists is reported as dead (``dead``), not running; claims of
@@ -106,6 +107,17 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     workers = max(len(running), 1)  # dead claims work no more
     job = _read_json(wd / "run.json")
     report = _read_json(wd / "reconcile.json")
+    refine = None
+    for rdir in sorted(p for p in wd.glob("refine-*") if p.is_dir()):
+        try:
+            import numpy as np
+
+            cores = int(len(np.load(rdir / "centres.npy"))) if (rdir / "centres.npy").exists() else None
+        except (OSError, ValueError):
+            cores = None
+        count = lambda sub: sum(1 for f in (rdir / sub).glob("*.h5") if ".tmp" not in f.name) if (rdir / sub).is_dir() else 0  # noqa: E731
+        refine = {"gap_cores": cores, "gap_floods_done": count("floods"), "tiles_done": count("tiles"),
+                  "tiles": len(grid)}
     return {
         "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
         "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
@@ -115,7 +127,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         "voxels_per_block_second": rate,
         "eta_s": (left / rate / workers) if rate and left else (0.0 if not left else None),
         "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
-        "running": running, "per_rank": per_rank, "job": job,
+        "running": running, "per_rank": per_rank, "job": job, "refine": refine,
         "finished": report is not None and done == len(grid),
         "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
                        # the engines waiting for blocks to be read, normalised and seeded (all ranks)
@@ -142,6 +154,10 @@ def format_status(s: dict[str, Any]) -> str:
     for r in s.get("dead", []):
         lines.append(f"  dead: {r['block']} on {r.get('host', '?')} rank {r.get('rank', '?')} "
                      f"(pid {r.get('pid', '?')} is gone; claimed {r['since_s']:.0f} s ago, the block is not done)")
+    ref = s.get("refine")
+    if ref:
+        cores = "not found yet" if ref["gap_cores"] is None else f"{ref['gap_floods_done']}/{ref['gap_cores']} gap floods"
+        lines.append(f"  refining: {cores}, {ref['tiles_done']}/{ref['tiles']} tiles done")
     if s["finished"]:
         rec = s["reconcile"] or {}
         wait = rec.get("host_wait_seconds")

@@ -267,10 +267,10 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
     def done(i: int, cv) -> None:
         st = cv.state
         flood = None
-        if st.max_id > max_id:  # the flood made its object (id max_id + 1)
-            start, pad = placed[i]
-            inner = tuple(slice(p[0], n - p[1]) for p, n in zip(pad, st.segmentation.shape))
-            mask = st.segmentation[inner] == max_id + 1
+        start, pad = placed[i]
+        inner = tuple(slice(p[0], n - p[1]) for p, n in zip(pad, st.segmentation.shape))
+        mask = st.segmentation[inner] == max_id + 1
+        if st.max_id > max_id and mask.any():  # the flood made its object (id max_id + 1) in the volume
             nz = np.nonzero(mask)
             lo = [int(v.min()) for v in nz]
             hi = [int(v.max()) + 1 for v in nz]
