@@ -217,3 +217,29 @@ def test_status_shows_the_refinement(refined, tmp_path, capsys):
     assert main(["status", str(work), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["refine"] == {"gap_cores": 5, "gap_floods_done": 2, "tiles_done": 1, "tiles": 8}
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("inflight", [1, 4])
+def test_gap_floods_batched_on_the_device_path_equal_the_host_path(data, refined, one_thread, test_device, inflight):
+    """The gap floods go through the engine: on the device-resident path (test_device; cpu by
+    default) with up to ``inflight`` canvases in flight (batched into one network call on a GPU;
+    at batch 1 on the CPU, where that is fastest), the refinement is the host
+    path's at batch 1, voxel for voxel (fp32; on a GPU, inflight > 1 also needs per-FOV logits
+    that do not depend on the batch, as in test_device_path)."""
+    ds, attrs = read_all(refined[0])
+    with h5py.File(data / "crop.h5", "r") as f:
+        image = Normalisation(**json.loads(attrs["normalisation"])).apply(f["raw"][:])
+    net, info = load_model(str(data / "tiny.npz"), "cpu")
+    overlaps = overlaps_dict(ds["seg_overlaps"])
+    host = refine_array(image, ds["seg_forward"], REFINE, FloodNetwork(net, info, cfg()), overlaps, inflight=1)
+    dev_cfg = cfg(test_device).with_overrides(resident="on")
+    net_d, _ = load_model(str(data / "tiny.npz"), str(test_device))
+    dev = refine_array(image, ds["seg_forward"], REFINE, FloodNetwork(net_d, info, dev_cfg), overlaps,
+                       inflight=inflight)
+    assert host.counters["gap_floods"] >= 10
+    np.testing.assert_array_equal(dev.segmentation, host.segmentation)
+    assert {k: (o.seed_zyx, o.steps) for k, o in dev.new_origins.items()} == \
+        {k: (o.seed_zyx, o.steps) for k, o in host.new_origins.items()}
+    assert {k: v for k, v in dev.counters.items() if k != "seconds"} == \
+        {k: v for k, v in host.counters.items() if k != "seconds"}
