@@ -54,13 +54,16 @@ def refined(data, tmp_path_factory):
     return d / "out.h5", res
 
 
-def in_memory(data, flood, overlaps, attrs):
+def crop_image(data, attrs):
+    """The crop normalised as the block run did (its recorded normalisation)."""
     with h5py.File(data / "crop.h5", "r") as f:
-        raw = f["raw"][:]
-    image = Normalisation(**json.loads(attrs["normalisation"])).apply(raw)
+        return Normalisation(**json.loads(attrs["normalisation"])).apply(f["raw"][:])
+
+
+def in_memory(data, flood, overlaps, attrs):
     net, info = load_model(str(data / "tiny.npz"), "cpu")
-    return refine_array(image, flood, REFINE, FloodNetwork(net, info, cfg()), overlaps_dict(overlaps),
-                        tile=BLOCK_ZYX)
+    return refine_array(crop_image(data, attrs), flood, REFINE, FloodNetwork(net, info, cfg()),
+                        overlaps_dict(overlaps), tile=BLOCK_ZYX)
 
 
 def test_block_refinement_equals_the_in_memory_refinement(data, refined, one_thread):
@@ -228,8 +231,7 @@ def test_gap_floods_batched_on_the_device_path_equal_the_host_path(data, refined
     path's at batch 1, voxel for voxel (fp32; on a GPU, inflight > 1 also needs per-FOV logits
     that do not depend on the batch, as in test_device_path)."""
     ds, attrs = read_all(refined[0])
-    with h5py.File(data / "crop.h5", "r") as f:
-        image = Normalisation(**json.loads(attrs["normalisation"])).apply(f["raw"][:])
+    image = crop_image(data, attrs)
     net, info = load_model(str(data / "tiny.npz"), "cpu")
     overlaps = overlaps_dict(ds["seg_overlaps"])
     host = refine_array(image, ds["seg_forward"], REFINE, FloodNetwork(net, info, cfg()), overlaps, inflight=1)
