@@ -100,8 +100,13 @@ def overlaps_dict(table: np.ndarray, ids=None) -> dict[int, tuple[np.ndarray, np
     t = np.asarray(table)
     cols = np.stack([t[n] for n in t.dtype.names], 1) if t.dtype.names else t.reshape(-1, 3)
     cols = cols.astype(np.int64)
-    ids = np.unique(cols[:, 0]).tolist() if ids is None else ids
-    return {int(i): (cols[cols[:, 0] == i, 1].copy(), cols[cols[:, 0] == i, 2].copy()) for i in ids}
+    cols = cols[np.argsort(cols[:, 0], kind="stable")]  # grouped by id, rows of an id in table order
+    uniq, starts = np.unique(cols[:, 0], return_index=True)
+    stops = np.r_[starts[1:], len(cols)].astype(np.int64)
+    groups = {int(u): (cols[a:b, 1].copy(), cols[a:b, 2].copy()) for u, a, b in zip(uniq, starts, stops)}
+    if ids is None:
+        return groups
+    return {int(i): groups.get(int(i), (np.zeros(0, np.int64), np.zeros(0, np.int64))) for i in ids}
 
 
 def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray, origins: np.ndarray | None,

@@ -172,11 +172,13 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
             if ".tmp" in p.name:  # left by a killed writer
                 p.unlink(missing_ok=True)
         overlaps = flood_overlaps(plan, reconciled.labels)
-        own = np.zeros(final.n_objects + 1, np.int64)
-        for k in range(n):
-            np.add.at(own, final.values[k].astype(np.int64), reconciled.metas[k].core_counts)
-        own[0] = 0
-        joined = rf.rejoin_lut(own, results.overlaps_dict(overlaps) if len(overlaps) else {}, rcfg)
+        joined = {}
+        if "rejoin" in rcfg.steps:  # (refused with split_components, whose tables count components)
+            own = np.zeros(final.n_objects + 1, np.int64)  # each object's voxels: its cores' counts
+            for k in range(n):
+                np.add.at(own, final.values[k].astype(np.int64), reconciled.metas[k].core_counts)
+            own[0] = 0
+            joined = rf.rejoin_lut(own, results.overlaps_dict(overlaps), rcfg)
         tables = (overlaps, joined)
     comm.wait_all()
     overlaps, joined = comm.bcast(tables, root=0)
