@@ -291,6 +291,10 @@ def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, f
         comm.wait_all()
     centres = comm.bcast(np.load(cpath) if comm.is_root else None, root=0)
     fdir = rdir / "floods"
+    if comm.is_root:
+        done = sum(1 for i in range(len(centres)) if (fdir / f"{i}.h5").exists())
+        log.info("refine: %d gap cores in %d tiles; flooding %d of them over %d rank(s) (%d on disk)",
+                 len(centres), len(tiles), len(centres) - done, comm.size, done)
     todo = [i for i in range(comm.rank, len(centres), comm.size) if not (fdir / f"{i}.h5").exists()]
     if todo:
         rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in centres[i]) for i in todo],
@@ -306,5 +310,7 @@ def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, f
             f = floods[i]
             boxes.append((f.start, f.stop) if f is not None else None)
         resolved = (dec, boxes, sum(floods.steps.values()))
+        log.info("refine: gap floods resolved: %d new objects, %d joined an object, %d inside an earlier flood; "
+                 "filling %d tiles", dec.new, dec.joined, dec.inside, len(tiles))
     dec, boxes, steps = comm.bcast(resolved, root=0)
     return GapPlan(floods, dec.targets, boxes, dec, len(centres), steps)
