@@ -188,8 +188,7 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
         raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
     seg = FloodReader(plan, final, joined)
     image = ImageReader(plan)
-    counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
-                                  "gap_inside": 0, "gap_joined": 0, "gap_steps": 0, "voxels_filled": 0}
+    counters = rf.step_counters(len(joined))
     gaps: GapPlan | None = None
     dec = rf.GapDecisions([])
     try:
@@ -197,8 +196,8 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
             rf.check_ids(first_new, "gap_objects")
             gaps = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new)
             dec = gaps.decisions
-            counters.update(gap_cores=gaps.n_cores, gap_floods=sum(b is not None for b in gaps.boxes),
-                            gap_inside=dec.inside, gap_joined=dec.joined, gap_objects=dec.new, gap_steps=gaps.steps)
+            counters = rf.step_counters(len(joined), gaps.n_cores, sum(b is not None for b in gaps.boxes), dec,
+                                        gaps.steps)
         filled = 0
         for i in range(comm.rank, n, comm.size):
             path = rdir / "tiles" / f"{plan.grid[i].name(plan.box.start)}.h5"

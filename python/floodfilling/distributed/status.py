@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..locks import holder_is_dead
 from . import blockstore
 from .blocks import BlockError, make_grid
@@ -37,6 +39,11 @@ def _claim_dead(info: dict[str, str]) -> bool:
     another host cannot be checked from here: not dead)."""
     pid = info.get("pid", "")
     return pid.isdigit() and int(pid) > 0 and holder_is_dead(info.get("host"), int(pid))
+
+
+def _files_done(d: Path) -> int:
+    """Finished result files in ``d`` (a killed writer's temporary files not counted)."""
+    return sum(1 for f in d.glob("*.h5") if ".tmp" not in f.name) if d.is_dir() else 0
 
 
 def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -110,14 +117,11 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     refine = None
     for rdir in sorted(p for p in wd.glob("refine-*") if p.is_dir()):
         try:
-            import numpy as np
-
             cores = int(len(np.load(rdir / "centres.npy"))) if (rdir / "centres.npy").exists() else None
         except (OSError, ValueError):
             cores = None
-        count = lambda sub: sum(1 for f in (rdir / sub).glob("*.h5") if ".tmp" not in f.name) if (rdir / sub).is_dir() else 0  # noqa: E731
-        refine = {"gap_cores": cores, "gap_floods_done": count("floods"), "tiles_done": count("tiles"),
-                  "tiles": len(grid)}
+        refine = {"gap_cores": cores, "gap_floods_done": _files_done(rdir / "floods"),
+                  "tiles_done": _files_done(rdir / "tiles"), "tiles": len(grid)}
     return {
         "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
         "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,

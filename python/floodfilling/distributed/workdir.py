@@ -71,8 +71,9 @@ class Plan:
     def out_names(self) -> tuple[str, ...]:
         """The datasets the run writes: ``<ds>``, ``<ds>_origins`` and, refined, ``<ds>_overlaps``
         and ``<ds>_forward`` (as an in-memory refined run)."""
-        ds = self.out_ds
-        return (ds, f"{ds}_origins") + ((f"{ds}_overlaps", f"{ds}_forward") if self.refine is not None else ())
+        if self.refine is not None:
+            return tuple(results.result_names(self.out_ds, refined=True))
+        return self.out_ds, f"{self.out_ds}_origins"  # (a plain block run records no overlaps)
 
     @property
     def refine_dir(self) -> Path:

@@ -49,7 +49,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -412,6 +412,15 @@ def fill_tile(image: Reader, markers: Reader, tile: Tile, cfg: RefineConfig, flo
     return core, int(np.count_nonzero(core)) - before
 
 
+def step_counters(rejoined: int, cores: int = 0, floods: int = 0, dec: GapDecisions | None = None,
+                  steps: int = 0) -> dict[str, float]:
+    """The refinement's counters before the watershed (``voxels_filled`` 0): objects rejoined,
+    gap cores, floods that made an object, the decisions on them, their network steps."""
+    dec = dec if dec is not None else GapDecisions([])
+    return {"rejoined": rejoined, "gap_objects": dec.new, "gap_cores": cores, "gap_floods": floods,
+            "gap_inside": dec.inside, "gap_joined": dec.joined, "gap_steps": steps, "voxels_filled": 0}
+
+
 def check_flood_options(cfg: RefineConfig, flood: InferenceConfig) -> None:
     """Refuses, before any work, refine steps the flood's options make impossible."""
     if "rejoin" in cfg.steps and (flood.split_components or flood.dust_size > 0):
@@ -463,8 +472,7 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
         lut[list(joined)] = list(joined.values())
         markers = lut[markers]
     tiles = tiles_of(markers.shape, cfg.tile if tile is None else tile, cfg.halo)
-    counters: dict[str, float] = {"rejoined": len(joined), "gap_objects": 0, "gap_cores": 0, "gap_floods": 0,
-                                  "gap_inside": 0, "gap_joined": 0, "gap_steps": 0, "voxels_filled": 0}
+    counters = step_counters(len(joined))
     floods, dec = [], GapDecisions([])
     if "gap_objects" in cfg.steps:
         check_ids(first_new, "gap_objects")
@@ -472,8 +480,7 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
         floods, steps = flood_gaps(array_reader(image), array_reader(markers), markers.shape, centres, network,
                                    first_new, cfg.gap_box, inflight) if centres else ([], [])
         dec = resolve_gap_floods(floods, first_new, cfg.gap_join_fraction)
-        counters.update(gap_cores=len(centres), gap_floods=sum(f is not None for f in floods), gap_inside=dec.inside,
-                        gap_joined=dec.joined, gap_objects=dec.new, gap_steps=sum(steps))
+        counters = step_counters(len(joined), len(centres), sum(f is not None for f in floods), dec, sum(steps))
     result = markers
     if floods or "watershed" in cfg.steps:
         result = np.zeros(markers.shape, np.int64)
