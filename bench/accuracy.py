@@ -20,6 +20,9 @@ needs the forward run's overlaps, which the reference's published segmentation l
 Thresholds of the refinement (config.RefineConfig defaults) were chosen on the dev volume; the
 FIB-25 rows are the held-out check. ``--tile z,y,x`` refines tile by tile (a ``--block`` run
 refines with its blocks as tiles: this measures what that changes); ``--rows`` picks rows.
+``--breakdown K`` also says where each row's VI sits: the K gt bodies and K objects with the
+largest shares of the split and merge terms, and the VI if each of those K bodies alone were
+segmented perfectly (its voxels one object of their own, taken from whichever objects held them).
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to measure, of " + ", ".join(ROWS))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="of the forward flood and the gap floods (bf16: autocast, needs AVX512_BF16/AMX on CPU)")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="K",
+                    help="per row: the K largest shares of the VI terms, and the VI with each of K bodies perfect")
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/accuracy-<machine>.json, accuracy-bf16-<machine>.json)")
     args = ap.parse_args()
@@ -143,6 +148,8 @@ def main() -> int:
             for gt_zero in VOLUMES[name][2]:
                 ev = evaluation.evaluate(None, None, gt_zero=gt_zero, table=table)
                 vol["rows"].setdefault(row, {})[gt_zero] = {k: ev[k] for k in METRICS}
+            if args.breakdown > 0:
+                vol["rows"][row]["breakdown"] = breakdown(out, labels, table, VOLUMES[name][2][0], args.breakdown)
             vol["rows"][row]["seconds"] = secs
             vol["rows"][row]["counters"] = refined.counters if refined is not None else {}
             print(name, row, json.dumps(vol["rows"][row]), flush=True)
@@ -151,6 +158,27 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     return 0
+
+
+def breakdown(seg: np.ndarray, labels: np.ndarray, table, gt_zero: str, k: int) -> dict:
+    """Where the VI of ``seg`` against ``labels`` sits (``--breakdown``): the ``k`` gt bodies
+    with the largest shares of the split term and the ``k`` objects with the largest shares of
+    the merge term ([id, voxels, bits]), and for each of those bodies the VI (total, split,
+    merge) if it alone were segmented perfectly."""
+    from floodfilling import evaluation
+
+    ev = evaluation.evaluate(None, None, gt_zero=gt_zero, top=len(table), table=table)
+    splits = sorted(ev["false_splits"], key=lambda e: -e["vi_split"])[:k]
+    merges = sorted(ev["false_merges"], key=lambda e: -e["vi_merge"])[:k]
+    perfect = []
+    fresh = int(seg.max()) + 1
+    for e in splits:
+        fixed = np.where(labels == e["gt_id"], fresh, seg)
+        vi = evaluation.variation_of_information(fixed, labels, gt_zero=gt_zero)
+        perfect.append([e["gt_id"], round(vi["vi"], 4), round(vi["vi_split"], 4), round(vi["vi_merge"], 4)])
+    return {"split_shares": [[e["gt_id"], e["voxels"], round(e["vi_split"], 4)] for e in splits],
+            "merge_shares": [[e["seg_id"], e["voxels"], round(e["vi_merge"], 4)] for e in merges],
+            "vi_if_body_perfect": perfect}
 
 
 def markdown(result: dict) -> str:

@@ -304,12 +304,19 @@ def test_evaluate_lists_and_json():
     r = evaluate(seg, gt)
     json.loads(json.dumps(r))
     assert r["seg_objects"] == 3 and r["gt_objects"] == 3 and r["voxels"] == 16
+    # each object's share of the VI, by hand: seg 10 holds 8 + 4 of 16 voxels, gt 3 is 2 + 2
+    merge_bits = (8 * math.log2(12 / 8) + 4 * math.log2(12 / 4)) / 16
     assert r["false_merges"] == [
-        {"seg_id": 10, "voxels": 12, "absorbed_voxels": 4, "n_gt": 2, "gt": [[1, 8], [2, 4]]}
+        {"seg_id": 10, "voxels": 12, "absorbed_voxels": 4, "n_gt": 2, "gt": [[1, 8], [2, 4]],
+         "vi_merge": pytest.approx(merge_bits, abs=1e-12)}
     ]
     assert r["false_splits"] == [
-        {"gt_id": 3, "voxels": 4, "split_voxels": 2, "n_seg": 2, "seg": [[11, 2], [12, 2]]}
+        {"gt_id": 3, "voxels": 4, "split_voxels": 2, "n_seg": 2, "seg": [[11, 2], [12, 2]],
+         "vi_split": pytest.approx(0.25, abs=1e-12)}
     ]
+    # the only impure objects: their shares are the whole terms
+    assert r["vi_merge"] == pytest.approx(merge_bits, abs=1e-12)
+    assert r["vi_split"] == pytest.approx(0.25, abs=1e-12)
     for k in ("vi", "vi_split", "vi_merge", "are", "precision", "recall"):
         assert type(r[k]) is float
     for k in ("voxels", "seg_objects", "gt_objects"):
@@ -326,6 +333,18 @@ def test_evaluate_ranking_and_top():
     r = evaluate(gt, seg, top=5)  # arguments swapped: now they are splits
     assert [s["gt_id"] for s in r["false_splits"]] == [8, 9, 7]
     assert evaluate(seg, gt, top=0)["false_merges"] == []
+
+
+def test_object_shares_sum_to_vi_terms():
+    # every impure object listed (no id 0 on either side): the shares add up to the terms,
+    # in bits and in nats
+    rng = np.random.default_rng(5)
+    gt = rng.integers(1, 9, (4, 5, 6))
+    seg = (gt + rng.integers(0, 3, gt.shape)) % 7 + 1
+    for base in (2.0, math.e):
+        r = evaluate(seg, gt, top=100, base=base)
+        assert sum(m["vi_merge"] for m in r["false_merges"]) == pytest.approx(r["vi_merge"], rel=1e-12)
+        assert sum(s["vi_split"] for s in r["false_splits"]) == pytest.approx(r["vi_split"], rel=1e-12)
 
 
 def test_gt_zero_affects_lists():

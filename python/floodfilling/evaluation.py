@@ -337,9 +337,14 @@ def _ranked_errors(
     counts: np.ndarray,
     skip_owner_zero: bool,
     top: int,
-) -> list[tuple[int, int, int, list[tuple[int, int]], int]]:
+    voxels: int,
+    base: float,
+) -> list[tuple[int, int, int, list[tuple[int, int]], int, float]]:
     """Objects (``owners``) overlapping several ``parts``, ranked by voxels outside the
-    dominant part. Returns ``(owner, voxels, wrong_voxels, [(part, voxels)...], n_parts)``."""
+    dominant part. Returns ``(owner, voxels, wrong_voxels, [(part, voxels)...], n_parts,
+    bits)``: ``bits`` is the owner's term of the conditional entropy H(parts | owners) over
+    ``voxels`` scored voxels, sum_j (c_j / voxels) log(owner voxels / c_j) in log ``base``
+    (owners = gt: its share of the VI split term; owners = seg: of the merge term)."""
     if top <= 0 or counts.size == 0:
         return []
     order = np.lexsort((-counts, owners))  # by owner, then counts descending
@@ -347,6 +352,9 @@ def _ranked_errors(
     starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
     n_parts = np.diff(np.r_[starts, owners.size])
     totals = np.add.reduceat(counts, starts)
+    c = counts.astype(np.float64)
+    own = np.repeat(totals, n_parts).astype(np.float64)
+    bits = np.add.reduceat(c * np.log(own / c), starts) / float(voxels) / math.log(base)
     dominant = counts[starts]
     wrong = totals - dominant
     cand = np.flatnonzero(n_parts > 1)
@@ -361,7 +369,7 @@ def _ranked_errors(
         s, k = int(starts[g]), int(n_parts[g])
         shown = min(k, top)
         plist = [(int(parts[s + i]), int(counts[s + i])) for i in range(shown)]
-        out.append((int(owners[s]), int(totals[g]), int(wrong[g]), plist, k))
+        out.append((int(owners[s]), int(totals[g]), int(wrong[g]), plist, k, float(bits[g])))
     return out
 
 
@@ -389,10 +397,13 @@ def evaluate(
 
     A false merge is a seg object (never id 0) overlapping several gt ids, ranked by the voxels
     of its non-dominant gt objects: ``{"seg_id", "voxels", "absorbed_voxels", "n_gt",
-    "gt": [[gt_id, voxels], ...]}`` (the ``top`` largest overlaps). A false split is a gt
+    "gt": [[gt_id, voxels], ...], "vi_merge"}`` (the ``top`` largest overlaps; ``vi_merge``:
+    the object's share of the merge term, in the unit of ``base``). A false split is a gt
     object (never id 0) spread over several seg ids (0 included), ranked by the voxels outside
     its dominant seg id: ``{"gt_id", "voxels", "split_voxels", "n_seg", "seg": [[seg_id,
-    voxels], ...]}``. Both lists respect ``gt_zero``. ``table``: the :func:`contingency` of
+    voxels], ...], "vi_split"}`` (its share of the split term). The shares of all objects sum
+    to ``vi_merge`` and ``vi_split``: they say which objects carry the VI. Both lists respect
+    ``gt_zero``. ``table``: the :func:`contingency` of
     ``seg`` and ``gt`` when already computed (e.g. by :func:`contingency_volumes` for volumes
     larger than memory; ``seg`` and ``gt`` are then not read). Negative label ids are refused
     (``ValueError`` naming the volume by ``names`` and its minimum id).
@@ -412,15 +423,15 @@ def evaluate(
     result["seg_objects"] = _count_objects(full.seg_ids)
     result["gt_objects"] = _count_objects(full.gt_ids)
 
-    merges = _ranked_errors(table.seg_ids, table.gt_ids, table.counts, True, top)
+    merges = _ranked_errors(table.seg_ids, table.gt_ids, table.counts, True, top, table.total, base)
     result["false_merges"] = [
-        {"seg_id": o, "voxels": v, "absorbed_voxels": w, "n_gt": k, "gt": [list(p) for p in pl]}
-        for o, v, w, pl, k in merges
+        {"seg_id": o, "voxels": v, "absorbed_voxels": w, "n_gt": k, "gt": [list(p) for p in pl], "vi_merge": b}
+        for o, v, w, pl, k, b in merges
     ]
-    splits = _ranked_errors(table.gt_ids, table.seg_ids, table.counts, True, top)
+    splits = _ranked_errors(table.gt_ids, table.seg_ids, table.counts, True, top, table.total, base)
     result["false_splits"] = [
-        {"gt_id": o, "voxels": v, "split_voxels": w, "n_seg": k, "seg": [list(p) for p in pl]}
-        for o, v, w, pl, k in splits
+        {"gt_id": o, "voxels": v, "split_voxels": w, "n_seg": k, "seg": [list(p) for p in pl], "vi_split": b}
+        for o, v, w, pl, k, b in splits
     ]
     logger.debug(
         "evaluated %d voxels: VI %.4f (split %.4f, merge %.4f), ARE %.4f",
@@ -457,7 +468,7 @@ def format_report(result: dict[str, Any]) -> str:
     for m in merges:
         lines.append(
             f"    seg {m['seg_id']}: {m['voxels']:,} voxels, absorbs {m['absorbed_voxels']:,} "
-            f"from non-dominant gt [{_parts_text(m['gt'], m['n_gt'], 'gt')}]"
+            f"from non-dominant gt [{_parts_text(m['gt'], m['n_gt'], 'gt')}], merge term {m['vi_merge']:.4f}"
         )
     splits = result.get("false_splits", [])
     lines.append(f"  largest false splits ({len(splits)} shown):")
@@ -466,6 +477,6 @@ def format_report(result: dict[str, Any]) -> str:
     for s in splits:
         lines.append(
             f"    gt {s['gt_id']}: {s['voxels']:,} voxels, {s['split_voxels']:,} outside the "
-            f"dominant seg [{_parts_text(s['seg'], s['n_seg'], 'seg')}]"
+            f"dominant seg [{_parts_text(s['seg'], s['n_seg'], 'seg')}], split term {s['vi_split']:.4f}"
         )
     return "\n".join(lines)
