@@ -401,9 +401,9 @@ def evaluate(
     the object's share of the merge term, in the unit of ``base``). A false split is a gt
     object (never id 0) spread over several seg ids (0 included), ranked by the voxels outside
     its dominant seg id: ``{"gt_id", "voxels", "split_voxels", "n_seg", "seg": [[seg_id,
-    voxels], ...], "vi_split"}`` (its share of the split term). The shares of all objects sum
-    to ``vi_merge`` and ``vi_split``: they say which objects carry the VI. Both lists respect
-    ``gt_zero``. ``table``: the :func:`contingency` of
+    voxels], ...], "vi_split"}`` (its share of the split term). The shares of all ids (0
+    included, which is never listed) sum to ``vi_merge`` and ``vi_split``: they say which
+    objects carry the VI. Both lists respect ``gt_zero``. ``table``: the :func:`contingency` of
     ``seg`` and ``gt`` when already computed (e.g. by :func:`contingency_volumes` for volumes
     larger than memory; ``seg`` and ``gt`` are then not read). Negative label ids are refused
     (``ValueError`` naming the volume by ``names`` and its minimum id).
