@@ -31,6 +31,63 @@ SHAPE = (32, 48, 48)
 
 # -- fixture inputs --------------------------------------------------------------------------------
 
+def _inputs_resume(d: Path) -> None:
+    """Workdirs and resume states of earlier runs (issue 30, round 2: resume identity): a block
+    workdir (``wd_ok``), the same with another image digest (``wd_changed``) or none recorded
+    (``wd_old``), workdirs of a refined run with a damaged gap centres file (``wd_centres_*``),
+    and in-memory resume states of another image / other options / garbage beside outputs
+    ``state_*.h5:seg``."""
+    import json
+    import pickle
+
+    from floodfilling.inference import segment as seg_mod
+
+    q = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
+    blk = ["--block", "16,24,24"]
+    assert main(["segment", f"{d}/crop.h5:raw", f"{d}/wd_ok_out.h5:seg", *q, *blk, "--workdir", f"{d}/wd_ok"]) == 0
+    for name, edit in (("wd_changed", lambda m: m.update(image_digest="0123456789abcdef")),
+                       ("wd_old", lambda m: m.pop("image_digest"))):
+        shutil.copytree(d / "wd_ok", d / name)
+        man = json.loads((d / name / "manifest.json").read_text())
+        edit(man)
+        (d / name / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    # a refined block run; its refinement directory (named by the output's digest) made again, damaged
+    assert main(["segment", f"{d}/crop.h5:raw", f"{d}/wd_ref_out.h5:seg", *q, *blk, "--workdir", f"{d}/wd_ref",
+                 "--refine"]) == 0
+    with h5py.File(d / "wd_ref_out.h5", "r") as f:
+        digest = str(f["seg"].attrs["block_manifest"])
+    header = b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }" + b" " * 60 + b"\n"
+    damaged = {"garbage": b"these are not gap centres\n", "pickled": header + pickle.dumps([1, 2]),
+               "empty": b""}
+    buf = __import__("io").BytesIO()
+    np.save(buf, np.zeros((4, 2), np.int64))
+    damaged["shape"] = buf.getvalue()
+    for name, content in damaged.items():
+        wd = d / f"wd_centres_{name}"
+        shutil.copytree(d / "wd_ref", wd)
+        rdir = wd / f"refine-{digest[:16]}"
+        for sub in ("floods", "tiles"):
+            (rdir / sub).mkdir(parents=True)
+        (wd / "claims").mkdir()
+        (rdir / "centres.npy").write_bytes(content)
+    # in-memory resume states of a run killed after its last save
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(seg_mod, "write_result", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert main(["segment", f"{d}/crop.h5:raw", f"{d}/state_img.h5:seg", *q, "--checkpoint-interval", "1e-9"]) \
+            == 130
+    state = d / "state_img.h5.seg.resume.npz"
+    with np.load(state) as z:
+        arrays = {k: z[k] for k in z.files}
+    man = json.loads(str(arrays["manifest"]))
+    for name, edit in (("state_img", lambda m: m.update(image_digest="0123456789abcdef")),
+                       ("state_opts", lambda m: m["config"].update(segment_threshold=0.7))):
+        mm = json.loads(json.dumps(man))
+        edit(mm)
+        np.savez(d / f"{name}.h5.seg.resume.npz", **{**arrays, "manifest": json.dumps(mm, sort_keys=True)})
+    (d / "state_garbage.h5.seg.resume.npz").write_bytes(b"not a resume state\n")
+    (d / "small_gap_box.toml").write_text("[refine]\ngap_box = [2, 2, 2]\n")
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[Path, Path]:
     """(the input directory, a pristine copy of it)."""
@@ -71,6 +128,7 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     bad = d / "bad_workdir"
     bad.mkdir()
     (bad / "manifest.json").write_text("{garbage")
+    _inputs_resume(d)
     quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
     assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
                  "--min-size", "10"]) == 0
@@ -177,6 +235,54 @@ CASES = [
     ("segment-output-exists", "segment {d}/crop.h5:raw {d}/seg.h5:seg " + M, ["seg.h5", "--overwrite"]),
     ("segment-block-output-is-input", "segment {d}/crop.h5:raw {d}/crop.h5:raw --overwrite --block 16,24,24 " + M,
      ["crop.h5", "raw"]),
+    # ---- round 2 (issue 30): resume identity, workdirs, block-run errors
+    ("segment-workdir-is-the-output", SEG + " --block 16,24,24 --workdir {t}/o.h5",
+     ["--workdir {t}/o.h5", "is the output"]),
+    ("segment-workdir-is-the-output-no-block", SEG + " --workdir {t}/o.h5", ["--workdir {t}/o.h5", "is the output"]),
+    ("segment-workdir-inside-the-output", SEG + " --block 16,24,24 --workdir {t}/o.h5/blocks",
+     ["--workdir {t}/o.h5/blocks", "lies inside the output"]),
+    ("segment-workdir-is-the-zarr-output", "segment {d}/crop.h5:raw {t}/o.zarr/seg --block 16,24,24 --workdir "
+     "{t}/o.zarr " + M, ["--workdir {t}/o.zarr", "is the output"]),
+    ("segment-workdir-inside-the-zarr-output", "segment {d}/crop.h5:raw {t}/o.zarr/seg --block 16,24,24 --workdir "
+     "{t}/o.zarr/work " + M, ["--workdir {t}/o.zarr/work", "lies inside the output"]),
+    ("segment-workdir-is-the-image", SEG + " --block 16,24,24 --workdir {d}/crop.h5",
+     ["--workdir {d}/crop.h5", "is the image"]),
+    ("segment-workdir-inside-the-image", SEG + " --block 16,24,24 --workdir {d}/crop.h5/work",
+     ["--workdir {d}/crop.h5/work", "lies inside the image"]),
+    ("segment-workdir-is-the-model", SEG + " --block 16,24,24 --workdir {d}/tiny.npz",
+     ["--workdir {d}/tiny.npz", "is the model"]),
+    ("segment-workdir-inside-the-model", SEG + " --block 16,24,24 --workdir {d}/tiny.npz/work",
+     ["--workdir {d}/tiny.npz/work", "lies inside the model"]),
+    ("segment-refine-gap-box-below-fov", SEG + " --refine --set refine.gap_box=[4,40,40]",
+     ["refine.gap_box=4,40,40", "FOV 9,9,9"]),
+    ("segment-refine-gap-box-below-fov-x", SEG + " --refine --set refine.gap_box=[40,40,8]",
+     ["refine.gap_box=40,40,8", "FOV 9,9,9"]),
+    ("segment-refine-gap-box-below-fov-config", SEG + " --refine --config {d}/small_gap_box.toml",
+     ["refine.gap_box=2,2,2", "FOV 9,9,9"]),
+    ("segment-block-refine-gap-box-below-fov", SEG + " --block 16,24,24 --refine --set refine.gap_box=[4,40,40]",
+     ["refine.gap_box=4,40,40", "FOV 9,9,9"]),
+    ("segment-block-workdir-of-a-changed-image", SEG + " --block 16,24,24 --workdir {d}/wd_changed",
+     ["wd_changed", "image_digest", "the image's voxels changed", "--overwrite"]),
+    ("segment-block-workdir-without-image-digest", SEG + " --block 16,24,24 --workdir {d}/wd_old",
+     ["wd_old", "image_digest", "earlier version"]),
+    ("segment-block-workdir-other-flood-options", SEG + " --block 16,24,24 --workdir {d}/wd_ok "
+     "--set segment_threshold=0.7", ["wd_ok", "differs in: config"]),
+    ("segment-block-workdir-other-bbox", SEG + " --block 16,24,24 --workdir {d}/wd_ok --bbox 0,0,0:32,48,40",
+     ["wd_ok", "bbox", "image_digest"]),
+    ("segment-block-refine-centres-garbage", SEG + " --block 16,24,24 --workdir {d}/wd_centres_garbage --refine",
+     ["wd_centres_garbage/refine-", "centres.npy", "delete it"]),
+    ("segment-block-refine-centres-pickled", SEG + " --block 16,24,24 --workdir {d}/wd_centres_pickled --refine",
+     ["wd_centres_pickled/refine-", "centres.npy", "delete it"]),
+    ("segment-block-refine-centres-empty", SEG + " --block 16,24,24 --workdir {d}/wd_centres_empty --refine",
+     ["wd_centres_empty/refine-", "centres.npy", "delete it"]),
+    ("segment-block-refine-centres-wrong-shape", SEG + " --block 16,24,24 --workdir {d}/wd_centres_shape --refine",
+     ["wd_centres_shape/refine-", "centres.npy", "delete it"]),
+    ("segment-resume-state-of-a-changed-image", "segment {d}/crop.h5:raw {d}/state_img.h5:seg " + M,
+     ["state_img.h5.seg.resume.npz", "image_digest", "the image changed"]),
+    ("segment-resume-state-other-options", "segment {d}/crop.h5:raw {d}/state_opts.h5:seg " + M,
+     ["state_opts.h5.seg.resume.npz", "config"]),
+    ("segment-resume-state-garbage", "segment {d}/crop.h5:raw {d}/state_garbage.h5:seg " + M,
+     ["state_garbage.h5.seg.resume.npz", "unreadable resume state"]),
     # ---- evaluate
     ("evaluate-shape-mismatch", "evaluate {d}/crop.h5:labels {d}/crop.h5:shape2", ["labels", "shape2"]),
     ("evaluate-float-volume", "evaluate {d}/crop.h5:float_nan {d}/crop.h5:labels", ["float_nan", "float32"]),

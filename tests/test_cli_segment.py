@@ -94,7 +94,7 @@ def device_run(test_device, reference_run, crop_file, fib25, tmp_path):
 def test_resume_after_sigkill(device_run, test_device, tmp_path):
     image, flags, reference_run = device_run
     out = tmp_path / "seg.h5"
-    state = tmp_path / "seg.h5.resume.npz"
+    state = tmp_path / "seg.h5.seg.resume.npz"
     cmd = [sys.executable, "-m", "floodfilling.cli", "segment", image, f"{out}:seg", "-q",
            "--threads", "1", "--checkpoint-interval", "0.001", *flags]
     kill_after(cmd, state, timeout=120, delay=0.3 if test_device.type == "cpu" else 0.05)
@@ -245,7 +245,7 @@ def test_refine_resume_after_sigkill_in_the_refinement(refined_run, crop_file, t
     the finished flood's state is kept, and the rerun skips the flood (resumes at the last
     seed) and writes output identical to an uninterrupted run."""
     out = tmp_path / "seg.h5"
-    state = tmp_path / "seg.h5.resume.npz"
+    state = tmp_path / "seg.h5.seg.resume.npz"
     cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
            "--threads", "1", "--checkpoint-interval", "1000", "--refine"]
     kill_after(cmd, state, timeout=300, delay=1.0)  # with a 1000 s interval the only save is the finished flood's

@@ -240,15 +240,15 @@ def test_full_disk_keeps_the_earlier_resume_state(data, tmp_path, capsys):
     with small_fs(tmp_path / "fs", "700k") as fs:
         out = fs / "out.h5"
         fails(seg_args(data, f"{data / 'crop.h5'}:raw", f"{out}:seg", "--checkpoint-interval", "1e-9"), capsys,
-              f"no space left on device while writing {fs}/out.h5.resume.npz")
+              f"no space left on device while writing {fs}/out.h5.seg.resume.npz")
         names = sorted(p.name for p in fs.iterdir())
-        assert names == ["out.h5.resume.npz"], names  # the earlier state, intact; no temporary, no lock
-        with np.load(fs / "out.h5.resume.npz") as z:
+        assert names == ["out.h5.seg.resume.npz"], names  # the earlier state, intact; no temporary, no lock
+        with np.load(fs / "out.h5.seg.resume.npz") as z:
             assert int(z["seed_index"]) > 0
-        state = (fs / "out.h5.resume.npz").read_bytes()
+        state = (fs / "out.h5.seg.resume.npz").read_bytes()
     # the same run on a disk with room resumes from that state and finishes
     (tmp_path / "big").mkdir()
-    (tmp_path / "big" / "out.h5.resume.npz").write_bytes(state)
+    (tmp_path / "big" / "out.h5.seg.resume.npz").write_bytes(state)
     assert run(seg_args(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'big' / 'out.h5'}:seg"), capsys)[0] == 0
     ref = tmp_path / "ref.h5"
     assert run(seg_args(data, f"{data / 'crop.h5'}:raw", f"{ref}:seg"), capsys)[0] == 0
@@ -302,7 +302,7 @@ def test_second_writer_fails_at_once_and_stale_locks_are_taken_over(data, tmp_pa
         holder.wait()
     # the holder is gone: its lock is stale, and so are the temporaries of its killed write
     (tmp_path / "out.h5.tmp-4242").write_bytes(b"half a file")
-    (tmp_path / "out.h5.resume.npz.tmp-4242.npz").write_bytes(b"half a state")
+    (tmp_path / "out.h5.seg.resume.npz.tmp-4242.npz").write_bytes(b"half a state")
     assert run(seg_args(data, f"{data / 'crop.h5'}:raw", f"{out}:seg"), capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
     # a lock held on another host cannot be checked: respected, and the message says what to delete
@@ -327,10 +327,10 @@ def test_resume_refuses_a_changed_image(data, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(seg_mod, "write_result", interrupted)  # killed after the last state save
     rc, err = run(seg_args(data, f"{img}:raw", f"{tmp_path / 'o.h5'}:seg", "--checkpoint-interval", "1e-9"), capsys)
-    assert rc == 130 and (tmp_path / "o.h5.resume.npz").exists()
+    assert rc == 130 and (tmp_path / "o.h5.seg.resume.npz").exists()
     monkeypatch.undo()
     with h5py.File(img, "r+") as h:
         h["raw"][5, 5, 5] = 255 - h["raw"][5, 5, 5]
     fails(seg_args(data, f"{img}:raw", f"{tmp_path / 'o.h5'}:seg"), capsys, "differs in image_digest")
-    assert (tmp_path / "o.h5.resume.npz").exists()  # kept for the user to decide
+    assert (tmp_path / "o.h5.seg.resume.npz").exists()  # kept for the user to decide
     assert run(seg_args(data, f"{img}:raw", f"{tmp_path / 'o.h5'}:seg", "--overwrite"), capsys)[0] == 0

@@ -131,10 +131,12 @@ def cmd_segment(args) -> int:
         return 0
     res = segment(args.image, args.out, model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
                   progress=not args.quiet, refine=refine)
-    log.info("%d objects, %d FOV steps, %.1f s", res.counters["objects"], res.counters["steps"], res.seconds)
+    c = res.counters  # a refined result's objects, and its flood's
+    objects = f"{int(c['refine_objects'])} objects (the flood: {int(c['objects'])})" if "refine_objects" in c \
+        else f"{int(c['objects'])} objects"
+    log.info("%s, %d FOV steps, %.1f s", objects, c["steps"], res.seconds)
     if not args.quiet:
-        print(f"wrote {args.out}: {int(res.counters['objects'])} objects, {int(res.counters['steps'])} FOV steps, "
-              f"{res.seconds:.1f} s")
+        print(f"wrote {args.out}: {objects}, {int(c['steps'])} FOV steps, {res.seconds:.1f} s")
     return 0
 
 

@@ -117,6 +117,23 @@ class Comm:
         return out  # type: ignore[return-value]
 
     @contextlib.contextmanager
+    def releasing(self, fn: Callable[[], None]):
+        """Inside: ``fn`` runs once if this rank fails, on an exception (re-raised after it) or,
+        under several ranks, in :meth:`abort_on_error` before it aborts."""
+        hooks = self.__dict__.setdefault("_on_failure", [])
+        hooks.append(fn)
+        try:
+            yield
+        except BaseException:
+            if fn in hooks:
+                hooks.remove(fn)
+                fn()
+            raise
+        finally:
+            if fn in hooks:
+                hooks.remove(fn)
+
+    @contextlib.contextmanager
     def abort_on_error(self, what: str = "block inference"):
         """Inside: an exception on one rank logs it and aborts every rank (MPI_Abort);
         with one process it propagates unchanged."""
@@ -134,6 +151,9 @@ class Comm:
                     h.flush()
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
+            for fn in list(self.__dict__.get("_on_failure", ())):  # what this rank holds (locks, temporaries)
+                with contextlib.suppress(Exception):
+                    fn()
             time.sleep(0.5)  # MPI_Abort kills at once: give mpiexec time to forward this rank's message
             self.abort(2)
             raise  # pragma: no cover - abort does not return

@@ -111,15 +111,20 @@ def discard_on_error(plan: Plan) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        tmp = tmp_output(plan)
-        if plan.out_kind == "zarr":
-            for name in plan.out_names:
-                shutil.rmtree(tmp_output(plan, name), ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        if plan.lock is not None:
-            locks.release(plan.lock)
+        discard(plan)
         raise
+
+
+def discard(plan: Plan) -> None:
+    """The temporary output goes and the output's lock is released (this process's)."""
+    tmp = tmp_output(plan)
+    if plan.out_kind == "zarr":
+        for name in plan.out_names:
+            shutil.rmtree(tmp_output(plan, name), ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+    if plan.lock is not None:
+        locks.release(plan.lock)
 
 
 def _h5_attr(value: Any) -> Any:

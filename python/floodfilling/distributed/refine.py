@@ -156,6 +156,20 @@ def _load_flood(path: Path) -> tuple[rf.GapFlood | None, int]:
         raise BlockError(f"{path}: unreadable gap flood ({exc}); delete it and rerun") from None
 
 
+def load_centres(path: Path) -> np.ndarray:
+    """The gap cores' centres saved in ``path`` ((N, 3) integers); a one-line BlockError naming
+    the file when it is damaged (as a damaged gap flood's file)."""
+    try:
+        centres = np.load(path, allow_pickle=False)
+        if centres.ndim != 2 or centres.shape[1] != 3 or centres.dtype.kind not in "iu":
+            raise ValueError(f"an array of shape {centres.shape} and dtype {centres.dtype}, not (N, 3) integers")
+    except (OSError, ValueError, EOFError) as exc:
+        log.debug("%s: %s", path, exc)
+        raise BlockError(f"{path}: damaged gap centres file (not a .npy array of (N, 3) integers); delete it and "
+                         "rerun (the gap cores are found again)") from None
+    return centres.astype(np.int64)
+
+
 def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: InferenceConfig, comm: mpi.Comm,
                   inflight: int | None) -> RefinedBlocks | None:
     """Collective: the refinement of the reconciled flood ``final`` (see the module docstring);
@@ -288,7 +302,7 @@ def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, f
             np.save(buf, centres)
             disk.atomic_write_bytes(cpath, buf.getvalue())
         comm.wait_all()
-    centres = comm.bcast(np.load(cpath) if comm.is_root else None, root=0)
+    centres = comm.on_root(lambda: load_centres(cpath))  # (a damaged file: the same one-line error on every rank)
     fdir = rdir / "floods"
     if comm.is_root:
         done = sum(1 for i in range(len(centres)) if (fdir / f"{i}.h5").exists())

@@ -34,24 +34,27 @@ build, so compare runs at the same ``threads``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from .. import boxes, disk
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
-from ..inference.refine import check_flood_options
+from ..inference.refine import check_flood_options, check_gap_box
 from ..model import load_model
 from . import labels, mpi, output, worker
 from . import refine as refine_mod
 from .blocks import BlockError, fmt_zyx
 from .labels import FinalLabels, Reconciled
 from .reconcile import MergeRule
-from .workdir import Plan, make_plan, tidy, write_report
+from .workdir import Plan, combine_digests, make_plan, release, slab_digests, tidy, write_report
 from .worker import RankStats
 
 log = logging.getLogger(__name__)
@@ -103,14 +106,26 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
         raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
                          "leave refine.tile at 0,0,0")
     net, info = comm.collective(lambda: load_model(model, "cpu"))
+    if refine is not None:
+        check_gap_box(refine, info.fov_zyx)
 
-    # phase 1: plan
+    # phase 1: plan (the image's digest read over all ranks, slab by slab)
     run_id = uuid.uuid4().hex[:12]
+    parts = comm.gather(comm.collective(lambda: slab_digests(image_spec, bbox, comm.rank, comm.size)), root=0)
     plan: Plan = comm.on_root(lambda: make_plan(image_spec, out_spec, block, halo, workdir, info, info.source, cfg,
                                                 bbox, overwrite, rule, run_id, comm.size,
-                                                refine.to_dict() if refine is not None else None))
+                                                refine.to_dict() if refine is not None else None,
+                                                image_digest=combine_digests(parts)))
     if plan.complete:
         return _already_complete(plan, comm)
+    # any failure from here on: rank 0 gives back what it holds (locks, temporaries; the blocks stay)
+    with comm.releasing(lambda: release(plan)) if comm.is_root else contextlib.nullcontext():
+        return _run(plan, started, net, info, cfg, comm, inflight, progress, refine)
+
+
+def _run(plan: Plan, started: float, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
+         progress: bool, refine: RefineConfig | None) -> BlocksResult:
+    """Phases 2 to 4 of :func:`segment_blocks`."""
     if comm.is_root:
         log.info("%d blocks (grid %s, block %s, halo %s; halo overhead %.0f%%), %d already done, %d rank(s)",
                  len(plan.grid), fmt_zyx(plan.grid.grid_shape), fmt_zyx(plan.grid.block), fmt_zyx(plan.grid.halo),
@@ -191,6 +206,10 @@ def _refined_layers(plan: Plan, reconciled: Reconciled, final: FinalLabels, refi
     main = FinalLabels(refined.max_id, refined.keys, refined.keys, refined.origins, final.n_merges,
                        comp_dir=refined.comp_dir)
     reconciled.counters.update({f"refine_{k}": v for k, v in refined.counters.items()})
+    # the refined result's objects (ids are not 1..N once rejoined ids are gone)
+    reconciled.counters["refine_objects"] = int(np.unique(np.concatenate([np.asarray(k, np.uint64)
+                                                                          for k in refined.keys] or [[]])).size)
+    reconciled.counters["flood_objects"] = int(final.n_objects)
     reconciled.attrs["counters"] = json.dumps(reconciled.counters)
     reconciled.attrs["refine"] = json.dumps(refine.to_dict())
     return output.Layers(main, {f"{plan.out_ds}_forward": final}, {f"{plan.out_ds}_overlaps": refined.overlaps})
@@ -236,17 +255,20 @@ def _finish(plan: Plan, reconciled: Reconciled, final: FinalLabels, match_end: f
     timings["write_s"] = time.perf_counter() - match_end - timings["gather_s"] - timings["union_find_s"]
     n = len(plan.grid)
     blocks_run = sum(s.blocks for s in reconciled.rank_stats)
-    result = BlocksResult(plan.out_path, plan.workdir, n_objects=final.n_objects, n_blocks=n, blocks_run=blocks_run,
+    objects = int(reconciled.counters.get("refine_objects", final.n_objects))  # refined: the refined result's
+    result = BlocksResult(plan.out_path, plan.workdir, n_objects=objects, n_blocks=n, blocks_run=blocks_run,
                           blocks_skipped=plan.n_done, n_pairs=len(plan.grid.pairs()), n_merges=final.n_merges,
                           ranks=reconciled.ranks, counters=reconciled.counters, timings=timings)
     write_report(plan, {
         "n_blocks": n, "grid": list(plan.grid.grid_shape), "block": list(plan.grid.block),
         "halo": list(plan.grid.halo), "halo_overhead": plan.grid.halo_overhead(), "n_pairs": result.n_pairs,
-        "candidate_pairs": reconciled.candidates, "merges": final.n_merges, "objects": final.n_objects,
+        "candidate_pairs": reconciled.candidates, "merges": final.n_merges, "objects": objects,
         "merge_rule": plan.rule.to_dict(), "ranks": reconciled.ranks, "blocks_run": blocks_run,
         "blocks_skipped": plan.n_done, "writer": "all ranks" if reconciled.ranks > 1 else "rank 0",
         "timings": timings, "per_rank": [dataclasses.asdict(s) for s in reconciled.rank_stats]})
     tidy(plan)
-    log.info("wrote %s: %d objects from %d blocks (%d run now, %d reused), %d merges over %d block pairs",
-             plan.out_path, final.n_objects, n, blocks_run, plan.n_done, final.n_merges, result.n_pairs)
+    flood = f" (the flood: {int(reconciled.counters['flood_objects'])})" if "flood_objects" in reconciled.counters \
+        else ""
+    log.info("wrote %s: %d objects%s from %d blocks (%d run now, %d reused), %d merges over %d block pairs",
+             plan.out_path, objects, flood, n, blocks_run, plan.n_done, final.n_merges, result.n_pairs)
     return result

@@ -8,7 +8,9 @@ and, during ``--refine``, ``refine-<digest>/`` (gap cores, gap floods and refine
 Nothing is written. The time left is estimated from the finished blocks' mean seconds per
 voxel, the voxels left, and the number of ranks working now (claims). A claim made on this host
 by a process that no longer exists is reported as dead (``dead``), not running; claims of
-other hosts cannot be checked from here and count as running.
+other hosts cannot be checked from here and count as running. A run whose job (``run.json``)
+was a process of this host that is gone, or that no job holds and no claim runs, is
+``stopped``: no time left is estimated, and the lines say how to resume.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def _claim_dead(info: dict[str, str]) -> bool:
     another host cannot be checked from here: not dead)."""
     pid = info.get("pid", "")
     return pid.isdigit() and int(pid) > 0 and holder_is_dead(info.get("host"), int(pid))
+
+
+def _job_dead(job: dict | None) -> bool:
+    """True when ``run.json`` names a process of this host that no longer exists."""
+    if not isinstance(job, dict):
+        return False
+    pid = str(job.get("pid", ""))
+    return pid.isdigit() and int(pid) > 0 and holder_is_dead(job.get("host"), int(pid))
 
 
 def _files_done(d: Path) -> int:
@@ -122,6 +132,10 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
             cores = None
         refine = {"gap_cores": cores, "gap_floods_done": _files_done(rdir / "floods"),
                   "tiles_done": _files_done(rdir / "tiles"), "tiles": len(grid)}
+    finished = report is not None and done == len(grid)
+    job_dead = _job_dead(job)
+    # stopped: the job holding the workdir is gone (same host), or none holds it and no claim runs
+    stopped = not finished and (job_dead or (job is None and not running))
     return {
         "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
         "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
@@ -129,10 +143,11 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         "fraction_done": voxels_done / total_voxels if total_voxels else 1.0,
         "fov_steps": steps, "objects_in_blocks": objects, "block_seconds": seconds,
         "voxels_per_block_second": rate,
-        "eta_s": (left / rate / workers) if rate and left else (0.0 if not left else None),
+        "eta_s": None if stopped else (left / rate / workers) if rate and left else (0.0 if not left else None),
+        "state": "finished" if finished else "stopped" if stopped else "running", "job_dead": job_dead,
         "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
         "running": running, "per_rank": per_rank, "job": job, "refine": refine,
-        "finished": report is not None and done == len(grid),
+        "finished": finished,
         "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
                        # the engines waiting for blocks to be read, normalised and seeded (all ranks)
                        "host_wait_seconds": report.get("timings", {}).get("host_wait_seconds_sum")}
@@ -159,10 +174,18 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  dead: {r['block']} on {r.get('host', '?')} rank {r.get('rank', '?')} "
                      f"(pid {r.get('pid', '?')} is gone; claimed {r['since_s']:.0f} s ago, the block is not done)")
     ref = s.get("refine")
+    stopped = s.get("state") == "stopped"
     if ref:
         cores = "not found yet" if ref["gap_cores"] is None else f"{ref['gap_floods_done']}/{ref['gap_cores']} gap floods"
-        lines.append(f"  refining: {cores}, {ref['tiles_done']}/{ref['tiles']} tiles done")
-    if s["finished"]:
+        lines.append(f"  {'refinement stopped at' if stopped else 'refining:'} {cores}, "
+                     f"{ref['tiles_done']}/{ref['tiles']} tiles done")
+    if stopped:
+        job = s.get("job") or {}
+        who = (f"the run (pid {job.get('pid')} on {job.get('host')}, started {job.get('started')}) is gone: killed or "
+               "failed" if s.get("job_dead") else "no run holds this workdir")
+        lines.append(f"  stopped: {who}; rerun the same `ffn segment ... --workdir {s['workdir']}` command to resume "
+                     "(finished blocks" + (" and refinement files" if ref else "") + " are kept)")
+    elif s["finished"]:
         rec = s["reconcile"] or {}
         wait = rec.get("host_wait_seconds")
         lines.append(f"  finished: {rec.get('objects', '?')} objects, {rec.get('merges', '?')} merges"

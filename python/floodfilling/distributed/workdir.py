@@ -6,6 +6,16 @@
     DIR/claims/<name>    blocks being segmented (:mod:`.worker`)
     DIR/split-<run id>/  component volumes of split_components (:mod:`.split`)
     DIR/reconcile.json   the report, written at the very end
+    DIR/refine-<digest>/ --refine's cores, gap floods and tiles (:mod:`.refine`), named by the output's digest
+
+Everything in DIR is tied to the image's voxels: the manifest records :func:`image_digest_of`
+(a digest of the box's voxels, read slab by slab, each slab through
+:func:`floodfilling.results.image_digest`), so blocks, their reconciliation and the refinement
+files of an image rewritten in place (even with the same statistics) are never reused: the run
+is refused, naming the digest, as an in-memory resume state of a changed image is (``overwrite``
+discards them). The options in the manifest are those of stage ``"flood"``
+(:data:`floodfilling.config.OPTION_STAGES`); the later stages' options are in the output's digest
+(``Plan.out_digest``), which names the refinement directory.
 
 :func:`make_plan` (rank 0) parses and validates the options, opens the volume, computes ONE
 normalisation for the whole volume, builds the block grid, checks the output (an existing one
@@ -41,9 +51,7 @@ from .reconcile import MergeRule
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "floodfilling-blocks/2"  # 2: block files carry their overlaps
-# options that do not change block results (left out of the manifest)
-_NOT_IN_MANIFEST = ("device", "threads", "checkpoint_interval_s", "prefetch", "split_components", "dust_size",
-                    "merge_min_fraction", "merge_min_voxels", "merge_min_iou")
+DIGEST_SLAB_BYTES = 64 << 20  # the image digest reads the box in z slabs of about this many bytes
 
 
 @dataclass
@@ -101,6 +109,54 @@ def _digest(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def digest_slabs(shape_zyx, itemsize: int) -> list[tuple[int, int]]:
+    """The z ranges (box coordinates) the image digest reads, each about
+    :data:`DIGEST_SLAB_BYTES` (a function of the box and dtype alone: the digest is the same for
+    any number of ranks)."""
+    plane = max(1, int(shape_zyx[1]) * int(shape_zyx[2]) * int(itemsize))
+    step = max(1, DIGEST_SLAB_BYTES // plane)
+    return [(z, min(z + step, int(shape_zyx[0]))) for z in range(0, int(shape_zyx[0]), step)]
+
+
+def slab_digests(image_spec: str, bbox, rank: int = 0, size: int = 1) -> dict[int, str]:
+    """The digests (:func:`floodfilling.results.image_digest`) of this rank's share of the slabs
+    of the box ``bbox`` of ``image_spec`` (slab i goes to rank i % size): one slab in memory at a time."""
+    with volumes.open_volume(image_spec) as vol:
+        box = boxes.box_in(bbox, vol.shape)
+        out = {}
+        for i, (z0, z1) in enumerate(digest_slabs(box.shape, vol.dtype.itemsize)):
+            if i % size == rank:
+                slab = boxes.BBox((box.start[0] + z0, box.start[1], box.start[2]), (box.start[0] + z1, *box.stop[1:]))
+                out[i] = results.image_digest(vol.read(slab))
+    return out
+
+
+def combine_digests(parts: list[dict[int, str]]) -> str:
+    """One digest of the image box from every rank's :func:`slab_digests` (in slab order)."""
+    merged = {k: v for d in parts for k, v in d.items()}
+    h = hashlib.sha256("|".join(merged[i] for i in range(len(merged))).encode())
+    return h.hexdigest()[:16]
+
+
+def image_digest_of(image_spec: str, bbox=None) -> str:
+    """The digest of the box ``bbox`` of ``image_spec`` as a block run records it (one process)."""
+    return combine_digests([slab_digests(image_spec, bbox)])
+
+
+def _check_workdir_place(wd: Path, files: dict[str, str]) -> None:
+    """Refuses a workdir that is, or lies inside, a file the run reads or writes (``files``:
+    what it is -> path): blocks would be written into it, or it into them."""
+    w = Path(os.path.abspath(wd))
+    for what, path in files.items():
+        if not path:
+            continue
+        p = Path(os.path.abspath(path))
+        if w == p or p in w.parents or (w.exists() and p.exists() and outputs.same_path(w, p)):
+            where = "is" if w == p or (w.exists() and p.exists() and outputs.same_path(w, p)) else "lies inside"
+            raise boxes.ParameterError("workdir", wd, f"workdir={wd}: {where} the {what} {path} (the workdir is a "
+                                         "directory of block results); give another workdir=DIR")
+
+
 def _read_manifest(wd: Path) -> dict | None:
     mpath = wd / "manifest.json"
     if not mpath.exists():
@@ -116,8 +172,10 @@ def _read_manifest(wd: Path) -> dict | None:
 
 
 def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path: str, cfg: InferenceConfig,
-              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int, refine: dict | None = None) -> Plan:
-    """Phase 1 (rank 0): see the module docstring."""
+              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int, refine: dict | None = None,
+              image_digest: str | None = None) -> Plan:
+    """Phase 1 (rank 0): see the module docstring. ``image_digest``: :func:`combine_digests` of
+    the box (computed here when not given)."""
     from ..inference.segment import resolve_normalisation
 
     if cfg.seed_policy == "invert_origins":
@@ -128,6 +186,10 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
     out_path = Path(out.path)
     wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
+    _check_workdir_place(wd, {"output": str(out_path), "image": volumes.parse_volume_spec(image_spec).path,
+                              "model": model_path,
+                              "seed_origins": volumes.parse_volume_spec(cfg.seed_origins).path if cfg.seed_origins
+                              else ""})
     if wd.exists() and not wd.is_dir():
         raise boxes.ParameterError("workdir", wd, f"workdir={wd}: exists and is not a directory")
     old = _read_manifest(wd)
@@ -154,8 +216,9 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         "model": results.file_digest(model_path),
         "fov_zyx": list(fov),
         "deltas_zyx": list(info.deltas_zyx),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_MANIFEST},
+        "config": cfg.options_of("flood"),  # the later stages' options are in the output's digest
         "normalisation": norm.to_dict(),
+        "image_digest": image_digest or image_digest_of(image_spec, box),
     })
     digest = _digest(manifest)
     out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size),
@@ -175,21 +238,30 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
 
     if old is not None and old != manifest:
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        why = ""
+        if "image_digest" in diff:
+            why = ("; the image's voxels changed since its blocks were made" if "image_digest" in old else
+                   "; made by an earlier version, which did not record the image's digest")
         if not overwrite:
             raise boxes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
-                                         f"{', '.join(diff)}); use another workdir=DIR, the same options as "
+                                         f"{', '.join(diff)}{why}); use another workdir=DIR, the same options as "
                                          "before, or overwrite=True to discard them")
         log.warning("overwrite=True: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
     take_lock(wd, run_id, size)
-    if not plan.complete:
-        plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
-    if old is not None and old != manifest:
-        _clear(wd)
-    for d in (plan.blocks_dir, plan.claims_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(plan)
-    disk.atomic_write_bytes(wd / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-    plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
+    try:
+        if not plan.complete:
+            plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
+        if old is not None and old != manifest:
+            _clear(wd)
+        for d in (plan.blocks_dir, plan.claims_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        _cleanup_stale(plan)
+        disk.atomic_write_bytes(wd / "manifest.json",
+                                (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
+    except BaseException:
+        release(plan)
+        raise
     return plan
 
 
@@ -212,6 +284,41 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
                         "one job per workdir)", wd, holder.get("host"))
     disk.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+
+
+def release(plan: Plan) -> None:
+    """Rank 0, when the run fails (any error, or an interrupt): what it holds goes (the temporary
+    output, the output's lock, this run's claims and component volumes, the workdir lock); what
+    it finished stays for the rerun (blocks, refinement files). Each step is tried on its own."""
+    steps = [lambda: output.discard(plan), lambda: _remove_claims(plan), lambda: _remove_split_dirs(plan.workdir),
+             lambda: _release_workdir_lock(Path(plan.workdir), plan.run_id)]
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the error being raised matters more
+            log.debug("releasing %s: %s", plan.workdir, exc)
+
+
+def _remove_claims(plan: Plan) -> None:
+    if not plan.claims_dir.is_dir():
+        return
+    for p in plan.claims_dir.iterdir():
+        try:
+            if p.is_file() and p.read_text().split()[:1] == [plan.run_id]:
+                p.unlink(missing_ok=True)
+        except (OSError, IndexError):
+            continue
+
+
+def _release_workdir_lock(wd: Path, run_id: str) -> None:
+    """Removes ``wd/run.json`` if this run holds it."""
+    lock = wd / "run.json"
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(holder, dict) and holder.get("run_id") == run_id:
+        lock.unlink(missing_ok=True)
 
 
 def _clear(wd: Path) -> None:

@@ -428,6 +428,16 @@ def check_flood_options(cfg: RefineConfig, flood: InferenceConfig) -> None:
                           "drop (they change ids): leave 'rejoin' out of refine.steps or turn them off")
 
 
+def check_gap_box(cfg: RefineConfig, fov_zyx: Sequence[int]) -> None:
+    """Refuses, before any work, a ``gap_box`` smaller than the model's FOV on some axis (a gap
+    flood's canvas must hold the FOV) when the ``gap_objects`` step runs."""
+    if "gap_objects" in cfg.steps and any(int(b) < int(f) for b, f in zip(cfg.gap_box, fov_zyx)):
+        fmt = ",".join
+        raise RefineError(f"refine.gap_box={fmt(map(str, cfg.gap_box))}: smaller than the model's FOV "
+                          f"{fmt(map(str, fov_zyx))} (z,y,x); a gap flood needs at least the FOV: give refine.gap_box "
+                          f">= {fmt(map(str, fov_zyx))}")
+
+
 def check_ids(max_id: int, step: str) -> None:
     if max_id >= 2**31 - 1:
         raise RefineError(f"segmentation ids up to {max_id}: the {step} step needs ids below 2**31 (a flood's ids)")

@@ -2,8 +2,9 @@
 
 Resumable: between objects, at most every ``checkpoint_interval_s`` seconds, the state
 (segmentation, seed index, origins, overlaps, counters) is written atomically to
-``<OUT file>.resume.npz`` together with a manifest of what is being computed (image,
-bbox, model, options). Rerunning the same command continues from there and produces the
+``<OUT file>.<dataset>.resume.npz`` (one per output dataset) together with a manifest of what
+is being computed (image and the digest of its voxels in the box, bbox, model, the options of
+stages "flood" and "postprocess"). Rerunning the same command continues from there and produces the
 identical segmentation; a manifest that does not match is an error, never a silent mix.
 """
 
@@ -30,7 +31,7 @@ from ..results import (Origin, file_digest, image_digest, origins_table, overlap
                        result_names)
 from .canvas import Canvas, CanvasState, fov_margin
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
-from .refine import FloodNetwork, check_flood_options, refine_array
+from .refine import FloodNetwork, check_flood_options, check_gap_box, refine_array
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,30 @@ def normalise_image(raw: np.ndarray, mean: float, std: float, source: str = "ima
 # -- resumable state ---------------------------------------------------------------------
 
 def state_path_for(out_path: str | os.PathLike, dataset: str | None = None) -> Path:
-    """The resume state beside the output: ``out.h5.resume.npz``, or for a zarr output
-    ``out.zarr.<array>.resume.npz`` (outside the store)."""
+    """The resume state of output dataset ``dataset`` beside the output file or store:
+    ``out.h5.<dataset>.resume.npz`` / ``out.zarr.<array>.resume.npz`` (one per dataset, so
+    runs into two datasets of one file keep their own states; ``/`` in a name becomes ``_``);
+    without ``dataset``, :func:`legacy_state_path`."""
     p = Path(out_path)
-    if p.suffix.lower() == ".zarr" and dataset:
-        return p.with_name(f"{p.name}.{dataset.replace('/', '_')}.resume.npz")
+    if dataset:
+        return p.with_name(f"{p.name}.{str(dataset).strip('/').replace('/', '_')}.resume.npz")
+    return legacy_state_path(p)
+
+
+def legacy_state_path(out_path: str | os.PathLike) -> Path:
+    """``out.h5.resume.npz``: where earlier versions kept the state of any dataset of an HDF5
+    output (still resumed from when its manifest matches; see :func:`_segment_locked`)."""
+    p = Path(out_path)
     return p.with_name(p.name + ".resume.npz")
+
+
+def state_matches(path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether the resume state at ``path`` was saved for ``manifest`` (False when unreadable)."""
+    try:
+        with np.load(path) as z:
+            return json.loads(str(z["manifest"])) == json.loads(json.dumps(manifest, sort_keys=True))
+    except Exception:  # noqa: BLE001 - unreadable: not this run's
+        return False
 
 
 def save_state(path: Path, canvas: Canvas, manifest: dict[str, Any]) -> None:
@@ -217,13 +236,15 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
 def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
                     overwrite: bool, progress: bool, refine: RefineConfig | None) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
+    net, info = load_model(model, "cpu")
+    if refine is not None:
+        check_gap_box(refine, info.fov_zyx)  # before the flood
     with volumes.open_volume(image_spec) as vol:
         box = boxes.box_in(bbox, vol.shape)
         if cfg.seed_policy == "invert_origins":
             seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
         raw = vol.read(box)
         res = vol.resolution_zyx_nm
-        net, info = load_model(model, "cpu")
         if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
             raise SegmentError(f"{image_spec}: image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
         try:  # one set of values for the whole volume, whatever the bbox
@@ -239,10 +260,14 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         "normalisation": norm.to_dict(),
         "image_digest": image_digest(raw),
     }
-    sp = state_path_for(out_path, out_ds if out.kind == "zarr" else None)
+    sp = state_path_for(out_path, out_ds)
     disk.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
+    if out.kind != "zarr":
+        disk.remove_temporaries(legacy_state_path(out_path))  # (the lock covers the whole HDF5 file)
     if overwrite and sp.exists():
         sp.unlink()
+    if out.kind != "zarr" and not sp.exists():
+        _adopt_legacy_state(legacy_state_path(out_path), sp, manifest)
     with disk.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = None
@@ -263,6 +288,20 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     if sp.exists():
         sp.unlink()
     return result
+
+
+def _adopt_legacy_state(old: Path, sp: Path, manifest: dict[str, Any]) -> None:
+    """An earlier version's state of this output file (``out.h5.resume.npz``, shared by all its
+    datasets) becomes this dataset's when it was saved for this very run (same image digest,
+    box, model, options); a state of another run is left alone (it may be another dataset's)."""
+    if not old.exists():
+        return
+    if state_matches(old, manifest):
+        log.info("resuming from %s (an earlier version's state, now %s)", old, sp.name)
+        os.replace(old, sp)
+    else:
+        log.info("leaving %s alone: an earlier version's resume state of another run (another dataset or "
+                 "input); delete it if that run is abandoned", old)
 
 
 def _origins_to_invert(seg_spec: str, box: boxes.BBox) -> tuple[np.ndarray, np.ndarray]:
@@ -297,6 +336,7 @@ def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfi
     r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
     origins = {k: o for k, o in result.origins.items() if k not in r.joined}
+    counters["refine_objects"] = len(origins) + len(r.new_origins)  # the refined result's ("objects": the flood's)
     return SegmentResult(r.segmentation, {**origins, **r.new_origins}, result.overlaps, counters,
                          result.seconds + r.counters["seconds"], result.normalisation)
 
