@@ -356,3 +356,27 @@ def test_status_of_a_dead_block_run_has_no_time_left(data, tmp_path, capsys, mon
                                              "ranks": 1, "started": "now"}))
     st = block_status(wd)
     assert st["state"] == "running" and st["eta_s"] is not None and "min left" in format_status(st)
+
+
+def test_mpi_error_on_every_rank_releases_the_locks(data, tmp_path, capsys):
+    """Under ``mpiexec -n 2`` (every rank aborts on the damaged gap centres file): rank 0 gives
+    back the output's lock and the workdir lock before aborting."""
+    import shutil
+
+    exe = shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("mpiexec not found")
+    wd = tmp_path / "wd"
+    assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'a.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"),
+               capsys)[0] == 0
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        rdir = wd / f"refine-{str(f['seg'].attrs['block_manifest'])[:16]}"
+    for sub in ("floods", "tiles"):
+        (rdir / sub).mkdir(parents=True)
+    (rdir / "centres.npy").write_bytes(b"these are not gap centres\n")
+    cmd = [exe, "-n", "2", sys.executable, "-m", "floodfilling.cli",
+           *seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "centres.npy" in r.stderr and "delete it" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "o.h5").exists() and not leftovers(tmp_path), leftovers(tmp_path)

@@ -24,7 +24,11 @@ manifest (a workdir of a different image, box, model, options or geometry is an 
 cleared with ``overwrite``), takes the workdir lock and the output's lock
 (:func:`floodfilling.locks.acquire`) and removes what a killed run left (claims, temporary
 block files, component volumes, temporary outputs). One job per workdir at a time (checked
-through ``run.json`` on the same host).
+through ``run.json`` on the same host). A run that fails (any error or an interrupt, in the plan
+or later; under ``mpiexec`` before the abort) gives back both locks, its claims, component
+volumes and temporary output (:func:`release`); its finished blocks and refinement files stay.
+A workdir that is, or lies inside, the output, the image, the model or ``seed_origins`` is
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -221,9 +225,8 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         "image_digest": image_digest or image_digest_of(image_spec, box),
     })
     digest = _digest(manifest)
-    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(), "dust_size": int(cfg.dust_size),
-                          "split_components": bool(cfg.split_components),
-                          **({"refine": refine} if refine is not None else {})})
+    out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(),  # (the "blocks" stage's options)
+                          **cfg.options_of("postprocess"), **({"refine": refine} if refine is not None else {})})
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
                 run_id, rule, out_kind=out.kind, out_digest=out_digest, refine=refine)
 
