@@ -3,8 +3,10 @@
 Four phases; every rank runs :func:`segment_blocks` (rank 0 is also a worker):
 
 1. **Plan** (rank 0, result broadcast; :mod:`.workdir`): validate the options, ONE normalisation
-   for the whole volume, the block grid, the manifest ``DIR/manifest.json``, the workdir lock
-   ``DIR/run.json`` and the output's lock; what a killed run left is removed.
+   for the whole volume, the block grid, the manifest ``DIR/manifest.json`` (with the digest of
+   the image's box, its slabs read over all ranks), the workdir lock ``DIR/run.json`` and the
+   output's lock; what a killed run left is removed. From here on, any failure gives both locks
+   back (:func:`~.workdir.release`; under ``mpiexec`` before the abort).
 2. **Blocks** (all ranks, dynamic; :mod:`.worker`): each rank claims the next unfinished block
    (``DIR/claims/<name>``, ``O_CREAT | O_EXCL``) and writes its result atomically to
    ``DIR/blocks/<name>.h5`` (:mod:`.blockstore`). A block whose file exists is done and
