@@ -37,6 +37,7 @@ def _inputs_resume(d: Path) -> None:
     (``wd_old``), workdirs of a refined run with a damaged gap centres file (``wd_centres_*``),
     and in-memory resume states of another image / other options / garbage beside outputs
     ``state_*.h5:seg``."""
+    import io
     import json
     import pickle
 
@@ -59,7 +60,7 @@ def _inputs_resume(d: Path) -> None:
     header = b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }" + b" " * 60 + b"\n"
     damaged = {"garbage": b"these are not gap centres\n", "pickled": header + pickle.dumps([1, 2]),
                "empty": b""}
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.save(buf, np.zeros((4, 2), np.int64))
     damaged["shape"] = buf.getvalue()
     for name, content in damaged.items():
