@@ -2,6 +2,9 @@
 
 from contextlib import contextmanager
 
+import numpy as np
+from hypothesis import strategies as st
+
 from floodfilling import kernels as K
 
 
@@ -18,3 +21,79 @@ def forced_parallel(threads=3, grain=5):
         K.set_num_threads(0)
         native._set_parallel_grain(old)
         native._set_count_pairs_grain(old_pairs)
+
+
+# ------------------------------------------------ FOV cases (OpenMP and SYCL tests)
+
+
+def bits(a):
+    """Bitwise view of a float32 array (NaN payloads and -0.0 compared exactly)."""
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def assert_same_floats(a, b):
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def random_values(rng, shape, kind):
+    """float32 values with NaN/inf/ties depending on `kind`."""
+    if kind == "normal":
+        v = rng.standard_normal(shape).astype(np.float32) * 4
+    elif kind == "ties":  # few distinct values: many equal maxima
+        v = rng.choice(np.array([-3.0, -0.0, 0.0, 1.5, 2.5], np.float32), size=shape)
+    else:  # "special": NaN, +-inf, -0.0 sprinkled in
+        v = rng.standard_normal(shape).astype(np.float32) * 4
+        r = rng.random(shape)
+        v[r < 0.05] = np.nan
+        v[(r >= 0.05) & (r < 0.08)] = np.inf
+        v[(r >= 0.08) & (r < 0.11)] = -np.inf
+        v[(r >= 0.11) & (r < 0.14)] = -0.0
+    return v
+
+
+@st.composite
+def fov_cases(draw):
+    f = tuple(draw(st.sampled_from([1, 3, 5, 7, 9])) for _ in range(3))
+    deltas = tuple(draw(st.integers(0, fi // 2)) for fi in f)
+    k = draw(st.integers(0, 4))
+    layout = draw(st.sampled_from(["distinct", "shared", "list_shared", "stack"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind_canvas = draw(st.sampled_from(["normal", "ties", "special", "nan"]))
+    kind_logits = draw(st.sampled_from(["normal", "ties", "special"]))
+    move = draw(st.sampled_from([0.0, 0.9, 2.1972245773362196, -1.0, float("nan")]))
+    disco = draw(st.sampled_from([0.0, 0.1, 0.5, -1.0, 1.0]))
+    return f, deltas, k, layout, seed, kind_canvas, kind_logits, move, disco
+
+
+def make_case(f, k, layout, seed, kind_canvas, kind_logits):
+    rng = np.random.default_rng(seed)
+
+    def canvas(shape):
+        if kind_canvas == "nan":
+            c = np.full(shape, np.nan, np.float32)
+            if c.size:
+                c[tuple(s // 2 for s in shape)] = 2.9444  # like a seed
+            return c
+        return random_values(rng, shape, kind_canvas)
+
+    logits = random_values(rng, (k,) + f, kind_logits)
+    if layout == "stack":
+        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
+        canvases = canvas((k,) + shape)
+        shapes = [shape] * k
+    elif layout == "shared":
+        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
+        canvases = canvas(shape)
+        shapes = [shape] * k
+    elif layout == "list_shared":
+        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
+        c = canvas(shape)
+        canvases = [c] * k
+        shapes = [shape] * k
+    else:
+        shapes = [tuple(fi + int(rng.integers(0, 8)) for fi in f) for _ in range(k)]
+        canvases = [canvas(s) for s in shapes]
+    centers = np.array([[rng.integers(fi // 2, si - fi // 2) for fi, si in zip(f, s)]
+                        for s in shapes], np.int64).reshape(k, 3)
+    return canvases, logits, centers

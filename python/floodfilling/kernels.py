@@ -333,6 +333,14 @@ def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
     strictly increasing non-negative integers; ``values``: same length (each must fit in
     ``labels``' dtype where its key can occur).  Returns ``labels``.
     """
+    labels, keys, values = _relabel_args(labels, keys, values)
+    _native().relabel(labels, keys, values)
+    return labels
+
+
+def _relabel_args(labels, keys, values):
+    """The checked arguments of :func:`relabel` (every launcher): ``(labels, keys, values)``,
+    keys and values as contiguous uint64."""
     if not isinstance(labels, np.ndarray):
         raise ValueError(f"labels: expected a numpy.ndarray, got {type(labels).__name__}")
     if labels.dtype not in (np.uint32, np.uint64) or not labels.dtype.isnative:
@@ -347,5 +355,4 @@ def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
         raise ValueError(f"values: length {values.size} does not match keys' {keys.size}")
     if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
         raise ValueError("keys: must be sorted in strictly increasing order (unique)")
-    _native().relabel(labels, keys, values)
-    return labels
+    return labels, keys, values

@@ -1,0 +1,129 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// SYCL device kernels: free-function kernels over the UNCHANGED bodies in
+// kernels/*.hpp (the ones csrc/launch_omp.cpp runs on CPU threads), so that a
+// SYCL device computes exactly what the OpenMP launcher and the NumPy
+// references (floodfilling.kernels_reference) compute.
+//
+// How it is built: at run time, by the SYCL runtime's kernel compiler
+// (sycl_ext_oneapi_kernel_compiler, source_language::sycl), from this file and
+// the kernels/*.hpp headers passed as include files, with -ffp-contract=off
+// (no FMA contraction: results stay bitwise equal to the CPU build).  See
+// python/floodfilling/sycl_backend.py, which also launches them through the
+// small C ABI of sycl/host.cpp.  Nothing here is specific to the runtime
+// compiler: free-function kernels are also accepted by icpx ahead of time
+// (sycl/README.md).
+//
+// Every kernel is extern "C" (its name is its symbol) and a 1-D nd_range
+// kernel; global sizes are rounded up to the work-group size, so each kernel
+// checks its index against the real count.  Pointers are USM allocations.
+//
+// Work decomposition (one work-item per ...):
+//   ffn_gather_fovs      FOV row (k, z, y): kernels::gather_fov on a 1 x 1 x fx
+//                        box (K * fz * fy items).
+//   ffn_update_fovs      FOV k: kernels::update_fov, the whole FOV (disco
+//                        count, write, six face maxima) in one work-item.
+//   ffn_update_fovs_serial  one work-item runs FOVs 0..K-1 in order: used when
+//                        two FOVs share canvas memory (their boxes may overlap,
+//                        and the result is defined by the order k = 0..K-1,
+//                        as in the CPU launcher, which also runs them
+//                        serially then).
+//   ffn_relabel_u32/u64  voxel: kernels::reconcile::relabel_one, a binary
+//                        search in the sorted keys.
+//
+// Where the CPU algorithm does not fit a device:
+//   * update_fovs: the CPU body is serial within a FOV (the disco rule needs
+//     the count over the whole FOV before any write; the face maxima read the
+//     written FOV), so a FOV is one work-item; on a CPU device with K >= cores
+//     that is the same parallelism as the OpenMP launcher.
+//   * relabel: the CPU launcher builds a hash map of the keys per call and
+//     caches the last lookup (runs of equal labels); a device work-item per
+//     voxel instead binary-searches the sorted keys (relabel_one, O(log k),
+//     no allocation) -- the same result.
+//
+// A FOV target is 7 int64 values: the canvas pointer (a USM pointer as an
+// integer), the canvas shape (z, y, x) and the FOV centre (z, y, x), already
+// checked on the host to keep the box inside the canvas.
+#include <sycl/sycl.hpp>
+
+#include <cstdint>
+
+#include "kernels/fov_update.hpp"
+#include "kernels/relabel.hpp"
+
+namespace ffn_sycl {
+
+namespace syclexp = sycl::ext::oneapi::experimental;
+
+inline int64_t global_id() {
+  return static_cast<int64_t>(
+      sycl::ext::oneapi::this_work_item::get_nd_item<1>().get_global_id(0));
+}
+
+/// Canvas element at the FOV box origin (centre - f/2) of target t, and the
+/// canvas strides (sz, sy).
+inline float* box_origin(const int64_t* t, int64_t f0, int64_t f1, int64_t f2, int64_t* sz,
+                         int64_t* sy) {
+  float* canvas = reinterpret_cast<float*>(static_cast<uintptr_t>(t[0]));
+  *sy = t[3];
+  *sz = t[2] * t[3];
+  return canvas + (t[4] - f0 / 2) * *sz + (t[5] - f1 / 2) * *sy + (t[6] - f2 / 2);
+}
+
+inline void update_one(const int64_t* targets, int64_t i, float* logits, int64_t f0, int64_t f1,
+                       int64_t f2, float move_threshold, double disco, int64_t d0, int64_t d1,
+                       int64_t d2, float* scores, int64_t* offsets) {
+  int64_t sz = 0, sy = 0;
+  float* box = box_origin(targets + 7 * i, f0, f1, f2, &sz, &sy);
+  const int64_t deltas[3] = {d0, d1, d2};
+  ffn::kernels::update_fov(box, sz, sy, logits + i * f0 * f1 * f2, f0, f1, f2, move_threshold,
+                           disco, deltas, scores + 6 * i, offsets + 18 * i);
+}
+
+}  // namespace ffn_sycl
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_gather_fovs(const int64_t* targets, int64_t k, float* out, int64_t f0, int64_t f1,
+                     int64_t f2, float pad_value) {
+  const int64_t row = ffn_sycl::global_id();  // (i * f0 + z) * f1 + y
+  if (row >= k * f0 * f1) return;
+  const int64_t i = row / (f0 * f1), z = (row / f1) % f0, y = row % f1;
+  int64_t sz = 0, sy = 0;
+  const float* box = ffn_sycl::box_origin(targets + 7 * i, f0, f1, f2, &sz, &sy);
+  ffn::kernels::gather_fov(box + z * sz + y * sy, sz, sy, out + row * f2, 1, 1, f2, pad_value);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_update_fovs(const int64_t* targets, int64_t k, float* logits, int64_t f0, int64_t f1,
+                     int64_t f2, float move_threshold, double disco_seed_threshold, int64_t d0,
+                     int64_t d1, int64_t d2, float* scores, int64_t* offsets) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i >= k) return;
+  ffn_sycl::update_one(targets, i, logits, f0, f1, f2, move_threshold, disco_seed_threshold, d0,
+                       d1, d2, scores, offsets);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_update_fovs_serial(const int64_t* targets, int64_t k, float* logits, int64_t f0,
+                            int64_t f1, int64_t f2, float move_threshold,
+                            double disco_seed_threshold, int64_t d0, int64_t d1, int64_t d2,
+                            float* scores, int64_t* offsets) {
+  if (ffn_sycl::global_id() != 0) return;
+  for (int64_t i = 0; i < k; ++i)
+    ffn_sycl::update_one(targets, i, logits, f0, f1, f2, move_threshold, disco_seed_threshold,
+                         d0, d1, d2, scores, offsets);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_relabel_u32(uint32_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
+                     int64_t nkeys) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<uint32_t>(labels[i], keys, values, nkeys);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_relabel_u64(uint64_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
+                     int64_t nkeys) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<uint64_t>(labels[i], keys, values, nkeys);
+}
