@@ -60,7 +60,7 @@ int guarded(F&& f) {
   } catch (const sycl::exception& e) {
     return fail(std::string("SYCL error: ") + e.what());
   } catch (const std::exception& e) {
-    return fail(std::string("error: ") + e.what());
+    return fail(e.what());
   } catch (...) {
     return fail("unknown C++ exception");
   }

@@ -63,10 +63,11 @@ def _native():
 
 
 def build_info() -> dict:
-    """Build configuration of the native extension: ``{'openmp': bool, 'sycl': bool,
-    'compiler': str, ...}`` (``{'native': False}`` when it is not built)."""
+    """Build configuration of the native extension: ``{'openmp': bool, 'compiler': str,
+    ...}`` (``{'native': False}`` when it is not built).  The SYCL backend is separate:
+    :mod:`floodfilling.sycl_backend`."""
     if _kernels is None:
-        return {"native": False, "openmp": False, "sycl": False, "compiler": None}
+        return {"native": False, "openmp": False, "compiler": None}
     info = dict(_kernels.build_info())
     info["native"] = True
     return info

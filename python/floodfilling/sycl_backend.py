@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -240,11 +241,17 @@ class Backend:
         self._kernels: Dict[str, ctypes.c_void_p] = {}
         self._bundle = None
         self._lock = threading.Lock()
+        self._pool: Dict[int, List[int]] = {}
+        self._pooled = 0
         q = ctypes.c_void_p()
         t0 = time.perf_counter()
         if lib.ffn_sycl_open(selector.encode(), ctypes.byref(q)) != 0:
-            raise SyclError(f"no SYCL device for '{selector}': {self._error()} (devices seen: "
-                            f"{_device_names(lib)})")
+            err, seen = self._error(), _device_names(lib)
+            if seen == "none":
+                seen += (" (environment: OCL_ICD_FILENAMES="
+                         f"{os.environ.get('OCL_ICD_FILENAMES', '')!r}, ONEAPI_DEVICE_SELECTOR="
+                         f"{os.environ.get('ONEAPI_DEVICE_SELECTOR', '')!r})")
+            raise SyclError(f"SYCL device '{selector}': {_one_line(err)}; devices seen: {seen}")
         self._queue = q
         self.stats["open_s"] = round(time.perf_counter() - t0, 3)
         self.device = json.loads(self._check_text(lib.ffn_sycl_device_json(q)))
@@ -287,8 +294,10 @@ class Backend:
             log = self._error()
             lines = [ln for ln in log.splitlines() if "error" in ln.lower()] or log.splitlines()
             hint = ""
-            if "file not found" in log and "<" in log:
-                hint = " (the kernel compiler reads the host's C++ headers: install g++)"
+            missing = re.search(r"'([^']+)' file not found", log)
+            if missing and "/" not in missing.group(1) and "." not in missing.group(1):
+                hint = (f" (C++ header <{missing.group(1)}> not found: the kernel compiler "
+                        "reads the host's C++ headers; install g++)")
             raise SyclError("compiling the SYCL kernels (sycl/kernels.cpp) failed" + hint +
                             ": " + _one_line("\n".join(lines[:3])))
         self._bundle = bundle
@@ -324,14 +333,31 @@ class Backend:
         self._check(self._lib.ffn_sycl_launch(self._queue, self.kernel(name), glob, local,
                                               len(args), kinds, bits, 1), f"kernel {name}")
 
-    def shared(self, nbytes: int) -> int:
-        p = self._lib.ffn_sycl_malloc(self._queue, max(int(nbytes), 1), 0)
-        if not p:
-            raise SyclError(f"USM shared allocation of {nbytes} bytes: {self._error()}")
-        return p
+    # USM shared blocks are kept for reuse (size classes of powers of two, at most
+    # _POOL_BYTES in all): the first touch of a fresh allocation costs page faults (about
+    # 10 ms per 2 MB on the OpenCL CPU device), more than the kernels themselves.
+    _POOL_BYTES = 512 << 20
 
-    def free(self, ptr: int) -> None:
-        if self._queue is not None and ptr:
+    def shared(self, nbytes: int) -> Tuple[int, int]:
+        """(pointer, capacity) of a USM shared block of at least nbytes."""
+        cap = 1 << max(int(nbytes) - 1, 4095).bit_length()
+        free = self._pool.get(cap)
+        if free:
+            self._pooled -= cap
+            return free.pop(), cap
+        p = self._lib.ffn_sycl_malloc(self._queue, cap, 0)
+        if not p:
+            raise SyclError(f"USM shared allocation of {nbytes} bytes: "
+                            f"{_one_line(self._error())}")
+        return p, cap
+
+    def free(self, ptr: int, cap: int) -> None:
+        if self._queue is None or not ptr:
+            return
+        if self._pooled + cap <= self._POOL_BYTES:
+            self._pool.setdefault(cap, []).append(ptr)
+            self._pooled += cap
+        else:
             self._lib.ffn_sycl_free(self._queue, ptr)
 
     def is_usm_shared(self, ptr: int) -> bool:
@@ -344,6 +370,10 @@ class Backend:
         if self._bundle is not None:
             self._lib.ffn_sycl_release_bundle(self._bundle)
             self._bundle = None
+        for ptrs in self._pool.values():
+            for p in ptrs:
+                self._lib.ffn_sycl_free(self._queue, p)
+        self._pool.clear()
         if self._queue is not None:
             self._lib.ffn_sycl_release_queue(self._queue)
             self._queue = None
@@ -439,7 +469,7 @@ class _UsmBlock:
     def __init__(self, b: Backend, nbytes: int):
         self.backend = b
         self.nbytes = int(nbytes)
-        self.ptr = b.shared(nbytes)
+        self.ptr, self.cap = b.shared(nbytes)
 
     def array(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -450,8 +480,7 @@ class _UsmBlock:
 
     def __del__(self):
         try:
-            if self.backend._queue is not None:
-                self.backend.free(self.ptr)
+            self.backend.free(self.ptr, self.cap)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
