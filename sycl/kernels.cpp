@@ -30,12 +30,25 @@
 //                        serially then).
 //   ffn_relabel_u32/u64  voxel: kernels::reconcile::relabel_one, a binary
 //                        search in the sorted keys.
+//   ffn_peaks_*_f32/f64  image row (z, y), three passes: x maxima
+//                        (peaks::row_max), y maxima of those (accumulate_max
+//                        over the rows y-r..y+r), then the z maxima of those
+//                        and the candidate test of filter_slab: a candidate
+//                        mask per voxel and NaN / non-maximum flags per row.
 //
 // Where the CPU algorithm does not fit a device:
 //   * update_fovs: the CPU body is serial within a FOV (the disco rule needs
 //     the count over the whole FOV before any write; the face maxima read the
 //     written FOV), so a FOV is one work-item; on a CPU device with K >= cores
 //     that is the same parallelism as the OpenMP launcher.
+//   * find_peaks: the CPU launcher's filter_slab keeps a ring of 2-D plane
+//     maxima per thread and walks its slab of planes in order; on a device
+//     every row is independent instead: three passes over full-size buffers
+//     (x, y, z maxima), the same maxima (max is exact) and the same candidate
+//     test.  Sorting the candidates (by descending value, ties in raster
+//     order) and the greedy minimum-spacing pass are serial by nature (each
+//     acceptance depends on all earlier ones): the host does them
+//     (floodfilling.sycl_backend.find_peaks).
 //   * relabel: the CPU launcher builds a hash map of the keys per call and
 //     caches the last lookup (runs of equal labels); a device work-item per
 //     voxel instead binary-searches the sorted keys (relabel_one, O(log k),
@@ -49,6 +62,7 @@
 #include <cstdint>
 
 #include "kernels/fov_update.hpp"
+#include "kernels/peaks.hpp"
 #include "kernels/relabel.hpp"
 
 namespace ffn_sycl {
@@ -127,3 +141,91 @@ void ffn_relabel_u64(uint64_t* labels, int64_t n, const uint64_t* keys, const ui
   const int64_t i = ffn_sycl::global_id();
   if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<uint64_t>(labels[i], keys, values, nkeys);
 }
+
+// ------------------------------------------------------------------ peaks
+
+namespace ffn_sycl {
+
+template <class T>
+inline void peaks_xmax(const T* image, T* xmax, int64_t nrows, int64_t nx, int64_t r) {
+  const int64_t row = global_id();
+  if (row < nrows) ffn::kernels::peaks::row_max(image + row * nx, xmax + row * nx, nx, r);
+}
+
+template <class T>
+inline void peaks_ymax(const T* xmax, T* max2d, int64_t nz, int64_t ny, int64_t nx, int64_t r) {
+  const int64_t row = global_id();
+  if (row >= nz * ny) return;
+  const int64_t z = row / ny, y = row % ny;
+  const int64_t lo = y - r < 0 ? 0 : y - r;
+  const int64_t hi = y + r > ny - 1 ? ny - 1 : y + r;
+  T* o = max2d + row * nx;
+  const T* first = xmax + (z * ny + lo) * nx;
+  for (int64_t x = 0; x < nx; ++x) o[x] = first[x];
+  for (int64_t yy = lo + 1; yy <= hi; ++yy)
+    ffn::kernels::peaks::accumulate_max(o, xmax + (z * ny + yy) * nx, nx);
+}
+
+/// The candidate test of peaks::filter_slab for row (z, y): cand[i] = 1 for a
+/// candidate voxel i; flags[row] bit 0: a NaN in the row, bit 1: a voxel below
+/// its local maximum.  `m` is scratch of one row per work-item (n values).
+template <class T>
+inline void peaks_test(const T* image, const T* max2d, T* m_all, uint8_t* cand,
+                       uint8_t* flags, int64_t nz, int64_t ny, int64_t nx, int64_t r,
+                       T threshold, int64_t bz, int64_t by, int64_t bx, int64_t plain) {
+  const int64_t row = global_id();
+  if (row >= nz * ny) return;
+  const int64_t z = row / ny, y = row % ny;
+  const T* v = image + row * nx;
+  uint8_t* c = cand + row * nx;
+  const bool in = z >= bz && z < nz - bz && y >= by && y < ny - by;
+  uint8_t fl = 0;
+  if (plain) {
+    for (int64_t x = 0; x < nx; ++x) {
+      if (v[x] != v[x]) fl |= 1;
+      c[x] = (in && x >= bx && x < nx - bx && v[x] > threshold) ? 1 : 0;
+    }
+    flags[row] = fl;
+    return;
+  }
+  const int64_t lo = z - r < 0 ? 0 : z - r;
+  const int64_t hi = z + r > nz - 1 ? nz - 1 : z + r;
+  T* m = m_all + row * nx;
+  const T* first = max2d + (lo * ny + y) * nx;
+  for (int64_t x = 0; x < nx; ++x) m[x] = first[x];
+  for (int64_t zz = lo + 1; zz <= hi; ++zz)
+    ffn::kernels::peaks::accumulate_max(m, max2d + (zz * ny + y) * nx, nx);
+  for (int64_t x = 0; x < nx; ++x) {
+    if (v[x] != v[x]) fl |= 1;
+    if (v[x] != m[x]) fl |= 2;
+    c[x] = (in && x >= bx && x < nx - bx && v[x] == m[x] && v[x] > threshold) ? 1 : 0;
+  }
+  flags[row] = fl;
+}
+
+}  // namespace ffn_sycl
+
+#define FFN_PEAKS_KERNELS(T, SUFFIX)                                                           \
+  extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY(                                                \
+      (sycl::ext::oneapi::experimental::nd_range_kernel<1>)) void                              \
+      ffn_peaks_xmax_##SUFFIX(const T* image, T* xmax, int64_t nrows, int64_t nx, int64_t r) { \
+    ffn_sycl::peaks_xmax<T>(image, xmax, nrows, nx, r);                                        \
+  }                                                                                            \
+  extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY(                                                \
+      (sycl::ext::oneapi::experimental::nd_range_kernel<1>)) void                              \
+      ffn_peaks_ymax_##SUFFIX(const T* xmax, T* max2d, int64_t nz, int64_t ny, int64_t nx,     \
+                              int64_t r) {                                                     \
+    ffn_sycl::peaks_ymax<T>(xmax, max2d, nz, ny, nx, r);                                       \
+  }                                                                                            \
+  extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY(                                                \
+      (sycl::ext::oneapi::experimental::nd_range_kernel<1>)) void                              \
+      ffn_peaks_test_##SUFFIX(const T* image, const T* max2d, T* m, uint8_t* cand,             \
+                              uint8_t* flags, int64_t nz, int64_t ny, int64_t nx, int64_t r,   \
+                              T threshold, int64_t bz, int64_t by, int64_t bx,                 \
+                              int64_t plain) {                                                 \
+    ffn_sycl::peaks_test<T>(image, max2d, m, cand, flags, nz, ny, nx, r, threshold, bz, by,    \
+                            bx, plain);                                                        \
+  }
+
+FFN_PEAKS_KERNELS(float, f32)
+FFN_PEAKS_KERNELS(double, f64)

@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
-    gather_fovs_reference, relabel_reference, update_fovs_reference,
+    find_peaks_reference, gather_fovs_reference, relabel_reference, update_fovs_reference,
 )
-from kernel_helpers import assert_same_floats, fov_cases, make_case, random_values
+from kernel_helpers import (
+    assert_same_floats, distance_map, fov_cases, make_case, peak_cases, random_values,
+)
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,6 +243,62 @@ def test_update_fovs_readonly_deltas_and_gather_bad_inputs_fail_as_openmp(S):
     c2_copy = c2.copy()
     S.gather_fovs([c2], x, 5, 0.0, out)  # read-only canvases are fine for gathering
     assert np.array_equal(c2, c2_copy)
+
+
+# -------------------------------------------------------------------------- peaks
+
+
+def check_peaks(S, image, md=3, thr=0.0, eb=True):
+    """SYCL == OpenMP == reference (scikit-image, when installed)."""
+    got = S.find_peaks(image, min_distance=md, threshold=thr, exclude_border=eb)
+    assert got.dtype == np.int64 and got.ndim == 2 and got.shape[1] == 3
+    np.testing.assert_array_equal(got, K.find_peaks(image, md, thr, eb))
+    try:
+        import skimage.feature  # noqa: F401
+    except ImportError:
+        return got
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        np.testing.assert_array_equal(got, find_peaks_reference(image, md, thr, eb))
+    return got
+
+
+@settings(**SETTINGS)
+@given(peak_cases())
+def test_find_peaks_matches_reference(S, case):
+    img, md, thr, eb = case
+    check_peaks(S, img, md, thr, eb)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("md", [1, 3, 6])
+def test_find_peaks_distance_map(S, dtype, md):
+    img = distance_map((40, 48, 44), 7).astype(dtype)
+    assert len(check_peaks(S, img, md, 0.0)) > 5
+    check_peaks(S, img, md, 0.0, eb=False)
+
+
+def test_find_peaks_edge_cases_and_bad_inputs(S):
+    assert len(check_peaks(S, np.ones((9, 9, 9), np.float32), 1)) == 0  # all maxima
+    check_peaks(S, np.full((1, 1, 1), 3.0), 3, 0.0)
+    check_peaks(S, np.full((1, 1, 1), 3.0), 3, 0.0, eb=False)
+    assert S.find_peaks(np.zeros((0, 4, 4), np.float32)).shape == (0, 3)
+    img = np.zeros((9, 9, 9))
+    img[4, 4, 4:7] = 2.0  # plateau: the raster-first one
+    np.testing.assert_array_equal(check_peaks(S, img, 3, 0.0, eb=0), [[4, 4, 4]])
+    img = np.zeros((9, 9, 9), np.float32)
+    img[4, 4, 4] = np.float32(0.1)
+    assert len(check_peaks(S, img, 2, 0.1)) == 0 and len(check_peaks(S, img, 2, 0.09999)) == 1
+    view = np.swapaxes(distance_map((30, 34, 36), 5), 0, 2)
+    check_peaks(S, view)
+    check_peaks(S, view.astype(">f8"))
+    nan = np.zeros((5, 5, 5), np.float32)
+    nan[2, 2, 2] = np.nan
+    for args in [(nan,), (nan, 0), (np.zeros((5, 5, 5), np.int32),), (nan[0],), (img, -1), (img, 1.5),
+                 (img, 3, 0.0, -2), (img, 3, 0.0, (1, 2)), (img, 3, "high")]:
+        assert _error(lambda: S.find_peaks(*args)) == _error(lambda: K.find_peaks(*args))
 
 
 # ------------------------------------------------------------------------- relabel

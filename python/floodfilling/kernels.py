@@ -264,6 +264,16 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
     image).  ``threshold`` is compared in the image dtype; ``None`` means ``image.min()``.
     ``image`` must not contain NaN.  An empty image gives no peaks.
     """
+    args = _find_peaks_args(image, min_distance, threshold, exclude_border)
+    if args is None:
+        return np.zeros((0, 3), np.int64)
+    return _native().find_peaks(*args)
+
+
+def _find_peaks_args(image, min_distance, threshold, exclude_border):
+    """The checked arguments of :func:`find_peaks` (every launcher): ``(image C-contiguous
+    native-order, min_distance, threshold in the image dtype, border widths)``, or None for
+    an empty image."""
     if not isinstance(image, np.ndarray):
         image = np.asarray(image)
     if image.dtype.kind != "f" or image.dtype.itemsize not in (4, 8):
@@ -278,10 +288,10 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
         raise ValueError(f"min_distance: must be >= 0, got {md}")
     border = _border_widths(exclude_border, md)
     if image.size == 0:
-        return np.zeros((0, 3), np.int64)
+        return None
     image = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("="))
     thr = _effective_threshold(image, threshold)
-    return _native().find_peaks(image, md, thr, border)
+    return image, md, thr, border
 
 
 # ----------------------------------------------------------------------- reconcile

@@ -4,7 +4,7 @@ Opt-in (``pip install "floodfilling[sycl]"``: the ``intel-sycl-rt`` and ``intel-
 wheels) and imported only when asked for: nothing else in the package imports this module.
 
 Entry points with the arguments, checks and results of :mod:`floodfilling.kernels`:
-:func:`gather_fovs`, :func:`update_fovs`, :func:`relabel`.  Host (NumPy) arrays are copied
+:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`relabel`.  Host (NumPy) arrays are copied
 to USM shared memory and back around each call; arrays allocated by :func:`empty` already
 live in USM shared memory and are used in place.
 
@@ -55,7 +55,7 @@ from . import kernels as _k
 
 __all__ = [
     "SyclError", "select_device", "backend", "info", "empty",
-    "gather_fovs", "update_fovs", "relabel",
+    "gather_fovs", "update_fovs", "find_peaks", "relabel",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -693,6 +693,78 @@ def update_fovs(canvases, logits: np.ndarray, centers, *, move_threshold: float,
         offsets[...] = raw[: k * 18 * 8].view(np.int64).reshape(k, 6, 3)
         scores[...] = raw[k * 18 * 8:].view(np.float32).reshape(k, 6)
     return scores, offsets
+
+
+def _greedy_spacing(idx: np.ndarray, shape, d: int) -> np.ndarray:
+    """kernels/peaks.hpp greedy_spacing over candidates already sorted (descending value,
+    ties in raster order): a candidate is dropped when an accepted one lies at Chebyshev
+    distance < d; accepted points are kept in a grid of d^3 cells (at most one per cell)."""
+    nz, ny, nx = shape
+    zyx = np.stack(np.unravel_index(idx, shape), 1).tolist()
+    g = [(nz + d - 1) // d, (ny + d - 1) // d, (nx + d - 1) // d]
+    grid: Dict[Tuple[int, int, int], Tuple[int, int, int]] = {}
+    out = []
+    for i, (z, y, x) in zip(idx.tolist(), zyx):
+        cz, cy, cx = z // d, y // d, x // d
+        ok = True
+        for a in range(max(cz - 1, 0), min(cz + 2, g[0])):
+            for b in range(max(cy - 1, 0), min(cy + 2, g[1])):
+                for e in range(max(cx - 1, 0), min(cx + 2, g[2])):
+                    p = grid.get((a, b, e))
+                    if p is not None and abs(p[0] - z) < d and abs(p[1] - y) < d \
+                            and abs(p[2] - x) < d:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if not ok:
+                break
+        if ok:
+            grid[(cz, cy, cx)] = (z, y, x)
+            out.append(i)
+    return np.array(out, np.int64)
+
+
+def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None = 0.0,
+               exclude_border=True) -> np.ndarray:
+    """:func:`floodfilling.kernels.find_peaks` with its maximum filter and candidate test on
+    the SYCL device; the candidates' sort and the greedy spacing (serial) on the host."""
+    args = _k._find_peaks_args(image, min_distance, threshold, exclude_border)
+    if args is None:
+        return np.zeros((0, 3), np.int64)
+    image, md, thr, border = args
+    nz, ny, nx = image.shape
+    n, rows = image.size, nz * ny
+    plain = md == 0 or n == 1
+    sfx, tkind = ("f32", _F32) if image.dtype == np.float32 else ("f64", _F64)
+    b = backend()
+    with b._lock:
+        img = _stage_array(b, image)
+        ip = img.device_ptr(_addr(image))
+        work = _UsmBlock(b, 2 * image.nbytes + n + rows)
+        xmax, max2d = work.ptr, work.ptr + image.nbytes
+        cand, flags = work.ptr + 2 * image.nbytes, work.ptr + 2 * image.nbytes + n
+        if not plain:
+            b.launch(f"ffn_peaks_xmax_{sfx}", rows, 64,
+                     [(_PTR, ip), (_PTR, xmax), (_I64, rows), (_I64, nx), (_I64, md)])
+            b.launch(f"ffn_peaks_ymax_{sfx}", rows, 64,
+                     [(_PTR, xmax), (_PTR, max2d), (_I64, nz), (_I64, ny), (_I64, nx),
+                      (_I64, md)])
+        b.launch(f"ffn_peaks_test_{sfx}", rows, 64,
+                 [(_PTR, ip), (_PTR, max2d), (_PTR, xmax), (_PTR, cand), (_PTR, flags),
+                  (_I64, nz), (_I64, ny), (_I64, nx), (_I64, md), (tkind, thr),
+                  (_I64, border[0]), (_I64, border[1]), (_I64, border[2]), (_I64, int(plain))])
+        raw = work.array((2 * image.nbytes + n + rows,), np.uint8)
+        idx = np.flatnonzero(raw[2 * image.nbytes: 2 * image.nbytes + n])
+        fl = np.bitwise_or.reduce(raw[2 * image.nbytes + n:])
+    if fl & 1:
+        raise ValueError("image: contains NaN (not supported by find_peaks)")
+    if (not plain and not fl & 2) or idx.size == 0:
+        return np.zeros((0, 3), np.int64)
+    if md > 1:
+        order = np.argsort(-image.reshape(-1)[idx], kind="stable")
+        idx = np.sort(_greedy_spacing(idx[order], image.shape, md))
+    return np.stack(np.unravel_index(idx, image.shape), 1).astype(np.int64)
 
 
 def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
