@@ -30,7 +30,6 @@ from kernel_helpers import (
 )
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +348,10 @@ def _one_line_error(f):
     return msg
 
 
-def test_missing_runtime_is_one_line(S, monkeypatch, tmp_path):
+def test_missing_runtime_is_one_line(monkeypatch, tmp_path):
+    """(runs without the runtime too)"""
+    from floodfilling import sycl_backend as S
+
     monkeypatch.setattr(S, "_STATE", {"lib": None, "backends": {}, "stats": {},
                                       "selector": "cpu"})
     monkeypatch.setattr(S, "_prefixes", lambda: [tmp_path])
@@ -377,12 +379,23 @@ def test_missing_compiler_bad_selector_and_failed_compile_are_one_line(S, monkey
     assert "compiling the SYCL kernels" in msg and "error" in msg
 
 
-def test_report_runs_and_nothing_imports_the_backend(S):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "python")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+def _env():
+    import floodfilling
+
+    path = str(Path(floodfilling.__file__).resolve().parents[1])  # the package under test
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [path] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+
+
+def test_nothing_imports_the_backend():
+    """(runs without the runtime too)"""
     code = ("import sys, floodfilling, floodfilling.kernels, floodfilling.kernels_reference, "
             "floodfilling.cli; assert 'floodfilling.sycl_backend' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), timeout=300)
+
+
+def test_report(S):
+    env = _env()
     p = subprocess.run([sys.executable, "-m", "floodfilling.sycl_backend", "--json",
                         "--device", "cpu"], capture_output=True, text=True, env=env,
                        timeout=300)
