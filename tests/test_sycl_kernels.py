@@ -359,6 +359,24 @@ def test_missing_runtime_is_one_line(monkeypatch, tmp_path):
     assert 'pip install "floodfilling[sycl]"' in msg
 
 
+def test_unwritable_cache_is_one_line(S, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FFN_SYCL_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(S, "_STATE", {"lib": None, "backends": {}, "stats": {},
+                                      "selector": "cpu"})
+    assert "FFN_SYCL_CACHE" in _one_line_error(S.backend)
+
+
+def test_device_without_fp64_is_one_line():
+    """(runs without the runtime too)"""
+    from floodfilling import sycl_backend as S
+
+    msg = _one_line_error(lambda: S._check_device({"name": "Some GPU", "fp64": False,
+                                                   "can_compile_sycl": True}))
+    assert "Some GPU" in msg and "fp64" in msg
+    S._check_device({"name": "x", "fp64": True, "can_compile_sycl": True})
+
+
 def test_missing_compiler_bad_selector_and_failed_compile_are_one_line(S, monkeypatch,
                                                                        tmp_path):
     monkeypatch.setenv("FFN_SYCL_CXX", "no-such-compiler-ffn")

@@ -170,9 +170,14 @@ def _host_library(prefix: Path, cache: Path, stats: dict) -> Path:
     stats["host_cached"] = lib.exists()
     if lib.exists():
         return lib
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / f"host-{key}.lock", "w")
+    except OSError as e:
+        raise SyclError(f"the SYCL cache {cache} is not writable ({e.strerror}): set "
+                        "FFN_SYCL_CACHE to a writable folder") from None
     t0 = time.perf_counter()
-    with open(cache / f"host-{key}.lock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling it
         if lib.exists():
             stats["host_cached"] = True
@@ -255,13 +260,11 @@ class Backend:
         self._queue = q
         self.stats["open_s"] = round(time.perf_counter() - t0, 3)
         self.device = json.loads(self._check_text(lib.ffn_sycl_device_json(q)))
-        if not self.device.get("fp64"):
-            raise SyclError(f"the SYCL device {self.device['name']} has no fp64 (double) "
-                            "support, which the kernels use; choose another device "
-                            "(FFN_SYCL_DEVICE)")
-        if not self.device.get("can_compile_sycl"):
-            raise SyclError(f"the SYCL device {self.device['name']} cannot compile SYCL "
-                            "source at run time (sycl_ext_oneapi_kernel_compiler)")
+        try:
+            _check_device(self.device)
+        except SyclError:
+            self.release()
+            raise
         self._build()
 
     # ---- plumbing
@@ -377,6 +380,16 @@ class Backend:
         if self._queue is not None:
             self._lib.ffn_sycl_release_queue(self._queue)
             self._queue = None
+
+
+def _check_device(device: dict) -> None:
+    """What the kernels need of a device: fp64 and the run-time SYCL compiler."""
+    if not device.get("fp64"):
+        raise SyclError(f"the SYCL device {device['name']} has no fp64 (double) support, "
+                        "which the kernels use; choose another device (FFN_SYCL_DEVICE)")
+    if not device.get("can_compile_sycl"):
+        raise SyclError(f"the SYCL device {device['name']} cannot compile SYCL source at run "
+                        "time (sycl_ext_oneapi_kernel_compiler)")
 
 
 def _device_names(lib) -> str:
