@@ -132,14 +132,16 @@ extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::n
 void ffn_relabel_u32(uint32_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
                      int64_t nkeys) {
   const int64_t i = ffn_sycl::global_id();
-  if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<uint32_t>(labels[i], keys, values, nkeys);
+  if (i < n)
+    labels[i] = ffn::kernels::reconcile::relabel_one<uint32_t>(labels[i], keys, values, nkeys);
 }
 
 extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
 void ffn_relabel_u64(uint64_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
                      int64_t nkeys) {
   const int64_t i = ffn_sycl::global_id();
-  if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<uint64_t>(labels[i], keys, values, nkeys);
+  if (i < n)
+    labels[i] = ffn::kernels::reconcile::relabel_one<uint64_t>(labels[i], keys, values, nkeys);
 }
 
 // ------------------------------------------------------------------ peaks

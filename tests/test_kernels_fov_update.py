@@ -10,7 +10,9 @@ from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
     commit_object_reference, gather_fovs_reference, update_fovs_reference,
 )
-from kernel_helpers import assert_same_floats, fov_cases, forced_parallel, make_case, random_values
+from kernel_helpers import (
+    assert_same_floats, fov_cases, forced_parallel, make_case, random_values,
+)
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 

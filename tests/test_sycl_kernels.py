@@ -295,8 +295,8 @@ def test_find_peaks_edge_cases_and_bad_inputs(S):
     check_peaks(S, view.astype(">f8"))
     nan = np.zeros((5, 5, 5), np.float32)
     nan[2, 2, 2] = np.nan
-    for args in [(nan,), (nan, 0), (np.zeros((5, 5, 5), np.int32),), (nan[0],), (img, -1), (img, 1.5),
-                 (img, 3, 0.0, -2), (img, 3, 0.0, (1, 2)), (img, 3, "high")]:
+    for args in [(nan,), (nan, 0), (np.zeros((5, 5, 5), np.int32),), (nan[0],), (img, -1),
+                 (img, 1.5), (img, 3, 0.0, -2), (img, 3, 0.0, (1, 2)), (img, 3, "high")]:
         assert _error(lambda: S.find_peaks(*args)) == _error(lambda: K.find_peaks(*args))
 
 

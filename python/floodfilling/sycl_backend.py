@@ -4,9 +4,10 @@ Opt-in (``pip install "floodfilling[sycl]"``: the ``intel-sycl-rt`` and ``intel-
 wheels) and imported only when asked for: nothing else in the package imports this module.
 
 Entry points with the arguments, checks and results of :mod:`floodfilling.kernels`:
-:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`relabel`.  Host (NumPy) arrays are copied
-to USM shared memory and back around each call; arrays allocated by :func:`empty` already
-live in USM shared memory and are used in place.
+:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`relabel`.  Host (NumPy)
+arrays are copied to USM shared memory and back around each call; arrays allocated by
+:func:`empty` already live in USM shared memory and are used in place.  ``find_peaks``
+sorts its candidates and thins them (greedy spacing, serial) on the host.
 
 How it runs, with no SYCL compiler:
 
