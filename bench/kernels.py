@@ -18,10 +18,11 @@ arrays with ~1000 ids; union-find on 200k edges.
 ``--sycl`` (needs ``pip install ".[sycl]"``): each kernel of floodfilling.sycl_backend
 through the NumPy reference, the OpenMP launcher and SYCL on the CPU's SYCL device, with
 host arrays (copied to USM shared memory and back) and with USM arrays (in place): K = 1,
-8, 64 FOVs of 33^3 in K distinct 80^3 canvases and in one 250^3 canvas; relabel of a 256^3
-uint32 block with ~1000 ids.  First-call (kernel fetch + first launch; the compile times
-of the backend are reported apart) and steady-state medians; every result checked equal
-first.  Written to ``bench/results/kernels-sycl-<machine>.json`` with the machine load.
+8, 64 FOVs of 33^3 in K distinct 80^3 canvases and in one 250^3 canvas; pair counting of
+two 256^3 uint64 segmentations; relabel of a 256^3 uint32 block with ~1000 ids.  First-call
+(kernel fetch + first launch; the compile times of the backend are reported apart) and
+steady-state medians; every result checked equal first.  Written to
+``bench/results/kernels-sycl-<machine>.json`` with the machine load (``os.getloadavg``).
 """
 
 from __future__ import annotations
@@ -401,6 +402,19 @@ def bench_sycl(rng, repeat, quick):
             }, ["sycl_host"] if k == ks[0] and distinct else [])
             del ucanv, ucanvases, ulogits, uout
     shape = (64, 64, 64) if quick else (256, 256, 256)
+    a = voronoi_labels(shape, 1000, rng)
+    b = voronoi_labels(shape, 1000, rng, jitter=4)
+    want = count_pairs_reference(a, b)
+    for fn in (K.count_pairs, S.count_pairs):
+        got = fn(a, b)
+        assert all(np.array_equal(x, y) for x, y in zip(got, want)), "count_pairs differs"
+    row("count_pairs", f"{shape[0]}^3 uint64, {len(want[0])} pairs", {
+        "reference": lambda: count_pairs_reference(a, b),
+        "openmp": lambda: K.count_pairs(a, b),
+        "sycl_host": lambda: S.count_pairs(a, b),
+        "sycl_usm": lambda: S.count_pairs(a, b),  # copies (widens) its inputs either way
+    }, ["sycl_host"])
+    del a, b
     labels = voronoi_labels(shape, 1000, rng).astype(np.uint32)
     ids = np.unique(labels).astype(np.uint64)
     values = rng.permutation(len(ids)).astype(np.uint64) + 1

@@ -30,6 +30,11 @@
 //                        serially then).
 //   ffn_relabel_u32/u64  voxel: kernels::reconcile::relabel_one, a binary
 //                        search in the sorted keys.
+//   ffn_count_pairs_starts  voxel: 1 where the (a, b) pair differs from the
+//                        previous voxel's (a run start).
+//   ffn_count_pairs_insert  voxel that starts a run: walks to the run's end
+//                        and adds its length to the pair's count in a device
+//                        hash table (below).
 //   ffn_peaks_*_f32/f64  image row (z, y), three passes: x maxima
 //                        (peaks::row_max), y maxima of those (accumulate_max
 //                        over the rows y-r..y+r), then the z maxima of those
@@ -49,6 +54,18 @@
 //     order) and the greedy minimum-spacing pass are serial by nature (each
 //     acceptance depends on all earlier ones): the host does them
 //     (floodfilling.sycl_backend.find_peaks).
+//   * count_pairs: the CPU algorithm gives each thread a dense label x label
+//     matrix (or a sparse hash map / sorted run lists) and merges them
+//     serially, none of which fits a device.  Device algorithm: run starts,
+//     then one open-addressing hash table (linear probing, mix64 hash of
+//     relabel.hpp, atomic compare-and-swap to claim a slot) per input that
+//     maps each label to a slot, and a third table keyed by the pair of slots
+//     whose counts are atomic adds of run lengths.  Tables store key + 1
+//     (0 = empty; the label 2^64 - 1 has a slot of its own) and have at least
+//     twice as many slots as runs, so they never fill.  The host then reads
+//     the M distinct pairs and sorts them by (a, b) (O(M log M), M much
+//     smaller than the voxels for segmentations).  Atomic adds of integers
+//     give exact counts in any order.
 //   * relabel: the CPU launcher builds a hash map of the keys per call and
 //     caches the last lookup (runs of equal labels); a device work-item per
 //     voxel instead binary-searches the sorted keys (relabel_one, O(log k),
@@ -231,3 +248,58 @@ inline void peaks_test(const T* image, const T* max2d, T* m_all, uint8_t* cand,
 
 FFN_PEAKS_KERNELS(float, f32)
 FFN_PEAKS_KERNELS(double, f64)
+
+// ------------------------------------------------------------- count_pairs
+
+namespace ffn_sycl {
+
+using atomic_u64 = sycl::atomic_ref<uint64_t, sycl::memory_order::relaxed,
+                                    sycl::memory_scope::device,
+                                    sycl::access::address_space::global_space>;
+
+/// Slot of `key` in an open-addressing table of cap (a power of two) + 1
+/// uint64 slots holding key + 1 (0 = empty), claimed if absent; the key
+/// 2^64 - 1 (whose key + 1 is 0) has the extra slot `cap`.  The table must
+/// have a free slot.
+inline int64_t table_slot(uint64_t* table, int64_t cap, uint64_t key) {
+  if (key == ~uint64_t(0)) {
+    atomic_u64(table[cap]).store(1);
+    return cap;
+  }
+  const uint64_t stored = key + 1;
+  int64_t i = static_cast<int64_t>(ffn::kernels::reconcile::mix64(key) &
+                                   static_cast<uint64_t>(cap - 1));
+  while (true) {
+    atomic_u64 slot(table[i]);
+    uint64_t cur = slot.load();
+    if (cur == 0) {
+      if (slot.compare_exchange_strong(cur, stored)) return i;
+    }
+    if (cur == stored) return i;
+    i = (i + 1) & (cap - 1);
+  }
+}
+
+}  // namespace ffn_sycl
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_count_pairs_starts(const uint64_t* a, const uint64_t* b, int64_t n, uint8_t* start) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i < n) start[i] = (i == 0 || a[i] != a[i - 1] || b[i] != b[i - 1]) ? 1 : 0;
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_count_pairs_insert(const uint64_t* a, const uint64_t* b, int64_t n, const uint8_t* start,
+                            uint64_t* table_a, int64_t cap_a, uint64_t* table_b, int64_t cap_b,
+                            uint64_t* table_pairs, int64_t cap_pairs, uint64_t* counts) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i >= n || !start[i]) return;
+  int64_t j = i + 1;
+  while (j < n && !start[j]) ++j;
+  const int64_t sa = ffn_sycl::table_slot(table_a, cap_a, a[i]);
+  const int64_t sb = ffn_sycl::table_slot(table_b, cap_b, b[i]);
+  const uint64_t key = static_cast<uint64_t>(sa) * static_cast<uint64_t>(cap_b + 1) +
+                       static_cast<uint64_t>(sb);
+  const int64_t sp = ffn_sycl::table_slot(table_pairs, cap_pairs, key);
+  ffn_sycl::atomic_u64(counts[sp]).fetch_add(static_cast<uint64_t>(j - i));
+}

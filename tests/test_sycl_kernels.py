@@ -23,10 +23,12 @@ from hypothesis import strategies as st
 
 from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
-    find_peaks_reference, gather_fovs_reference, relabel_reference, update_fovs_reference,
+    count_pairs_reference, find_peaks_reference, gather_fovs_reference, relabel_reference,
+    update_fovs_reference,
 )
 from kernel_helpers import (
-    assert_same_floats, distance_map, fov_cases, make_case, peak_cases, random_values,
+    assert_same_floats, distance_map, fov_cases, labels, make_case, pair_cases, peak_cases,
+    random_values,
 )
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -298,6 +300,53 @@ def test_find_peaks_edge_cases_and_bad_inputs(S):
     for args in [(nan,), (nan, 0), (np.zeros((5, 5, 5), np.int32),), (nan[0],), (img, -1),
                  (img, 1.5), (img, 3, 0.0, -2), (img, 3, 0.0, (1, 2)), (img, 3, "high")]:
         assert _error(lambda: S.find_peaks(*args)) == _error(lambda: K.find_peaks(*args))
+
+
+# --------------------------------------------------------------------- count_pairs
+
+
+def check_pairs(S, a, b, ignore_zero=False):
+    p, c = S.count_pairs(a, b, ignore_zero=ignore_zero)
+    assert p.dtype == np.uint64 and p.ndim == 2 and p.shape[1] == 2
+    assert c.dtype == np.int64 and c.shape == (len(p),)
+    rp, rc = count_pairs_reference(a, b, ignore_zero=ignore_zero)
+    np.testing.assert_array_equal(p, rp)
+    np.testing.assert_array_equal(c, rc)
+    return p, c
+
+
+@settings(**SETTINGS)
+@given(pair_cases())
+def test_count_pairs_matches_reference(S, case):
+    shape, da, db, big, n_ids, seed, blocky, ignore_zero = case
+    rng = np.random.default_rng(seed)
+    a = labels(rng, shape, da, n_ids, big and da == np.uint64, blocky)
+    b = labels(rng, shape, db, n_ids, big and db == np.uint64, blocky)
+    check_pairs(S, a, b, ignore_zero)
+
+
+def test_count_pairs_many_pairs_views_and_extremes(S):
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 100000, 300_000).astype(np.uint64)
+    b = rng.integers(0, 3000, 300_000).astype(np.uint32)
+    a[200_000:] += np.uint64(2**33)
+    check_pairs(S, a, b)
+    check_pairs(S, a, b, ignore_zero=True)
+    blocky = labels(rng, (40, 64, 64), np.uint64, 300, True, True)
+    other = labels(rng, (40, 64, 64), np.uint32, 300, False, True)
+    check_pairs(S, blocky, other, ignore_zero=True)
+    check_pairs(S, blocky[::-1, ::2], other.T.T[::-1, ::2])
+    check_pairs(S, blocky.astype(">u8"), other.astype(np.uint16))
+    top = np.uint64(2**64 - 1)  # the label whose key + 1 is 0 in the device tables
+    x = np.array([top, top, 0, 5, top, 2**63], np.uint64)
+    y = np.array([top, 1, top, 5, top, 0], np.uint64)
+    p, c = check_pairs(S, x, y)
+    assert p.tolist()[-1] == [2**64 - 1, 2**64 - 1] and c[-1] == 2
+    p, c = check_pairs(S, np.zeros((0, 3), np.uint32), np.zeros((0, 3), np.uint64))
+    assert p.shape == (0, 2) and c.shape == (0,)
+    check_pairs(S, np.array([[[7]]], np.uint32), np.array([[[2**63]]], np.uint64))
+    for args in [(a, b[:-1]), (a.astype(np.int64), b), (a.tolist(), b), (a, b.astype(np.float32))]:
+        assert _error(lambda: S.count_pairs(*args)) == _error(lambda: K.count_pairs(*args))
 
 
 # ------------------------------------------------------------------------- relabel

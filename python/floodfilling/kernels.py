@@ -306,11 +306,17 @@ def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
     label is 0.  Memory-bound (about 2 ns per voxel): it uses several threads only from
     2**22 voxels per thread.
     """
+    a, b = _count_pairs_args(a, b)
+    return _native().count_pairs(a, b, bool(ignore_zero))
+
+
+def _count_pairs_args(a, b):
+    """The checked label inputs of :func:`count_pairs` (every launcher)."""
     a = _label_input(a, "a")
     b = _label_input(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"b: shape {b.shape} does not match a's shape {a.shape}")
-    return _native().count_pairs(a, b, bool(ignore_zero))
+    return a, b
 
 
 def _edges_input(edges) -> np.ndarray:

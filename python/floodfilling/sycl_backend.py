@@ -4,7 +4,8 @@ Opt-in (``pip install "floodfilling[sycl]"``: the ``intel-sycl-rt`` and ``intel-
 wheels) and imported only when asked for: nothing else in the package imports this module.
 
 Entry points with the arguments, checks and results of :mod:`floodfilling.kernels`:
-:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`relabel`.  Host (NumPy)
+:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`count_pairs`,
+:func:`relabel`.  Host (NumPy)
 arrays are copied to USM shared memory and back around each call; arrays allocated by
 :func:`empty` already live in USM shared memory and are used in place.  ``find_peaks``
 sorts its candidates and thins them (greedy spacing, serial) on the host.
@@ -56,7 +57,7 @@ from . import kernels as _k
 
 __all__ = [
     "SyclError", "select_device", "backend", "info", "empty",
-    "gather_fovs", "update_fovs", "find_peaks", "relabel",
+    "gather_fovs", "update_fovs", "find_peaks", "count_pairs", "relabel",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -779,6 +780,48 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
         order = np.argsort(-image.reshape(-1)[idx], kind="stable")
         idx = np.sort(_greedy_spacing(idx[order], image.shape, md))
     return np.stack(np.unravel_index(idx, image.shape), 1).astype(np.int64)
+
+
+def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
+    """:func:`floodfilling.kernels.count_pairs`: run starts and the counting (device hash
+    tables, sycl/kernels.cpp) on the SYCL device; the M distinct pairs sorted on the host.
+    Labels are widened to uint64 on the device; the tables take 4 x 16 bytes per run."""
+    a, b = _k._count_pairs_args(a, b)
+    n = a.size
+    if n == 0:
+        return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
+    b_ = backend()
+    with b_._lock:
+        ab = _UsmBlock(b_, 16 * n + n)
+        view = ab.array((16 * n + n,), np.uint8)
+        la, lb = view[: 8 * n].view(np.uint64), view[8 * n: 16 * n].view(np.uint64)
+        np.copyto(la, a.reshape(-1), casting="safe")
+        np.copyto(lb, b.reshape(-1), casting="safe")
+        pa, pb, ps = ab.ptr, ab.ptr + 8 * n, ab.ptr + 16 * n
+        b_.launch("ffn_count_pairs_starts", n, 256,
+                  [(_PTR, pa), (_PTR, pb), (_I64, n), (_PTR, ps)])
+        runs = int(np.count_nonzero(view[16 * n:]))
+        cap = 1 << max(2 * runs - 1, 15).bit_length()  # >= 2 runs: the tables never fill
+        tables = _UsmBlock(b_, 4 * 8 * (cap + 1))
+        t = tables.array((4, cap + 1), np.uint64)
+        t[...] = 0
+        ta, tb, tp, tc = (tables.ptr + i * 8 * (cap + 1) for i in range(4))
+        b_.launch("ffn_count_pairs_insert", n, 256,
+                  [(_PTR, pa), (_PTR, pb), (_I64, n), (_PTR, ps), (_PTR, ta), (_I64, cap),
+                   (_PTR, tb), (_I64, cap), (_PTR, tp), (_I64, cap), (_PTR, tc)])
+        occ = np.flatnonzero(t[2, :cap])
+        key = t[2, occ] - np.uint64(1)
+        counts = t[3, occ].astype(np.int64)
+        sa = (key // np.uint64(cap + 1)).astype(np.int64)
+        sb = (key % np.uint64(cap + 1)).astype(np.int64)
+        top = np.uint64(0xFFFFFFFFFFFFFFFF)
+        lab_a = np.where(sa == cap, top, t[0, sa] - np.uint64(1))
+        lab_b = np.where(sb == cap, top, t[1, sb] - np.uint64(1))
+    if ignore_zero:
+        keep = (lab_a != 0) & (lab_b != 0)
+        lab_a, lab_b, counts = lab_a[keep], lab_b[keep], counts[keep]
+    order = np.lexsort((lab_b, lab_a))
+    return np.stack([lab_a[order], lab_b[order]], 1).astype(np.uint64), counts[order]
 
 
 def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
