@@ -116,6 +116,7 @@ std::string device_json(sycl::device d) {  // by value: ext_oneapi_can_compile i
     << "\"backend\": \"" << backend_name(d.get_backend()) << "\", "
     << "\"type\": \"" << type_name(d.get_info<sycl::info::device::device_type>()) << "\", "
     << "\"fp64\": " << (d.has(sycl::aspect::fp64) ? "true" : "false") << ", "
+    << "\"atomic64\": " << (d.has(sycl::aspect::atomic64) ? "true" : "false") << ", "
     << "\"usm_shared\": " << (d.has(sycl::aspect::usm_shared_allocations) ? "true" : "false")
     << ", "
     << "\"compute_units\": " << d.get_info<sycl::info::device::max_compute_units>() << ", "

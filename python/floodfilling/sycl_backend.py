@@ -469,6 +469,7 @@ def info(selector: Optional[str] = None) -> dict:
     d = b.device
     out = {"backend": d["backend"], "device": d["name"], "type": d["type"],
            "vendor": d["vendor"], "driver": d["driver"], "fp64": d["fp64"],
+           "atomic64": d["atomic64"],
            "selector": b.selector}
     out.update({k: v for k, v in b.stats.items()})
     out["devices"] = json.loads(b._lib.ffn_sycl_devices_json().decode())
@@ -791,6 +792,9 @@ def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
     if n == 0:
         return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
     b_ = backend()
+    if not b_.device.get("atomic64"):
+        raise SyclError(f"the SYCL device {b_.device['name']} has no 64-bit atomics, which "
+                        "count_pairs uses")
     with b_._lock:
         ab = _UsmBlock(b_, 16 * n + n)
         view = ab.array((16 * n + n,), np.uint8)
@@ -873,7 +877,7 @@ def _report(argv: Optional[List[str]] = None) -> int:
     if a.json:
         print(json.dumps(rep, indent=2))
         return 0
-    for key in ("backend", "device", "type", "vendor", "driver", "fp64", "selector",
+    for key in ("backend", "device", "type", "vendor", "driver", "fp64", "atomic64", "selector",
                 "runtime", "runtime_version", "cache", "host_library", "host_cached",
                 "host_compile_s", "open_s", "kernel_compile_s", "first_call_s"):
         if key in rep:
