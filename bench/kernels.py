@@ -7,12 +7,22 @@ Results are printed as JSON and written to ``bench/results/kernels-<machine>.jso
 
     python bench/kernels.py                # full sizes (needs ~2 GB RAM, a few minutes)
     python bench/kernels.py --quick        # small sizes, smoke test
+    python bench/kernels.py --sycl         # reference vs OpenMP vs SYCL (CPU device)
 
 Sizes (full): FOV update of 32 FOVs of 33^3 into one 250^3 canvas and into 32 distinct
 canvases; FOV gather of the same; peak finding on the 250^3 FIB-25 distance map (the
 seed pipeline: Sobel magnitude > its Gaussian blur, EDT, + 1e-4 noise; a synthetic edge
 map when the data file is missing); pair counting / relabel on 64x256x256 uint64 label
 arrays with ~1000 ids; union-find on 200k edges.
+
+``--sycl`` (needs ``pip install ".[sycl]"``): each kernel of floodfilling.sycl_backend
+through the NumPy reference, the OpenMP launcher and SYCL on the CPU's SYCL device, with
+host arrays (copied to USM shared memory and back) and with USM arrays (in place): K = 1,
+8, 64 FOVs of 33^3 in K distinct 80^3 canvases and in one 250^3 canvas; pair counting of
+two 256^3 uint64 segmentations; relabel of a 256^3 uint32 block with ~1000 ids.  First-call
+(kernel fetch + first launch; the compile times of the backend are reported apart) and
+steady-state medians; every result checked equal first.  Written to
+``bench/results/kernels-sycl-<machine>.json`` with the machine load (``os.getloadavg``).
 """
 
 from __future__ import annotations
@@ -300,6 +310,156 @@ def bench_reconcile(rng, repeat, quick):
     return rows
 
 
+# ------------------------------------------------------------------------- SYCL
+
+
+def bench_sycl(rng, repeat, quick):
+    """Reference vs OpenMP vs SYCL (host arrays; USM arrays) per kernel."""
+    from floodfilling import sycl_backend as S
+
+    S.select_device(os.environ.get("FFN_SYCL_DEVICE") or "cpu")
+    t0 = time.perf_counter()
+    info = S.info()
+    info["backend_ready_s"] = time.perf_counter() - t0
+    info.pop("devices", None)
+    rows = []
+
+    def timed(fn, n):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return ts
+
+    def usm_copy(a):
+        u = S.empty(a.shape, a.dtype)
+        u[...] = a
+        return u
+
+    def row(name, size, fns, first_of):
+        first = {k: timed(fns[k], 1)[0] for k in first_of}
+        runs = {k: timed(f, repeat) for k, f in fns.items()}
+        r = {"kernel": name, "size": size}
+        for k, ts in runs.items():
+            r[f"{k}_s"] = statistics.median(ts)
+            r[f"{k}_runs_s"] = ts
+        for k, t in first.items():
+            r[f"{k}_first_call_s"] = t
+        r["sycl_host_vs_openmp"] = r["sycl_host_s"] / r["openmp_s"]
+        r["sycl_usm_vs_openmp"] = r["sycl_usm_s"] / r["openmp_s"]
+        print(f"{name:12s} {size:34s} ref {r['reference_s']*1e3:9.2f} ms  omp "
+              f"{r['openmp_s']*1e3:8.2f} ms  sycl host {r['sycl_host_s']*1e3:8.2f} ms  "
+              f"usm {r['sycl_usm_s']*1e3:8.2f} ms", file=sys.stderr)
+        rows.append(r)
+
+    kw = dict(move_threshold=2.1972245773362196, deltas=(8, 8, 8), disco_seed_threshold=0.0)
+    ks = (1, 8) if quick else (1, 8, 64)
+    for distinct, cshape in ((True, (80, 80, 80)), (False, (96,) * 3 if quick else (250,) * 3)):
+        for k in ks:
+            canvases, logits, centers = fov_inputs(rng, k, cshape, distinct)
+            ucanv = [usm_copy(c) for c in {id(c): c for c in canvases}.values()]
+            ucanvases = ucanv * k if not distinct else ucanv
+            ulogits = usm_copy(logits)
+            # equal results first (fresh copies; SYCL on host arrays and on USM arrays)
+            memo = {}
+            cs = [memo.setdefault(id(c), c.copy()) for c in canvases]
+            ls = logits.copy()
+            ss, so = S.update_fovs(cs, ls, centers, **kw)
+            memo = {}
+            cr = [memo.setdefault(id(c), c.copy()) for c in canvases]
+            lr = logits.copy()
+            sr, orf = update_fovs_reference(cr, lr, centers, **kw)
+            su, ou = S.update_fovs(ucanvases, ulogits, centers, **kw)
+            for a, b in ((ss, sr), (ls, lr), (su, sr), (ulogits, lr), *zip(cs, cr),
+                         *zip(ucanvases, cr)):
+                assert np.array_equal(np.asarray(a).view(np.uint32), b.view(np.uint32)), \
+                    "SYCL update_fovs differs"
+            assert np.array_equal(so, orf) and np.array_equal(ou, orf)
+            check_update(canvases, logits, centers, kw)
+            size = f"K={k} 33^3, {'distinct' if distinct else 'one'} {cshape[0]}^3"
+            lw = logits.copy()
+            row("update_fovs", size, {
+                "reference": lambda: update_fovs_reference(canvases, lw, centers, **kw),
+                "openmp": lambda: K.update_fovs(canvases, lw, centers, **kw),
+                "sycl_host": lambda: S.update_fovs(canvases, lw, centers, **kw),
+                "sycl_usm": lambda: S.update_fovs(ucanvases, ulogits, centers, **kw),
+            }, ["sycl_host"] if k == ks[0] and distinct else [])
+            out = np.empty_like(logits)
+            uout = S.empty(logits.shape)
+            ref = gather_fovs_reference(canvases, centers, 33, 0.05)
+            S.gather_fovs(canvases, centers, 33, 0.05, out)
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+            S.gather_fovs(ucanvases, centers, 33, 0.05, uout)
+            assert np.array_equal(uout.view(np.uint32), ref.view(np.uint32))
+            K.gather_fovs(canvases, centers, 33, 0.05, out)
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+            row("gather_fovs", size, {
+                "reference": lambda: gather_fovs_reference(canvases, centers, 33, 0.05),
+                "openmp": lambda: K.gather_fovs(canvases, centers, 33, 0.05, out),
+                "sycl_host": lambda: S.gather_fovs(canvases, centers, 33, 0.05, out),
+                "sycl_usm": lambda: S.gather_fovs(ucanvases, centers, 33, 0.05, uout),
+            }, ["sycl_host"] if k == ks[0] and distinct else [])
+            del ucanv, ucanvases, ulogits, uout
+    shape = (64, 64, 64) if quick else (256, 256, 256)
+    a = voronoi_labels(shape, 1000, rng)
+    b = voronoi_labels(shape, 1000, rng, jitter=4)
+    want = count_pairs_reference(a, b)
+    for fn in (K.count_pairs, S.count_pairs):
+        got = fn(a, b)
+        assert all(np.array_equal(x, y) for x, y in zip(got, want)), "count_pairs differs"
+    row("count_pairs", f"{shape[0]}^3 uint64, {len(want[0])} pairs", {
+        "reference": lambda: count_pairs_reference(a, b),
+        "openmp": lambda: K.count_pairs(a, b),
+        "sycl_host": lambda: S.count_pairs(a, b),
+        "sycl_usm": lambda: S.count_pairs(a, b),  # copies (widens) its inputs either way
+    }, ["sycl_host"])
+    del a, b
+    labels = voronoi_labels(shape, 1000, rng).astype(np.uint32)
+    ids = np.unique(labels).astype(np.uint64)
+    values = rng.permutation(len(ids)).astype(np.uint64) + 1
+    want = relabel_reference(labels.copy(), ids, values)
+    for fn in (K.relabel, S.relabel):
+        got = labels.copy()
+        fn(got, ids, values)
+        assert np.array_equal(got, want), "relabel differs"
+    ulab = usm_copy(labels)
+    S.relabel(ulab, ids, values)
+    assert np.array_equal(ulab, want)
+    work, uwork = labels.copy(), usm_copy(labels)
+    row("relabel", f"{shape[0]}^3 uint32, {len(ids)} ids", {
+        "reference": lambda: relabel_reference(work, ids, values),
+        "openmp": lambda: K.relabel(work, ids, values),
+        "sycl_host": lambda: S.relabel(work, ids, values),
+        "sycl_usm": lambda: S.relabel(uwork, ids, values),
+    }, ["sycl_host"])
+    return info, rows
+
+
+def main_sycl(args):
+    rng = np.random.default_rng(0)
+    load_before = os.getloadavg()
+    info, rows = bench_sycl(rng, args.repeat, args.quick)
+    result = {
+        "machine": machine_id(), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "openmp_threads": K.get_num_threads(), "sycl": info,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "repeat": args.repeat, "quick": args.quick,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = args.out
+    if out is None and not args.quick:
+        out = Path(__file__).resolve().parent / "results" / f"kernels-sycl-{machine_id()}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -312,10 +472,14 @@ def main(argv=None):
                     help="run only these groups (repeatable; default: all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: "
                     "bench/results/kernels-<machine>.json; not written with --quick or --only)")
+    ap.add_argument("--sycl", action="store_true", help="reference vs OpenMP vs SYCL on the "
+                    "CPU SYCL device (bench/results/kernels-sycl-<machine>.json)")
     args = ap.parse_args(argv)
     if not K.HAVE_NATIVE:
         sys.exit("floodfilling._kernels is not built")
     K.set_num_threads(args.threads)
+    if args.sycl:
+        return main_sycl(args)
     rng = np.random.default_rng(0)
     print(f"machine {machine_id()}, native threads {K.get_num_threads()}, "
           f"build {K.build_info()}", file=sys.stderr)

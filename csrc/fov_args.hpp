@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Argument resolution shared by the FOV bindings of every launcher (OpenMP:
-// bind_fov_update.cpp, SYCL: sycl/sycl_launch.cpp): canvases, centres and FOV
+// Argument resolution of the FOV bindings (bind_fov_update.cpp; the SYCL
+// backend, python/floodfilling/sycl_backend.py, mirrors them): canvases, centres and FOV
 // sizes are checked here, with ValueErrors naming the argument.
 #pragma once
 

@@ -18,9 +18,6 @@ namespace bind {
 void bind_fov_update(py::module_& m);
 void bind_peaks(py::module_& m);
 void bind_reconcile(py::module_& m);
-#ifdef FFN_HAVE_SYCL
-void bind_sycl(py::module_& m);
-#endif
 }  // namespace bind
 }  // namespace ffn
 
@@ -29,19 +26,11 @@ PYBIND11_MODULE(_kernels, m) {
   ffn::bind::bind_fov_update(m);
   ffn::bind::bind_peaks(m);
   ffn::bind::bind_reconcile(m);
-#ifdef FFN_HAVE_SYCL
-  ffn::bind::bind_sycl(m);
-#endif
   m.def(
       "build_info",
       []() {
         py::dict d;
         d["openmp"] = ffn::launch::have_openmp();
-#ifdef FFN_HAVE_SYCL
-        d["sycl"] = true;
-#else
-        d["sycl"] = false;
-#endif
         d["compiler"] = FFN_COMPILER_INFO;
 #ifdef _OPENMP
         d["openmp_version"] = static_cast<int>(_OPENMP);
@@ -51,7 +40,7 @@ PYBIND11_MODULE(_kernels, m) {
         d["cxx_standard"] = static_cast<long>(__cplusplus);
         return d;
       },
-      "Build configuration: {'openmp': bool, 'sycl': bool, 'compiler': str, ...}.");
+      "Build configuration: {'openmp': bool, 'compiler': str, ...}.");
   m.def("set_num_threads", &ffn::launch::set_num_threads, py::arg("n"),
         "Threads used by the parallel kernels; n <= 0 restores the default.");
   m.def("get_num_threads", &ffn::launch::num_threads,

@@ -4,7 +4,7 @@
 //
 // Header-only C++17, no Python, no I/O, no exceptions, no allocation: plain
 // functions over raw pointers so that the OpenMP launcher (csrc/launch_omp.cpp)
-// and the opt-in SYCL launcher (sycl/sycl_launch.cpp) share them.
+// and the SYCL kernels (sycl/kernels.cpp) share them.
 //
 // Geometry
 // --------

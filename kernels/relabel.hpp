@@ -10,8 +10,8 @@
 //     once from the keys (open addressing, linear probing, load below 1/2,
 //     mix64 hash) and a one-entry cache, so that a run of equal labels costs
 //     one lookup.  O(k) to build for k keys, O(n) expected for n labels.
-//   * relabel_one (device launchers, e.g. the opt-in SYCL one in
-//     sycl/sycl_launch.cpp): one label, binary search in the sorted keys,
+//   * relabel_one (device kernels: sycl/kernels.cpp, one work-item per
+//     voxel): one label, binary search in the sorted keys,
 //     O(log k), no allocation.
 //
 // Threading: the CPU launcher drops the keys above the label type's range,

@@ -10,38 +10,14 @@ from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
     commit_object_reference, gather_fovs_reference, update_fovs_reference,
 )
-from kernel_helpers import forced_parallel
+from kernel_helpers import (
+    assert_same_floats, fov_cases, forced_parallel, make_case, random_values,
+)
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 
 SETTINGS = dict(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-
-
-def bits(a):
-    """Bitwise view of a float32 array (NaN payloads and -0.0 compared exactly)."""
-    return np.ascontiguousarray(a).view(np.uint32)
-
-
-def assert_same_floats(a, b):
-    assert a.shape == b.shape
-    np.testing.assert_array_equal(bits(a), bits(b))
-
-
-def random_values(rng, shape, kind):
-    """float32 values with NaN/inf/ties depending on `kind`."""
-    if kind == "normal":
-        v = rng.standard_normal(shape).astype(np.float32) * 4
-    elif kind == "ties":  # few distinct values: many equal maxima
-        v = rng.choice(np.array([-3.0, -0.0, 0.0, 1.5, 2.5], np.float32), size=shape)
-    else:  # "special": NaN, +-inf, -0.0 sprinkled in
-        v = rng.standard_normal(shape).astype(np.float32) * 4
-        r = rng.random(shape)
-        v[r < 0.05] = np.nan
-        v[(r >= 0.05) & (r < 0.08)] = np.inf
-        v[(r >= 0.08) & (r < 0.11)] = -np.inf
-        v[(r >= 0.11) & (r < 0.14)] = -0.0
-    return v
 
 
 def run_both(canvases, logits, centers, **kw):
@@ -74,53 +50,6 @@ def run_both(canvases, logits, centers, **kw):
         for a, b in zip(cn, cr):
             assert_same_floats(a, b)
     return sn, on, cn, ln
-
-
-@st.composite
-def fov_cases(draw):
-    f = tuple(draw(st.sampled_from([1, 3, 5, 7, 9])) for _ in range(3))
-    deltas = tuple(draw(st.integers(0, fi // 2)) for fi in f)
-    k = draw(st.integers(0, 4))
-    layout = draw(st.sampled_from(["distinct", "shared", "list_shared", "stack"]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    kind_canvas = draw(st.sampled_from(["normal", "ties", "special", "nan"]))
-    kind_logits = draw(st.sampled_from(["normal", "ties", "special"]))
-    move = draw(st.sampled_from([0.0, 0.9, 2.1972245773362196, -1.0, float("nan")]))
-    disco = draw(st.sampled_from([0.0, 0.1, 0.5, -1.0, 1.0]))
-    return f, deltas, k, layout, seed, kind_canvas, kind_logits, move, disco
-
-
-def make_case(f, k, layout, seed, kind_canvas, kind_logits):
-    rng = np.random.default_rng(seed)
-
-    def canvas(shape):
-        if kind_canvas == "nan":
-            c = np.full(shape, np.nan, np.float32)
-            if c.size:
-                c[tuple(s // 2 for s in shape)] = 2.9444  # like a seed
-            return c
-        return random_values(rng, shape, kind_canvas)
-
-    logits = random_values(rng, (k,) + f, kind_logits)
-    if layout == "stack":
-        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
-        canvases = canvas((k,) + shape)
-        shapes = [shape] * k
-    elif layout == "shared":
-        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
-        canvases = canvas(shape)
-        shapes = [shape] * k
-    elif layout == "list_shared":
-        shape = tuple(fi + int(rng.integers(0, 6)) for fi in f)
-        c = canvas(shape)
-        canvases = [c] * k
-        shapes = [shape] * k
-    else:
-        shapes = [tuple(fi + int(rng.integers(0, 8)) for fi in f) for _ in range(k)]
-        canvases = [canvas(s) for s in shapes]
-    centers = np.array([[rng.integers(fi // 2, si - fi // 2) for fi, si in zip(f, s)]
-                        for s in shapes], np.int64).reshape(k, 3)
-    return canvases, logits, centers
 
 
 @settings(**SETTINGS)

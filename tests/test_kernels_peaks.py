@@ -5,12 +5,10 @@ import warnings
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy import ndimage
 
 from floodfilling import kernels as K
 from floodfilling.kernels_reference import find_peaks_reference
-from kernel_helpers import forced_parallel
+from kernel_helpers import distance_map, forced_parallel, peak_cases
 
 skimage_feature = pytest.importorskip("skimage.feature")
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
@@ -44,40 +42,6 @@ def check(image, min_distance=3, threshold=0.0, exclude_border=True):
                                    exclude_border=exclude_border)
     np.testing.assert_array_equal(got, ref)
     return got
-
-
-def distance_map(shape, seed, sigma=1.5, level=0.5):
-    """Like the seed map: EDT of a thresholded smooth random edge map + tiny noise."""
-    rs = np.random.RandomState(seed)
-    edges = ndimage.gaussian_filter(rs.random_sample(shape), sigma) > level
-    dt = ndimage.distance_transform_edt(~edges).astype(np.float32)
-    return dt + 1e-4 * np.random.RandomState(42).random_sample(shape)
-
-
-@st.composite
-def peak_cases(draw):
-    shape = tuple(draw(st.integers(1, 13)) for _ in range(3))
-    kind = draw(st.sampled_from(["ints", "ties", "normal", "dist", "inf"]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    md = draw(st.integers(0, 4))
-    thr = draw(st.sampled_from([0.0, -1.0, 0.5, 1.0, 2.5, None, -np.inf]))
-    eb = draw(st.sampled_from([True, False, 0, 1, 2, 5, (0, 1, 2), (3, 0, 1)]))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    rng = np.random.default_rng(seed)
-    if kind == "ints":
-        img = rng.integers(0, 4, shape).astype(dtype)
-    elif kind == "ties":  # large plateaus
-        img = np.kron(rng.integers(0, 3, tuple((s + 2) // 3 for s in shape)),
-                      np.ones((3, 3, 3)))[:shape[0], :shape[1], :shape[2]].astype(dtype)
-    elif kind == "normal":
-        img = rng.standard_normal(shape).astype(dtype)
-    elif kind == "inf":
-        img = rng.standard_normal(shape).astype(dtype)
-        img[rng.random(shape) < 0.2] = np.inf
-        img[rng.random(shape) < 0.2] = -np.inf
-    else:
-        img = distance_map(shape, seed % 1000).astype(dtype)
-    return img, md, thr, eb
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

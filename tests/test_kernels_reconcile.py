@@ -12,12 +12,11 @@ from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
     count_pairs_reference, relabel_reference, union_find_reference,
 )
-from kernel_helpers import forced_parallel
+from kernel_helpers import forced_parallel, labels, pair_cases
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 
 SETTINGS = dict(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BIG = np.uint64(2**40)  # ids that do not fit in 32 bits
 
 
 @contextmanager
@@ -28,36 +27,6 @@ def portable_scan():
         yield
     finally:
         K._native()._set_count_pairs_simd(old)
-
-
-def labels(rng, shape, dtype, n_ids, big=False, blocky=False):
-    if blocky:  # spatially coherent labels (long runs), like segmentations
-        coarse = rng.integers(0, n_ids, tuple(max(1, s // 4) for s in shape))
-        a = coarse
-        for ax, s in enumerate(shape):
-            a = np.repeat(a, 4, axis=ax)
-            a = np.take(a, np.arange(s) % a.shape[ax], axis=ax)
-        a = a.reshape(shape)
-    else:
-        a = rng.integers(0, n_ids, shape)
-    a = a.astype(np.uint64)
-    if big:
-        a = np.where(a % 2 == 1, a + BIG, a)
-    return a.astype(dtype)
-
-
-@st.composite
-def pair_cases(draw):
-    ndim = draw(st.integers(0, 4))
-    shape = tuple(draw(st.integers(0, 9)) for _ in range(ndim))
-    da = draw(st.sampled_from([np.uint32, np.uint64]))
-    db = draw(st.sampled_from([np.uint32, np.uint64]))
-    big = draw(st.booleans())
-    n_ids = draw(st.sampled_from([1, 2, 5, 50]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    blocky = draw(st.booleans())
-    ignore_zero = draw(st.booleans())
-    return shape, da, db, big, n_ids, seed, blocky, ignore_zero
 
 
 def counter_pairs(a, b, ignore_zero):

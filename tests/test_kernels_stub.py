@@ -103,11 +103,7 @@ def test_every_binding_has_a_stub_with_its_parameters():
     stubs = stub_functions()
     missing = sorted(exported - set(stubs))
     assert not missing, f"functions of floodfilling._kernels without a stub in {STUB}: {missing}"
-    # stubs of functions the extension does not have: only the SYCL launcher's, and only in a
-    # build without SYCL
     extra = set(stubs) - exported
-    if not K.build_info()["sycl"]:
-        extra -= {n for n in stubs if n.startswith("sycl_")}
     assert not extra, f"stubs in {STUB} of functions floodfilling._kernels lacks: {sorted(extra)}"
     checked = 0
     for name in sorted(exported):
@@ -122,10 +118,10 @@ def test_every_binding_has_a_stub_with_its_parameters():
 
 @pytest.mark.skipif(not CSRC.is_dir(), reason="C++ sources not available")
 def test_every_m_def_in_the_sources_has_a_stub():
-    """Also the bindings of launchers this build lacks (SYCL): names from ``m.def("name"``,
-    parameter names from the ``py::arg("...")`` that follow it up to the next ``m.def``."""
+    """Names from ``m.def("name"``, parameter names from the ``py::arg("...")`` that follow
+    it up to the next ``m.def``."""
     stubs = stub_functions()
-    text = "\n".join(p.read_text() for p in sorted(CSRC.glob("*.cpp")) + sorted((CSRC.parent / "sycl").glob("*.cpp")))
+    text = "\n".join(p.read_text() for p in sorted(CSRC.glob("*.cpp")))
     defs = list(re.finditer(r'm\.def\(\s*"(\w+)"', text))
     assert len(defs) >= 10
     for i, m in enumerate(defs):

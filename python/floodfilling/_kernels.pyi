@@ -95,7 +95,7 @@ def _set_count_pairs_simd(allowed: bool) -> bool:
 # --------------------------------------------------------------- build and threads (module.cpp)
 
 def build_info() -> dict[str, Any]:
-    """Build configuration: {'openmp': bool, 'sycl': bool, 'compiler': str,
+    """Build configuration: {'openmp': bool, 'compiler': str,
     'openmp_version': int | None, 'cxx_standard': int}."""
 
 def set_num_threads(n: int) -> None:
@@ -107,30 +107,3 @@ def get_num_threads() -> int:
 def _set_parallel_grain(n: int) -> int:
     """Testing hook: minimum elements per parallel chunk (n <= 0: default); returns the
     previous value."""
-
-# ------------------------------------- SYCL (sycl_launch.cpp): only where build_info()['sycl']
-
-def sycl_device() -> str:
-    """Name of the SYCL device used by the sycl_* kernels."""
-
-def sycl_gather_fovs(
-    canvases: _Canvases,
-    centers: _Centers,
-    fov_size: _Triple,
-    pad_value: float,
-    out: _Float32,
-) -> NDArray[np.float32]:
-    """gather_fovs on the SYCL device (same semantics as gather_fovs)."""
-
-def sycl_update_fovs(
-    canvases: _Canvases,
-    logits: _Float32,
-    centers: _Centers,
-    move_threshold: float,
-    deltas: _Triple,
-    disco_seed_threshold: float,
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """update_fovs on the SYCL device (same semantics as update_fovs)."""
-
-def sycl_relabel(labels: _Labels, keys: NDArray[np.uint64], values: NDArray[np.uint64]) -> None:
-    """relabel on the SYCL device (same semantics as relabel)."""

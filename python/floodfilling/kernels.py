@@ -63,10 +63,11 @@ def _native():
 
 
 def build_info() -> dict:
-    """Build configuration of the native extension: ``{'openmp': bool, 'sycl': bool,
-    'compiler': str, ...}`` (``{'native': False}`` when it is not built)."""
+    """Build configuration of the native extension: ``{'openmp': bool, 'compiler': str,
+    ...}`` (``{'native': False}`` when it is not built).  The SYCL backend is separate:
+    :mod:`floodfilling.sycl_backend`."""
     if _kernels is None:
-        return {"native": False, "openmp": False, "sycl": False, "compiler": None}
+        return {"native": False, "openmp": False, "compiler": None}
     info = dict(_kernels.build_info())
     info["native"] = True
     return info
@@ -263,6 +264,16 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
     image).  ``threshold`` is compared in the image dtype; ``None`` means ``image.min()``.
     ``image`` must not contain NaN.  An empty image gives no peaks.
     """
+    args = _find_peaks_args(image, min_distance, threshold, exclude_border)
+    if args is None:
+        return np.zeros((0, 3), np.int64)
+    return _native().find_peaks(*args)
+
+
+def _find_peaks_args(image, min_distance, threshold, exclude_border):
+    """The checked arguments of :func:`find_peaks` (every launcher): ``(image C-contiguous
+    native-order, min_distance, threshold in the image dtype, border widths)``, or None for
+    an empty image."""
     if not isinstance(image, np.ndarray):
         image = np.asarray(image)
     if image.dtype.kind != "f" or image.dtype.itemsize not in (4, 8):
@@ -277,10 +288,10 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
         raise ValueError(f"min_distance: must be >= 0, got {md}")
     border = _border_widths(exclude_border, md)
     if image.size == 0:
-        return np.zeros((0, 3), np.int64)
+        return None
     image = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("="))
     thr = _effective_threshold(image, threshold)
-    return _native().find_peaks(image, md, thr, border)
+    return image, md, thr, border
 
 
 # ----------------------------------------------------------------------- reconcile
@@ -295,11 +306,17 @@ def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
     label is 0.  Memory-bound (about 2 ns per voxel): it uses several threads only from
     2**22 voxels per thread.
     """
+    a, b = _count_pairs_args(a, b)
+    return _native().count_pairs(a, b, bool(ignore_zero))
+
+
+def _count_pairs_args(a, b):
+    """The checked label inputs of :func:`count_pairs` (every launcher)."""
     a = _label_input(a, "a")
     b = _label_input(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"b: shape {b.shape} does not match a's shape {a.shape}")
-    return _native().count_pairs(a, b, bool(ignore_zero))
+    return a, b
 
 
 def _edges_input(edges) -> np.ndarray:
@@ -333,6 +350,14 @@ def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
     strictly increasing non-negative integers; ``values``: same length (each must fit in
     ``labels``' dtype where its key can occur).  Returns ``labels``.
     """
+    labels, keys, values = _relabel_args(labels, keys, values)
+    _native().relabel(labels, keys, values)
+    return labels
+
+
+def _relabel_args(labels, keys, values):
+    """The checked arguments of :func:`relabel` (every launcher): ``(labels, keys, values)``,
+    keys and values as contiguous uint64."""
     if not isinstance(labels, np.ndarray):
         raise ValueError(f"labels: expected a numpy.ndarray, got {type(labels).__name__}")
     if labels.dtype not in (np.uint32, np.uint64) or not labels.dtype.isnative:
@@ -347,5 +372,4 @@ def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
         raise ValueError(f"values: length {values.size} does not match keys' {keys.size}")
     if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
         raise ValueError("keys: must be sorted in strictly increasing order (unique)")
-    _native().relabel(labels, keys, values)
-    return labels
+    return labels, keys, values
