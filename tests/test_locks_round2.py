@@ -169,11 +169,12 @@ def test_lock_temporaries_of_a_killed_creator_are_removed(tmp_path):
 
 
 def test_block_claims_are_never_empty(tmp_path, monkeypatch):
-    """The block runner's claims go through the same creation (distributed/worker.py)."""
+    """The block runner's claims go through the same creation (distributed/worker.py); their
+    temporaries are made in the workdir, not among the claims that `ffn status` lists."""
     from floodfilling.distributed import worker
 
-    class Grid(list):
-        pass
+    claims = tmp_path / "claims"
+    claims.mkdir()
 
     class Block:
         def name(self, start):
@@ -181,8 +182,8 @@ def test_block_claims_are_never_empty(tmp_path, monkeypatch):
 
     class Plan:
         run_id = "r"
-        grid = Grid([Block()])
-        claims_dir = tmp_path
+        grid = [Block()]
+        claims_dir = claims
         box = type("B", (), {"start": (0, 0, 0)})()
 
         def block_path(self, b):
@@ -192,9 +193,19 @@ def test_block_claims_are_never_empty(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         worker.Claims(Plan(), 0, 1).next()
     monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == []  # no empty claim
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["claims"]  # no empty claim, no temporary
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.extend(p.name for p in claims.iterdir())  # what a reader of claims/ sees meanwhile
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
     assert worker.Claims(Plan(), 0, 1).next() is not None
-    assert (tmp_path / "seg_0_0_0").read_text().split()[0] == "r"
+    assert seen == [] and (claims / "seg_0_0_0").read_text().split()[0] == "r"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["claims", "seg_0_0_0"]
+    assert worker.Claims(Plan(), 0, 1).next() is None  # claimed
 
 
 # -- 2. one training per run directory ----------------------------------------------------------------

@@ -106,15 +106,19 @@ def _create_plain(path: Path, data: bytes) -> bool:
     return True
 
 
-def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
+def create_exclusive(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None) -> bool:
     """Creates the file ``path`` holding ``data``, complete or not at all (every lock and block
     claim of the package): ``data`` is written to a temporary file beside it
     (``PATH.tmp-<pid>-<random>``) and fsynced, then hard-linked to ``path`` (atomic, and fails when
     ``path`` exists), and the temporary removed. Returns False when ``path`` exists. Any error (no
     space, permission) raises ``OSError`` and leaves nothing. Where the file system has no hard
-    links: ``O_EXCL`` creation, a failed write removing the file it created."""
+    links: ``O_EXCL`` creation, a failed write removing the file it created. ``tmp_dir``: where the
+    temporary goes instead (same file system; for a directory whose readers list every file, as
+    block claims: ``.NAME.tmp-*`` there)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = (path.with_name(f"{path.name}.tmp-{token}") if tmp_dir is None
+           else Path(tmp_dir) / f".{path.name}.tmp-{token}")
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
@@ -125,7 +129,12 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return False
+            # (NFS: a link whose reply was lost is retried and reports EEXIST although it was made;
+            # the temporary's link count tells: 2, it is ``path``)
+            try:
+                return os.stat(tmp).st_nlink == 2
+            except OSError:
+                return False
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise

@@ -80,7 +80,8 @@ class Claims:
             b = self.plan.grid[i]
             if self.plan.block_path(b).exists():
                 continue
-            if not locks.create_exclusive(self.plan.claims_dir / b.name(self.plan.box.start), self._claim_text):
+            if not locks.create_exclusive(self.plan.claims_dir / b.name(self.plan.box.start), self._claim_text,
+                                          tmp_dir=self.plan.claims_dir.parent):  # (readers list claims/)
                 continue  # claimed by another rank (a claim is created complete: never empty)
             return b
         self._exhausted = True

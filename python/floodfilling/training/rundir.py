@@ -41,7 +41,10 @@ class RunDir:
         while not top.parent.exists() and top.parent != top:
             top = top.parent
         self.top = top  # the highest directory this run creates (out itself, or a parent)
-        self.before = set() if self.created else {p.name for p in self.out.iterdir()}
+        try:
+            self.before = set() if self.created else {p.name for p in self.out.iterdir()}
+        except OSError:  # unreadable: the lock (acquire) says so, naming the directory
+            self.before = set()
         self.lock: Path | None = None
         self.checkpoint_step: int | None = None  # the step of the directory's checkpoint (None: none yet)
         self.writing = False  # set before the run writes its first file (until then a failure touches nothing)
@@ -63,7 +66,11 @@ class RunDir:
         the lock released."""
         try:
             if not ok and self.lock is not None and self.writing:  # (without the lock: another run's files)
-                self._restore()
+                try:
+                    self._restore()
+                except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+                    log.warning("%s: could not put the run directory back to its last checkpoint: %s", self.out,
+                                disk.os_error_text(exc, self.out) if isinstance(exc, OSError) else exc)
         finally:
             if self.lock is not None:
                 locks.release(self.lock)

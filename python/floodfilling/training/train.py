@@ -17,10 +17,10 @@ depth/features/FOV/deltas the run takes), the parent model: what was given, its 
 
 Both checkpoint files are replaced atomically (temporary file + rename); ``state.pt`` is the
 one a resume reads. A run that fails leaves the directory as at its last checkpoint (metrics rows
-after it dropped), or nothing it wrote when it reached none (:mod:`.rundir`). A resumed run continues the exact same computation: the example stream is
-a function of (seed, example number) plus the in-flight canvases saved in ``state.pt``, so on
-the CPU a run killed at any point and resumed ends with the same parameters as one that was
-never interrupted.
+after it dropped), or nothing it wrote when it reached none (:mod:`.rundir`). A resumed run
+continues the exact same computation: the example stream is a function of (seed, example
+number) plus the in-flight canvases saved in ``state.pt``, so on the CPU a run killed at any
+point and resumed ends with the same parameters as one that was never interrupted.
 """
 
 from __future__ import annotations
