@@ -224,7 +224,6 @@ def test_a_second_training_of_a_run_directory_fails_at_once(data, tmp_path, caps
         assert f"run directory {out}" in err and f"pid {holder.pid}" in err and f"delete {lock}" in err
         assert sorted(p.name for p in out.iterdir()) == ["train.lock"]  # the holder's files untouched
         assert json.loads(lock.read_text())["pid"] == holder.pid
-        # reading the locked directory's model is fine (init): fails only for the lock of ITS out
     finally:
         holder.kill()
         holder.wait()
