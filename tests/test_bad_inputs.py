@@ -89,6 +89,37 @@ def _inputs_resume(d: Path) -> None:
     (d / "small_gap_box.toml").write_text("[refine]\ngap_box = [2, 2, 2]\n")
 
 
+def _inputs_locks(d: Path) -> None:
+    """Inputs of the round 2 lock cases: outputs locked by a live process (pid 1, on this host and
+    on another), locks that are empty or damaged and young (written "now": their time is in the
+    future, so that they stay young however long the table runs), a finished training run."""
+    import json
+    import os
+    import socket
+    import time
+
+    live = json.dumps({"host": socket.gethostname(), "pid": 1, "started": "earlier"}) + "\n"
+    (d / "busy_run").mkdir()
+    (d / "busy_run" / "train.lock").write_text(live)
+    (d / "busy.h5.lock").write_text(live)
+    (d / "busy.zarr.seg.lock").write_text(live)
+    (d / "busy_layer.lock").write_text(live)
+    (d / "busy_demo").mkdir()
+    (d / "busy_demo" / "demo.lock").write_text(live)
+    (d / "remote.h5.lock").write_text(json.dumps({"host": "some-other-node", "pid": 1, "started": "x"}) + "\n")
+    (d / "young_run").mkdir()
+    (d / "young_run" / "train.lock").write_text("")
+    (d / "young.h5.lock").write_text("")
+    (d / "damaged.h5.lock").write_text("{garbage")
+    future = time.time() + 10 * 86400
+    for p in ("young_run/train.lock", "young.h5.lock", "damaged.h5.lock"):
+        os.utime(d / p, (future, future))
+    run = ["train", "--image", f"{d}/crop.h5:raw", "--labels", f"{d}/crop.h5:labels", "--out", str(d / "run_a"),
+           "--max-steps", "1", "--depth", "1", "--features", "4", "--fov", "9,9,9", "--deltas", "2,2,2", "--batch",
+           "1", "--min-size", "10", "--device", "cpu", "--threads", "1", "--no-tensorboard", "-q"]
+    assert main(run) == 0
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[Path, Path]:
     """(the input directory, a pristine copy of it)."""
@@ -130,6 +161,7 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     bad.mkdir()
     (bad / "manifest.json").write_text("{garbage")
     _inputs_resume(d)
+    _inputs_locks(d)
     quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
     assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
                  "--min-size", "10"]) == 0
@@ -367,6 +399,62 @@ CASES = [
     ("train-out-is-a-file", TRAIN.replace("{t}/run", "{d}/afile"), ["afile exists and is not a directory"]),
     ("train-init-nan-weights", TRAIN + " --init {d}/nan.npz", ["nan.npz", "conv0_b/weights"]),
     ("train-val-labels-without-image", TRAIN + " --val-labels {d}/crop.h5:labels", ["--val-labels", "--val-image"]),
+    # ---- round 2 (issue 30): locks and training
+    # a live holder (pid 1) is named with its lock file, which is left as it is
+    ("train-out-locked-by-a-live-run", TRAIN.replace("{t}/run", "{d}/busy_run"),
+     ["run directory {d}/busy_run", "pid 1", "delete {d}/busy_run/train.lock"]),
+    ("segment-output-locked-by-a-live-run", "segment {d}/crop.h5:raw {d}/busy.h5:seg " + M,
+     ["busy.h5:seg", "pid 1", "delete {d}/busy.h5.lock"]),
+    ("segment-zarr-output-locked-by-a-live-run", "segment {d}/crop.h5:raw {d}/busy.zarr/seg " + M,
+     ["busy.zarr", "pid 1", "delete {d}/busy.zarr.seg.lock"]),
+    ("consensus-output-locked-by-a-live-run", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}/busy.h5:c",
+     ["pid 1", "delete {d}/busy.h5.lock"]),
+    ("agglomerate-output-locked-by-a-live-run", "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {d}/busy.h5:seg " + MA,
+     ["pid 1", "delete {d}/busy.h5.lock"]),
+    ("agglomerate-output-locked-on-another-host", "agglomerate {d}/crop.h5:raw {d}/seg.h5:seg {d}/remote.h5:seg "
+     + MA, ["some-other-node", "delete {d}/remote.h5.lock"]),
+    ("prepare-output-locked-by-a-live-run", "prepare {d}/crop.h5:labels {d}/busy.h5 --radius 4 --min-size 10",
+     ["pid 1", "delete {d}/busy.h5.lock"]),
+    ("export-layer-locked-by-a-live-run", "export {d}/crop.h5:raw {d}/busy_layer",
+     ["layer {d}/busy_layer", "pid 1", "delete {d}/busy_layer.lock"]),
+    ("demo-out-locked-by-a-live-run", "demo --out {d}/busy_demo -q --device cpu --threads 1",
+     ["pid 1", "delete {d}/busy_demo/demo.lock"]),
+    # an empty or damaged lock written moments ago: another run is starting (explained, left alone)
+    ("train-out-young-empty-lock", TRAIN.replace("{t}/run", "{d}/young_run"),
+     ["{d}/young_run/train.lock is empty", "delete {d}/young_run/train.lock"]),
+    ("segment-output-young-empty-lock", "segment {d}/crop.h5:raw {d}/young.h5:seg " + M,
+     ["{d}/young.h5.lock is empty", "delete {d}/young.h5.lock"]),
+    ("prepare-output-young-damaged-lock", "prepare {d}/crop.h5:labels {d}/damaged.h5 --radius 4 --min-size 10",
+     ["{d}/damaged.h5.lock is damaged", "delete {d}/damaged.h5.lock"]),
+    # an existing run directory: its files untouched by a run that may not continue it
+    ("train-existing-checkpoint-without-resume", TRAIN.replace("{t}/run", "{d}/run_a"),
+     ["run_a/checkpoint holds a checkpoint", "--resume"]),
+    ("train-resume-another-architecture", TRAIN.replace("{t}/run", "{d}/run_a") + " --resume --features 8",
+     ["run_a/checkpoint", "features 4", "--features 8", "another architecture"]),
+    ("train-resume-another-seed", TRAIN.replace("{t}/run", "{d}/run_a") + " --resume --seed 5",
+     ["run_a/checkpoint", "seed 0", "--seed 5"]),
+    ("train-init-another-features", TRAIN + " --init {d}/tiny.npz --features 8",
+     ["--init {d}/tiny.npz", "features 4", "--features 8"]),
+    ("train-init-another-fov", TRAIN + " --init {d}/run_a --fov 7,7,7", ["--init {d}/run_a", "fov 9,9,9", "--fov 7,7,7"]),
+    ("train-init-missing", TRAIN + " --init {d}/nope.npz", ["nope.npz"]),
+    ("train-init-not-a-model", TRAIN + " --init {d}/notes.txt", ["notes.txt"]),
+    # numeric options at their edges
+    ("train-max-steps-negative", TRAIN + " --max-steps -1", ["--max-steps", "-1"]),
+    ("train-max-steps-text", TRAIN + " --max-steps 1e3", ["--max-steps", "1e3"]),
+    ("train-checkpoint-every-negative", TRAIN + " --checkpoint-every -1", ["--checkpoint-every", "-1"]),
+    ("train-checkpoint-secs-nan", TRAIN + " --checkpoint-secs nan", ["--checkpoint-secs", "nan"]),
+    ("train-checkpoint-secs-negative", TRAIN + " --checkpoint-secs -5", ["--checkpoint-secs", "-5"]),
+    ("train-keep-every-negative", TRAIN + " --keep-every -1", ["--keep-every", "-1"]),
+    ("train-log-every-negative", TRAIN + " --log-every -1", ["--log-every", "-1"]),
+    ("train-warmup-steps-negative", TRAIN + " --warmup-steps -3", ["--warmup-steps", "-3"]),
+    ("train-seed-too-large", TRAIN + " --seed 4294967296", ["--seed", "4294967296"]),
+    ("train-val-sequences-zero", TRAIN + " --val-sequences 0", ["--val-sequences", "0"]),
+    ("train-threads-negative", TRAIN + " --threads -1", ["--threads", "-1"]),
+    ("train-deltas-negative", TRAIN + " --deltas -1", ["deltas", "-1"]),
+    ("train-clip-inf", TRAIN + " --clip inf", ["--clip", "inf"]),
+    ("train-depth-zero", TRAIN + " --depth 0", ["--depth", "0"]),
+    ("train-volume-weights-for-two", TRAIN + " --volume-weights 1,2", ["--volume-weights", "2 weight(s) for 1"]),
+    ("train-out-under-a-file", TRAIN.replace("{t}/run", "{d}/afile/run"), ["afile exists and is not a directory"]),
     # ---- status
     ("status-no-such-dir", "status {d}/nope_workdir", ["nope_workdir"]),
     ("status-corrupt-manifest", "status {d}/bad_workdir", ["bad_workdir", "manifest.json"]),

@@ -7,17 +7,19 @@ labels; the model is google/ffn's FIB-25 model (Apache-2.0). See floodfilling/da
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import disk, evaluation, results, viz, volumes
+from . import disk, evaluation, locks, results, viz, volumes
 from .config import InferenceConfig
 from .model import bundled_model_path
 from .inference.segment import SegmentResult, segment_array, write_result
 
 DEMO_CROP = "fib25_demo_crop.h5"
+LOCK_FILE = "demo.lock"  # OUT/demo.lock while a demo writes OUT (one demo per directory)
 
 
 def demo_crop_path() -> Path:
@@ -35,8 +37,20 @@ class DemoResult:
 
 def run_demo(out_dir: Path, device: str = "auto", threads: int = 0, progress: bool = True) -> DemoResult:
     out_dir = Path(out_dir)
+    created = not out_dir.is_dir()
     with disk.disk_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with locks.file_lock(out_dir / LOCK_FILE, f"demo directory {out_dir}", {"command": "demo"}):
+            return _run_demo(out_dir, device, threads, progress)
+    except BaseException:
+        if created:  # a failed first demo leaves no empty directory (its resume state keeps it)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _run_demo(out_dir: Path, device: str, threads: int, progress: bool) -> DemoResult:
     crop = demo_crop_path()
     with volumes.open_volume(f"{crop}:raw") as v:
         raw = v.read()

@@ -21,6 +21,11 @@ segmentation of a box of its image, whose ``bbox_zyx`` attribute says where it
 lies) places the layer at its offset, so it overlays a layer of the whole image. A local directory is written uncompressed (a static HTTP server with CORS can then
 serve it to neuroglancer as ``precomputed://http://host/path``); buckets get gzip with the
 Content-Encoding set by CloudVolume. An existing layer is replaced only with ``overwrite``.
+
+A local layer is written under the lock ``DEST.lock`` (:mod:`floodfilling.locks`: a second export
+to the same place fails at once) into ``DEST.tmp-<pid>`` and renamed onto ``DEST`` when complete,
+so an error or a kill leaves the previous layer (or none) and no partial one; a bucket is written
+in place, unlocked (object stores have no exclusive create that CloudVolume exposes).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import boxes, volumes
+from . import boxes, disk, locks, volumes
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +125,12 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     if tile % (CHUNK * 2) != 0:
         raise ExportError(f"tile {tile}: must be a multiple of {2 * CHUNK}")
     url, local = _url(dest)
-    if local:
-        path = url[len("file://"):]
+    args = (spec, dest, layer_type, levels, resolution_zyx, bbox, tile, CloudVolume)
+    if not local:
+        return _write(url, False, *args)
+    path = url[len("file://"):]
+    with locks.file_lock(path + ".lock", f"layer {dest}", {"output": dest}):
+        disk.remove_temporaries(path)  # of an export that was killed
         if os.path.exists(path):
             if not os.path.isdir(path):
                 raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
@@ -129,7 +138,31 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
                 raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
             if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
                 raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
-            shutil.rmtree(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            info = _write("file://" + tmp, True, *args)
+            with disk.disk_errors(dest):
+                _replace_directory(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return info
+
+
+def _replace_directory(tmp: str, path: str) -> None:
+    """Puts the finished layer ``tmp`` at ``path`` (an existing layer there is replaced)."""
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+    else:
+        old = f"{path}.tmp-old-{os.getpid()}"  # a kill now: removed by the next export's remove_temporaries
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    disk.fsync_dir(os.path.dirname(path))
+
+
+def _write(url: str, local: bool, spec, dest, layer_type, levels, resolution_zyx, bbox, tile, CloudVolume) -> dict:
+    """The layer of :func:`export` written at ``url``; returns its info JSON."""
     with volumes.open_volume(spec) as vol:
         box = boxes.box_in(bbox, vol.shape)
         dt = np.dtype(vol.dtype)

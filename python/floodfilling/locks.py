@@ -3,26 +3,36 @@
 ``ffn segment``, ``consensus``, ``agglomerate`` and ``prepare`` take the lock of their output
 before any work and hold it to the end, so a second command writing the same output fails at
 once (naming the process that holds it) instead of computing for minutes and racing the first
-one's rename. The lock is a small JSON file created with ``O_EXCL``::
+one's rename::
 
     out.h5        -> out.h5.lock             (an HDF5 file is rewritten as a whole: one lock per file)
     vol.zarr/seg  -> vol.zarr.seg.lock       (beside the store: one lock per array of the group)
 
-It holds host, pid and start time. A lock left by a killed process (same host, pid gone) is
-stale: it is taken over, and the temporaries of the killed write (``out.h5.tmp-*``, hidden
-``.seg.tmp-*`` arrays of a zarr group) are removed. A lock of another host cannot be checked
-and is respected; the message says which file to delete if that job is gone.
+Other writers lock with :func:`file_lock`: ``ffn train`` its run directory (``OUT/train.lock``),
+``ffn export`` a local layer (``DEST.lock``), ``ffn demo`` its directory (``OUT/demo.lock``).
+
+A lock is a small JSON file (host, pid, start time) created complete or not at all
+(:func:`create_exclusive`: written to a temporary, fsynced, hard-linked to its name), so a full
+disk leaves no lock and a reader never sees a half-written one. A lock left by a killed process
+(same host, pid gone) is stale: it is taken over, and the temporaries of the killed write
+(``out.h5.tmp-*``, hidden ``.seg.tmp-*`` arrays of a zarr group) are removed. An empty or damaged
+lock (an older version, another tool) older than :data:`DAMAGED_LOCK_AGE_S` is taken over with a
+warning; a younger one is explained (which file to delete). A lock of another host cannot be
+checked and is respected; the message says which file to delete if that job is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -62,21 +72,138 @@ def lock_path_for(out: volumes.VolumeSpec) -> Path:
     return p.with_name(p.name + ".lock")
 
 
-def _read_lock(path: Path) -> dict:
-    for _ in range(20):  # a lock being written by its creator: its line appears within moments
+# A lock is created complete (:func:`create_exclusive`), so an empty or damaged one was left by an
+# older version, another tool or a file system that lost the write: one older than this many
+# seconds is taken over (with a warning); a younger one is waited for a moment, then explained.
+DAMAGED_LOCK_AGE_S = 10.0
+YOUNG_LOCK_WAIT_S = 1.0  # how long a young empty or damaged lock is waited for before the error
+# link(2) errors of a file system without hard links: there, O_EXCL creation (see create_exclusive)
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _create_plain(path: Path, data: bytes) -> bool:
+    """``O_EXCL`` creation (no hard links): a failed write removes the file it created."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError:
-            text = ""
-        if text.strip():
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return True
+
+
+def create_exclusive(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None) -> bool:
+    """Creates the file ``path`` holding ``data``, complete or not at all (every lock and block
+    claim of the package): ``data`` is written to a temporary file beside it
+    (``PATH.tmp-<pid>-<random>``) and fsynced, then hard-linked to ``path`` (atomic, and fails when
+    ``path`` exists), and the temporary removed. Returns False when ``path`` exists. Any error (no
+    space, permission) raises ``OSError`` and leaves nothing. Where the file system has no hard
+    links: ``O_EXCL`` creation, a failed write removing the file it created. ``tmp_dir``: where the
+    temporary goes instead (same file system; for a directory whose readers list every file, as
+    block claims: ``.NAME.tmp-*`` there)."""
+    path = Path(path)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = (path.with_name(f"{path.name}.tmp-{token}") if tmp_dir is None
+           else Path(tmp_dir) / f".{path.name}.tmp-{token}")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            # (NFS: a link whose reply was lost is retried and reports EEXIST although it was made;
+            # the temporary's link count tells: 2, it is ``path``)
             try:
-                return json.loads(text)
-            except ValueError:
-                return {"damaged": text[:80]}
-        time.sleep(0.05)
-    return {}
+                return os.stat(tmp).st_nlink == 2
+            except OSError:
+                return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            return _create_plain(path, data)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - removed by the next acquire (_remove_lock_temporaries)
+            log.warning("could not remove %s: %s", tmp, exc)
+
+
+def _remove_lock_temporaries(path: Path) -> None:
+    """Temporaries of :func:`create_exclusive` left by a creator killed between write and link
+    (they live for milliseconds: any older than :data:`DAMAGED_LOCK_AGE_S` is a leftover)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            if p.name.startswith(path.name + ".tmp-") and now - p.lstat().st_mtime > DAMAGED_LOCK_AGE_S:
+                p.unlink(missing_ok=True)
+
+
+@dataclass
+class _Seen:
+    """A lock file as read: its holder (None: empty or damaged), its text and its stat."""
+
+    holder: dict | None
+    text: str
+    stat: os.stat_result
+
+
+def _inspect(path: Path) -> _Seen | None:
+    """The lock at ``path`` (None: there is none)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            text = f.read(4096).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    holder = None
+    try:
+        h = json.loads(text)
+        if isinstance(h, dict) and str(h.get("pid", "")).lstrip("-").isdigit():
+            holder = h
+    except ValueError:
+        pass
+    return _Seen(holder, text, st)
+
+
+def _read_lock(path: Path) -> dict:
+    """The holder of the lock at ``path`` ({} when there is none, or it is empty or damaged)."""
+    try:
+        seen = _inspect(path)
+    except OSError:
+        return {}
+    return (seen.holder or {}) if seen is not None else {}
+
+
+def _remove_if_unchanged(path: Path, seen: _Seen) -> None:
+    """Removes the lock judged stale, unless it was replaced meanwhile (another run took it over)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) == (seen.stat.st_dev, seen.stat.st_ino,
+                                                              seen.stat.st_mtime_ns, seen.stat.st_size):
+        path.unlink(missing_ok=True)
 
 
 def _remove_temporaries(out: volumes.VolumeSpec, names: Sequence[str]) -> None:
@@ -94,45 +221,69 @@ def _remove_temporaries(out: volumes.VolumeSpec, names: Sequence[str]) -> None:
             log.info("removed %s, left by an interrupted write", p)
 
 
-def acquire(out: volumes.VolumeSpec, names: Sequence[str] | None = None, workdir: str | None = None) -> Path:
-    """Takes the lock of output ``out`` (:class:`LockError` at once when a live process holds
-    it) and removes the temporaries of an interrupted write of ``out`` (of the arrays ``names``
-    for zarr; default the output array). ``workdir``: a block run's working directory; a lock
-    left by an earlier run of the same workdir is taken over (its workdir lock proved that run
-    gone). Returns the lock's path, for :func:`release`."""
-    path = lock_path_for(out)
-    names = list(names) if names is not None else [str(out.dataset)]
+def acquire_file(path: str | os.PathLike, what: str, record: dict | None = None, workdir: str | None = None) -> Path:
+    """Creates the lock file ``path`` of ``what`` (an output, a run directory; how messages name
+    it) holding host, pid, start time and ``record`` (:func:`create_exclusive`: never empty).
+    Held by a live process: :class:`LockError` at once, naming the holder and the file. Taken
+    over with a warning: a lock of a dead process on this host, of this process, of an earlier
+    run of ``workdir`` (a block run's working directory: its workdir lock proved that run gone),
+    and an empty or damaged one older than :data:`DAMAGED_LOCK_AGE_S`; a younger empty or damaged
+    one is waited for :data:`YOUNG_LOCK_WAIT_S`, then a :class:`LockError` says which file to
+    delete. Operating-system errors (no space) are one-line errors that leave no file."""
+    path = Path(path)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "output": str(out), "workdir": workdir}
+          **(record or {})}
+    data = (json.dumps(me) + "\n").encode()
+    young_since = None
     with disk.disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                cur = _read_lock(path)
-                pid = int(cur.get("pid", -1)) if str(cur.get("pid", "")).lstrip("-").isdigit() else -1
-                stale = (pid == os.getpid() or holder_is_dead(cur.get("host"), pid) or "damaged" in cur
-                         or (workdir is not None and cur.get("workdir") == workdir))
-                if cur and stale:
-                    log.warning("%s: taking over the lock of a run that is gone (pid %s on %s)", path,
-                                cur.get("pid"), cur.get("host"))
-                    path.unlink(missing_ok=True)
-                    continue
-                if not cur:  # vanished or still empty: try again
-                    continue
-                raise LockError(f"output {out} is being written by another run (pid {cur.get('pid')} on "
-                                f"{cur.get('host')}, since {cur.get('started', '?')}); wait for it to finish, or "
-                                f"delete {path} if that run is gone")
-            try:
-                os.write(fd, (json.dumps(me) + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            break
+        for _attempt in range(100):
+            if create_exclusive(path, data):
+                break
+            seen = _inspect(path)
+            if seen is None:  # vanished meanwhile: try again
+                continue
+            cur = seen.holder
+            if cur is not None:
+                pid = int(cur["pid"])
+                if not (pid == os.getpid() or holder_is_dead(cur.get("host"), pid)
+                        or (workdir is not None and cur.get("workdir") == workdir)):
+                    raise LockError(f"{what} is being written by another run (pid {pid} on {cur.get('host')}, "
+                                    f"since {cur.get('started', '?')}); wait for it to finish, or delete {path} "
+                                    "if that run is gone")
+                log.warning("%s: taking over the lock of a run that is gone (pid %s on %s)", path, pid,
+                            cur.get("host"))
+                _remove_if_unchanged(path, seen)
+                continue
+            kind = "empty" if not seen.text.strip() else "damaged"
+            age = max(time.time() - seen.stat.st_mtime, 0.0)
+            if age >= DAMAGED_LOCK_AGE_S:
+                log.warning("%s: taking over an %s lock file, %.0f s old (left by a run that failed while "
+                            "creating it)", path, kind, age)
+                _remove_if_unchanged(path, seen)
+                continue
+            young_since = time.monotonic() if young_since is None else young_since
+            if time.monotonic() - young_since >= YOUNG_LOCK_WAIT_S:
+                raise LockError(f"{what}: its lock {path} is {kind} and {age:.0f} s old (another run is starting, "
+                                f"or one failed while creating it); try again in {DAMAGED_LOCK_AGE_S:.0f} s (it is "
+                                f"then taken over), or delete {path} if no other run is starting")
+            time.sleep(0.1)
         else:
-            raise LockError(f"output {out}: cannot take the lock {path} (it keeps changing); is another run "
-                            "starting?")
+            raise LockError(f"{what}: cannot take the lock {path} (it keeps changing); try again, or delete {path} "
+                            "if no other run is using it")
+        _remove_lock_temporaries(path)
+    return path
+
+
+def acquire(out: volumes.VolumeSpec, names: Sequence[str] | None = None, workdir: str | None = None) -> Path:
+    """Takes the lock of output ``out`` (:func:`acquire_file`: :class:`LockError` at once when a
+    live process holds it) and removes the temporaries of an interrupted write of ``out`` (of
+    the arrays ``names`` for zarr; default the output array). ``workdir``: a block run's working
+    directory; a lock left by an earlier run of the same workdir is taken over. Returns the
+    lock's path, for :func:`release`."""
+    path = lock_path_for(out)
+    names = list(names) if names is not None else [str(out.dataset)]
+    acquire_file(path, f"output {out}", {"output": str(out), "workdir": workdir}, workdir=workdir)
     try:
         _remove_temporaries(out, names)
     except BaseException:
@@ -156,3 +307,14 @@ def output_lock(out: volumes.VolumeSpec, names: Sequence[str] | None = None) -> 
         yield path
     finally:
         release(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, record: dict | None = None) -> Iterator[Path]:
+    """Holds the lock file ``path`` of ``what`` (a run directory, an export's layer) for the
+    ``with`` block (:func:`acquire_file`); removed on exit, also on errors."""
+    lock = acquire_file(path, what, record)
+    try:
+        yield lock
+    finally:
+        release(lock)

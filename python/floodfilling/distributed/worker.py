@@ -1,7 +1,8 @@
 """Phase 2 of block inference, on every rank: claim blocks and run them through the engine.
 
-A rank takes the next block by creating its claim file ``DIR/claims/<name>`` with
-``O_CREAT | O_EXCL`` (atomic on POSIX file systems, Lustre and GPFS included), so a slow block
+A rank takes the next block by creating its claim file ``DIR/claims/<name>`` complete and
+exclusively (:func:`floodfilling.locks.create_exclusive`: a hard link, atomic on POSIX file
+systems, Lustre and GPFS included; never an empty claim), so a slow block
 never idles other ranks and no scheduler is needed. Ranks start their scan at different blocks
 (rank r at block r*n/N) to avoid contention. Each rank keeps ``inflight`` blocks active in the
 multi-canvas engine; a finished block is written to its result file (:mod:`.blockstore`). A
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import boxes, kernels, volumes
+from .. import boxes, kernels, locks, volumes
 from ..config import InferenceConfig
 from ..model import select_device
 from . import blockstore, mpi
@@ -79,15 +80,9 @@ class Claims:
             b = self.plan.grid[i]
             if self.plan.block_path(b).exists():
                 continue
-            try:
-                fd = os.open(self.plan.claims_dir / b.name(self.plan.box.start), os.O_CREAT | os.O_EXCL | os.O_WRONLY,
-                             0o644)
-            except FileExistsError:
-                continue
-            try:
-                os.write(fd, self._claim_text)
-            finally:
-                os.close(fd)
+            if not locks.create_exclusive(self.plan.claims_dir / b.name(self.plan.box.start), self._claim_text,
+                                          tmp_dir=self.plan.claims_dir.parent):  # (readers list claims/)
+                continue  # claimed by another rank (a claim is created complete: never empty)
             return b
         self._exhausted = True
         return None

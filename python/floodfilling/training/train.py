@@ -8,6 +8,7 @@ Directory layout of a run (``out``)::
     checkpoint/state.pt   step, weights, optimizer, every rank's example stream and RNG states
     models/model-STEP.npz the weights every keep_every steps (kept; loadable like any model file)
     tensorboard/          event files, when torch.utils.tensorboard imports
+    train.lock            while a training writes the directory (see rundir: one training per directory)
 
 The model's metadata (``model.npz``'s ``__meta__``, also in ``state.pt``) records under
 ``training`` every training volume (files, coordinates, probability, the intensity mean/std it was
@@ -15,10 +16,11 @@ normalised with) and, when fine-tuned (``init``: a model file, a run directory o
 depth/features/FOV/deltas the run takes), the parent model: what was given, its file and sha256.
 
 Both checkpoint files are replaced atomically (temporary file + rename); ``state.pt`` is the
-one a resume reads. A resumed run continues the exact same computation: the example stream is
-a function of (seed, example number) plus the in-flight canvases saved in ``state.pt``, so on
-the CPU a run killed at any point and resumed ends with the same parameters as one that was
-never interrupted.
+one a resume reads. A run that fails leaves the directory as at its last checkpoint (metrics rows
+after it dropped), or nothing it wrote when it reached none (:mod:`.rundir`). A resumed run
+continues the exact same computation: the example stream is a function of (seed, example
+number) plus the in-flight canvases saved in ``state.pt``, so on the CPU a run killed at any
+point and resumed ends with the same parameters as one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ from . import distributed
 from .examples import (MOVE_THRESHOLD, SEED_INIT, SEED_PAD, Counts, ExampleSource, ExampleStream, Geometry,
                        run_sequences)
 from .checkpoints import (CHECKPOINT_DIR, MODEL_FILE, RESUME_KEYS, STATE_FILE, check_resume_key,  # noqa: F401
-                          load_checkpoint, rng_state, save_checkpoint, save_kept_model, set_rng_state)
+                          kept_model_path, load_checkpoint, rng_state, save_checkpoint, save_kept_model,
+                          set_rng_state)
 from .metrics import (METRICS_CSV, METRICS_PNG, TensorBoard, append_metrics, read_metrics,  # noqa: F401
                       save_plot, write_metrics)
 from .options import TrainError, TrainOptions, check_options, fmt_value
 from .partitions import build_coordinates, compute_partitions
+from .rundir import LOCK_FILE, RunDir  # noqa: F401
 from .volumes import LoadedVolume, intensity_stats, load_volumes, mixed_source, read_pair
 
 log = logging.getLogger(__name__)
@@ -233,17 +237,37 @@ def train(opts: TrainOptions) -> TrainResult:
         raise TrainError(f"depth={opts.depth}, features={opts.features}: both must be >= 1")
     if (ckdir / STATE_FILE).exists() and not opts.resume:
         raise TrainError(f"{ckdir} holds a checkpoint; pass resume=True to continue it, or another out=DIR")
+    run = RunDir(out)
     dinfo = distributed.setup(opts.device, out)
     if opts.threads <= 0 and dinfo.world > 1 and dinfo.device.type == "cpu":
         # ranks, not threads, share the cores: split them instead of oversubscribing
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // distributed.local_size(dinfo.world)))
     ok = False
     try:
-        res = _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start)
+        _lock_run(run, dinfo)
+        res = _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run)
         ok = True
         return res
     finally:
-        distributed.teardown(dinfo, ok)
+        try:
+            if dinfo.is_main:
+                run.finish(ok)  # a failed run: back to its last checkpoint; the lock released
+        finally:
+            distributed.teardown(dinfo, ok)
+
+
+def _lock_run(run: RunDir, dinfo) -> None:
+    """Rank 0 takes the run directory's lock (:mod:`.rundir`); every rank stops when it cannot."""
+    err: BaseException | None = None
+    if dinfo.is_main:
+        try:
+            run.acquire()
+        except BaseException as exc:  # noqa: BLE001 - raised below, after the other ranks know
+            err = exc
+    if not _broadcast_flag(err is None, dinfo):
+        if err is not None:
+            raise err
+        raise TrainError(f"out={run.out}: rank 0 could not lock the run directory (see its error)")
 
 
 def _absolute_spec(spec: str | None) -> str | None:
@@ -269,7 +293,7 @@ def resume_key_of(opts: TrainOptions, world: int, parent: dict[str, Any] | None)
     return json.loads(json.dumps(key))
 
 
-def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> TrainResult:
+def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: RunDir) -> TrainResult:
     rank, world = dinfo.rank, dinfo.world
     loaded = load_volumes(opts)
     val = load_validation(opts, geometry)
@@ -307,6 +331,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> Trai
         stream.counts = Counts.from_vector(mine["counts"])
         set_rng_state(mine["rng"])
         step = int(st["step"])
+        run.checkpoint_step = step
         log.info("resuming %s at step %d", ckdir, step)
     elif opts.resume:
         log.info("no checkpoint in %s: starting from step 0", ckdir)
@@ -314,6 +339,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> Trai
     metrics_path = out / METRICS_CSV
     rows: list[dict[str, float]] = []
     if dinfo.is_main:
+        run.writing = True  # from here a failure puts the directory back to its checkpoint (rundir)
         with disk.disk_errors(out):
             out.mkdir(parents=True, exist_ok=True)
         for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
@@ -339,6 +365,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> Trai
         if dinfo.is_main:
             save_checkpoint(ckdir, net, opt, step, ranks, resume_key,
                             model_meta(opts, loaded, step, world, parent))
+            run.checkpoint_step = step
             log.info("checkpoint at step %d", step)
 
     t_last_ck = time.monotonic()
@@ -399,6 +426,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start) -> Trai
                              row["moves_per_sequence"], row["fov_per_s"])
             if opts.keep_every > 0 and step % opts.keep_every == 0 and dinfo.is_main:
                 # a model to choose by held-out segmentation (README, "Adapting to your data")
+                run.kept.append((step, kept_model_path(out, step)))  # removed if the run fails before a checkpoint
                 save_kept_model(out, step, net, model_meta(opts, loaded, step, world, parent))
             due = step == opts.max_steps or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0)
             if opts.checkpoint_secs > 0 and not due:
