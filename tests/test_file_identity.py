@@ -326,3 +326,21 @@ def test_consensus_drops_the_companions_of_the_result_it_replaces(data, tmp_path
     os.chmod(out, 0o600)
     assert main(["consensus", f"{a}:seg", f"{data}/crop.h5:labels", f"{out}:seg", "--overwrite"]) == 0
     assert names(out) == {"seg", "seg_origins", "keep_me"} and mode(out) == 0o600
+
+
+def test_segment_into_a_file_left_incomplete_by_a_killed_in_place_copy(data, tmp_path, caplog):
+    """The kill came between the journal and the end of its copy: ``ffn segment`` into the file
+    completes the copy first (before its checks read the file), then writes; both names see it."""
+    p = tmp_path / "o.h5"
+    with_other(p)
+    os.link(p, tmp_path / "o2.h5")
+    full = tmp_path / "full.h5"
+    shutil.copy(p, full)
+    with_other(full, "from_the_journal")
+    os.replace(full, f"{p}.journal-{2**22 + 54321}")  # a pid that is gone
+    with open(p, "r+b") as f:
+        f.truncate(200)
+    with caplog.at_level(logging.WARNING):
+        segment(data, f"{p}:seg")
+    assert "completed an interrupted in-place write" in caplog.text
+    assert {"seg", "keep_me", "from_the_journal"} <= names(tmp_path / "o2.h5") and os.stat(p).st_nlink == 2

@@ -117,10 +117,9 @@ def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names:
     sep = "/" if out.kind == "zarr" else ":"
     if out.kind == "hdf5":
         real = real_path(out.path)
-        if real != out.path:
-            if VolumeSpec(real, out.dataset).kind != "hdf5":
-                raise VolumeError(f"output {out.path}: a symbolic link to {real}, a zarr name; give {real} itself")
-            complete_journals(real)
+        if VolumeSpec(real, out.dataset).kind != "hdf5":
+            raise VolumeError(f"output {out.path}: a symbolic link to {real}, a zarr name; give {real} itself")
+        complete_journals(real)  # an in-place write a kill cut short: the file is whole again first
     for inp in inputs:
         if inp is None:
             continue
@@ -136,9 +135,9 @@ def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names:
     there = existing_outputs(out, names)
     if there and not overwrite:
         if all(n in stale for n in there):
-            raise VolumeError(f"output {out.path}{sep}{there[0]} exists and belongs to a result {out.dataset} (a new "
-                              f"{out.dataset} would leave it stale); pass overwrite=True to remove it with that result, "
-                              "or choose another dataset name")
+            raise VolumeError(f"output {out.path}{sep}{there[0]} exists and belongs to a result {out.dataset} (a "
+                              f"new {out.dataset} would leave it stale); pass overwrite=True to remove it with that "
+                              "result, or choose another dataset name")
         if out.kind == "zarr":
             raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass overwrite=True to replace it")
         raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass overwrite=True to replace it (the "
