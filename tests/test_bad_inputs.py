@@ -36,7 +36,8 @@ def _inputs_files(d: Path) -> None:
     a result's companion would go, a stale companion, a companion that is an input; and, in the
     sibling directory ``{d}_links`` (outside the snapshot: a dangling link cannot be hashed),
     symbolic links: dangling, a loop, to a non-HDF5 file, to a directory, to an input."""
-    labels = h5py.File(d / "crop.h5", "r")["labels"][:]
+    with h5py.File(d / "crop.h5", "r") as f:
+        labels = f["labels"][:]
     with h5py.File(d / "groups.h5", "w") as f:
         f["seg/inner"] = np.zeros(4, np.uint8)  # a group where `seg` would go
         f["res_forward/x"] = np.zeros(4, np.uint8)  # a group where a companion of `res` would go

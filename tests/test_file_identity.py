@@ -344,3 +344,15 @@ def test_segment_into_a_file_left_incomplete_by_a_killed_in_place_copy(data, tmp
         segment(data, f"{p}:seg")
     assert "completed an interrupted in-place write" in caplog.text
     assert {"seg", "keep_me", "from_the_journal"} <= names(tmp_path / "o2.h5") and os.stat(p).st_nlink == 2
+
+
+def test_zarr_block_run_removes_stale_companions_and_keeps_the_arrays_mode(data, tmp_path):
+    pytest.importorskip("zarr")
+    store = tmp_path / "v.zarr"
+    segment(data, f"{store}/seg")  # in memory: seg, seg_origins, seg_overlaps
+    storage.write_arrays(store, {"raw": np.zeros((4, 4, 4), np.uint8)})
+    os.chmod(store / "seg", 0o700)
+    segment(data, f"{store}/seg", "--overwrite", "--block", "16,24,24", "--workdir", str(tmp_path / "work"))
+    left = sorted(p.name for p in store.iterdir() if p.name not in ("zarr.json", ".zgroup", ".zattrs"))
+    assert left == ["raw", "seg", "seg_origins"]  # no seg_overlaps, no hidden leftovers
+    assert mode(store / "seg") == 0o700
