@@ -256,17 +256,28 @@ def test_a_journal_left_by_a_killed_writer_is_completed_before_the_next_write(tm
 # -- stale companions ------------------------------------------------------------------------------
 
 def test_plain_overwrite_removes_the_forward_of_a_refined_result(data, tmp_path):
-    """An earlier refined result (seg, seg_origins, seg_overlaps, seg_forward) replaced by a plain
-    run: seg_forward (the flood of the old result) is gone; other datasets stay."""
+    """An earlier ``--refine`` result (seg, seg_origins, seg_overlaps, seg_forward) replaced by a
+    plain run: seg_forward (the flood of the old result) is gone; other datasets stay."""
     out = tmp_path / "o.h5"
     with_other(out)
-    z = np.zeros(SHAPE, np.uint32)
-    results.write_result(out, "seg", z, results.origins_table({}), {"model": "old"}, overwrite=False,
-                         overlaps=np.zeros(0, results.OVERLAP_DTYPE), extra={"seg_forward": z + 7})
     with_other(out, "seg_forwarded")  # a name that only starts like a companion: kept
+    segment(data, f"{out}:seg", "--refine")
     assert {"seg", "seg_origins", "seg_overlaps", "seg_forward"} <= names(out)
     segment(data, f"{out}:seg", "--overwrite")
     assert names(out) == {"seg", "seg_origins", "seg_overlaps", "keep_me", "seg_forwarded"}
+
+
+def test_agglomerate_overwrite_drops_the_forward_too(tmp_path):
+    """Any result write (here the library's, as agglomerate and demo use it) drops the companions
+    of the result it replaces that it does not write, and keeps what it writes."""
+    out = tmp_path / "o.h5"
+    z = np.zeros(SHAPE, np.uint32)
+    results.write_result(out, "seg", z, results.origins_table({}), {"model": "old"}, overwrite=False,
+                         overlaps=np.zeros(0, results.OVERLAP_DTYPE), extra={"seg_forward": z + 7})
+    table = np.zeros(0, [("a", "<u8"), ("b", "<u8")])
+    results.write_result(out, "seg", z, results.origins_table({}), {"model": "new"}, overwrite=True,
+                         extra={"seg_agglomeration": table})
+    assert names(out) == {"seg", "seg_origins", "seg_agglomeration"}
 
 
 def test_stale_companions_need_overwrite(data, tmp_path, capsys):

@@ -222,6 +222,7 @@ def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
     shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
     try:
         stale = [c for c in outputs.companion_names(ds) if origins is None or c != f"{ds}_origins"]
+
         def sink(shape, dtype):
             z = storage.zarr_create_volume(group, tmp, shape, dtype)
 
