@@ -120,6 +120,31 @@ def _inputs_locks(d: Path) -> None:
     assert main(run) == 0
 
 
+def _inputs_files(d: Path) -> None:
+    """Outputs that cannot be written (round 2, issue 30: output files): groups where a dataset or
+    a result's companion would go, a stale companion, a companion that is an input; and, in the
+    sibling directory ``{d}_links`` (outside the snapshot: a dangling link cannot be hashed),
+    symbolic links: dangling, a loop, to a non-HDF5 file, to a directory, to an input."""
+    with h5py.File(d / "crop.h5", "r") as f:
+        labels = f["labels"][:]
+    with h5py.File(d / "groups.h5", "w") as f:
+        f["seg/inner"] = np.zeros(4, np.uint8)  # a group where `seg` would go
+        f["res_forward/x"] = np.zeros(4, np.uint8)  # a group where a companion of `res` would go
+        f["coords/x"] = np.zeros(4, np.uint8)  # a group where `ffn prepare` writes `coords`
+    with h5py.File(d / "stale.h5", "w") as f:
+        f["seg_forward"] = labels  # the flood of a refined result `seg` whose `seg` is gone
+    with h5py.File(d / "fwd.h5", "w") as f:
+        f["seg_forward"] = labels  # read as an input while the result `seg` would be replaced
+    links = Path(f"{d}_links")
+    links.mkdir(exist_ok=True)
+    (links / "dangling.h5").symlink_to(d / "nowhere" / "gone.h5")
+    (links / "loop.h5").symlink_to(links / "loop2.h5")
+    (links / "loop2.h5").symlink_to(links / "loop.h5")
+    (links / "to_fake.h5").symlink_to(d / "fake.h5")
+    (links / "to_dir.h5").symlink_to(d / "adir")
+    (links / "to_crop.h5").symlink_to(d / "crop.h5")
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[Path, Path]:
     """(the input directory, a pristine copy of it)."""
@@ -162,6 +187,7 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     (bad / "manifest.json").write_text("{garbage")
     _inputs_resume(d)
     _inputs_locks(d)
+    _inputs_files(d)
     quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
     assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
                  "--min-size", "10"]) == 0
@@ -383,6 +409,61 @@ CASES = [
      ["fake.h5", "not an HDF5 file"]),
     ("prepare-output-under-a-file", "prepare {d}/crop.h5:labels {d}/afile/p.h5 --radius 4 --min-size 10",
      ["afile exists and is not a directory"]),
+    # ---- round 2 (issue 30): output files
+    # symbolic links are written through to their file: one that leads nowhere is refused
+    ("files-segment-out-dangling-link", SEG.replace("{t}/o.h5", "{d}_links/dangling.h5"),
+     ["dangling.h5", "nowhere/gone.h5", "does not exist"]),
+    ("files-segment-out-link-loop", SEG.replace("{t}/o.h5", "{d}_links/loop.h5"),
+     ["loop.h5", "loop of symbolic links"]),
+    ("files-segment-out-link-to-non-hdf5", SEG.replace("{t}/o.h5", "{d}_links/to_fake.h5") + " --overwrite",
+     ["to_fake.h5", "not an HDF5 file"]),
+    ("files-segment-out-link-to-directory", SEG.replace("{t}/o.h5", "{d}_links/to_dir.h5") + " --overwrite",
+     ["to_dir.h5", "is a directory"]),
+    ("files-segment-out-link-to-the-input", "segment {d}/crop.h5:raw {d}_links/to_crop.h5:raw --overwrite " + M,
+     ["raw", "would replace the input"]),
+    ("files-block-out-dangling-link", SEG.replace("{t}/o.h5", "{d}_links/dangling.h5")
+     + " --block 16,24,24 --workdir {t}/w", ["dangling.h5", "does not exist"]),
+    ("files-block-out-link-loop", SEG.replace("{t}/o.h5", "{d}_links/loop.h5") + " --block 16,24,24 --workdir {t}/w",
+     ["loop.h5", "loop of symbolic links"]),
+    ("files-prepare-out-dangling-link", "prepare {d}/crop.h5:labels {d}_links/dangling.h5 --radius 4 --min-size 10",
+     ["dangling.h5", "does not exist"]),
+    ("files-prepare-out-link-to-non-hdf5", "prepare {d}/crop.h5:labels {d}_links/to_fake.h5 --radius 4 "
+     "--min-size 10 --overwrite", ["to_fake.h5", "not an HDF5 file"]),
+    ("files-consensus-out-link-loop", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}_links/loop.h5:seg",
+     ["loop.h5", "loop of symbolic links"]),
+    ("files-agglomerate-out-dangling-link", AGG.replace("{t}/a.h5", "{d}_links/dangling.h5"),
+     ["dangling.h5", "does not exist"]),
+    # a group is never replaced by a dataset, nor by a result's companion
+    ("files-segment-out-is-a-group", SEG.replace("{t}/o.h5", "{d}/groups.h5") + " --overwrite",
+     ["groups.h5:seg is a group", "seg/inner"]),
+    ("files-segment-companion-is-a-group", "segment {d}/crop.h5:raw {d}/groups.h5:res --overwrite " + M,
+     ["groups.h5:res_forward is a group"]),
+    ("files-block-companion-is-a-group", "segment {d}/crop.h5:raw {d}/groups.h5:res --overwrite --block 16,24,24 "
+     "--workdir {t}/w " + M, ["groups.h5:res_forward is a group"]),
+    ("files-prepare-out-coords-is-a-group", "prepare {d}/crop.h5:labels {d}/groups.h5 --radius 4 --min-size 10 "
+     "--overwrite", ["groups.h5:coords is a group"]),
+    ("files-segment-out-under-a-dataset", "segment {d}/crop.h5:raw {d}/seg.h5:seg/x --overwrite " + M,
+     ["seg.h5:seg/x", "seg is a dataset"]),
+    # the companions of a result go with it: never left stale beside a new one without --overwrite,
+    # never removed while read as an input
+    ("files-segment-stale-companion", SEG.replace("{t}/o.h5", "{d}/stale.h5"),
+     ["stale.h5:seg_forward exists and belongs to a result seg", "--overwrite"]),
+    ("files-consensus-stale-companion", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {d}/stale.h5:seg",
+     ["stale.h5:seg_forward exists", "--overwrite"]),
+    ("files-agglomerate-removes-its-input", "agglomerate {d}/crop.h5:raw {d}/fwd.h5:seg_forward {d}/fwd.h5:seg "
+     "--overwrite " + MA, ["fwd.h5:seg_forward would remove", "input"]),
+    # dataset names: no empty, '.' or '..' part, no control character (a zarr name never leaves its store)
+    ("files-segment-name-empty-part", SEG.replace("{t}/o.h5:seg", "{t}/o.h5:a//b"), ["a//b", "empty part"]),
+    ("files-segment-name-dot", SEG.replace("{t}/o.h5:seg", "{t}/o.h5:."), ["o.h5", "'.'", "'..'"]),
+    ("files-segment-name-dotdot", SEG.replace("{t}/o.h5:seg", "{t}/o.h5:a/../b"), ["a/../b", "'..'"]),
+    ("files-segment-zarr-name-leaves-store", SEG.replace("{t}/o.h5:seg", "{t}/v.zarr/../evil"),
+     ["../evil", "'..'"]),
+    ("files-segment-name-control-char", SEG.replace("{t}/o.h5:seg", "{t}/o.h5:se\x07g"),
+     ["control character"]),
+    ("files-consensus-name-dotdot", "consensus {d}/seg.h5:seg {d}/crop.h5:labels {t}/c.h5:../c",
+     ["../c", "'..'"]),
+    ("files-block-name-empty-part", SEG.replace("{t}/o.h5:seg", "{t}/o.h5:a//b") + " --block 16,24,24 "
+     "--workdir {t}/w", ["a//b", "empty part"]),
     # ---- train (each fails before training starts)
     ("train-lr-nan", TRAIN + " --lr nan", ["--lr", "nan"]),
     ("train-lr-zero", TRAIN + " --lr 0", ["--lr", "0"]),

@@ -186,7 +186,7 @@ def _kept_origins(origins, table: ConsensusTable):
 def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
     import h5py
 
-    out_names = [ds, f"{ds}_origins"]
+    out_names = [ds, *outputs.companion_names(ds)]  # an earlier result's companions go with it
     keep = os.path.exists(out.path)  # an HDF5 file (check_output saw to it): its other datasets stay
     with disk.disk_errors(out.path):
         os.makedirs(os.path.dirname(os.path.abspath(out.path)), exist_ok=True)
@@ -221,6 +221,8 @@ def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
     tmp = storage.zarr_tmp_name(ds, tag)
     shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
     try:
+        stale = [c for c in outputs.companion_names(ds) if origins is None or c != f"{ds}_origins"]
+
         def sink(shape, dtype):
             z = storage.zarr_create_volume(group, tmp, shape, dtype)
 
@@ -238,6 +240,7 @@ def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
             shutil.rmtree(os.path.join(out.path, org_tmp), ignore_errors=True)
             storage.zarr_put_table(group, org_tmp, kept)
             storage.zarr_commit(group, out.path, org_tmp, f"{ds}_origins", tag)
+        storage.zarr_remove(out.path, stale, tmp)  # an earlier result's companions go with it
         storage.zarr_commit(group, out.path, tmp, ds, tag)
     except BaseException:
         shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)

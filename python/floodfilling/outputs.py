@@ -1,6 +1,9 @@
 """The rules an output obeys, checked before any work (:func:`check_output`): it never replaces
 an input (files compared by identity), an existing output needs ``overwrite``, a group or a
-file that is not HDF5 is never replaced, and its directory can be written.
+file that is not HDF5 is never replaced, its dataset names are sound, a symbolic link is
+written through (to a file that exists), and its directory and an existing file can be
+written. The datasets that belong to a segmentation result (:func:`companion_names`) are
+replaced or removed with it, never left stale beside a new result.
 """
 
 from __future__ import annotations
@@ -8,10 +11,36 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .disk import os_error_text
+from .disk import check_file_writable, complete_journals, os_error_text, real_path
 from .errors import VolumeError
-from .storage import existing_hdf5, existing_hdf5_names
+from .storage import check_dataset_name, existing_hdf5, existing_hdf5_names
 from .volumes import PathLike, VolumeSpec, import_zarr, parse_volume_spec
+
+# The datasets that belong to a segmentation result DS besides DS itself (the result format,
+# :mod:`floodfilling.results`): its origins and overlaps tables, the flood a refined result was
+# refined from, an agglomeration's table of candidates.
+COMPANION_SUFFIXES = ("_origins", "_overlaps", "_forward", "_agglomeration")
+
+
+def companion_names(ds: str) -> list[str]:
+    """Every dataset that belongs to the result ``ds`` besides ``ds`` (:data:`COMPANION_SUFFIXES`):
+    a write of ``ds`` replaces those it writes and removes the others (they described the
+    result it replaces), so no companion of an earlier result is left beside a new one."""
+    ds = str(ds).strip("/")
+    return [ds + s for s in COMPANION_SUFFIXES]
+
+
+def stale_companions(ds: str | None, names: Sequence[str]) -> list[str]:
+    """The companions of the result ``ds`` that a write of ``names`` removes: none unless the
+    write is a segmentation result (``names`` holds ``ds_origins``), else those it does not
+    write."""
+    if ds is None:
+        return []
+    names = [n.strip("/") for n in names]
+    comp = companion_names(ds)
+    if comp[0] not in names:
+        return []
+    return [c for c in comp if c not in names]
 
 
 def names_clash(a: str, b: str) -> bool:
@@ -55,9 +84,14 @@ def _writable_dir_check(what: str, directory: str) -> None:
 
 def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names: Sequence[str] | None = None,
                  inputs: Sequence[PathLike | VolumeSpec | None] = ()) -> VolumeSpec:
-    """Checks an output spec before any work; returns it parsed, :class:`VolumeError` otherwise.
+    """Checks an output spec before any work; returns it parsed (an HDF5 output that is a
+    symbolic link: the file it points to, resolved once here, so that the lock, the temporary
+    and the write all go to that file and the link stays), :class:`VolumeError` otherwise.
 
-    - A zarr output names its array (and zarr is installed).
+    - A zarr output names its array (and zarr is installed); dataset names have no empty,
+      ``.`` or ``..`` part and no control character.
+    - A result (``names`` holds ``<ds>_origins``) also removes the companions of ``ds`` it does
+      not write (:func:`stale_companions`): they count as datasets written below.
     - No input is ever replaced: none of the datasets to be written (``names``: default the
       output dataset alone; ``ffn segment`` adds its ``_origins`` and ``_overlaps``) may be
       (or contain, or lie inside) one of ``inputs``, the volumes the same command reads, in
@@ -67,15 +101,25 @@ def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names:
       ``names`` needs ``overwrite`` (the file's other datasets are always kept, see
       :func:`write_hdf5_atomic`). Zarr: an existing array of ``names`` needs ``overwrite``.
     - The directory that receives the output can be written (not a regular file on the way,
-      not a read-only file system).
+      not a read-only file system), and so can an existing output file (its mode).
+    - A symbolic link (HDF5) points to a file or to nothing yet created: a dangling link or a
+      loop is refused; an in-place write of the file that a kill cut short is completed first
+      (:func:`floodfilling.disk.complete_journals`).
     """
     out = spec if isinstance(spec, VolumeSpec) else parse_volume_spec(spec)
     if out.kind == "zarr":
         if not out.dataset:
             raise VolumeError(f"output {out.path}: name the array to write, as {out.path}/ARRAY")
         import_zarr()
-    names = [n.strip("/") for n in (names if names is not None else [str(out.dataset)])]
+    names = [check_dataset_name(f"output {out}", n) for n in (names if names is not None else [str(out.dataset)])]
+    stale = stale_companions(out.dataset, names)
+    names += stale
     sep = "/" if out.kind == "zarr" else ":"
+    if out.kind == "hdf5":
+        real = real_path(out.path)
+        if VolumeSpec(real, out.dataset).kind != "hdf5":
+            raise VolumeError(f"output {out.path}: a symbolic link to {real}, a zarr name; give {real} itself")
+        complete_journals(real)  # an in-place write a kill cut short: the file is whole again first
     for inp in inputs:
         if inp is None:
             continue
@@ -84,23 +128,34 @@ def check_output(spec: PathLike | VolumeSpec, overwrite: bool = False, *, names:
             continue
         for n in names:
             if ip.dataset is None or names_clash(n, ip.dataset):
-                raise VolumeError(f"output {out.path}{sep}{n} would replace the input {ip}; write the output to "
+                what = "replace" if n not in stale else \
+                    f"remove (it belongs to the earlier result {out.dataset}, replaced)"
+                raise VolumeError(f"output {out.path}{sep}{n} would {what} the input {ip}; write the output to "
                                   f"another dataset or file")
     there = existing_outputs(out, names)
     if there and not overwrite:
+        if all(n in stale for n in there):
+            raise VolumeError(f"output {out.path}{sep}{there[0]} exists and belongs to a result {out.dataset} (a "
+                              f"new {out.dataset} would leave it stale); pass overwrite=True to remove it with that "
+                              "result, or choose another dataset name")
         if out.kind == "zarr":
             raise VolumeError(f"output {os.path.join(out.path, there[0])} exists; pass overwrite=True to replace it")
         raise VolumeError(f"output {out.path}{sep}{there[0]} exists; pass overwrite=True to replace it (the "
                           "file's other datasets are kept)")
     in_store = out.kind == "zarr" and os.path.isdir(out.path)
+    if out.kind == "hdf5":
+        out = VolumeSpec(real, out.dataset)  # writes go through the link, to its file
+        check_file_writable(out.path)
     _writable_dir_check(str(out), out.path if in_store else os.path.dirname(os.path.abspath(out.path)))
     return out
 
 
 def existing_outputs(out: VolumeSpec, names: Sequence[str]) -> list[str]:
-    """Those of the datasets ``names`` that exist in the output file or zarr group ``out``;
+    """Those of the datasets ``names`` (and of the companions a result removes,
+    :func:`stale_companions`) that exist in the output file or zarr group ``out``;
     :class:`VolumeError` when something that is not an HDF5 file (or not a zarr store) is at
-    its path (never written into or replaced)."""
+    its path (never written into or replaced), or a group where a dataset goes."""
+    names = list(names) + [c for c in stale_companions(out.dataset, names) if c not in names]
     if out.kind == "zarr":
         if os.path.lexists(out.path) and not os.path.isdir(out.path):
             raise VolumeError(f"output {out.path}: exists and is not a zarr store (directory)")

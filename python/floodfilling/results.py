@@ -8,6 +8,12 @@ A result named ``DS`` lives in an HDF5 file (``out.h5:DS``) or a zarr group (``o
                    segment only; dropped when ids were renumbered)
     DS_forward     (refined results only, ``ffn segment --refine``) the exact flood before
                    refinement, same ids; objects the refinement added have origins with 0 steps
+    DS_agglomeration  (``ffn agglomerate`` only) the table of merge candidates
+
+These companions belong to ``DS`` (:func:`floodfilling.outputs.companion_names`): a write of
+``DS`` removes, in the same atomic write, those it does not write, so that no table or flood of
+an earlier result is left beside a new one (``--overwrite`` of a refined result by a plain one,
+say); datasets of other names are kept.
 
 Tables are compound HDF5 datasets, or zarr groups with one 1-D array per column. Attributes of
 ``DS`` (:class:`ResultAttrs`): ``resolution_zyx_nm``, ``bbox_zyx`` (where the result sits in
@@ -29,6 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import errors, storage, volumes
+from .outputs import companion_names
 
 ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
 OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
@@ -113,7 +120,8 @@ def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray,
                  attrs: Mapping[str, Any], overwrite: bool, overlaps: np.ndarray | None = None,
                  extra: Mapping[str, np.ndarray] | None = None) -> None:
     """``ds`` (+ ``ds_origins``, ``ds_overlaps`` when given, + ``extra`` tables) into the HDF5
-    file or zarr group ``out_path``, atomically, keeping its other datasets. ``attrs``: a
+    file or zarr group ``out_path``, atomically, keeping its other datasets; the companions of
+    ``ds`` not written are removed by the same write (see the module docstring). ``attrs``: a
     :class:`ResultAttrs` dict or any attributes (``None`` values left out)."""
     arrays = {ds: segmentation}
     if origins is not None:
@@ -122,7 +130,8 @@ def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray,
         arrays[f"{ds}_overlaps"] = overlaps
     arrays.update(extra or {})
     clean = {k: v for k, v in attrs.items() if v is not None}
-    storage.write_arrays(out_path, arrays, attrs={ds: clean}, overwrite=overwrite)
+    stale = [c for c in companion_names(ds) if c not in arrays]  # an earlier result's, removed with it
+    storage.write_arrays(out_path, arrays, attrs={ds: clean}, overwrite=overwrite, drop=stale)
 
 
 def read_origins(spec: str) -> np.ndarray | None:

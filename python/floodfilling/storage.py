@@ -4,6 +4,12 @@ HDF5 write first checks its bytes fit on the disk; the file-system layer under t
 (atomic files, free space, one-line disk errors) is :mod:`floodfilling.disk`. Every failure is
 a :class:`~floodfilling.errors.VolumeError` naming the file. Reading is
 :mod:`floodfilling.volumes`.
+
+An existing file keeps its identity (:func:`floodfilling.disk.commit_file`: a symbolic link is
+written through, mode, owner and hard links are kept); an array of a zarr group that is
+replaced keeps its directory's mode. A write may also ``drop`` named datasets (the stale
+companions of an earlier result, :func:`floodfilling.outputs.companion_names`) in the same
+write. Dataset names are checked (:func:`check_dataset_name`) before anything is written.
 """
 
 from __future__ import annotations
@@ -15,12 +21,36 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import disk
 from .disk import SpaceCheck, atomic_path, disk_errors, fsync_dir, os_error_text
 from .errors import VolumeError
 from .volumes import (PathLike, VolumeSpec, check_volume_array, decode_attr, encode_attr, hdf5_datasets, import_zarr,
                       parse_volume_spec)
 
 logger = logging.getLogger(__name__)
+
+
+def check_dataset_name(where: str, name: str) -> str:
+    """``name`` (a dataset or array path inside a file or zarr group, ``a/b``) stripped of outer
+    slashes; :class:`VolumeError` naming ``where`` when a part of it is empty (``a//b``), ``.``
+    or ``..`` (HDF5 reads them as the group itself or a literal name; in a zarr group ``..``
+    leaves the store), or holds a control character."""
+    text = str(name)
+    clean = text.strip("/")
+    bad = ""
+    if not clean:
+        bad = "is empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in clean):
+        bad = "holds a control character"
+    else:
+        parts = clean.split("/")
+        if any(p == "" for p in parts):
+            bad = "has an empty part (//)"
+        elif any(p in (".", "..") for p in parts):
+            bad = "has a part '.' or '..'"
+    if bad:
+        raise VolumeError(f"{where}: dataset name {text!r} {bad}; use names like seg or volumes/seg")
+    return clean
 
 
 def hdf5_storage_bytes(obj: Any) -> int:
@@ -160,6 +190,7 @@ def write_hdf5_atomic(
     file_attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     compression: str | None = "gzip",
+    drop: Sequence[str] = (),
 ) -> str:
     """Write datasets into an HDF5 file atomically and return its path.
 
@@ -172,14 +203,18 @@ def write_hdf5_atomic(
     other dataset, group, link and root attribute of the file is kept (copied into the new
     file, :func:`hdf5_copy_others`), and a dataset of the same name is replaced only with
     ``overwrite`` (:class:`VolumeError` "... exists; pass overwrite=True" otherwise, before
-    anything is written). Something at ``path`` that is not an HDF5 file is never replaced.
-    Everything goes into ``path + ".tmp-<pid>"``, is flushed and fsynced, then renamed onto
-    ``path``: a failure leaves no partial file and the previous ``path`` intact. Each write
-    first checks that it fits on the disk (:class:`SpaceCheck`).
+    anything is written). Something at ``path`` that is not an HDF5 file is never replaced,
+    nor is a group by a dataset. ``drop``: datasets of the file removed in the same write (those
+    present need ``overwrite`` too). Everything goes into ``FILE + ".tmp-<pid>"``, is flushed
+    and fsynced, then becomes the file (:func:`floodfilling.disk.atomic_path`: a symbolic link
+    ``path`` is written through; mode, owner and hard links are kept): a failure leaves no
+    partial file and the previous ``path`` intact. Each write first checks that it fits on the
+    disk (:class:`SpaceCheck`).
     """
     import h5py
 
-    target = os.fspath(path)
+    target = disk.real_path(path)
+    disk.complete_journals(target)  # an in-place write cut short: the file is whole again first
     if not datasets:
         raise VolumeError(f"{target}: no datasets to write")
     attrs = dict(attrs or {})
@@ -199,18 +234,19 @@ def write_hdf5_atomic(
             arr.dtype.fields[n][0].kind in "biuf" for n in arr.dtype.names)  # tables (origins, ...)
         if arr.dtype.kind not in "biuf" and not compound:
             raise VolumeError(f"{target}:{name}: unsupported dtype {arr.dtype}")
-        arrays[str(name).strip("/")] = arr
+        arrays[check_dataset_name(target, name)] = arr
+    drop = [check_dataset_name(target, n) for n in drop if str(n).strip("/") not in arrays]
     keep = existing_hdf5(target)
-    if keep and not overwrite:
-        there = existing_hdf5_names(target, list(arrays))
-        if there:
+    if keep:
+        there = existing_hdf5_names(target, list(arrays) + drop)  # a group there: refused
+        if there and not overwrite:
             raise VolumeError(f"{target}:{there[0]} exists; pass overwrite=True to replace it (the file's other "
                               "datasets are kept)")
     with atomic_path(target, overwrite=True) as tmp:
         space = SpaceCheck(target)
         with h5py.File(tmp, "w") as f:
             if keep:
-                hdf5_copy_others(target, f, list(arrays), space)
+                hdf5_copy_others(target, f, list(arrays) + drop, space)
             for k, v in enc_file_attrs.items():
                 f.attrs[k] = v
             for name, arr in arrays.items():
@@ -242,6 +278,7 @@ def write_zarr_atomic(
     attrs: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     chunks: Sequence[int] | None = None,
+    drop: Sequence[str] = (),
 ) -> str:
     """Write arrays into the zarr group ``store`` (created when missing), each atomically.
 
@@ -252,20 +289,26 @@ def write_zarr_atomic(
     image beside its segmentation, say) are left alone. Structured arrays (tables such as
     origins) become a subgroup with one 1-D array per field. 3-D volumes are chunked
     ``chunks`` (default 64^3, clipped to the shape); attributes as for HDF5 (JSON for dicts).
+    A replaced array's directory keeps its mode. ``drop``: arrays of the group removed before
+    the arrays are committed (those present need ``overwrite`` too; :func:`zarr_remove`).
     """
     root_path = os.fspath(store)
     attrs = dict(attrs or {})
-    targets = {str(name).strip("/"): np.asarray(arr) for name, arr in arrays.items()}
+    targets = {check_dataset_name(root_path, name): np.asarray(arr) for name, arr in arrays.items()}
     if not targets:
         raise VolumeError(f"{root_path}: no arrays to write")
+    drop = [check_dataset_name(root_path, n) for n in drop if str(n).strip("/") not in targets]
     for name, arr in targets.items():
         if arr.dtype.names is None and arr.dtype.kind not in "biuf":
             raise VolumeError(f"{root_path}/{name}: unsupported dtype {arr.dtype}")
+    for name in list(targets) + drop:
         if os.path.exists(os.path.join(root_path, name)) and not overwrite:
             raise VolumeError(f"{root_path}/{name} exists; pass overwrite=True")
     enc = {name: zarr_attrs(name, attrs.get(name)) for name in targets}
     group = open_zarr_group(root_path)
     tag = str(os.getpid())
+    with disk_errors(root_path):
+        zarr_remove(root_path, drop, zarr_tmp_name(next(iter(targets)), tag))
     for name, arr in targets.items():
         tmp_name = zarr_tmp_name(name, tag)
         tmp_path = os.path.join(root_path, tmp_name)
@@ -296,14 +339,15 @@ def _zarr_write_one(group: Any, root_path: str, tmp_name: str, name: str, tag: s
 
 
 def write_arrays(path: PathLike, arrays: Mapping[str, np.ndarray],
-                 attrs: Mapping[str, Mapping[str, Any]] | None = None, overwrite: bool = False) -> str:
+                 attrs: Mapping[str, Mapping[str, Any]] | None = None, overwrite: bool = False,
+                 drop: Sequence[str] = ()) -> str:
     """Named arrays (volumes or tables) with their attributes into the HDF5 file or the zarr
-    group at ``path`` (by its suffix), atomically, keeping everything else there
-    (:func:`write_hdf5_atomic`, :func:`write_zarr_atomic`). The one way this package writes
-    results."""
+    group at ``path`` (by its suffix), atomically, keeping everything else there except the
+    datasets named in ``drop``, which are removed by the same write (:func:`write_hdf5_atomic`,
+    :func:`write_zarr_atomic`). The one way this package writes results."""
     if os.fspath(path).lower().endswith(".zarr"):
-        return write_zarr_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
-    return write_hdf5_atomic(path, arrays, attrs=attrs, overwrite=overwrite)
+        return write_zarr_atomic(path, arrays, attrs=attrs, overwrite=overwrite, drop=drop)
+    return write_hdf5_atomic(path, arrays, attrs=attrs, overwrite=overwrite, drop=drop)
 
 
 def zarr_tmp_name(name: str, tag: str) -> str:
@@ -345,12 +389,36 @@ def zarr_put_table(group: Any, name: str, table: np.ndarray) -> Any:
     return sub
 
 
+def zarr_remove(root_path: PathLike, names: Sequence[str], aside: str) -> list[str]:
+    """Removes the arrays (or tables) ``names`` of the zarr group at ``root_path`` that exist:
+    each is first renamed to the hidden ``<aside>.drop-<name>`` (so a kill never leaves half an
+    array under its name; ``aside`` is a temporary name of the write, whose leftovers the
+    output's lock removes), then deleted. Returns the names removed."""
+    root_path = os.fspath(root_path)
+    gone = []
+    for name in names:
+        path = os.path.join(root_path, name.strip("/"))
+        if not os.path.lexists(path):
+            continue
+        hidden = os.path.join(root_path, f"{aside}.drop-{name.strip('/').replace('/', '_')}")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True) if os.path.isdir(hidden) else os.remove(hidden)
+        gone.append(name)
+    if gone:
+        fsync_dir(root_path)
+        logger.info("%s: removed %s (belonging to the result replaced)", root_path, ", ".join(gone))
+    return gone
+
+
 def zarr_commit(group: Any, root_path: str, tmp_name: str, name: str, tag: str) -> None:
     """Renames the finished ``tmp_name`` of the group onto ``name`` (an existing ``name`` is
-    moved aside first and removed after the rename)."""
+    moved aside first and removed after the rename; the new directory gets its mode and,
+    where this process may set them, owner and group)."""
     final = os.path.join(root_path, name)
     old = None
     if os.path.exists(final):
+        disk.keep_identity(os.path.join(root_path, tmp_name), os.stat(final))
         old = os.path.join(root_path, f".{name.replace('/', '_')}.old-{tag}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

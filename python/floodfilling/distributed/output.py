@@ -18,6 +18,12 @@ and ``<ds>_overlaps``.
 
 An error while writing (no space left, say) removes the temporary output and releases the
 output's lock (:func:`discard_on_error`); the blocks stay in the workdir for the rerun.
+
+File identity (:func:`floodfilling.disk.commit_file`): an HDF5 output that is a symbolic link is
+written through (the temporary lies beside the file it points to, :func:`out_file`); an
+existing file keeps its mode, owner and hard links. The companions of an earlier result of
+the same name that this run does not write (``<ds>_overlaps`` of a refined run beside a plain
+one, :func:`floodfilling.outputs.companion_names`) are removed by the same write.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .. import disk, locks, storage, volumes
+from .. import disk, locks, outputs, storage, volumes
 from . import blockstore, split
 from .reconcile import relabel_core
 
@@ -79,12 +85,23 @@ def zarr_chunks_for(block) -> tuple[int, ...]:
     return tuple(out)
 
 
+def out_file(plan: Plan) -> Path:
+    """HDF5: the file the output is written to (a symbolic link's file, :func:`disk.real_path`)."""
+    return Path(disk.real_path(plan.out_path))
+
+
+def stale_names(plan: Plan) -> list[str]:
+    """Companions of an earlier result ``<ds>`` that this run does not write (removed with it)."""
+    return [c for c in outputs.companion_names(plan.out_ds) if c not in plan.out_names]
+
+
 def tmp_output(plan: Plan, name: str | None = None) -> Path:
-    """HDF5: the temporary output file. Zarr: the hidden array (of ``name``, default the
-    plan's dataset) in the output group."""
+    """HDF5: the temporary output file (beside :func:`out_file`). Zarr: the hidden array (of
+    ``name``, default the plan's dataset) in the output group."""
     if plan.out_kind == "zarr":
         return Path(plan.out_path) / storage.zarr_tmp_name(name or plan.out_ds, plan.run_id)
-    return Path(plan.out_path).with_name(Path(plan.out_path).name + f".tmp-{plan.run_id}")
+    real = out_file(plan)
+    return real.with_name(real.name + f".tmp-{plan.run_id}")
 
 
 def recorded_digest(plan: Plan) -> str | None:
@@ -189,7 +206,7 @@ def _create_hdf5(plan: Plan, layers: Layers, attrs: dict, parallel: bool) -> dic
     space = disk.SpaceCheck(plan.out_path)
     with h5py.File(tmp, "w") as f:
         if os.path.exists(plan.out_path):  # an existing file (check_output saw to it): its other datasets stay
-            storage.hdf5_copy_others(plan.out_path, f, list(plan.out_names), space)
+            storage.hdf5_copy_others(plan.out_path, f, list(plan.out_names) + stale_names(plan), space)
         for name, final in layers.segmentations(plan.out_ds).items():
             if parallel:
                 space.need(int(np.prod(shape)) * final.dtype.itemsize + final.origins.nbytes)  # the ranks' pwrites fill it
@@ -277,11 +294,13 @@ def commit(plan: Plan) -> None:
     tmp = tmp_output(plan)
     if plan.out_kind == "zarr":  # the tables first: the array (with block_manifest) is the commit
         group = storage.open_zarr_group(out)
-        for name in plan.out_names[1:] + (plan.out_ds,):
+        for name in plan.out_names[1:]:
             storage.zarr_commit(group, str(out), tmp_output(plan, name).name, name, plan.run_id)
+        storage.zarr_remove(out, stale_names(plan), tmp_output(plan).name)
+        storage.zarr_commit(group, str(out), tmp_output(plan).name, plan.out_ds, plan.run_id)
         disk.fsync_dir(str(out.resolve()))
     else:
-        os.replace(tmp, out)
-        disk.fsync_dir(str(out.parent.resolve()))
+        with disk.disk_errors(out):
+            disk.commit_file(tmp, out_file(plan))  # mode, owner, hard links kept
     if plan.lock is not None:
         locks.release(plan.lock)

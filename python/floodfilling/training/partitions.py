@@ -191,8 +191,9 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
             thresholds: Sequence[float] = DEFAULT_THRESHOLDS, min_size: int = DEFAULT_MIN_SIZE,
             margin_zyx=None, seed: int = 0, overwrite: bool = False) -> dict:
     """``ffn prepare``: writes ``partitions`` (uint8, labels' shape) and ``coords`` ((N, 3) z, y, x)
-    into the HDF5 file ``out_path`` atomically (an existing file keeps its other datasets; the
-    labels themselves are never replaced, :func:`outputs.check_output`). ``margin_zyx`` defaults
+    into the HDF5 file ``out_path`` atomically (an existing file keeps its other datasets, its
+    mode, owner and hard links; a symbolic link is written through; the labels themselves are
+    never replaced, :func:`outputs.check_output`). ``margin_zyx`` defaults
     to the radius. Returns a summary (counts, number of coordinates, seconds)."""
     from .. import locks
 
@@ -220,7 +221,7 @@ def prepare(labels_spec: str, out_path: str, radius_zyx=DEFAULT_RADIUS_ZYX,
                   "labels_digest": labels_digest(labels)}
         if res is not None:
             common["resolution_zyx_nm"] = list(res)
-        storage.write_hdf5_atomic(out_path, {"partitions": parts, "coords": coords.astype(dtype)}, attrs={
+        storage.write_hdf5_atomic(out.path, {"partitions": parts, "coords": coords.astype(dtype)}, attrs={
             "partitions": {**common, "partition_counts": counts},
             "coords": {**common, "margin_zyx": list(margin), "seed": int(seed), "axes": "zyx"},
         }, overwrite=overwrite)
