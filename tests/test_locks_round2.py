@@ -356,3 +356,30 @@ def test_export_locks_its_layer_and_an_error_leaves_nothing(tmp_path, capsys):
     err = one_error(capsys)
     assert "pid 1" in err and f"delete {lock}" in err
     assert (dest / "info").read_bytes() == info
+
+
+_TAKE_WORKDIR = """
+import sys, time
+from pathlib import Path
+from floodfilling.distributed.blocks import BlockError
+from floodfilling.distributed.workdir import take_lock
+wd, go = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < go:
+    pass
+try:
+    take_lock(wd, sys.argv[3], 1)
+except BlockError:
+    sys.exit(3)
+time.sleep(1.5)  # hold it while the other one tries
+"""
+
+
+def test_two_block_jobs_starting_at_once_on_one_workdir_one_fails(tmp_path):
+    """The workdir lock (``run.json``) is created race-free: two jobs that start at the same
+    moment cannot both pass (the check-then-write of main let both through)."""
+    wd = tmp_path / "wd"
+    go = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKE_WORKDIR, str(wd), str(go), f"run{i}"],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for i in range(2)]
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    assert codes == [0, 3], codes

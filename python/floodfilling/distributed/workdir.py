@@ -232,7 +232,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
 
     # an existing output: ours and complete -> nothing to do; anything else needs overwrite
     names = list(plan.out_names)
-    outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input, writable
+    out = outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input; a link resolved
     if outputs.existing_outputs(out, names) and not overwrite:
         if output.recorded_digest(plan) == out_digest:
             plan.complete = True
@@ -269,24 +269,44 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
 
 
 def take_lock(wd: Path, run_id: str, size: int) -> None:
-    """Writes ``wd/run.json``; a BlockError when a live job on this host holds it."""
+    """Creates ``wd/run.json`` (one job per workdir), complete or not at all and race-free
+    (:func:`locks.create_exclusive`: two jobs starting at once cannot both take it); a
+    BlockError when a live job on this host holds it. A lock of a dead job, of this process, a
+    damaged one or one of another host (which cannot be checked; a warning) is taken over."""
     wd.mkdir(parents=True, exist_ok=True)
     lock = wd / "run.json"
     host = socket.gethostname()
-    if lock.exists():
-        try:
-            holder = json.loads(lock.read_text())
-        except (ValueError, OSError):
-            holder = {}
-        pid = int(holder.get("pid", -1))
-        if holder.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
-            raise BlockError(f"workdir={wd} is in use by a running job (pid {pid} on {host}, started "
-                             f"{holder.get('started', '?')}); wait for it or stop it first")
-        if holder.get("host") not in (None, host):
-            log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
-                        "one job per workdir)", wd, holder.get("host"))
-    disk.atomic_write_bytes(lock, json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
-                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    me = json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    with disk.disk_errors(lock):
+        for _attempt in range(5):
+            if locks.create_exclusive(lock, me):
+                return
+            try:
+                before = os.stat(lock)
+                holder = json.loads(lock.read_text())
+                if not isinstance(holder, dict):
+                    holder = {}
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (ValueError, OSError):
+                holder = {}
+            pid = holder.get("pid", -1)
+            pid = pid if isinstance(pid, int) else -1
+            if holder.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
+                raise BlockError(f"workdir={wd} is in use by a running job (pid {pid} on {host}, started "
+                                 f"{holder.get('started', '?')}); wait for it or stop it first")
+            if holder.get("host") not in (None, host):
+                log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
+                            "one job per workdir)", wd, holder.get("host"))
+            try:  # remove it only if it is still the lock just read (another job may have taken it meanwhile)
+                now = os.stat(lock)
+                if (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
+                    lock.unlink()
+            except FileNotFoundError:
+                pass
+    raise BlockError(f"workdir={wd}: cannot take its lock {lock} (it keeps changing: another job is starting "
+                     "on it?); wait for it, or delete that file if no job uses the workdir")
 
 
 def release(plan: Plan) -> None:
