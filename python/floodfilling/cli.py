@@ -423,18 +423,17 @@ def _bbox(text: str | None):
 
 
 # Range of each numeric flag (by its argparse dest, every command), checked before any work (see
-# check_numbers); flags not listed are only kept within int64 (integers) or finite (floats). The
-# resource caps are config's (MAX_THREADS ...: fixed, so a command means the same on every machine).
+# check_numbers); flags not listed are only kept within int64 (integers) or finite (floats), their
+# other limits are the library's (sizes, boxes: named by with_flags). The resource caps are
+# config's (MAX_THREADS ...: fixed, so that a command means the same on every machine).
 def _flag_bounds() -> dict[str, tuple]:
     from .config import MAX_INFLIGHT, MAX_THREADS
 
-    return {"threads": (0, True, MAX_THREADS, True), "inflight": (1, True, MAX_INFLIGHT, True),
+    return {"threads": (0, True, MAX_THREADS, True),
+            "inflight": (None, False, MAX_INFLIGHT, True),  # >= 1: the library's check (engine.check_inflight)
             "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
             "port": (0, True, 65535, True), "levels": (0, True, 32, True),  # 2^32-fold downsampling is one voxel
-            "top": (0, True, None, False), "min_size": (0, True, None, False), "min_contact": (1, True, None, False),
-            "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
-            "block": (1, True, None, False), "halo": (0, True, None, False), "box": (1, True, None, False),
-            "radius": (0, True, None, False), "margin": (0, True, None, False)}
+            "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False)}
 
 
 def check_numbers(args: argparse.Namespace) -> None:
