@@ -145,6 +145,30 @@ def _inputs_files(d: Path) -> None:
     (links / "to_crop.h5").symlink_to(d / "crop.h5")
 
 
+def _inputs_numbers(d: Path) -> None:
+    """Inputs of the round-2 number and model-metadata cases: a float image near 1e300, and one
+    model file per malformed ``__meta__`` field (the tiny model's, rewritten)."""
+    import json
+
+    with h5py.File(d / "crop.h5", "r") as f:
+        raw = f["raw"][()]
+    with h5py.File(d / "numbers.h5", "w") as f:
+        f["huge"] = raw.astype(np.float64) * 1e300  # beyond float32: inf if normalised in float32
+    arrays = dict(np.load(d / "tiny.npz"))
+    meta = json.loads(bytes(arrays.pop("__meta__")).decode())
+    bad = {"list": [meta], "depth_str": {**meta, "depth": "1"}, "depth_nan": {**meta, "depth": float("nan")},
+           "depth_bool": {**meta, "depth": True}, "depth_deep": {**meta, "depth": 1000},
+           "fov_even": {**meta, "fov_zyx": [8, 9, 9]}, "fov_short": {**meta, "fov_zyx": [9, 9]},
+           "fov_negative": {**meta, "fov_zyx": [-9, 9, 9]}, "deltas_big": {**meta, "deltas_zyx": [5, 2, 2]},
+           "intensity_list": {**meta, "intensity": [128, 33]},
+           "std_zero": {**meta, "intensity": {"mean": 128, "std": 0}},
+           "mean_str": {**meta, "intensity": {"mean": "128", "std": 33}},
+           "quantiles_short": {**meta, "intensity": {"mean": 128, "std": 33, "quantiles": [1, 2]}},
+           "unknown": {**meta, "fov_zxy": [9, 9, 9]}, "features_other": {**meta, "features": 32}}
+    for name, m in bad.items():
+        np.savez(d / f"meta_{name}.npz", **arrays, __meta__=np.frombuffer(json.dumps(m).encode(), np.uint8))
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> tuple[Path, Path]:
     """(the input directory, a pristine copy of it)."""
@@ -188,6 +212,7 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     _inputs_resume(d)
     _inputs_locks(d)
     _inputs_files(d)
+    _inputs_numbers(d)
     quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
     assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
                  "--min-size", "10"]) == 0
@@ -232,6 +257,9 @@ TRAIN = ("train --image {d}/crop.h5:raw --labels {d}/crop.h5:labels --out {t}/ru
          "--features 4 --fov 9,9,9 --deltas 2,2,2 --batch 1 --min-size 10 --device cpu --threads 1 "
          "--no-tensorboard -q")
 
+# a segment run with the model file meta_<name>.npz (a malformed __meta__, see _inputs_numbers)
+SEGM = "segment {{d}}/crop.h5:raw {{t}}/o.h5:seg --model {{d}}/meta_{}.npz -q --device cpu --threads 1"
+
 CASES = [
     # ---- segment: the image
     ("segment-missing-file", "segment {d}/nope.h5:raw {t}/o.h5:seg " + M, ["nope.h5"]),
@@ -274,6 +302,52 @@ CASES = [
     ("segment-block-zero", SEG + " --block 0,1,1", ["--block", "0,1,1"]),
     ("segment-inflight-zero", SEG + " --block 16,24,24 --inflight 0", ["--inflight", "0"]),
     ("segment-workdir-is-a-file", SEG + " --workdir {d}/afile", ["afile"]),
+    # ---- round 2 (issue 30): numbers
+    ("segment-threads-huge", SEG + " --threads 100000", ["--threads", "100000", "1024"]),
+    ("segment-set-threads-huge", SEG + " --set threads=100000", ["threads=100000", "1024"]),
+    ("segment-inflight-huge", SEG + " --block 16,24,24 --inflight 100000", ["--inflight", "100000"]),
+    ("segment-set-prefetch-huge", SEG + " --block 16,24,24 --set prefetch=1000", ["prefetch=1000", "64"]),
+    ("segment-block-beyond-int64", SEG + " --block 99999999999999999999", ["--block", "99999999999999999999"]),
+    ("segment-halo-beyond-int64", SEG + " --block 16,24,24 --halo 99999999999999999999",
+     ["--halo", "99999999999999999999"]),
+    ("segment-set-int-beyond-int64", SEG + " --set min_segment_size=99999999999999999999",
+     ["min_segment_size=99999999999999999999", "int64"]),
+    ("segment-set-dust-beyond-int64", SEG + " --set dust_size=-99999999999999999999", ["dust_size"]),
+    ("segment-set-zyx-beyond-int64", SEG + " --set min_boundary_dist_zyx=[1,1,99999999999999999999]",
+     ["min_boundary_dist_zyx"]),
+    ("segment-set-float-overflow", SEG + " --set segment_threshold=1e999", ["segment_threshold", "inf"]),
+    ("segment-set-refine-float-overflow", SEG + " --refine --set refine.interior_sigma=1e999", ["interior_sigma"]),
+    ("segment-image-mean-overflow", SEG + " --image-mean 1e999", ["--image-mean", "inf"]),
+    ("segment-checkpoint-interval-overflow", SEG + " --checkpoint-interval 1e999", ["--checkpoint-interval", "inf"]),
+    ("segment-image-mean-1e308-std-1e-308", SEG + " --image-mean 1e308 --image-std 1e-308", ["--image-std", "1e-308"]),
+    ("segment-image-mean-std-overflow-float32", SEG + " --image-mean 1e30 --image-std 1e-30",
+     ["crop.h5:raw", "not finite"]),
+    ("segment-float-image-1e300-fixed", "segment {d}/numbers.h5:huge {t}/o.h5:seg --normalise fixed " + M,
+     ["numbers.h5:huge", "not finite"]),
+    ("agglomerate-inflight-huge", AGG + " --inflight 100000", ["--inflight", "100000"]),
+    ("agglomerate-min-contact-beyond-int64", AGG + " --min-contact 99999999999999999999", ["--min-contact"]),
+    ("agglomerate-threads-huge", AGG + " --threads 5000", ["--threads", "5000"]),
+    ("agglomerate-set-refine-unknown", AGG + " --set refine.bogus=1", ["refine.bogus", "gap_box"]),
+    ("agglomerate-set-refine-known", AGG + " --set refine.halo=4", ["refine.halo", "ffn segment --refine"]),
+    ("consensus-min-size-beyond-int64", "consensus {d}/seg.h5:seg {d}/seg.h5:seg {t}/c.h5:seg --min-size "
+     "99999999999999999999", ["--min-size", "99999999999999999999"]),
+    ("prepare-seed-negative", "prepare {d}/crop.h5:labels {t}/p.h5 --radius 4 --min-size 10 --seed -1",
+     ["--seed", "-1", "4294967295"]),
+    ("prepare-seed-beyond-int64", "prepare {d}/crop.h5:labels {t}/p.h5 --radius 4 --min-size 10 --seed "
+     "1180591620717411303424", ["--seed", "1180591620717411303424"]),
+    ("prepare-radius-beyond-int64", "prepare {d}/crop.h5:labels {t}/p.h5 --radius 99999999999999999999",
+     ["--radius"]),
+    ("train-seed-negative", TRAIN + " --seed -1", ["--seed", "-1"]),
+    ("train-seed-2-70", TRAIN + " --seed 1180591620717411303424", ["--seed", "1180591620717411303424"]),
+    ("train-threads-huge", TRAIN + " --threads 100000", ["--threads", "100000", "1024"]),
+    ("train-batch-huge", TRAIN + " --batch 100000", ["--batch", "100000"]),
+    ("train-image-std-1e-308", TRAIN + " --image-std 1e-308", ["--image-std", "1e-308"]),
+    ("train-lr-overflow", TRAIN + " --lr 1e999", ["--lr", "inf"]),
+    ("evaluate-top-beyond-int64", "evaluate {d}/seg.h5:seg {d}/crop.h5:labels --top 99999999999999999999",
+     ["--top"]),
+    ("export-levels-huge", "export {d}/crop.h5:raw {t}/layer --levels 1000", ["--levels", "1000"]),
+    ("view-port-beyond-int64", "view {d}/crop.h5:raw --port 99999999999999999999", ["--port"]),
+    ("demo-threads-huge", "demo --out {t}/demo -q --device cpu --threads 100000", ["--threads", "100000"]),
     # ---- segment: model and config files
     ("segment-model-missing", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/nope.npz -q", ["nope.npz"]),
     ("segment-model-nan-weights", "segment {d}/crop.h5:raw {t}/o.h5:seg --model {d}/nan.npz -q",
@@ -286,6 +360,25 @@ CASES = [
     ("segment-config-directory", SEG + " --config {d}/adir", ["adir"]),
     ("segment-config-bool-string", SEG + " --config {d}/bad_split.toml", ["bad_split.toml", "split_components", "no"]),
     ("segment-config-int-float", SEG + " --config {d}/bad_size.toml", ["bad_size.toml", "min_segment_size", "1.5"]),
+    # ---- round 2 (issue 30): model metadata
+    ("model-meta-list", SEGM.format("list"), ["meta_list.npz", "__meta__", "list"]),
+    ("model-meta-depth-string", SEGM.format("depth_str"), ["meta_depth_str.npz", "depth"]),
+    ("model-meta-depth-nan", SEGM.format("depth_nan"), ["meta_depth_nan.npz", "depth=nan"]),
+    ("model-meta-depth-bool", SEGM.format("depth_bool"), ["meta_depth_bool.npz", "depth=true"]),
+    ("model-meta-depth-not-the-arrays", SEGM.format("depth_deep"), ["meta_depth_deep.npz", "depth=1000"]),
+    ("model-meta-features-not-the-arrays", SEGM.format("features_other"), ["meta_features_other.npz", "features=32"]),
+    ("model-meta-fov-even", SEGM.format("fov_even"), ["meta_fov_even.npz", "fov_zyx", "odd"]),
+    ("model-meta-fov-two-values", SEGM.format("fov_short"), ["meta_fov_short.npz", "fov_zyx"]),
+    ("model-meta-fov-negative", SEGM.format("fov_negative"), ["meta_fov_negative.npz", "fov_zyx"]),
+    ("model-meta-deltas-beyond-fov", SEGM.format("deltas_big"), ["meta_deltas_big.npz", "deltas_zyx"]),
+    ("model-meta-intensity-list", SEGM.format("intensity_list"), ["meta_intensity_list.npz", "intensity"]),
+    ("model-meta-std-zero", SEGM.format("std_zero"), ["meta_std_zero.npz", "intensity.std"]),
+    ("model-meta-mean-string", SEGM.format("mean_str"), ["meta_mean_str.npz", "intensity.mean"]),
+    ("model-meta-quantiles-short", SEGM.format("quantiles_short"), ["meta_quantiles_short.npz", "quantiles"]),
+    ("model-meta-unknown-field", SEGM.format("unknown"), ["meta_unknown.npz", "fov_zxy"]),
+    ("train-init-meta-fov-even", TRAIN + " --init {d}/meta_fov_even.npz", ["meta_fov_even.npz", "fov_zyx"]),
+    ("agglomerate-model-meta-std-zero", AGG.replace("{d}/tiny.npz", "{d}/meta_std_zero.npz"),
+     ["meta_std_zero.npz", "intensity.std"]),
     # ---- segment: the output
     ("segment-output-is-input", "segment {d}/crop.h5:raw {d}/crop.h5:raw --overwrite " + M, ["crop.h5", "raw"]),
     ("segment-output-into-non-hdf5", "segment {d}/crop.h5:raw {d}/fake.h5:seg --overwrite " + M, ["fake.h5"]),

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
@@ -205,7 +207,16 @@ def cmd_export(args) -> int:
 
 def cmd_agglomerate(args) -> int:
     from .agglomerate import AgglomerationOptions, agglomerate
+    from .config import ConfigError, RefineConfig
 
+    refine = [k for k in _set_options(args) if k.startswith("refine.")]
+    if refine:  # agglomerate runs no refinement: a refine option here would be ignored, so it is refused
+        key = refine[0].split(".", 1)[1]
+        known = ", ".join(f.name for f in fields(RefineConfig))
+        what = "is not a refine option" if key not in {f.name for f in fields(RefineConfig)} else \
+            "only applies to `ffn segment --refine`"
+        raise ConfigError(f"--set {refine[0]}: {what}; agglomerate takes no refine options (known refine "
+                          f"options: {known})")
     cfg = _build_config(args)
     opts = AgglomerationOptions(box=args.box, min_contact=args.min_contact,
                                 merge_iou=args.merge_iou, within=args.within)
@@ -413,16 +424,91 @@ def _bbox(text: str | None):
         raise ValueError(f"--bbox {text}: {exc}") from None
 
 
+# Range of each numeric flag (by its argparse dest, every command), checked before any work (see
+# check_numbers); flags not listed are only kept within int64 (integers) or finite (floats), their
+# other limits are the library's (sizes, boxes: named by with_flags). The resource caps are
+# config's (MAX_THREADS ...: fixed, so that a command means the same on every machine).
+def _flag_bounds() -> dict[str, tuple]:
+    from .config import MAX_INFLIGHT, MAX_THREADS
+
+    return {"threads": (0, True, MAX_THREADS, True),
+            "inflight": (None, False, MAX_INFLIGHT, True),  # >= 1: the library's check (engine.check_inflight)
+            "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
+            "port": (0, True, 65535, True), "levels": (0, True, 32, True),  # 2^32-fold downsampling is one voxel
+            "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False)}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag of ``args`` (ints, floats, z,y,x tuples, repeated flags) within its range
+    (:func:`_flag_bounds`; integers within int64, floats finite): a ValueError ``--flag VALUE:
+    expected ...`` otherwise, before any work (nothing out of range reaches numpy, h5py or torch)."""
+    from .config import ConfigError, check_type
+
+    bounds = _flag_bounds()
+    if getattr(args, "command", None) == "train":  # training's own ranges (its library checks them too)
+        from .training.options import option_bounds
+
+        bounds.update(option_bounds())
+    for dest, value in vars(args).items():
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
+                kind, shown = tuple[int, ...], ",".join(map(str, v))
+            elif isinstance(v, int):
+                kind, shown = int, str(v)
+            elif isinstance(v, float):
+                kind, shown = float, str(v)
+            elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
+                kind, shown = tuple[float, ...], ",".join(map(str, v))
+            else:
+                continue
+            if dest == "verbose":
+                continue
+            try:
+                check_type(dest, v, kind, bounds.get(dest), label=f"--{dest.replace('_', '-')} {shown}")
+            except ConfigError as exc:
+                raise ValueError(str(exc).replace("a list of ", "")) from None
+
+
+def _quiet_stdout() -> None:
+    """Points stdout at /dev/null (its reader is gone: nothing more to say, and Python's flush at
+    exit must not fail on the closed pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (in-process capture): nothing to redirect
+        pass
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     try:
         args = ap.parse_args(argv)
+        sys.stdout.flush()
     except SystemExit as exc:  # argument errors (one line, see _Parser), --help, --version
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+            return 128 + int(signal.SIGPIPE)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + int(signal.SIGPIPE)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        check_numbers(args)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # The reader of stdout left (`ffn evaluate ... | head -1`): end quietly with the shell's
+        # status of a process killed by SIGPIPE (128 + 13), as `yes | head` does; cleanups ran.
+        _quiet_stdout()
+        return 128 + int(signal.SIGPIPE)
     except (ValueError, FileNotFoundError, OSError) as exc:
         if args.verbose >= 2:
             raise

@@ -40,6 +40,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISIONS,
     "membranes": ("dark", "bright"),
 }
+# Upper bounds of the options that size a resource (each a cap no sane run reaches; beyond it
+# torch / OpenMP / the allocator fail hard: 100000 threads is a segfault, not an error). Fixed,
+# not relative to this machine's cores, so that a config file means the same on every machine.
+MAX_THREADS = 1024  # CPU threads: twice the largest nodes' hardware threads (512); oversubscribing is slow, never wrong
+MAX_INFLIGHT = 1024  # canvases in flight (K): each holds a block's canvas; 16 keeps a GPU busy
+MAX_PREFETCH = 64  # blocks read ahead, one background thread and one block in memory each
+INT64_MAX = 2**63 - 1  # no integer option goes beyond numpy's / HDF5's int64
+FLOAT32_MAX = 3.4028234663852886e38  # the network sees float32: an intensity mean beyond this is inf
+FLOAT32_TINY = 1.1754943508222875e-38  # ... and an intensity std below this divides by 0
 # The reference's canvas probabilities (google/ffn), shared by inference defaults and training.
 SEED_INIT = 0.95  # probability placed at a new object's seed voxel
 SEED_PAD = 0.05  # probability where the canvas was never predicted
@@ -103,7 +112,7 @@ class Options:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         vals = {}
         for f in fields(cls):
             if f.name in d:
@@ -144,13 +153,15 @@ class Options:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def to_toml(self) -> str:
-        """TOML text with each option's comment (``None`` values are left commented out)."""
+        """TOML text with each option's comment (``## ...``) and its line (``None`` values are left
+        commented out as ``# name = ""``, which reads back as unset): removing the first ``# `` of
+        every line gives a config file that loads, as it stands, to these options."""
         comments = _field_comments(type(self))
         lines = [f"[{self.TABLE}]"]
         for f in fields(self):
             v = getattr(self, f.name)
             if comments.get(f.name):
-                lines.append(f"# {comments[f.name]}")
+                lines.append(f"## {comments[f.name]}")
             lines.append(("# " if v is None else "") + f"{f.name} = {_toml_value(v)}")
         return "\n".join(lines) + "\n"
 
@@ -317,9 +328,10 @@ _BOUNDS: dict[str, Bounds] = {
     "init_activation": _PROBABILITY, "pad_value": _PROBABILITY, "move_threshold": _PROBABILITY,
     "segment_threshold": _PROBABILITY, "min_segment_size": _AT_LEAST_0, "min_boundary_dist_zyx": _AT_LEAST_0,
     "seed_min_distance": _AT_LEAST_1, "seed_fill_passes": _AT_LEAST_0, "seed_fill_min_radius": _POSITIVE,
-    "seed_grid_step": _AT_LEAST_1, "image_std": _POSITIVE, "threads": _AT_LEAST_0,
+    "seed_grid_step": _AT_LEAST_1, "image_std": (FLOAT32_TINY, True, FLOAT32_MAX, True),
+    "threads": (0, True, MAX_THREADS, True),
     "checkpoint_interval_s": _AT_LEAST_0, "dust_size": _AT_LEAST_0, "merge_min_fraction": (0, False, 1, True),
-    "prefetch": _AT_LEAST_0, "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
+    "prefetch": (0, True, MAX_PREFETCH, True), "merge_min_voxels": _AT_LEAST_1, "merge_min_iou": (0, True, 1, True),
     "interior_sigma": _AT_LEAST_0, "gap_core_radius": _POSITIVE, "gap_min_core": _AT_LEAST_1,
     "gap_join_fraction": (0, False, 1, True), "rejoin_fraction": (0, False, 1, True),
     "watershed_sigma": _AT_LEAST_0, "gap_box": _AT_LEAST_1, "tile": _AT_LEAST_0, "halo": _AT_LEAST_0,
@@ -335,7 +347,9 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.6g}"
 
 
 def _range_text(b: Bounds | None) -> str:
@@ -358,6 +372,21 @@ def _in_range(v: float, b: Bounds | None) -> bool:
     if lo is not None and not (v >= lo if lo_in else v > lo):
         return False
     return hi is None or (v <= hi if hi_in else v < hi)
+
+
+def _int_bounds(b: Bounds | None) -> Bounds:
+    """An integer option's range: ``b`` with open ends closed at int64's (numpy and HDF5 take
+    nothing wider; a larger value would be a raw OverflowError, or an object array, later)."""
+    lo, lo_in, hi, hi_in = b if b is not None else (None, False, None, False)
+    if lo is None:
+        lo, lo_in = -INT64_MAX - 1, True
+    if hi is None:
+        hi, hi_in = INT64_MAX, True
+    return (lo, lo_in, hi, hi_in)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not _is_bool(v)
 
 
 def _is_bool(v: Any) -> bool:
@@ -396,13 +425,18 @@ def check_type(name: str, value: Any, annotation: Any, bounds: Bounds | None = N
     "``label``: expected ..." (default label: ``option NAME=VALUE``)."""
 
     def bad():
-        return ConfigError(f"{label or f'option {name}={value!r}'}: expected {_expected(annotation, bounds)}")
+        wide = any(_is_int(v) and not -INT64_MAX - 1 <= v <= INT64_MAX
+                   for v in (value if isinstance(value, (tuple, list)) else (value,)))
+        beyond = f" (no integer beyond int64: {INT64_MAX})" if wide else ""
+        return ConfigError(f"{label or f'option {name}={value!r}'}: expected {_expected(annotation, bounds)}{beyond}")
 
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         rest = [a for a in args if a is not type(None)]
+        if value == "" and type(None) in args and str not in rest and not _is_bool(value):
+            return None  # TOML has no null: "" leaves an optional number unset (as `ffn config` prints it)
         if len(rest) != 1:
             raise TypeError(f"{name}: no type check for {annotation}")
         try:
@@ -414,7 +448,7 @@ def check_type(name: str, value: Any, annotation: Any, bounds: Bounds | None = N
             raise bad()
         return bool(value)
     if annotation is int:
-        if _is_bool(value) or not isinstance(value, numbers.Integral) or not _in_range(int(value), bounds):
+        if _is_bool(value) or not isinstance(value, numbers.Integral) or not _in_range(int(value), _int_bounds(bounds)):
             raise bad()
         return int(value)
     if annotation is float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -144,9 +145,141 @@ def bundled_model_path() -> Path:
 
 def _parse_meta(raw: Any, source: str) -> dict[str, Any]:
     try:
-        return json.loads(bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8"))
+        meta = json.loads(bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - reported with the file name
         raise ModelError(f"{source}: __meta__ is not UTF-8 JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{source}: __meta__ is a JSON {_json_kind(meta)}, expected an object (a table of fields)")
+    return meta
+
+
+# -- the schema of __meta__ ------------------------------------------------------------------------
+# Every field a model file's metadata may hold: its type and range (lengths of lists), checked on
+# load (check_meta) so that a malformed file is one ModelError naming the file and the field, never
+# a traceback or a silently wrong model. Provenance fields (free text, the training record) are only
+# typed; a field not listed is refused (a misspelt "fov_zxy" would silently give the default FOV).
+MAX_DEPTH = 1024  # residual modules; each is two convolutions' weights in the file
+MAX_FEATURES = 4096  # feature maps per convolution
+MAX_FOV = 1023  # FOV voxels per axis (the bundled model's: 33)
+_STD_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)  # float32: the network's precision
+_MEAN_RANGE = (-3.4028234663852886e38, 3.4028234663852886e38)
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, dict):
+        return "object"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, str):
+        return "string"
+    if v is None:
+        return "null"
+    return "number"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Field:
+    """One field of __meta__: ``check(value) -> None`` or the words of what it expects."""
+
+    def __init__(self, expected: str, ok):
+        self.expected, self.ok = expected, ok
+
+
+def _int_in(lo: int, hi: int) -> _Field:
+    return _Field(f"an integer in [{lo}, {hi}]", lambda v: _is_int(v) and lo <= v <= hi)
+
+
+def _num_in(lo: float, hi: float, lo_open: bool = False, what: str = "a finite number") -> _Field:
+    return _Field(f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}]",
+                  lambda v: _is_num(v) and (lo < v if lo_open else lo <= v) and v <= hi)
+
+
+def _ints3(lo: int, hi: int, odd: bool = False) -> _Field:
+    words = f"3 {'odd ' if odd else ''}integers in [{lo}, {hi}]"
+    return _Field(words, lambda v: isinstance(v, list) and len(v) == 3 and all(
+        _is_int(x) and lo <= x <= hi and (not odd or x % 2 == 1) for x in v))
+
+
+def _quantiles(v: Any) -> bool:
+    from .normalise import N_QUANTILES
+
+    return v is None or (isinstance(v, list) and len(v) == N_QUANTILES and all(_is_num(x) for x in v)
+                         and all(a <= b for a, b in zip(v, v[1:])))
+
+
+_ANY = _Field("any JSON value", lambda v: True)
+_TEXT = _Field("a string", lambda v: isinstance(v, str))
+_PROB = _num_in(0.0, 1.0, lo_open=True, what="a probability")
+META_SCHEMA: dict[str, _Field] = {
+    "model": _Field('"convstack_3d" (any other is an unsupported architecture)', lambda v: v == "convstack_3d"),
+    "depth": _int_in(1, MAX_DEPTH),
+    "features": _int_in(1, MAX_FEATURES),
+    "fov_zyx": _ints3(3, MAX_FOV, odd=True),
+    "fov_size_xyz": _ints3(3, MAX_FOV, odd=True),
+    "deltas_zyx": _ints3(0, MAX_FOV // 2),
+    "deltas_xyz": _ints3(0, MAX_FOV // 2),
+    "intensity": _Field("an object {mean, std, quantiles}", lambda v: isinstance(v, dict)),
+    "inference_settings": _Field("an object", lambda v: isinstance(v, dict)),
+    # provenance (the reference's conversion and this package's training)
+    "source": _TEXT, "trained_on": _TEXT, "weight_layout": _TEXT, "architecture": _TEXT,
+    "global_step": _int_in(0, 2**63 - 1), "trained_steps": _int_in(0, 2**63 - 1),
+    "input_channels": _Field("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "training": _Field("an object", lambda v: isinstance(v, dict)),
+}
+INTENSITY_SCHEMA: dict[str, _Field] = {
+    "mean": _num_in(*_MEAN_RANGE),
+    "std": _num_in(*_STD_RANGE),
+    "quantiles": _Field("null or 101 non-decreasing finite numbers", _quantiles),
+}
+# inference_settings: a record of the reference's settings; those known are typed, others kept as they are
+INFERENCE_SCHEMA: dict[str, _Field] = {
+    "init_activation": _PROB, "pad_value": _PROB, "move_threshold": _PROB, "segment_threshold": _PROB,
+    "min_segment_size": _int_in(0, 2**63 - 1), "min_boundary_dist_xyz": _ints3(0, 2**63 - 1),
+    "image_mean": _num_in(*_MEAN_RANGE), "image_stddev": _num_in(*_STD_RANGE), "seed_policy": _TEXT,
+}
+
+
+def _shown(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_meta(meta: Any, source: str) -> dict[str, Any]:
+    """``meta`` checked against :data:`META_SCHEMA` (and the ``intensity`` / ``inference_settings``
+    objects against theirs); a :class:`ModelError` ``SOURCE: __meta__ field NAME=VALUE: expected
+    ...`` naming the first bad field otherwise. FOV and deltas given both ways must agree, and the
+    deltas fit in the FOV (a move stays inside it)."""
+    if not isinstance(meta, dict):
+        raise ModelError(f"{source}: __meta__ is a JSON {_json_kind(meta)}, expected an object (a table of fields)")
+
+    def check(table: dict[str, _Field], d: dict, prefix: str, closed: bool) -> None:
+        for k, v in d.items():
+            f = table.get(k)
+            if f is None:
+                if closed:
+                    raise ModelError(f"{source}: __meta__ has an unknown field {prefix}{k} (known: "
+                                     f"{', '.join(table)})")
+                continue
+            if not f.ok(v):
+                raise ModelError(f"{source}: __meta__ field {prefix}{k}={_shown(v)}: expected {f.expected}")
+
+    check(META_SCHEMA, meta, "", closed=True)
+    check(INTENSITY_SCHEMA, meta.get("intensity", {}), "intensity.", closed=True)
+    check(INFERENCE_SCHEMA, meta.get("inference_settings", {}), "inference_settings.", closed=False)
+    for zyx, xyz in (("fov_zyx", "fov_size_xyz"), ("deltas_zyx", "deltas_xyz")):
+        if zyx in meta and xyz in meta and list(meta[zyx]) != list(reversed(meta[xyz])):
+            raise ModelError(f"{source}: __meta__ fields {zyx}={_shown(meta[zyx])} and {xyz}={_shown(meta[xyz])} "
+                             f"disagree (one is the other reversed)")
+    return meta
 
 
 def _xyz_to_zyx(v) -> tuple[int, int, int]:
@@ -154,9 +287,9 @@ def _xyz_to_zyx(v) -> tuple[int, int, int]:
 
 
 def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
-    """Builds ModelInfo from a model file's metadata (reference keys are x, y, z)."""
-    if meta.get("model", "convstack_3d") != "convstack_3d":
-        raise ModelError(f"{source}: unsupported architecture {meta.get('model')!r} (expected convstack_3d)")
+    """Builds ModelInfo from a model file's metadata (reference keys are x, y, z), checked
+    against the schema first (:func:`check_meta`)."""
+    check_meta(meta, source)
     inf = dict(meta.get("inference_settings", {}))
     fov = meta.get("fov_zyx") or (_xyz_to_zyx(meta["fov_size_xyz"]) if "fov_size_xyz" in meta else (33, 33, 33))
     deltas = meta.get("deltas_zyx") or (_xyz_to_zyx(meta["deltas_xyz"]) if "deltas_xyz" in meta else (8, 8, 8))
@@ -182,7 +315,25 @@ def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
     )
     if any(f % 2 == 0 or f < 3 for f in info.fov_zyx):
         raise ModelError(f"{source}: FOV {info.fov_zyx} must be odd and >= 3 on every axis")
+    if any(d > f // 2 for d, f in zip(info.deltas_zyx, info.fov_zyx)):
+        name = "deltas_zyx" if "deltas_zyx" in meta else "deltas_xyz"
+        raise ModelError(f"{source}: __meta__ field {name}={_shown(meta[name])}: a move of more than half the FOV "
+                         f"{list(info.fov_zyx)} (z, y, x; rounded down) leaves the FOV")
     return info
+
+
+def check_arrays_match(info: ModelInfo, arrays: dict[str, np.ndarray], source: str) -> None:
+    """The metadata's depth and features against the arrays the file holds, before a network of
+    that size is built (a depth of 1000 in __meta__ of a depth-12 file: one line, no allocation)."""
+    held = {k.split("/")[0] for k in arrays if k.endswith("/weights")}
+    modules = sum(1 for k in held if k.startswith("conv") and k.endswith("_a") and k != "conv0_a")
+    if "conv0_a" in held and modules + 1 != info.depth:
+        raise ModelError(f"{source}: __meta__ field depth={info.depth} but the file holds the weights of a "
+                         f"depth-{modules + 1} network")
+    w = arrays.get("conv0_a/weights")
+    if w is not None and np.ndim(w) == 5 and w.shape[-1] != info.features:
+        raise ModelError(f"{source}: __meta__ field features={info.features} but conv0_a/weights has "
+                         f"{w.shape[-1]} output features")
 
 
 def model_file(path: str | os.PathLike | None = None) -> Path:
@@ -216,6 +367,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if not meta:
         log.warning("%s has no __meta__; assuming the reference FIB-25 geometry", p)
     info = info_from_meta(meta, str(p))
+    check_arrays_match(info, arrays, str(p))
     net = ConvStack3D(depth=info.depth, features=info.features)
     net.load_reference_arrays(arrays, str(p))
     net.eval()

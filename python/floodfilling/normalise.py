@@ -23,6 +23,7 @@ volume handle), never per block.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("standardise", "histogram", "fixed")
 N_QUANTILES = 101
+# A sample in which fewer than this fraction of the voxels (padding aside) differ from the most
+# common intensity is "nearly constant": normalised, that one value is all the network sees.
+NEARLY_CONSTANT = 0.01
 
 
 class NormalisationError(ValueError):
@@ -54,20 +58,71 @@ class Normalisation:
     target_quantiles: list[float] | None = None
 
     def apply(self, raw: np.ndarray, source: str = "image") -> np.ndarray:
+        """``(f(raw) - mean) / std`` as float32 (the reference's float32 arithmetic); a float image
+        beyond float32's range is normalised in float64 first. A
+        :class:`NormalisationError` naming ``source`` when a normalised value is not finite (the
+        network would see inf/NaN and flood nothing)."""
         img = np.asarray(raw)
         if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
             raise NormalisationError(f"{source}: contains NaN or infinite values")
-        if self.method == "histogram":
-            out = np.interp(img.astype(np.float32), np.asarray(self.source_quantiles, np.float64),
-                            np.asarray(self.target_quantiles, np.float64)).astype(np.float32)
-        else:
-            out = img.astype(np.float32)
-        out -= np.float32(self.mean)
-        out /= np.float32(self.std)
+        # a float64 image beyond float32's range (values, or its mean/std: 1e300, 1e-300) is normalised in
+        # float64 first; histogram matching maps onto the model's mean/std, which float32 holds
+        wide = self.method != "histogram" and _is_wide(img) and (
+            _beyond_float32(img) or not _fits_float32(self.mean, self.std))
+        mean, std = (np.float32(0), np.float32(1)) if wide else _float32_stats(self.mean, self.std, source)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            if self.method == "histogram":
+                out = np.interp(img.astype(np.float64 if _beyond_float32(img) else np.float32),
+                                np.asarray(self.source_quantiles, np.float64),
+                                np.asarray(self.target_quantiles, np.float64)).astype(np.float32)
+            elif wide:  # float32 would make these values inf before they are normalised
+                out = ((img.astype(np.float64) - self.mean) / self.std).astype(np.float32)
+            else:
+                out = img.astype(np.float32)
+            out -= mean
+            out /= std
+        if not np.isfinite(out).all():
+            raise NormalisationError(
+                f"{source}: normalised intensities are not finite: (x - {self.mean:g}) / {self.std:g} overflows "
+                f"float32 for intensities {_extent(img)} ({self.method} normalisation); "
+                + ("use other image_mean/image_std" if self.method == "fixed" else "rescale the image"))
         return out
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _is_wide(img: np.ndarray) -> bool:
+    """A float image of more precision and range than float32 (float64)."""
+    return img.dtype.kind == "f" and img.dtype.itemsize > 4
+
+
+def _beyond_float32(img: np.ndarray) -> bool:
+    """Whether a float image holds values that float32 cannot represent (magnitude > its max)."""
+    if not _is_wide(img) or img.size == 0:
+        return False
+    return bool(np.abs(img).max() > np.finfo(np.float32).max)
+
+
+def _fits_float32(mean: float, std: float) -> bool:
+    with np.errstate(over="ignore", under="ignore"):
+        m, s = np.float32(mean), np.float32(std)
+    return bool(np.isfinite(m) and np.isfinite(s) and s >= np.finfo(np.float32).tiny)
+
+
+def _float32_stats(mean: float, std: float, source: str) -> tuple[np.float32, np.float32]:
+    """``mean`` and ``std`` as the float32 numbers the reference's arithmetic uses; a
+    :class:`NormalisationError` when float32 cannot hold them (inf, or a std of 0)."""
+    if not _fits_float32(mean, std):
+        raise NormalisationError(f"{source}: intensity mean {mean:g} / std {std:g} are beyond float32 (the network's "
+                                 f"precision: |mean| <= 3.4e38, std in [1.2e-38, 3.4e38]); rescale the image or "
+                                 f"choose other image_mean/image_std")
+    return np.float32(mean), np.float32(std)
+
+
+def _extent(img: np.ndarray) -> str:
+    """``[min, max]`` of an image, for messages."""
+    return f"[{float(np.min(img)):g}, {float(np.max(img)):g}]" if img.size else "[]"
 
 
 def _sample(vol, max_voxels: int = 4_000_000) -> np.ndarray:
@@ -102,11 +157,30 @@ def estimate_stats(vol, source: str = "image") -> tuple[float, float, np.ndarray
     if s.dtype.kind == "f" and not np.all(np.isfinite(s)):
         raise NormalisationError(f"{source}: contains NaN or infinite values")
     s = _drop_padding(s).astype(np.float64)
-    mean, std = float(s.mean()), float(s.std())
-    if not std > 1e-6 * max(1.0, abs(mean)):
-        raise NormalisationError(f"{source}: constant intensity {mean:g} (std 0): nothing to segment; "
+    lo, hi = float(s.min()), float(s.max())
+    if lo == hi:  # exactly one value: constancy is equality, whatever the values' scale
+        raise NormalisationError(f"{source}: constant intensity {lo:g} (std 0): nothing to segment; "
                                  "use option normalise='fixed' with image_mean/image_std to force it")
-    return mean, std, np.quantile(s, np.linspace(0, 1, N_QUANTILES))
+    mean, std = _moments(s)
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise NormalisationError(f"{source}: intensities in [{lo:g}, {hi:g}] have no usable mean/std in float64 "
+                                 f"(mean {mean:g}, std {std:g}); rescale the image")
+    q = np.quantile(s, np.linspace(0, 1, N_QUANTILES))
+    median = q[N_QUANTILES // 2]  # a value taking over half of the sample is its median
+    differ = int(s.size - np.count_nonzero(s == median))
+    if differ < NEARLY_CONSTANT * s.size:
+        log.warning("%s: nearly constant: only %d of %d sampled voxels (of %d in the volume) differ from the "
+                    "intensity %g; expect an (almost) empty segmentation", source, differ, s.size,
+                    int(np.prod(tuple(vol.shape))), float(median))
+    return mean, std, q
+
+
+def _moments(s: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of float64 values, computed on the values scaled by their largest magnitude so
+    that neither the sum nor the squares overflow (values near 1e308) or underflow (near 1e-308)."""
+    scale = float(np.abs(s).max())
+    t = s / scale
+    return float(t.mean()) * scale, float(t.std()) * scale
 
 
 def gaussian_quantiles(mean: float, std: float, n: int = N_QUANTILES) -> np.ndarray:
@@ -140,8 +214,13 @@ def resolve(method: str, vol, model_mean: float, model_std: float, model_quantil
         if target.shape != (N_QUANTILES,) or np.any(np.diff(target) < 0):
             raise NormalisationError(f"model intensity quantiles must be {N_QUANTILES} non-decreasing values")
     src = np.maximum.accumulate(vq)
-    # np.interp needs increasing x: nudge flat runs (integer data) apart by a tiny amount
-    src = src + np.arange(src.size) * 1e-9 * max(1.0, float(np.abs(src).max()))
+    # np.interp needs increasing x: nudge flat runs (integer data) apart by a tiny amount relative
+    # to the data (an absolute floor would swamp data of small magnitude: [0, 2.5e-10]), then by
+    # at least one float64 step where the values are too large for that amount to register
+    src = src + np.arange(src.size) * 1e-9 * float(np.abs(src).max())
+    for i in range(1, src.size):
+        if not src[i] > src[i - 1]:
+            src[i] = np.nextafter(src[i - 1], np.inf)
     return Normalisation("histogram", model_mean, model_std, volume_mean=vmean, volume_std=vstd,
                          source_quantiles=src.tolist(), target_quantiles=target.tolist())
 

@@ -8,7 +8,11 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..config import FLOAT32_MAX, FLOAT32_TINY, MAX_THREADS
+from ..model import MAX_DEPTH, MAX_FEATURES, MAX_FOV
 from .partitions import DEFAULT_THRESHOLDS, check_thresholds
+
+MAX_BATCH = 4096  # move sequences per step and rank: 4096 33^3 FOVs of 32 features are ~70 GB of activations
 
 
 class TrainError(ValueError):
@@ -76,17 +80,26 @@ SINGLE_VOLUME = ("image", "labels", "coords", "image_mean", "image_std")
 
 
 # Range of each numeric option (see floodfilling.config.check_type): (low, low_inclusive, high, high_inclusive).
+# Resource options have an upper bound (threads: config.MAX_THREADS; the network's size: the model
+# file's limits, model.MAX_*), integers never beyond int64 (config.check_type).
 _OPTION_BOUNDS: dict[str, tuple] = {
-    "depth": (1, True, None, False), "features": (1, True, None, False), "fov": (1, True, None, False),
-    "deltas": (0, True, None, False), "batch": (1, True, None, False), "max_steps": (0, True, None, False),
+    "depth": (1, True, MAX_DEPTH, True), "features": (1, True, MAX_FEATURES, True), "fov": (1, True, MAX_FOV, True),
+    "deltas": (0, True, MAX_FOV // 2, True), "batch": (1, True, MAX_BATCH, True), "max_steps": (0, True, None, False),
     "lr": (0, False, None, False), "momentum": (0, True, 1, False), "clip": (0, True, None, False),
-    "seed": (0, True, 2**32 - 1, True), "threads": (0, True, None, False), "min_size": (1, True, None, False),
-    "thresholds": (0, False, 1, True), "image_std": (0, False, None, False), "warmup_steps": (0, True, None, False),
+    "seed": (0, True, 2**32 - 1, True), "threads": (0, True, MAX_THREADS, True), "min_size": (1, True, None, False),
+    "thresholds": (0, False, 1, True), "image_std": (FLOAT32_TINY, True, FLOAT32_MAX, True),
+    "warmup_steps": (0, True, None, False),
     "checkpoint_every": (0, True, None, False), "checkpoint_secs": (0, True, None, False),
     "keep_every": (0, True, None, False),
     "log_every": (0, True, None, False), "val_every": (0, True, None, False), "val_sequences": (1, True, None, False),
     "val_min_size": (1, True, None, False),
 }
+
+
+def option_bounds() -> dict[str, tuple]:
+    """The range of each numeric option (the flags of ``ffn train`` are checked against it before
+    any work, :func:`floodfilling.cli.check_numbers`)."""
+    return dict(_OPTION_BOUNDS)
 
 
 def check_options(opts: TrainOptions) -> TrainOptions:
@@ -141,7 +154,7 @@ def check_volumes(vols) -> tuple[TrainVolume, ...]:
     from ..config import ConfigError, check_type
 
     hints = typing.get_type_hints(TrainVolume)
-    bounds = {"weight": (0, False, None, False), "image_std": (0, False, None, False)}
+    bounds = {"weight": (0, False, None, False), "image_std": _OPTION_BOUNDS["image_std"]}
     out = []
     for i, v in enumerate(vols, start=1):
         if not isinstance(v, TrainVolume):
