@@ -342,6 +342,8 @@ CASES = [
     ("train-threads-huge", TRAIN + " --threads 100000", ["--threads", "100000", "1024"]),
     ("train-batch-huge", TRAIN + " --batch 100000", ["--batch", "100000"]),
     ("train-image-std-1e-308", TRAIN + " --image-std 1e-308", ["--image-std", "1e-308"]),
+    # float32 overflow of (x - mean) / std: refused naming the image, as inference does (was: trained on inf)
+    ("train-image-mean-std-overflow", TRAIN + " --image-mean 1e30 --image-std 1e-30", ["crop.h5:raw", "not finite"]),
     ("train-lr-overflow", TRAIN + " --lr 1e999", ["--lr", "inf"]),
     ("evaluate-top-beyond-int64", "evaluate {d}/seg.h5:seg {d}/crop.h5:labels --top 99999999999999999999",
      ["--top"]),

@@ -320,3 +320,24 @@ def test_piping_into_head(labels_file):
         assert r.stderr == "", r.stderr
         out = r.stdout.splitlines()
         assert len(out) == 2 and out[1] in ("rc=0", "rc=141"), r.stdout
+
+
+def test_library_inflight_has_the_cli_cap():
+    """The engine's own check carries the cap too (a library caller never reaches the CLI)."""
+    from floodfilling.boxes import ParameterError
+    from floodfilling.config import MAX_INFLIGHT
+    from floodfilling.inference.engine import check_inflight
+
+    assert check_inflight(MAX_INFLIGHT) == MAX_INFLIGHT
+    with pytest.raises(ParameterError, match=f"inflight={MAX_INFLIGHT + 1}"):
+        check_inflight(MAX_INFLIGHT + 1)
+
+
+def test_overlay_of_tiny_intensities_keeps_its_contrast():
+    """The PNG slices scale by the data's own range, with no absolute floor."""
+    from floodfilling.viz import overlay
+
+    g = np.linspace(0, 2.5e-10, 100, dtype=np.float64).reshape(10, 10)
+    rgb = overlay(g, np.zeros((10, 10), np.uint32))
+    assert rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255
+    assert (overlay(np.full((4, 4), 7.0), np.zeros((4, 4), np.uint32)) == 0).all()

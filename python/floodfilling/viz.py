@@ -25,7 +25,8 @@ def overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nda
     """Grey image (any dtype, 2-D) blended with label colours where labels != 0."""
     g = gray.astype(np.float32)
     lo, hi = np.percentile(g, [1, 99]) if g.size else (0.0, 1.0)
-    g = np.clip((g - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    span = float(hi - lo)  # relative to the data: an image in [0, 1e-10] keeps its contrast
+    g = np.clip((g - lo) / span, 0, 1) * 255 if span > 0 else np.zeros_like(g)
     rgb = np.repeat(g[..., None], 3, axis=-1)
     col = label_colours(labels).astype(np.float32)
     m = labels != 0

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..config import InferenceConfig
+from ..config import MAX_INFLIGHT, InferenceConfig
 from ..model import ModelInfo
 from ..boxes import ParameterError
 from . import seeds as seeds_mod
@@ -107,9 +107,12 @@ def run_jobs(jobs: Iterable[Job], predictor: Predictor, inflight: int = 1,
 
 def check_inflight(inflight: int | None) -> int | None:
     """``inflight`` (canvases in flight, K) checked: None (the default, :func:`inflight_on`)
-    or >= 1; a :class:`~floodfilling.boxes.ParameterError` otherwise."""
+    or 1..``MAX_INFLIGHT``; a :class:`~floodfilling.boxes.ParameterError` otherwise."""
     if inflight is not None and int(inflight) < 1:
         raise ParameterError("inflight", inflight, f"inflight={inflight}: must be >= 1")
+    if inflight is not None and int(inflight) > MAX_INFLIGHT:
+        raise ParameterError("inflight", inflight, f"inflight={inflight}: must be <= {MAX_INFLIGHT} (canvases in "
+                                                   "flight, each holding a block's canvas)")
     return inflight
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import volumes
+from ..normalise import Normalisation, NormalisationError
 from .examples import ExampleSource, Geometry
 from .options import TrainError, TrainOptions, TrainVolume
 from .partitions import build_coordinates, compute_partitions, labels_digest, read_attrs
@@ -163,7 +164,10 @@ def load_volume(vol: TrainVolume, opts: TrainOptions, geometry: Geometry, where:
         std = float(vol.image_std)
     if not std > 0:
         raise TrainError(f"image={vol.image}: intensity standard deviation is {std}; cannot normalise{where}")
-    image = ((raw.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    try:  # the inference's float32 arithmetic, refusing values that would not be finite (normalise.py)
+        image = Normalisation("fixed", float(mean), float(std)).apply(raw, f"image={vol.image}")
+    except NormalisationError as exc:
+        raise TrainError(f"{exc}{where}") from None
     info.update({"coordinates": int(len(coords)), "weight": vol.weight, "mean": mean, "std": std})
     return LoadedVolume(image, labels, coords, mean, std, quantiles, info)
 
