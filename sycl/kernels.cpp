@@ -171,18 +171,24 @@ inline void peaks_xmax(const T* image, T* xmax, int64_t nrows, int64_t nx, int64
   if (row < nrows) ffn::kernels::peaks::row_max(image + row * nx, xmax + row * nx, nx, r);
 }
 
+/// out[x] = max of rows c-r..c+r (clipped to 0..n-1) of `src`, rows `step`
+/// values apart, x < nx: the sliding-window maximum along y (step nx) or z
+/// (step ny * nx) of the separable max filter.
+template <class T>
+inline void window_max(T* out, const T* src, int64_t c, int64_t r, int64_t n, int64_t step, int64_t nx) {
+  const int64_t lo = c - r < 0 ? 0 : c - r;
+  const int64_t hi = c + r > n - 1 ? n - 1 : c + r;
+  const T* first = src + lo * step;
+  for (int64_t x = 0; x < nx; ++x) out[x] = first[x];
+  for (int64_t i = lo + 1; i <= hi; ++i) ffn::kernels::peaks::accumulate_max(out, src + i * step, nx);
+}
+
 template <class T>
 inline void peaks_ymax(const T* xmax, T* max2d, int64_t nz, int64_t ny, int64_t nx, int64_t r) {
   const int64_t row = global_id();
   if (row >= nz * ny) return;
   const int64_t z = row / ny, y = row % ny;
-  const int64_t lo = y - r < 0 ? 0 : y - r;
-  const int64_t hi = y + r > ny - 1 ? ny - 1 : y + r;
-  T* o = max2d + row * nx;
-  const T* first = xmax + (z * ny + lo) * nx;
-  for (int64_t x = 0; x < nx; ++x) o[x] = first[x];
-  for (int64_t yy = lo + 1; yy <= hi; ++yy)
-    ffn::kernels::peaks::accumulate_max(o, xmax + (z * ny + yy) * nx, nx);
+  window_max(max2d + row * nx, xmax + z * ny * nx, y, r, ny, nx, nx);
 }
 
 /// The candidate test of peaks::filter_slab for row (z, y): cand[i] = 1 for a
@@ -207,13 +213,8 @@ inline void peaks_test(const T* image, const T* max2d, T* m_all, uint8_t* cand,
     flags[row] = fl;
     return;
   }
-  const int64_t lo = z - r < 0 ? 0 : z - r;
-  const int64_t hi = z + r > nz - 1 ? nz - 1 : z + r;
   T* m = m_all + row * nx;
-  const T* first = max2d + (lo * ny + y) * nx;
-  for (int64_t x = 0; x < nx; ++x) m[x] = first[x];
-  for (int64_t zz = lo + 1; zz <= hi; ++zz)
-    ffn::kernels::peaks::accumulate_max(m, max2d + (zz * ny + y) * nx, nx);
+  window_max(m, max2d + y * nx, z, r, nz, ny * nx, nx);
   for (int64_t x = 0; x < nx; ++x) {
     if (v[x] != v[x]) fl |= 1;
     if (v[x] != m[x]) fl |= 2;

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 
 from floodfilling.cli import main
-from floodfilling.demo import demo_crop_path
-from floodfilling.testing import mean_flood_model
+from floodfilling.testing import demo_crop, mean_flood_model
 
 SHAPE = (32, 48, 48)
 
@@ -173,11 +172,9 @@ def _inputs_numbers(d: Path) -> None:
 def pristine(tmp_path_factory) -> tuple[Path, Path]:
     """(the input directory, a pristine copy of it)."""
     d = tmp_path_factory.mktemp("bad_inputs")
-    with h5py.File(demo_crop_path(), "r") as src:
-        raw = src["raw"][: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-        labels = src["labels"][: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(np.uint32)
+    raw, labels = demo_crop(SHAPE)
     with h5py.File(d / "crop.h5", "w") as f:
-        f["raw"] = raw.astype(np.uint8)
+        f["raw"] = raw
         f["labels"] = labels
         # the same shape, other objects: coordinates prepared on `labels` do not belong to it
         f["labels_b"] = np.roll(labels, 7, axis=2)

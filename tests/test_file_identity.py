@@ -25,9 +25,8 @@ import pytest
 
 from floodfilling import disk, results, storage
 from floodfilling.cli import main
-from floodfilling.demo import demo_crop_path
 from floodfilling.errors import VolumeError
-from floodfilling.testing import mean_flood_model
+from floodfilling.testing import demo_crop, mean_flood_model
 
 SHAPE = (32, 48, 48)
 
@@ -35,11 +34,9 @@ SHAPE = (32, 48, 48)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("identity")
-    with h5py.File(demo_crop_path(), "r") as src:
-        raw = src["raw"][: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-        labels = src["labels"][: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(np.uint32)
+    raw, labels = demo_crop(SHAPE)
     with h5py.File(d / "crop.h5", "w") as f:
-        f["raw"] = raw.astype(np.uint8)
+        f["raw"] = raw
         f["labels"] = labels
     mean_flood_model(d / "tiny.npz")
     return d

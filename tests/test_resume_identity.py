@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cli_helpers import fails, run
 from floodfilling.cli import main
 from floodfilling.demo import demo_crop_path
 from floodfilling.testing import mean_flood_model
@@ -59,18 +60,18 @@ def seg(data: Path, image: str, out: str, *extra) -> list[str]:
             *FIXED, *map(str, extra)]
 
 
-def run(argv, capsys) -> tuple[int, str]:
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err.strip()
+def killed(*a, **k):
+    """Stands in for a step of the run: the process is "killed" there (Ctrl-C, exit 130)."""
+    raise KeyboardInterrupt
 
 
-def fails(argv, capsys, *needles) -> str:
-    rc, err = run(argv, capsys)
-    assert rc == 2, err
-    assert err.startswith("ffn: error:") and "\n" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
+def killed_after_last_save(data, image: str, out: str, capsys, monkeypatch) -> None:
+    """``ffn segment image out`` killed after its last resume-state save (before the write)."""
+    from floodfilling.inference import segment as seg_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(seg_mod, "write_result", killed)
+        assert run(seg(data, image, out, "--checkpoint-interval", "1e-9"), capsys)[0] == 130
 
 
 def read(path: Path, ds: str = "seg") -> np.ndarray:
@@ -118,9 +119,6 @@ def test_in_memory_resume_of_a_changed_image_is_refused(data, tmp_path, capsys, 
 
     img = image_copy(data, tmp_path)
 
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(seg_mod, "write_result", killed)  # killed after the last state save
     out = f"{tmp_path / 'o.h5'}:seg"
     assert run(seg(data, f"{img}:raw", out, "--checkpoint-interval", "1e-9"), capsys)[0] == 130
@@ -140,9 +138,6 @@ def test_refine_stage_of_a_changed_image_is_refused(data, tmp_path, capsys, monk
 
     img = image_copy(data, tmp_path)
     wd = tmp_path / "wd"
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
         m.setattr(rf, "fill_tile", killed)  # after the gap cores and floods were saved
@@ -204,17 +199,8 @@ def test_image_digest_reads_slabs(data, tmp_path, monkeypatch):
 # -- 2. resume state per output dataset ---------------------------------------------------------
 
 def test_resume_state_is_per_dataset(data, tmp_path, capsys, monkeypatch):
-    from floodfilling.inference import segment as seg_mod
-
     out = tmp_path / "out.h5"
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(seg_mod, "write_result", killed)
-        assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{out}:segA", "--checkpoint-interval", "1e-9"),
-                   capsys)[0] == 130
+    killed_after_last_save(data, f"{data / 'crop.h5'}:raw", f"{out}:segA", capsys, monkeypatch)
     assert (tmp_path / "out.h5.segA.resume.npz").exists()
     # another image into another dataset of the same file: its own state, no "image changed"
     assert run(seg(data, f"{data / 'crop.h5'}:other", f"{out}:segB"), capsys)[0] == 0
@@ -229,17 +215,8 @@ def test_resume_state_is_per_dataset(data, tmp_path, capsys, monkeypatch):
 
 
 def test_old_named_resume_state_is_adopted_only_by_its_own_run(data, tmp_path, capsys, monkeypatch):
-    from floodfilling.inference import segment as seg_mod
-
     out = tmp_path / "out.h5"
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(seg_mod, "write_result", killed)
-        assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{out}:segA", "--checkpoint-interval", "1e-9"),
-                   capsys)[0] == 130
+    killed_after_last_save(data, f"{data / 'crop.h5'}:raw", f"{out}:segA", capsys, monkeypatch)
     legacy = tmp_path / "out.h5.resume.npz"  # as an earlier version named it
     os.replace(tmp_path / "out.h5.segA.resume.npz", legacy)
     # a run of another image (another dataset) leaves it alone
@@ -300,9 +277,6 @@ def test_status_of_a_run_killed_while_refining(data, tmp_path, capsys, monkeypat
     from floodfilling.inference import refine as rf
 
     wd = tmp_path / "wd"
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
         m.setattr(rf, "fill_tile", killed)

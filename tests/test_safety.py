@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
+from cli_helpers import fails, run
 from floodfilling import locks, volumes
-from floodfilling.cli import main
 from floodfilling.demo import demo_crop_path
 from floodfilling.testing import mean_flood_model
 
@@ -51,21 +51,6 @@ def datasets(path: Path) -> dict[str, str]:
                 out[name] = hashlib.sha256(np.ascontiguousarray(obj[()]).tobytes()).hexdigest()
         f.visititems(visit)
     return out
-
-
-def run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.err.strip()
-
-
-def fails(argv, capsys, *needles):
-    rc, err = run(argv, capsys)
-    assert rc == 2, err
-    assert err.startswith("ffn: error:") and "\n" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def seg_args(data, image, out, *extra):

@@ -243,12 +243,13 @@ def cmd_view(args) -> int:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
     viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port)
     url = viewer.get_viewer_url()
-    print(url, flush=True)
-    print(f"serving {', '.join(lay.name for lay in layers)}; Ctrl-C to stop", file=sys.stderr, flush=True)
     # Ctrl-C (SIGINT) stops serving even where the shell started us with SIGINT ignored (a
-    # background job of a non-interactive shell), in which case Python would never raise it.
+    # background job of a non-interactive shell), in which case Python would never raise it;
+    # the handler is in place before the URL is shown, so a Ctrl-C right after it stops cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        print(url, flush=True)
+        print(f"serving {', '.join(lay.name for lay in layers)}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

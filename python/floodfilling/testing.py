@@ -1,4 +1,4 @@
-"""Small deterministic models for tests and benchmarks (no training, no downloads)."""
+"""Small deterministic models and volumes for tests and benchmarks (no training, no downloads)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,16 @@ def voronoi_volume(shape=(30, 32, 34), n: int = 12, seed: int = 0):
     edge = (np.sqrt(order[:, 1]) - np.sqrt(order[:, 0]) < 1.0).reshape(shape)
     raw = np.where(edge, 60, 170) + rng.normal(0, 12, shape)
     return np.clip(raw, 0, 255).astype(np.uint8), labels
+
+
+def demo_crop(shape=(32, 48, 48)):
+    """(raw uint8, labels uint32): the corner ``shape`` (z, y, x) of the bundled FIB-25 demo
+    crop, a small real volume with labels."""
+    import h5py
+    import numpy as np
+
+    from .demo import demo_crop_path
+
+    box = tuple(slice(0, int(n)) for n in shape)
+    with h5py.File(demo_crop_path(), "r") as src:
+        return src["raw"][box].astype(np.uint8), src["labels"][box].astype(np.uint32)
