@@ -145,21 +145,18 @@ void ffn_update_fovs_serial(const int64_t* targets, int64_t k, float* logits, in
                          d0, d1, d2, scores, offsets);
 }
 
-extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
-void ffn_relabel_u32(uint32_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
-                     int64_t nkeys) {
-  const int64_t i = ffn_sycl::global_id();
-  if (i < n)
-    labels[i] = ffn::kernels::reconcile::relabel_one<uint32_t>(labels[i], keys, values, nkeys);
-}
+// relabel, one kernel per label type (uint32, uint64): one work-item per voxel.
+#define FFN_RELABEL_KERNEL(L, SUFFIX)                                                            \
+  extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY(                                                  \
+      (sycl::ext::oneapi::experimental::nd_range_kernel<1>)) void                                \
+      ffn_relabel_##SUFFIX(L* labels, int64_t n, const uint64_t* keys, const uint64_t* values,   \
+                           int64_t nkeys) {                                                      \
+    const int64_t i = ffn_sycl::global_id();                                                     \
+    if (i < n) labels[i] = ffn::kernels::reconcile::relabel_one<L>(labels[i], keys, values, nkeys); \
+  }
 
-extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
-void ffn_relabel_u64(uint64_t* labels, int64_t n, const uint64_t* keys, const uint64_t* values,
-                     int64_t nkeys) {
-  const int64_t i = ffn_sycl::global_id();
-  if (i < n)
-    labels[i] = ffn::kernels::reconcile::relabel_one<uint64_t>(labels[i], keys, values, nkeys);
-}
+FFN_RELABEL_KERNEL(uint32_t, u32)
+FFN_RELABEL_KERNEL(uint64_t, u64)
 
 // ------------------------------------------------------------------ peaks
 

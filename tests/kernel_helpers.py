@@ -170,3 +170,18 @@ def pair_cases(draw):
     blocky = draw(st.booleans())
     ignore_zero = draw(st.booleans())
     return shape, da, db, big, n_ids, seed, blocky, ignore_zero
+
+
+def pairs_as_reference(count_pairs, a, b, ignore_zero=False):
+    """``count_pairs(a, b)`` (a launcher's) with the result's types checked and equal to
+    ``count_pairs_reference``; returns (pairs, counts)."""
+    from floodfilling.kernels_reference import count_pairs_reference
+
+    p, c = count_pairs(a, b, ignore_zero=ignore_zero)
+    assert p.dtype == np.uint64 and p.ndim == 2 and p.shape[1] == 2
+    assert c.dtype == np.int64 and c.shape == (len(p),)
+    rp, rc = count_pairs_reference(a, b, ignore_zero=ignore_zero)
+    np.testing.assert_array_equal(p, rp)
+    np.testing.assert_array_equal(c, rc)
+    return p, c
+
