@@ -221,7 +221,7 @@ def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origin
     tmp = storage.zarr_tmp_name(ds, tag)
     shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
     try:
-        stale = [c for c in outputs.companion_names(ds) if origins is None or c != f"{ds}_origins"]
+        stale = outputs.companions_not_written(ds, [ds] if origins is None else [ds, f"{ds}_origins"])
 
         def sink(shape, dtype):
             z = storage.zarr_create_volume(group, tmp, shape, dtype)

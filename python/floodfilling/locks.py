@@ -81,10 +81,15 @@ YOUNG_LOCK_WAIT_S = 1.0  # how long a young empty or damaged lock is waited for 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _fill(fd: int, data: bytes) -> None:
+    """Writes all of ``data`` to the new file ``fd``, fsyncs and closes it."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_plain(path: Path, data: bytes) -> bool:
@@ -94,11 +99,7 @@ def _create_plain(path: Path, data: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill(fd, data)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -120,12 +121,7 @@ def create_exclusive(path: str | os.PathLike, data: bytes, tmp_dir: str | os.Pat
     tmp = (path.with_name(f"{path.name}.tmp-{token}") if tmp_dir is None
            else Path(tmp_dir) / f".{path.name}.tmp-{token}")
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -160,7 +156,7 @@ def _remove_lock_temporaries(path: Path) -> None:
 
 
 @dataclass
-class _Seen:
+class SeenLock:
     """A lock file as read: its holder (None: empty or damaged), its text and its stat."""
 
     holder: dict | None
@@ -168,8 +164,10 @@ class _Seen:
     stat: os.stat_result
 
 
-def _inspect(path: Path) -> _Seen | None:
-    """The lock at ``path`` (None: there is none)."""
+def inspect_lock(path: Path) -> SeenLock | None:
+    """The lock at ``path`` as read now (None: there is none); its holder is None when it is empty
+    or damaged. With :func:`remove_if_unchanged`, how every lock of the package is judged and
+    taken over (output locks here, the block runner's workdir lock)."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -183,19 +181,19 @@ def _inspect(path: Path) -> _Seen | None:
             holder = h
     except ValueError:
         pass
-    return _Seen(holder, text, st)
+    return SeenLock(holder, text, st)
 
 
 def _read_lock(path: Path) -> dict:
     """The holder of the lock at ``path`` ({} when there is none, or it is empty or damaged)."""
     try:
-        seen = _inspect(path)
+        seen = inspect_lock(path)
     except OSError:
         return {}
     return (seen.holder or {}) if seen is not None else {}
 
 
-def _remove_if_unchanged(path: Path, seen: _Seen) -> None:
+def remove_if_unchanged(path: Path, seen: SeenLock) -> None:
     """Removes the lock judged stale, unless it was replaced meanwhile (another run took it over)."""
     try:
         st = os.stat(path)
@@ -240,7 +238,7 @@ def acquire_file(path: str | os.PathLike, what: str, record: dict | None = None,
         for _attempt in range(100):
             if create_exclusive(path, data):
                 break
-            seen = _inspect(path)
+            seen = inspect_lock(path)
             if seen is None:  # vanished meanwhile: try again
                 continue
             cur = seen.holder
@@ -253,14 +251,14 @@ def acquire_file(path: str | os.PathLike, what: str, record: dict | None = None,
                                     "if that run is gone")
                 log.warning("%s: taking over the lock of a run that is gone (pid %s on %s)", path, pid,
                             cur.get("host"))
-                _remove_if_unchanged(path, seen)
+                remove_if_unchanged(path, seen)
                 continue
             kind = "empty" if not seen.text.strip() else "damaged"
             age = max(time.time() - seen.stat.st_mtime, 0.0)
             if age >= DAMAGED_LOCK_AGE_S:
                 log.warning("%s: taking over an %s lock file, %.0f s old (left by a run that failed while "
                             "creating it)", path, kind, age)
-                _remove_if_unchanged(path, seen)
+                remove_if_unchanged(path, seen)
                 continue
             young_since = time.monotonic() if young_since is None else young_since
             if time.monotonic() - young_since >= YOUNG_LOCK_WAIT_S:

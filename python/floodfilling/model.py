@@ -30,6 +30,7 @@ from torch import nn
 
 from . import disk
 from .boxes import ParameterError
+from .config import FLOAT32_MAX, FLOAT32_TINY
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ def _parse_meta(raw: Any, source: str) -> dict[str, Any]:
 MAX_DEPTH = 1024  # residual modules; each is two convolutions' weights in the file
 MAX_FEATURES = 4096  # feature maps per convolution
 MAX_FOV = 1023  # FOV voxels per axis (the bundled model's: 33)
-_STD_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)  # float32: the network's precision
-_MEAN_RANGE = (-3.4028234663852886e38, 3.4028234663852886e38)
+_STD_RANGE = (FLOAT32_TINY, FLOAT32_MAX)  # float32: the network's precision
+_MEAN_RANGE = (-FLOAT32_MAX, FLOAT32_MAX)
 
 
 def _json_kind(v: Any) -> str:
@@ -313,8 +314,6 @@ def info_from_meta(meta: dict[str, Any], source: str) -> ModelInfo:
         source=source,
         meta=meta,
     )
-    if any(f % 2 == 0 or f < 3 for f in info.fov_zyx):
-        raise ModelError(f"{source}: FOV {info.fov_zyx} must be odd and >= 3 on every axis")
     if any(d > f // 2 for d, f in zip(info.deltas_zyx, info.fov_zyx)):
         name = "deltas_zyx" if "deltas_zyx" in meta else "deltas_xyz"
         raise ModelError(f"{source}: __meta__ field {name}={_shown(meta[name])}: a move of more than half the FOV "

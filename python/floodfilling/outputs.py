@@ -30,17 +30,20 @@ def companion_names(ds: str) -> list[str]:
     return [ds + s for s in COMPANION_SUFFIXES]
 
 
+def companions_not_written(ds: str, names: Sequence[str]) -> list[str]:
+    """The companions of the result ``ds`` that a write of the datasets ``names`` does not write
+    (they described the result it replaces: removed by the same write)."""
+    names = {str(n).strip("/") for n in names}
+    return [c for c in companion_names(ds) if c not in names]
+
+
 def stale_companions(ds: str | None, names: Sequence[str]) -> list[str]:
     """The companions of the result ``ds`` that a write of ``names`` removes: none unless the
     write is a segmentation result (``names`` holds ``ds_origins``), else those it does not
-    write."""
-    if ds is None:
+    write (:func:`companions_not_written`)."""
+    if ds is None or companion_names(ds)[0] not in {str(n).strip("/") for n in names}:
         return []
-    names = [n.strip("/") for n in names]
-    comp = companion_names(ds)
-    if comp[0] not in names:
-        return []
-    return [c for c in comp if c not in names]
+    return companions_not_written(ds, names)
 
 
 def names_clash(a: str, b: str) -> bool:

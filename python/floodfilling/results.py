@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import errors, storage, volumes
-from .outputs import companion_names
+from .outputs import companions_not_written
 
 ORIGIN_DTYPE = np.dtype([("id", "<u8"), ("z", "<i8"), ("y", "<i8"), ("x", "<i8"), ("steps", "<i8"), ("seconds", "<f8")])
 OVERLAP_DTYPE = np.dtype([("id", "<u8"), ("other_id", "<u8"), ("voxels", "<i8")])
@@ -130,7 +130,7 @@ def write_result(out_path: str | os.PathLike, ds: str, segmentation: np.ndarray,
         arrays[f"{ds}_overlaps"] = overlaps
     arrays.update(extra or {})
     clean = {k: v for k, v in attrs.items() if v is not None}
-    stale = [c for c in companion_names(ds) if c not in arrays]  # an earlier result's, removed with it
+    stale = companions_not_written(ds, arrays)  # an earlier result's, removed with it
     storage.write_arrays(out_path, arrays, attrs={ds: clean}, overwrite=overwrite, drop=stale)
 
 

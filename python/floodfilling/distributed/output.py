@@ -92,7 +92,7 @@ def out_file(plan: Plan) -> Path:
 
 def stale_names(plan: Plan) -> list[str]:
     """Companions of an earlier result ``<ds>`` that this run does not write (removed with it)."""
-    return [c for c in outputs.companion_names(plan.out_ds) if c not in plan.out_names]
+    return outputs.companions_not_written(plan.out_ds, plan.out_names)
 
 
 def tmp_output(plan: Plan, name: str | None = None) -> Path:

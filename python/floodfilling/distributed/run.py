@@ -42,9 +42,9 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from .. import boxes, disk
 from ..config import InferenceConfig, RefineConfig

@@ -36,19 +36,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _claim_dead(info: dict[str, str]) -> bool:
-    """True when a claim was made on this host by a process that no longer exists (a pid of
-    another host cannot be checked from here: not dead)."""
-    pid = info.get("pid", "")
-    return pid.isdigit() and int(pid) > 0 and holder_is_dead(info.get("host"), int(pid))
-
-
-def _job_dead(job: dict | None) -> bool:
-    """True when ``run.json`` names a process of this host that no longer exists."""
-    if not isinstance(job, dict):
+def _holder_dead(holder: dict | None) -> bool:
+    """True when a claim or the job (``run.json``) names a process of this host that no longer
+    exists (a pid of another host cannot be checked from here: not dead)."""
+    if not isinstance(holder, dict):
         return False
-    pid = str(job.get("pid", ""))
-    return pid.isdigit() and int(pid) > 0 and holder_is_dead(job.get("host"), int(pid))
+    pid = str(holder.get("pid", ""))
+    return pid.isdigit() and int(pid) > 0 and holder_is_dead(holder.get("host"), int(pid))
 
 
 def _files_done(d: Path) -> int:
@@ -117,7 +111,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
                 info = dict(zip(("run_id", "host", "pid", "rank"), fields))
                 info["block"] = c.name
                 info["since_s"] = since
-                (dead if _claim_dead(info) else running).append(info)
+                (dead if _holder_dead(info) else running).append(info)
     total_voxels = sum(b.core_voxels for b in grid)
     left = total_voxels - voxels_done
     rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
@@ -133,7 +127,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         refine = {"gap_cores": cores, "gap_floods_done": _files_done(rdir / "floods"),
                   "tiles_done": _files_done(rdir / "tiles"), "tiles": len(grid)}
     finished = report is not None and done == len(grid)
-    job_dead = _job_dead(job)
+    job_dead = _holder_dead(job)
     # stopped: the job holding the workdir is gone (same host), or none holds it and no claim runs
     stopped = not finished and (job_dead or (job is None and not running))
     return {

@@ -155,8 +155,9 @@ def _check_workdir_place(wd: Path, files: dict[str, str]) -> None:
         if not path:
             continue
         p = Path(os.path.abspath(path))
-        if w == p or p in w.parents or (w.exists() and p.exists() and outputs.same_path(w, p)):
-            where = "is" if w == p or (w.exists() and p.exists() and outputs.same_path(w, p)) else "lies inside"
+        same = w == p or outputs.same_path(w, p)
+        if same or p in w.parents:
+            where = "is" if same else "lies inside"
             raise boxes.ParameterError("workdir", wd, f"workdir={wd}: {where} the {what} {path} (the workdir is a "
                                          "directory of block results); give another workdir=DIR")
 
@@ -282,29 +283,18 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
         for _attempt in range(5):
             if locks.create_exclusive(lock, me):
                 return
-            try:
-                before = os.stat(lock)
-                holder = json.loads(lock.read_text())
-                if not isinstance(holder, dict):
-                    holder = {}
-            except FileNotFoundError:
+            seen = locks.inspect_lock(lock)
+            if seen is None:
                 continue  # released meanwhile: try again
-            except (ValueError, OSError):
-                holder = {}
-            pid = holder.get("pid", -1)
-            pid = pid if isinstance(pid, int) else -1
+            holder = seen.holder or {}  # (empty or damaged: taken over)
+            pid = int(holder.get("pid", -1))
             if holder.get("host") == host and pid > 0 and pid != os.getpid() and locks.pid_alive(pid):
                 raise BlockError(f"workdir={wd} is in use by a running job (pid {pid} on {host}, started "
                                  f"{holder.get('started', '?')}); wait for it or stop it first")
             if holder.get("host") not in (None, host):
                 log.warning("%s: taking over the workdir from a job on host %s (cannot check whether it still runs; "
                             "one job per workdir)", wd, holder.get("host"))
-            try:  # remove it only if it is still the lock just read (another job may have taken it meanwhile)
-                now = os.stat(lock)
-                if (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
-                    lock.unlink()
-            except FileNotFoundError:
-                pass
+            locks.remove_if_unchanged(lock, seen)  # (unless another job took it over meanwhile)
     raise BlockError(f"workdir={wd}: cannot take its lock {lock} (it keeps changing: another job is starting "
                      "on it?); wait for it, or delete that file if no job uses the workdir")
 
