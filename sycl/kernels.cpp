@@ -301,3 +301,111 @@ void ffn_count_pairs_insert(const uint64_t* a, const uint64_t* b, int64_t n, con
   const int64_t sp = ffn_sycl::table_slot(table_pairs, cap_pairs, key);
   ffn_sycl::atomic_u64(counts[sp]).fetch_add(static_cast<uint64_t>(j - i));
 }
+
+// ------------------------------------------------------------- union-find
+//
+// kernels/union_find.hpp links roots serially (each union depends on the
+// earlier ones), which no device runs in parallel.  Device algorithm
+// (hooking + pointer jumping, as in Shiloach-Vishkin / ECL-CC): the host
+// sorts and deduplicates the ids (the same sort as count_pairs' pairs), then
+//   ffn_uf_index    edge end: its index in the sorted ids (binary search);
+//   ffn_uf_hook     edge: the roots ra, rb of its ends; if they differ, the
+//                   larger one's parent becomes min(parent, smaller) (atomic
+//                   min) and `changed` is set;
+//   ffn_uf_compress index: parent = its root (pointer jumping);
+// repeated until no edge changes anything.  Parents only decrease and
+// parent[i] <= i, so there are no cycles and every tree's root is its
+// smallest index, i.e. the smallest id of the component: the CPU result,
+// whatever the order of the work-items.  An atomic min that re-parents a
+// node which was no longer a root may cut the tree it hung from; the edge
+// that joined them is seen again in the next round, which is why the loop
+// runs until a round changes nothing.
+
+namespace ffn_sycl {
+
+using atomic_i64 = sycl::atomic_ref<int64_t, sycl::memory_order::relaxed,
+                                    sycl::memory_scope::device,
+                                    sycl::access::address_space::global_space>;
+
+inline int64_t uf_root(int64_t* parent, int64_t x) {
+  while (true) {
+    const int64_t p = atomic_i64(parent[x]).load();
+    if (p == x) return x;
+    x = p;
+  }
+}
+
+}  // namespace ffn_sycl
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_uf_index(const uint64_t* ends, int64_t n_ends, const uint64_t* ids, int64_t n_ids,
+                  int64_t* index) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i >= n_ends) return;
+  const uint64_t v = ends[i];
+  int64_t lo = 0, hi = n_ids;  // first position whose id >= v (the id is present)
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ids[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  index[i] = lo;
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_uf_hook(const int64_t* index, int64_t m, int64_t* parent, uint32_t* changed) {
+  const int64_t e = ffn_sycl::global_id();
+  if (e >= m) return;
+  const int64_t ra = ffn_sycl::uf_root(parent, index[2 * e]);
+  const int64_t rb = ffn_sycl::uf_root(parent, index[2 * e + 1]);
+  if (ra == rb) return;
+  const int64_t lo = ra < rb ? ra : rb, hi = ra < rb ? rb : ra;
+  ffn_sycl::atomic_i64(parent[hi]).fetch_min(lo);
+  sycl::atomic_ref<uint32_t, sycl::memory_order::relaxed, sycl::memory_scope::device,
+                   sycl::access::address_space::global_space>(*changed)
+      .store(1u);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_uf_compress(int64_t* parent, int64_t n) {
+  const int64_t i = ffn_sycl::global_id();
+  if (i < n) ffn_sycl::atomic_i64(parent[i]).store(ffn_sycl::uf_root(parent, i));
+}
+
+// ---------------------------------------------------------- object commit
+//
+// kernels/fov_update.hpp's commit_count_new / commit_claim walk the box in
+// raster order, the claim appending (id, run length) runs.  On a device one
+// work-item per box row (z, y) runs them on a 1 x 1 x bx box: counts per row
+// (summed on the host), then the claim with its runs in the row's own slice
+// of the run buffers (bx entries per row); the host merges the runs of all
+// rows by id (the CPU binding merges its runs by id too: the same ids and
+// counts).  Rows are disjoint, so the writes of new_id never race.
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_commit_count(const float* logits, int64_t lsz, int64_t lsy, const int32_t* seg,
+                      int64_t ssz, int64_t ssy, int64_t bz, int64_t by, int64_t bx,
+                      float seg_threshold, int64_t* counts) {
+  const int64_t row = ffn_sycl::global_id();
+  if (row >= bz * by) return;
+  const int64_t z = row / by, y = row % by;
+  counts[row] = ffn::kernels::commit_count_new(logits + z * lsz + y * lsy, lsz, lsy,
+                                               seg + z * ssz + y * ssy, ssz, ssy, 1, 1, bx,
+                                               seg_threshold, bx + 1);
+}
+
+extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))
+void ffn_commit_claim(const float* logits, int64_t lsz, int64_t lsy, int32_t* seg, int64_t ssz,
+                      int64_t ssy, int64_t bz, int64_t by, int64_t bx, float seg_threshold,
+                      int32_t new_id, int32_t* run_ids, int64_t* run_lengths, int64_t* n_runs,
+                      int64_t* n_new) {
+  const int64_t row = ffn_sycl::global_id();
+  if (row >= bz * by) return;
+  const int64_t z = row / by, y = row % by;
+  n_new[row] = ffn::kernels::commit_claim(logits + z * lsz + y * lsy, lsz, lsy,
+                                          seg + z * ssz + y * ssy, ssz, ssy, 1, 1, bx,
+                                          seg_threshold, new_id, run_ids + row * bx,
+                                          run_lengths + row * bx, n_runs + row);
+}

@@ -185,3 +185,33 @@ def pairs_as_reference(count_pairs, a, b, ignore_zero=False):
     np.testing.assert_array_equal(c, rc)
     return p, c
 
+
+@st.composite
+def edge_cases(draw):
+    m = draw(st.integers(0, 40))
+    n_ids = draw(st.integers(1, 30))
+    big = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([np.uint64, np.uint32, np.int64]))
+    rng = np.random.default_rng(seed)
+    e = rng.integers(0, n_ids, (m, 2)).astype(np.uint64)
+    if big and dtype == np.uint64:
+        e = e * np.uint64(2**50 + 3)
+    return e.astype(dtype)
+
+
+def commit_case(seed, kind, min_size, same_array):
+    """(logits, logits_start, seg, seg_start, size, kwargs) of a random object commit: the box
+    in the full logits array (host canvases) or a contiguous copy of it (device canvases)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(1, 9, 3))
+    logits = random_values(rng, shape, kind)
+    seg = rng.choice(np.array([-1, 0, 0, 0, 3, 7, 2**31 - 1], np.int32), size=shape)
+    size = tuple(int(rng.integers(0, s + 1)) for s in shape)
+    start = tuple(int(rng.integers(0, s - n + 1)) for s, n in zip(shape, size))
+    if same_array:
+        lg, lstart = logits, start
+    else:
+        lg = np.ascontiguousarray(logits[tuple(slice(a, a + n) for a, n in zip(start, size))])
+        lstart = (0, 0, 0)
+    return lg, lstart, seg, start, size, dict(seg_threshold=0.405, min_size=min_size, new_id=11)

@@ -11,7 +11,7 @@ from floodfilling.kernels_reference import (
     commit_object_reference, gather_fovs_reference, update_fovs_reference,
 )
 from kernel_helpers import (
-    assert_same_floats, fov_cases, forced_parallel, make_case, random_values,
+    assert_same_floats, commit_case, fov_cases, forced_parallel, make_case, random_values,
 )
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
@@ -246,19 +246,8 @@ def test_gather_fovs_bad_inputs():
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["normal", "ties", "special"]),
        min_size=st.sampled_from([0, 1, 5, 40, 10**6]), same_array=st.booleans())
 def test_commit_object_matches_reference(seed, kind, min_size, same_array):
-    rng = np.random.default_rng(seed)
-    shape = tuple(int(v) for v in rng.integers(1, 9, 3))
-    logits = random_values(rng, shape, kind)
-    seg = rng.choice(np.array([-1, 0, 0, 0, 3, 7, 2**31 - 1], np.int32), size=shape)
-    size = tuple(int(rng.integers(0, s + 1)) for s in shape)
-    start = tuple(int(rng.integers(0, s - n + 1)) for s, n in zip(shape, size))
-    if same_array:  # host canvases: the box in the full canvas
-        lg, lstart = logits, start
-    else:  # device canvases: a contiguous copy of the box
-        lg = np.ascontiguousarray(logits[tuple(slice(a, a + n) for a, n in zip(start, size))])
-        lstart = (0, 0, 0)
+    lg, lstart, seg, start, size, kw = commit_case(seed, kind, min_size, same_array)
     got_seg, want_seg = seg.copy(), seg.copy()
-    kw = dict(seg_threshold=0.405, min_size=min_size, new_id=11)
     got = K.commit_object(lg, lstart, got_seg, start, size, **kw)
     want = commit_object_reference(lg, lstart, want_seg, start, size, **kw)
     assert got[0] == want[0]

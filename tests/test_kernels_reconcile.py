@@ -12,7 +12,7 @@ from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
     count_pairs_reference, relabel_reference, union_find_reference,
 )
-from kernel_helpers import forced_parallel, labels, pair_cases, pairs_as_reference
+from kernel_helpers import edge_cases, forced_parallel, labels, pair_cases, pairs_as_reference
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
 
@@ -217,20 +217,6 @@ def test_count_pairs_bad_inputs():
         K.count_pairs(a, a.astype(np.float64))
     with pytest.raises(ValueError, match="a"):
         K.count_pairs(a.tolist(), a)
-
-
-@st.composite
-def edge_cases(draw):
-    m = draw(st.integers(0, 40))
-    n_ids = draw(st.integers(1, 30))
-    big = draw(st.booleans())
-    seed = draw(st.integers(0, 2**31 - 1))
-    dtype = draw(st.sampled_from([np.uint64, np.uint32, np.int64]))
-    rng = np.random.default_rng(seed)
-    e = rng.integers(0, n_ids, (m, 2)).astype(np.uint64)
-    if big and dtype == np.uint64:
-        e = e * np.uint64(2**50 + 3)
-    return e.astype(dtype)
 
 
 @settings(**SETTINGS)

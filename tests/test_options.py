@@ -302,7 +302,7 @@ def test_every_option_has_a_stage_and_choices_are_checked():
 
     assert {f.name for f in fields(InferenceConfig)} == set(OPTION_STAGES)  # a new option needs its stage
     cfg = InferenceConfig()
-    assert set(cfg.options_of("runtime")) == {"device", "threads", "checkpoint_interval_s", "prefetch"}
+    assert set(cfg.options_of("runtime")) == {"device", "threads", "kernels", "checkpoint_interval_s", "prefetch"}
     assert set(cfg.options_of("flood", "postprocess", "blocks", "runtime")) == set(OPTION_STAGES)
     assert "split_components" in cfg.options_of("postprocess") and "merge_min_iou" not in cfg.options_of("flood")
     with pytest.raises(ValueError, match="stages"):

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
-    find_peaks_reference, gather_fovs_reference, relabel_reference,
-    update_fovs_reference,
+    commit_object_reference, find_peaks_reference, gather_fovs_reference, relabel_reference,
+    union_find_reference, update_fovs_reference,
 )
 from kernel_helpers import (
-    assert_same_floats, distance_map, fov_cases, labels, make_case, pair_cases, pairs_as_reference,
-    peak_cases, random_values,
+    assert_same_floats, commit_case, distance_map, edge_cases, fov_cases, labels, make_case,
+    pair_cases, pairs_as_reference, peak_cases, random_values,
 )
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -341,6 +341,84 @@ def test_count_pairs_many_pairs_views_and_extremes(S):
     check_pairs(S, np.array([[[7]]], np.uint32), np.array([[[2**63]]], np.uint64))
     for args in [(a, b[:-1]), (a.astype(np.int64), b), (a.tolist(), b), (a, b.astype(np.float32))]:
         assert _error(lambda: S.count_pairs(*args)) == _error(lambda: K.count_pairs(*args))
+
+
+# ---------------------------------------------------------------------- union_find
+
+
+@settings(**SETTINGS)
+@given(edge_cases())
+def test_union_find_matches_reference(S, edges):
+    ids, roots = S.union_find(edges)
+    rids, rroots = union_find_reference(edges)
+    assert ids.dtype == np.uint64 and roots.dtype == np.uint64
+    np.testing.assert_array_equal(ids, rids)
+    np.testing.assert_array_equal(roots, rroots)
+
+
+def test_union_find_long_chains_extremes_and_bad_inputs(S):
+    # a chain whose minimum is at its far end needs many hooking rounds
+    n = 5000
+    chain = np.stack([np.arange(n, 0, -1), np.arange(n - 1, -1, -1)], 1).astype(np.uint64)
+    rng = np.random.default_rng(3)
+    for edges in [chain, chain[rng.permutation(n)], rng.integers(0, 5000, (20000, 2)),
+                  np.array([[9, 8], [8, 7], [7, 2**64 - 1], [1, 3]], np.uint64),
+                  np.zeros((0, 2), np.uint64), [[5, 5]]]:
+        got, want = S.union_find(edges), union_find_reference(np.asarray(edges, np.uint64))
+        for g, w, o in zip(got, want, K.union_find(edges)):
+            np.testing.assert_array_equal(g, w)
+            np.testing.assert_array_equal(g, o)
+    for args in [np.zeros((3, 3), np.uint64), np.array([[1, -2]]), np.array([[1.0, 2.0]])]:
+        assert _error(lambda: S.union_find(args)) == _error(lambda: K.union_find(args))
+
+
+# ------------------------------------------------------------------- object commit
+
+
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["normal", "ties", "special"]),
+       min_size=st.sampled_from([0, 1, 5, 40, 10**6]), same_array=st.booleans())
+def test_commit_object_matches_reference(S, seed, kind, min_size, same_array):
+    lg, lstart, seg, start, size, kw = commit_case(seed, kind, min_size, same_array)
+    got_seg, want_seg, omp_seg = seg.copy(), seg.copy(), seg.copy()
+    got = S.commit_object(lg, lstart, got_seg, start, size, **kw)
+    want = commit_object_reference(lg, lstart, want_seg, start, size, **kw)
+    omp = K.commit_object(lg, lstart, omp_seg, start, size, **kw)
+    assert got[0] == want[0] == omp[0]
+    for g, w in zip(got[1:], want[1:]):
+        assert g.dtype == np.int64 and np.array_equal(g, w)
+    assert np.array_equal(got_seg, want_seg)
+
+
+def test_commit_object_large_box_and_bad_inputs_fail_as_openmp(S):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(40, 50, 60)).astype(np.float32)
+    seg = rng.choice(np.array([0, 0, 3, 9, 12], np.int32), size=(40, 50, 60))
+    for box in [((0, 0, 0), (0, 0, 0), (40, 50, 60)), ((3, 4, 5), (3, 4, 5), (30, 20, 50))]:
+        a, b = seg.copy(), seg.copy()
+        kw = dict(seg_threshold=0.3, min_size=100, new_id=77)
+        got = S.commit_object(logits, box[0], a, box[1], box[2], **kw)
+        want = K.commit_object(logits, box[0], b, box[1], box[2], **kw)
+        assert got[0] == want[0] and np.array_equal(a, b)
+        assert all(np.array_equal(g, w) for g, w in zip(got[1:], want[1:]))
+    lg = np.zeros((4, 4, 4), np.float32)
+    sg = np.zeros((4, 4, 4), np.int32)
+    ro = sg.copy()
+    ro.flags.writeable = False
+    kw = dict(seg_threshold=0.5, min_size=1, new_id=1)
+    for args, extra in [((lg, (1, 0, 0), sg, (0, 0, 0), (4, 4, 4)), kw),
+                        ((lg, (0, 0, 0), sg, (0, 0, 2), (3, 3, 3)), kw),
+                        ((lg, (0, 0, 0), sg.astype(np.int64), (0, 0, 0), (4, 4, 4)), kw),
+                        ((lg, (0, 0, 0), np.zeros((4, 4, 8), np.int32)[:, :, ::2], (0, 0, 0),
+                          (4, 4, 4)), kw),
+                        ((lg.astype(np.float64), (0, 0, 0), sg, (0, 0, 0), (4, 4, 4)), kw),
+                        ((lg, (0, 0, 0), sg, (0, 0, 0), (4, 4, 4)), dict(kw, new_id=0)),
+                        ((lg, (0, 0, 0), ro, (0, 0, 0), (4, 4, 4)), kw),
+                        ((lg, (0, 0, 0), sg, (0, 0, 0), (-1, 4, 4)), kw),
+                        ((lg[0], (0, 0, 0), sg, (0, 0, 0), (4, 4, 4)), kw),
+                        (([1.0], (0, 0, 0), sg, (0, 0, 0), (4, 4, 4)), kw)]:
+        assert _error(lambda: S.commit_object(*args, **extra)) == \
+            _error(lambda: K.commit_object(*args, **extra))
 
 
 # ------------------------------------------------------------------------- relabel

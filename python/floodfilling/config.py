@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile": COMPILE_MODES,
     "precision": PRECISIONS,
     "membranes": ("dark", "bright"),
+    "kernels": ("openmp", "sycl"),
 }
 # Upper bounds of the options that size a resource (each a cap no sane run reaches; beyond it
 # torch / OpenMP / the allocator fail hard: 100000 threads is a segfault, not an error). Fixed,
@@ -63,7 +64,7 @@ OPTION_STAGES: dict[str, str] = {
     "seed_policy": "flood", "seed_origins": "flood", "seed_min_distance": "flood", "seed_fill_passes": "flood",
     "seed_fill_min_radius": "flood", "seed_grid_step": "flood", "normalise": "flood", "image_mean": "flood",
     "image_std": "flood", "resident": "flood", "compile": "flood", "precision": "flood",
-    "device": "runtime", "threads": "runtime", "checkpoint_interval_s": "runtime", "prefetch": "runtime",
+    "device": "runtime", "threads": "runtime", "kernels": "runtime", "checkpoint_interval_s": "runtime", "prefetch": "runtime",
     "split_components": "postprocess", "dust_size": "postprocess",
     "merge_min_fraction": "blocks", "merge_min_voxels": "blocks", "merge_min_iou": "blocks",
 }
@@ -227,6 +228,9 @@ class InferenceConfig(Options):
     compile: str = "off"
     # CPU threads for the network (0: torch's default, all cores).
     threads: int = 0
+    # Launcher of the native kernels (FOV update, seeds, reconciliation): "openmp" (CPU threads) or
+    # "sycl" (the SYCL backend on $FFN_SYCL_DEVICE; pip install "floodfilling[sycl]"); same results.
+    kernels: str = "openmp"
     # Network precision: fp32 (exact mode, matches the reference) or bf16 (faster, changes results).
     precision: str = "fp32"
     # Seconds between resumable-state saves of a running segmentation (0: never).

@@ -7,6 +7,12 @@ semantics, ``<kernel>_reference`` in :mod:`floodfilling.kernels_reference` (obvi
 correct, slow), used by the tests, the benchmarks (``bench/kernels.py``) and as
 documentation.
 
+Launchers: every call runs the OpenMP launcher (``floodfilling._kernels``) unless
+:func:`launcher` routes the process's calls through another one while a run lasts:
+``"sycl"``, :mod:`floodfilling.sycl_backend` (the same kernel bodies on a SYCL device; option
+``kernels`` of the inference config).  :func:`empty` gives arrays the current launcher uses
+in place (USM shared memory under SYCL).  Every launcher returns the same bits.
+
 Native and reference agree exactly (float32 bitwise, NaN positions included).  Arrays are
 indexed (z, y, x).  Invalid arguments raise ``ValueError`` naming the argument.
 
@@ -21,6 +27,9 @@ relative to the FOV centre, ``(dz, dy, dx)``.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import operator
 import warnings
 from typing import Tuple
@@ -37,6 +46,11 @@ else:
 
 __all__ = [
     "HAVE_NATIVE",
+    "LAUNCHERS",
+    "LauncherError",
+    "launcher",
+    "launcher_name",
+    "empty",
     "build_info",
     "set_num_threads",
     "get_num_threads",
@@ -49,8 +63,60 @@ __all__ = [
     "relabel",
 ]
 
+log = logging.getLogger(__name__)
+
 HAVE_NATIVE = _kernels is not None
 """Whether the compiled extension ``floodfilling._kernels`` could be imported."""
+
+
+class LauncherError(ValueError):
+    """The launcher asked for cannot run here (one line: what is missing)."""
+
+
+LAUNCHERS = ("openmp", "sycl")
+"""Kernel launchers: the compiled extension (OpenMP threads) and the SYCL backend."""
+
+_routed = None  # the launcher module serving the entry points instead of the extension (None: OpenMP)
+_routed_name = "openmp"
+
+
+def launcher_name() -> str:
+    """The launcher the kernel calls of this process go through now."""
+    return _routed_name
+
+
+@contextlib.contextmanager
+def launcher(name: str):
+    """Route every kernel call of this process through launcher ``name`` (one of
+    :data:`LAUNCHERS`) while the ``with`` block runs, then back to the previous one.  The SYCL
+    backend is imported, its device opened and its kernels compiled on entry, so a missing
+    runtime fails here (:class:`LauncherError`, one line), before any work."""
+    global _routed, _routed_name
+    if name not in LAUNCHERS:
+        raise ValueError(f"launcher: expected one of {', '.join(LAUNCHERS)}, got {name!r}")
+    module = None
+    if name == "sycl":
+        module = importlib.import_module(".sycl_backend", __package__)
+        try:
+            device = module.backend().device
+        except module.SyclError as exc:
+            raise LauncherError(f"kernels='sycl': {exc}") from None
+        log.info("kernels: sycl (%s:%s %s, driver %s)", device["backend"], device["type"], device["name"],
+                 device["driver"])
+    previous = (_routed, _routed_name)
+    _routed, _routed_name = module, name
+    try:
+        yield
+    finally:
+        _routed, _routed_name = previous
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array that the current launcher uses in place (host
+    memory for OpenMP, USM shared memory of the device under SYCL: no copies per call)."""
+    if _routed is not None:
+        return _routed.empty(shape, dtype)
+    return np.empty(shape, dtype)
 
 
 def _native():
@@ -175,6 +241,9 @@ def update_fovs(canvases, logits: np.ndarray, centers, *, move_threshold: float,
         Argmax positions relative to the FOV centre, (dz, dy, dx).  The caller keeps a face
         when ``not (score < move_threshold)``.
     """
+    if _routed is not None:
+        return _routed.update_fovs(canvases, logits, centers, move_threshold=move_threshold,
+                                   deltas=deltas, disco_seed_threshold=disco_seed_threshold)
     return _native().update_fovs(canvases, logits, centers, float(move_threshold),
                                  _deltas3(deltas), float(disco_seed_threshold))
 
@@ -186,6 +255,8 @@ def gather_fovs(canvases, centers, fov_size, pad_value: float, out: np.ndarray) 
     ``fov_size`` int or 3 odd ints; ``out`` float32 (K, fz, fy, fx) C-contiguous, written
     and returned.
     """
+    if _routed is not None:
+        return _routed.gather_fovs(canvases, centers, fov_size, pad_value, out)
     return _native().gather_fovs(canvases, centers, _fov3(fov_size), float(pad_value), out)
 
 
@@ -203,9 +274,45 @@ def commit_object(logits: np.ndarray, logits_start, seg: np.ndarray, seg_start, 
     Returns ``(n_new, ids, counts)``: ids int64 sorted ascending with their voxel counts
     (both empty, and ``seg`` untouched, when ``n_new < min_size``).
     """
+    if _routed is not None:
+        return _routed.commit_object(logits, logits_start, seg, seg_start, size,
+                                     seg_threshold=seg_threshold, min_size=min_size, new_id=new_id)
     return _native().commit_object(logits, _triple(logits_start, "logits_start"), seg,
                                    _triple(seg_start, "seg_start"), _triple(size, "size"),
                                    float(seg_threshold), int(min_size), int(new_id))
+
+
+def _commit_args(logits, logits_start, seg, seg_start, size, new_id):
+    """The checked arguments of :func:`commit_object` for the launchers without a binding of
+    their own (the SYCL one): ``(logits_start, seg_start, size)`` as 3-tuples; the same checks
+    and messages as ``csrc/bind_fov_update.cpp``."""
+    ls, ss, sz = _triple(logits_start, "logits_start"), _triple(seg_start, "seg_start"), \
+        _triple(size, "size")
+    for a, name, dtype, writeable in ((logits, "logits", np.float32, False),
+                                      (seg, "seg", np.int32, True)):
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype != dtype or not a.dtype.isnative:
+            raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+        if a.ndim != 3:
+            raise ValueError(f"{name}: expected a 3-D array, got shape {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous (it is modified in place or read as "
+                             "a flat buffer); use numpy.ascontiguousarray")
+        if writeable and not a.flags.writeable:
+            raise ValueError(f"{name}: must be writeable (it is modified in place)")
+    for d in range(3):
+        if sz[d] < 0:
+            raise ValueError("size: must be >= 0 on every axis")
+        if ls[d] < 0 or ls[d] + sz[d] > logits.shape[d]:
+            raise ValueError("logits_start: box does not fit logits of shape "
+                             f"({', '.join(str(v) for v in logits.shape)})")
+        if ss[d] < 0 or ss[d] + sz[d] > seg.shape[d]:
+            raise ValueError("seg_start: box does not fit seg of shape "
+                             f"({', '.join(str(v) for v in seg.shape)})")
+    if not 1 <= int(new_id) <= 2**31 - 1:
+        raise ValueError("new_id: must lie in [1, 2^31 - 1]")
+    return ls, ss, sz
 
 
 # -------------------------------------------------------------------------- peaks
@@ -264,6 +371,8 @@ def find_peaks(image: np.ndarray, min_distance: int = 3, threshold: float | None
     image).  ``threshold`` is compared in the image dtype; ``None`` means ``image.min()``.
     ``image`` must not contain NaN.  An empty image gives no peaks.
     """
+    if _routed is not None:
+        return _routed.find_peaks(image, min_distance, threshold, exclude_border)
     args = _find_peaks_args(image, min_distance, threshold, exclude_border)
     if args is None:
         return np.zeros((0, 3), np.int64)
@@ -306,6 +415,8 @@ def count_pairs(a: np.ndarray, b: np.ndarray, *, ignore_zero: bool = False):
     label is 0.  Memory-bound (about 2 ns per voxel): it uses several threads only from
     2**22 voxels per thread.
     """
+    if _routed is not None:
+        return _routed.count_pairs(a, b, ignore_zero=ignore_zero)
     a, b = _count_pairs_args(a, b)
     return _native().count_pairs(a, b, bool(ignore_zero))
 
@@ -340,6 +451,8 @@ def union_find(edges):
     uint64 (N,), the sorted distinct ids appearing in ``edges``, and ``roots`` uint64 (N,),
     the minimum id of each id's component.
     """
+    if _routed is not None:
+        return _routed.union_find(edges)
     return _native().union_find(_edges_input(edges))
 
 
@@ -350,6 +463,8 @@ def relabel(labels: np.ndarray, keys, values) -> np.ndarray:
     strictly increasing non-negative integers; ``values``: same length (each must fit in
     ``labels``' dtype where its key can occur).  Returns ``labels``.
     """
+    if _routed is not None:
+        return _routed.relabel(labels, keys, values)
     labels, keys, values = _relabel_args(labels, keys, values)
     _native().relabel(labels, keys, values)
     return labels

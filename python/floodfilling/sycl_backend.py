@@ -4,8 +4,8 @@ Opt-in (``pip install "floodfilling[sycl]"``: the ``intel-sycl-rt`` and ``intel-
 wheels) and imported only when asked for: nothing else in the package imports this module.
 
 Entry points with the arguments, checks and results of :mod:`floodfilling.kernels`:
-:func:`gather_fovs`, :func:`update_fovs`, :func:`find_peaks`, :func:`count_pairs`,
-:func:`relabel`.  Host (NumPy)
+:func:`gather_fovs`, :func:`update_fovs`, :func:`commit_object`, :func:`find_peaks`,
+:func:`count_pairs`, :func:`union_find`, :func:`relabel`.  Host (NumPy)
 arrays are copied to USM shared memory and back around each call; arrays allocated by
 :func:`empty` already live in USM shared memory and are used in place.  ``find_peaks``
 sorts its candidates and thins them (greedy spacing, serial) on the host.
@@ -57,7 +57,8 @@ from . import kernels as _k
 
 __all__ = [
     "SyclError", "select_device", "backend", "info", "empty",
-    "gather_fovs", "update_fovs", "find_peaks", "count_pairs", "relabel",
+    "gather_fovs", "update_fovs", "commit_object", "find_peaks", "count_pairs", "union_find",
+    "relabel",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -235,7 +236,7 @@ def _declare(lib) -> None:
 # -------------------------------------------------------------------------- the backend
 
 # argument kinds of ffn_sycl_launch
-_PTR, _I64, _U64, _F64, _F32 = 0, 1, 2, 3, 4
+_PTR, _I64, _U64, _F64, _F32, _I32 = 0, 1, 2, 3, 4, 5
 
 
 class Backend:
@@ -709,6 +710,83 @@ def update_fovs(canvases, logits: np.ndarray, centers, *, move_threshold: float,
         offsets[...] = raw[: k * 18 * 8].view(np.int64).reshape(k, 6, 3)
         scores[...] = raw[k * 18 * 8:].view(np.float32).reshape(k, 6)
     return scores, offsets
+
+
+def commit_object(logits: np.ndarray, logits_start, seg: np.ndarray, seg_start, size, *,
+                  seg_threshold: float, min_size: int, new_id: int):
+    """:func:`floodfilling.kernels.commit_object` on the SYCL device: a work-item per box row
+    counts, then claims (sycl/kernels.cpp); the rows' runs are merged by id on the host."""
+    ls, ss, sz = _k._commit_args(logits, logits_start, seg, seg_start, size, new_id)
+    t = float(np.float32(seg_threshold))
+    rows, bx = sz[0] * sz[1], sz[2]
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if rows * bx == 0:
+        return 0, *empty
+    lsy, lsz = logits.shape[2], logits.shape[1] * logits.shape[2]
+    ssy, ssz = seg.shape[2], seg.shape[1] * seg.shape[2]
+    b = backend()
+    with b._lock:
+        dl = _stage_array(b, logits)
+        dseg = _stage_array(b, seg)
+        lp = dl.device_ptr(_addr(logits)) + 4 * (ls[0] * lsz + ls[1] * lsy + ls[2])
+        sp = dseg.device_ptr(_addr(seg)) + 4 * (ss[0] * ssz + ss[1] * ssy + ss[2])
+        geometry = [(_I64, lsz), (_I64, lsy), (_PTR, sp), (_I64, ssz), (_I64, ssy),
+                    (_I64, sz[0]), (_I64, sz[1]), (_I64, bx), (_F32, t)]
+        counts = _UsmBlock(b, 8 * rows)
+        b.launch("ffn_commit_count", rows, 64, [(_PTR, lp), *geometry, (_PTR, counts.ptr)])
+        n_new = int(counts.array((rows,), np.int64).sum())
+        if n_new < min_size:
+            return n_new, *empty
+        runs = _UsmBlock(b, rows * bx * 12 + rows * 16)
+        ids_p, lens_p = runs.ptr, runs.ptr + rows * bx * 4
+        nruns_p, nnew_p = lens_p + rows * bx * 8, lens_p + rows * bx * 8 + rows * 8
+        b.launch("ffn_commit_claim", rows, 64,
+                 [(_PTR, lp), *geometry, (_I32, int(new_id)), (_PTR, ids_p), (_PTR, lens_p),
+                  (_PTR, nruns_p), (_PTR, nnew_p)])
+        dseg.copy_out()
+        raw = runs.array((rows * bx * 12 + rows * 16,), np.uint8)
+        run_ids = raw[: rows * bx * 4].view(np.int32).reshape(rows, bx)
+        run_lens = raw[rows * bx * 4: rows * bx * 12].view(np.int64).reshape(rows, bx)
+        tail = raw[rows * bx * 12:].view(np.int64)
+        n_runs, n_new = tail[:rows], int(tail[rows:].sum())
+        used = np.arange(bx)[None, :] < n_runs[:, None]
+        ids, inverse = np.unique(run_ids[used].astype(np.int64), return_inverse=True)
+        totals = np.bincount(inverse, weights=run_lens[used], minlength=ids.size)
+    return n_new, ids, totals.astype(np.int64)
+
+
+def union_find(edges):
+    """:func:`floodfilling.kernels.union_find` with the components found on the SYCL device
+    (hooking and pointer jumping, sycl/kernels.cpp); the distinct ids sorted on the host."""
+    e = _k._edges_input(edges)
+    ids = np.unique(e)
+    m, n = e.shape[0], ids.size
+    if m == 0:
+        return ids, ids.copy()
+    b = backend()
+    with b._lock:
+        work = _UsmBlock(b, 16 * m + 8 * n + 8 * 2 * m + 8 * n + 8)
+        view = work.array((work.nbytes,), np.uint8)
+        np.copyto(view[: 16 * m].view(np.uint64), e.reshape(-1))
+        np.copyto(view[16 * m: 16 * m + 8 * n].view(np.uint64), ids)
+        ends_p, ids_p = work.ptr, work.ptr + 16 * m
+        index_p = ids_p + 8 * n
+        parent_p = index_p + 16 * m
+        flag_p = parent_p + 8 * n
+        parent = view[parent_p - work.ptr: flag_p - work.ptr].view(np.int64)
+        parent[...] = np.arange(n)
+        flag = view[flag_p - work.ptr: flag_p - work.ptr + 4].view(np.uint32)
+        b.launch("ffn_uf_index", 2 * m, 256,
+                 [(_PTR, ends_p), (_I64, 2 * m), (_PTR, ids_p), (_I64, n), (_PTR, index_p)])
+        while True:
+            flag[0] = 0
+            b.launch("ffn_uf_hook", m, 256,
+                     [(_PTR, index_p), (_I64, m), (_PTR, parent_p), (_PTR, flag_p)])
+            b.launch("ffn_uf_compress", n, 256, [(_PTR, parent_p), (_I64, n)])
+            if not flag[0]:
+                break
+        roots = ids[parent]
+    return ids, roots
 
 
 def _greedy_spacing(idx: np.ndarray, shape, d: int) -> np.ndarray:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import boxes, disk
+from .. import boxes, disk, kernels
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
 from ..inference.refine import check_flood_options, check_gap_box
@@ -110,7 +110,16 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     net, info = comm.collective(lambda: load_model(model, "cpu"))
     if refine is not None:
         check_gap_box(refine, info.fov_zyx)
+    with contextlib.ExitStack() as stack:  # the kernel launcher, opened on every rank or on none
+        comm.collective(lambda: stack.enter_context(kernels.launcher(cfg.kernels)))
+        return _plan_and_run(image_spec, out_spec, block, halo, workdir, info, net, cfg, bbox, overwrite, rule,
+                             comm, inflight, progress, refine, started)
 
+
+def _plan_and_run(image_spec, out_spec, block, halo, workdir, info, net, cfg: InferenceConfig, bbox, overwrite,
+                  rule: MergeRule, comm: mpi.Comm, inflight, progress, refine: RefineConfig | None,
+                  started: float) -> BlocksResult:
+    """Phases 1 to 4 of :func:`segment_blocks` (under the kernel launcher of ``cfg``)."""
     # phase 1: plan (the image's digest read over all ranks, slab by slab)
     run_id = uuid.uuid4().hex[:12]
     parts = comm.gather(comm.collective(lambda: slab_digests(image_spec, bbox, comm.rank, comm.size)), root=0)

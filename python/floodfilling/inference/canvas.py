@@ -74,6 +74,14 @@ def fov_margin(fov_zyx) -> tuple[int, int, int]:
     return tuple(int(f) // 2 for f in fov_zyx)  # type: ignore[return-value]
 
 
+def _filled(shape, dtype, value) -> np.ndarray:
+    """A host array of ``value`` that the kernel launcher in use reads and writes in place
+    (under ``kernels="sycl"``, USM shared memory: the canvas is not copied per step)."""
+    a = kernels.empty(shape, dtype)
+    a.fill(value)
+    return a
+
+
 class Canvas:
     """Flood-fill state of one subvolume (reference semantics, float32 canvas)."""
 
@@ -95,7 +103,7 @@ class Canvas:
         self.t_move = logit32(config.move_threshold)
         self.t_seg = logit32(config.segment_threshold)
         self.logits = self._alloc_logits()
-        self.state = state or CanvasState(segmentation=np.zeros(self.shape, dtype=np.int32))
+        self.state = state or CanvasState(segmentation=_filled(self.shape, np.int32, 0))
         if self.state.segmentation.shape != self.shape:
             raise ValueError("resumed segmentation does not match the image shape")
         for k in COUNTER_NAMES:
@@ -108,7 +116,7 @@ class Canvas:
     # -- storage hooks (host arrays here; floodfilling.inference.device keeps the image and
     #    logits on a torch device and overrides these) ---------------------------------
     def _alloc_logits(self):
-        return np.full(self.shape, np.nan, dtype=np.float32)
+        return _filled(self.shape, np.float32, np.nan)
 
     def _start_object(self, pos) -> None:
         """Clears the previous object's FOV box to NaN and sets the seed to logit(init)."""

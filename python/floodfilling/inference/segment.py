@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import boxes, disk, locks, outputs, results, volumes
+from .. import boxes, disk, kernels, locks, outputs, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig, RefineConfig
 from ..model import ModelInfo, load_model
@@ -167,6 +167,13 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
     the finished flood's state, so that a run killed in a later phase (``--refine``) resumes
     after the flood instead of redoing its end (the caller deletes the state once written)."""
     cfg = (config or InferenceConfig()).validate()
+    with kernels.launcher(cfg.kernels):
+        return _segment_array(raw, model, cfg, resolution_zyx, state_path, manifest, progress, net_and_info,
+                              normalisation, source, seeds, keep_final_state)
+
+
+def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path, manifest, progress, net_and_info,
+                   normalisation, source, seeds, keep_final_state) -> SegmentResult:
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
     if raw.ndim != 3:
@@ -228,7 +235,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     names = result_names(str(out.dataset), refined=refine is not None)
     inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
     out = outputs.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
-    with locks.output_lock(out, names):
+    with locks.output_lock(out, names), kernels.launcher(cfg.kernels):
         return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
                                progress=progress, refine=refine)
 
