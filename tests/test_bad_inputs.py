@@ -632,6 +632,8 @@ CASES = [
     ("status-no-such-dir", "status {d}/nope_workdir", ["nope_workdir"]),
     ("status-corrupt-manifest", "status {d}/bad_workdir", ["bad_workdir", "manifest.json"]),
     ("status-a-file", "status {d}/afile", ["afile"]),
+    ("status-nothing-asked", "status", ["--workdir", "--devices"]),
+    ("segment-kernels-unknown", "segment {d}/crop.h5:raw {t}/o.h5:seg --set kernels=cuda", ["kernels", "cuda"]),
     # ---- view / export (fail before serving or writing)
     ("view-bbox-text", "view {d}/crop.h5:raw --bbox abc", ["--bbox", "abc"]),
     ("view-labels-shape-mismatch", "view {d}/crop.h5:raw {d}/crop.h5:shape2", ["shape2"]),

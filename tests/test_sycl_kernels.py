@@ -543,3 +543,37 @@ def test_report(S):
     rep = json.loads(p.stdout)
     assert rep["type"] == "cpu" and rep["fp64"] is True and rep["host_cached"] is True
     assert {"device", "driver", "backend", "cache", "kernel_compile_s"} <= set(rep)
+
+
+def test_launchers_report_and_status_devices(S, capsys):
+    import json
+
+    from floodfilling.cli import main
+
+    p = subprocess.run([sys.executable, "-m", "floodfilling.kernels", "--json", "--device", "cpu"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["openmp"]["native"] is True and rep["openmp"]["threads"] >= 1
+    assert rep["sycl"]["type"] == "cpu" and rep["sycl"]["fp64"] is True
+    assert main(["status", "--devices"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("openmp  ") and "\nsycl    opencl:cpu " in out and "fp64 yes" in out
+    assert "\ntorch   " in out and "runtime 2026" in out
+
+
+def test_status_devices_without_the_runtime_says_why(monkeypatch, tmp_path, capsys):
+    """(runs without the runtime too)"""
+    from floodfilling import sycl_backend as sb
+    from floodfilling.cli import main
+
+    monkeypatch.setattr(sb, "_STATE", {"lib": None, "backends": {}, "stats": {}, "selector": None})
+    monkeypatch.setattr(sb, "_prefixes", lambda: [tmp_path])
+    monkeypatch.delenv("FFN_SYCL_ROOT", raising=False)
+    assert main(["status", "--devices"]) == 0
+    out = capsys.readouterr().out
+    assert "\nsycl    unavailable: " in out and 'pip install "floodfilling[sycl]"' in out
+    assert main(["status", "--devices", "--json"]) == 0
+    import json
+
+    assert "error" in json.loads(capsys.readouterr().out)["sycl"]

@@ -229,8 +229,30 @@ def cmd_agglomerate(args) -> int:
 def cmd_status(args) -> int:
     from .distributed.status import block_status, format_status
 
+    if args.devices:
+        return _devices_status(args)
+    if args.workdir is None:
+        raise ValueError("status: give the --workdir of a block run, or --devices")
     st = block_status(args.workdir)
     print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0
+
+
+def _devices_status(args) -> int:
+    """``ffn status --devices``: the kernel launchers (OpenMP, SYCL) and torch's devices."""
+    import torch
+
+    from . import kernels
+
+    rep = kernels.report()
+    rep["torch"] = {"version": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "xpu": bool(getattr(torch, "xpu", None) and torch.xpu.is_available())}
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    t = rep["torch"]
+    print(kernels.format_report(rep))
+    print(f"torch   {t['version']}: cpu; cuda {'yes' if t['cuda'] else 'no'}; xpu {'yes' if t['xpu'] else 'no'}")
     return 0
 
 
@@ -329,9 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agglomerate)
 
     p = sub.add_parser("status", help="progress of a block-inference run (blocks done, running, time left), "
-                                      "read from its --workdir")
-    p.add_argument("workdir", help="the --workdir of an `ffn segment --block` run")
+                                      "read from its --workdir; --devices: the kernel launchers and devices")
+    p.add_argument("workdir", nargs="?", help="the --workdir of an `ffn segment --block` run")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--devices", action="store_true",
+                   help="instead: the kernel launchers (OpenMP, SYCL: device, driver, fp64, cache, compile "
+                        "times) and torch's devices")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write a volume as a neuroglancer precomputed layer with a downsampled "

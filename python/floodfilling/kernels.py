@@ -488,3 +488,59 @@ def _relabel_args(labels, keys, values):
     if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
         raise ValueError("keys: must be sorted in strictly increasing order (unique)")
     return labels, keys, values
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def report(selector: str | None = None) -> dict:
+    """What each launcher would use here: ``{"openmp": build info and threads, "sycl": the SYCL
+    backend's device, driver, fp64, runtime, cache and compile times (opening the device and
+    compiling its kernels if needed), or {"error": one line} where it cannot run}``."""
+    out: dict = {"openmp": build_info()}
+    if HAVE_NATIVE:
+        out["openmp"]["threads"] = get_num_threads()
+    sb = importlib.import_module(".sycl_backend", __package__)
+    try:
+        out["sycl"] = sb.info(selector)
+    except sb.SyclError as exc:
+        out["sycl"] = {"error": str(exc)}
+    return out
+
+
+def format_report(rep: dict) -> str:
+    """:func:`report` as a few lines of text."""
+    omp = rep["openmp"]
+    lines = ["openmp  " + (f"{omp['compiler']}, OpenMP {'on' if omp['openmp'] else 'off'}, "
+                           f"{omp.get('threads', '?')} threads" if omp.get("native")
+                           else "not built (reinstall floodfilling with a C++ compiler)")]
+    s = rep["sycl"]
+    if "error" in s:
+        lines.append(f"sycl    unavailable: {s['error']}")
+    else:
+        lines.append(f"sycl    {s['backend']}:{s['type']} {s['device']} ({s['vendor']}, driver {s['driver']}), "
+                     f"fp64 {'yes' if s['fp64'] else 'no'}, 64-bit atomics {'yes' if s['atomic64'] else 'no'}")
+        lines.append(f"        runtime {s['runtime_version']} ({s['runtime']}), cache {s['cache']}")
+        host = "cached" if s.get("host_cached") else f"compiled in {s.get('host_compile_s', '?')} s"
+        lines.append(f"        host glue {host}; kernels built in {s.get('kernel_compile_s', '?')} s "
+                     f"(device opened in {s.get('open_s', '?')} s)")
+        lines.append("        devices: " + "; ".join(f"{d['backend']}:{d['type']} {d['name']}" for d in s["devices"]))
+    return "\n".join(lines)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m floodfilling.kernels",
+                                description="The kernel launchers available here (OpenMP, SYCL) and what they use.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", default=None, help="SYCL device selector, e.g. cpu, gpu, level_zero:gpu")
+    a = p.parse_args(argv)
+    rep = report(a.device)
+    print(json.dumps(rep, indent=1) if a.json else format_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
