@@ -41,8 +41,8 @@ from scipy import ndimage
 
 from floodfilling import kernels as K
 from floodfilling.kernels_reference import (
-    count_pairs_reference, find_peaks_reference, gather_fovs_reference, relabel_reference,
-    union_find_reference, update_fovs_reference,
+    commit_object_reference, count_pairs_reference, find_peaks_reference, gather_fovs_reference,
+    relabel_reference, union_find_reference, update_fovs_reference,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -432,6 +432,57 @@ def bench_sycl(rng, repeat, quick):
         "openmp": lambda: K.relabel(work, ids, values),
         "sycl_host": lambda: S.relabel(work, ids, values),
         "sycl_usm": lambda: S.relabel(uwork, ids, values),
+    }, ["sycl_host"])
+    # union-find of the block-merge graph: the pairs of two label volumes (overlap matches)
+    pairs = count_pairs_reference(labels, voronoi_labels(shape, 1000, rng, jitter=4))[0]
+    edges = np.ascontiguousarray(pairs[(pairs[:, 0] != 0) & (pairs[:, 1] != 0)]) + np.array([0, 2**32], np.uint64)
+    want = union_find_reference(edges)
+    for fn in (K.union_find, S.union_find):
+        assert all(np.array_equal(x, y) for x, y in zip(fn(edges), want)), "union_find differs"
+    row("union_find", f"{len(edges)} edges, {len(want[0])} ids", {
+        "reference": lambda: union_find_reference(edges),
+        "openmp": lambda: K.union_find(edges),
+        "sycl_host": lambda: S.union_find(edges),
+        "sycl_usm": lambda: S.union_find(edges),  # copies its (small) input either way
+    }, ["sycl_host"])
+    del labels, work, uwork, ulab
+    # object commit: a 96^3 object box of a 128^3 canvas (one commit per object of the flood)
+    cshape = (64,) * 3 if quick else (128,) * 3
+    logit = rng.normal(size=cshape).astype(np.float32)
+    seg0 = (voronoi_labels(cshape, 50, rng) % 7).astype(np.int32)
+    box = tuple(3 * n // 4 for n in cshape)
+    kw = dict(seg_threshold=0.0, min_size=1000, new_id=99)
+    seg_w, seg_r = seg0.copy(), seg0.copy()
+    got = S.commit_object(logit, (4, 4, 4), seg_w, (4, 4, 4), box, **kw)
+    want = commit_object_reference(logit, (4, 4, 4), seg_r, (4, 4, 4), box, **kw)
+    assert got[0] == want[0] and np.array_equal(seg_w, seg_r), "commit_object differs"
+    assert all(np.array_equal(x, y) for x, y in zip(got[1:], want[1:])), "commit_object differs"
+    ulogit, useg = usm_copy(logit), usm_copy(seg0)
+
+    def fresh(fn, lg, sg):  # each commit on the untouched segmentation (the copy is not timed apart)
+        def run():
+            sg[...] = seg0
+            fn(lg, (4, 4, 4), sg, (4, 4, 4), box, **kw)
+        return run
+
+    row("commit_object", f"{box[0]}^3 box of a {cshape[0]}^3 canvas", {
+        "reference": fresh(commit_object_reference, logit, seg_w),
+        "openmp": fresh(K.commit_object, logit, seg_w),
+        "sycl_host": fresh(S.commit_object, logit, seg_w),
+        "sycl_usm": fresh(S.commit_object, ulogit, useg),
+    }, ["sycl_host"])
+    # seed peaks: a 128^3 block of the seed pipeline's distance map
+    dmap, _ = distance_map(quick)
+    block = np.ascontiguousarray(dmap[:128, :128, :128])
+    want = find_peaks_reference(block, min_distance=3, threshold=0.0)
+    for fn in (K.find_peaks, S.find_peaks):
+        assert np.array_equal(fn(block, min_distance=3, threshold=0.0), want), "find_peaks differs"
+    ublock = usm_copy(block)
+    row("find_peaks", f"{'x'.join(map(str, block.shape))} float64, {len(want)} peaks", {
+        "reference": lambda: find_peaks_reference(block, min_distance=3, threshold=0.0),
+        "openmp": lambda: K.find_peaks(block, min_distance=3, threshold=0.0),
+        "sycl_host": lambda: S.find_peaks(block, min_distance=3, threshold=0.0),
+        "sycl_usm": lambda: S.find_peaks(ublock, min_distance=3, threshold=0.0),
     }, ["sycl_host"])
     return info, rows
 
