@@ -187,7 +187,7 @@ std::vector<sycl::device> match(const std::string& sel, std::string* why) {
 extern "C" {
 
 /// Version of this ABI (the Python side checks it).
-int ffn_sycl_abi_version() { return 1; }
+int ffn_sycl_abi_version() { return 2; }
 
 const char* ffn_sycl_last_error() { return g_error.c_str(); }
 
@@ -226,6 +226,19 @@ int ffn_sycl_open(const char* selector, void** out) {
     }
     auto h = std::make_unique<Queue>(
         Queue{sycl::queue{dev, sycl::property_list{sycl::property::queue::in_order{}}}});
+    *out = h.release();
+  });
+}
+
+/// Adopt a queue somebody else made (a `sycl::queue*`, e.g. torch's current
+/// xpu stream's `sycl_queue`): kernels launched on it are ordered with that
+/// owner's work when it is an in-order queue.  The copy shares the queue; the
+/// owner's object must outlive nothing of ours.
+int ffn_sycl_adopt(void* sycl_queue, void** out) {
+  if (!sycl_queue || !out) return fail("ffn_sycl_adopt: null argument");
+  *out = nullptr;
+  return guarded([&] {
+    auto h = std::make_unique<Queue>(Queue{*static_cast<sycl::queue*>(sycl_queue)});
     *out = h.release();
   });
 }

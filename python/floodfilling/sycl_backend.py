@@ -56,7 +56,7 @@ import numpy as np
 from . import kernels as _k
 
 __all__ = [
-    "SyclError", "select_device", "backend", "info", "empty",
+    "SyclError", "select_device", "backend", "backend_for_queue", "info", "empty", "FovSteps",
     "gather_fovs", "update_fovs", "commit_object", "find_peaks", "count_pairs", "union_find",
     "relabel",
 ]
@@ -64,7 +64,7 @@ __all__ = [
 _HERE = Path(__file__).resolve().parent
 INSTALL_HINT = 'pip install "floodfilling[sycl]"'
 _BUILD_OPTIONS = ("-ffp-contract=off",)  # no FMA contraction: bitwise equal to the CPU build
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 
 class SyclError(RuntimeError):
@@ -213,6 +213,7 @@ def _declare(lib) -> None:
         "ffn_sycl_last_error": (cp, []),
         "ffn_sycl_devices_json": (cp, []),
         "ffn_sycl_open": (i, [cp, c.POINTER(vp)]),
+        "ffn_sycl_adopt": (i, [vp, c.POINTER(vp)]),
         "ffn_sycl_device_json": (cp, [vp]),
         "ffn_sycl_release_queue": (None, [vp]),
         "ffn_sycl_build": (i, [vp, cp, i, c.POINTER(cp), c.POINTER(cp), i, c.POINTER(cp),
@@ -242,7 +243,7 @@ _PTR, _I64, _U64, _F64, _F32, _I32 = 0, 1, 2, 3, 4, 5
 class Backend:
     """One SYCL queue with the kernels built for its device."""
 
-    def __init__(self, lib, selector: str, stats: dict):
+    def __init__(self, lib, selector: str, stats: dict, adopt: Optional[int] = None):
         self._lib = lib
         self.selector = selector
         self.stats = stats
@@ -253,7 +254,10 @@ class Backend:
         self._pooled = 0
         q = ctypes.c_void_p()
         t0 = time.perf_counter()
-        if lib.ffn_sycl_open(selector.encode(), ctypes.byref(q)) != 0:
+        if adopt is not None:
+            if lib.ffn_sycl_adopt(ctypes.c_void_p(adopt), ctypes.byref(q)) != 0:
+                raise SyclError(f"adopting the SYCL queue {adopt:#x}: {_one_line(self._error())}")
+        elif lib.ffn_sycl_open(selector.encode(), ctypes.byref(q)) != 0:
             err, seen = self._error(), _device_names(lib)
             if seen == "none":
                 seen += (" (environment: OCL_ICD_FILENAMES="
@@ -318,9 +322,11 @@ class Backend:
             self._kernels[name] = k
         return k
 
-    def launch(self, name: str, n: int, local: int, args: Sequence[Tuple[int, object]]) -> None:
+    def launch(self, name: str, n: int, local: int, args: Sequence[Tuple[int, object]],
+               wait: bool = True) -> None:
         """Run kernel `name` over n work-items (rounded up to a multiple of `local`) and
-        wait for it."""
+        wait for it (``wait=False``: only submit it; on an in-order queue the queue's later
+        work runs after it)."""
         if n <= 0:
             return
         kinds = (ctypes.c_int * len(args))(*[k for k, _ in args])
@@ -337,7 +343,7 @@ class Backend:
         local = max(1, min(local, int(self.device.get("max_work_group_size", 1))))
         glob = -(-n // local) * local
         self._check(self._lib.ffn_sycl_launch(self._queue, self.kernel(name), glob, local,
-                                              len(args), kinds, bits, 1), f"kernel {name}")
+                                              len(args), kinds, bits, int(wait)), f"kernel {name}")
 
     # USM shared blocks are kept for reuse (size classes of powers of two, at most
     # _POOL_BYTES in all): the first touch of a fresh allocation costs page faults (about
@@ -461,6 +467,20 @@ def backend(selector: Optional[str] = None) -> Backend:
             stats = {k: v for k, v in _STATE["stats"].items()}
             b = Backend(lib, sel, stats)
             _STATE["backends"][sel] = b
+        return b
+
+
+def backend_for_queue(queue_ptr: int) -> Backend:
+    """The backend of an existing ``sycl::queue`` (its address, e.g. torch's
+    ``torch.xpu.current_stream().sycl_queue``), kernels built for its device on first use:
+    work launched through it is ordered with the queue owner's (torch's) work."""
+    key = f"queue@{int(queue_ptr):#x}"
+    with _STATE_LOCK:
+        b = _STATE["backends"].get(key)
+        if b is None:
+            lib = _load()
+            b = Backend(lib, key, dict(_STATE["stats"]), adopt=int(queue_ptr))
+            _STATE["backends"][key] = b
         return b
 
 
@@ -787,6 +807,44 @@ def union_find(edges):
                 break
         roots = ids[parent]
     return ids, roots
+
+
+class FovSteps:
+    """The flood step's FOV gather and update on memory the caller owns, with no copies and
+    no checks: the canvases, the FOV buffers and the results are device-accessible memory
+    (torch tensors on an xpu device, or USM shared host memory on a CPU device), passed as
+    addresses.  Used by the device-resident flood (:mod:`floodfilling.inference.device`)
+    under ``kernels="sycl"``, which checks the geometry once per step on the host.
+
+    ``targets``: the address of a (K, 7) int64 table in device-accessible memory, one row per
+    FOV: canvas address, canvas shape (z, y, x), FOV centre (z, y, x) (the box inside the
+    canvas).  ``wait``: wait for the kernel (needed when the host reads its results next and
+    the queue is not the one the reading copy is ordered on)."""
+
+    def __init__(self, b: Backend, fov_size):
+        self.backend = b
+        self.f = tuple(int(v) for v in fov_size)
+        _check_fov_size(self.f, "fov_size")
+
+    def gather(self, targets: int, k: int, out: int, pad_value: float, wait: bool) -> None:
+        """out (K, fz, fy, fx) float32 = the canvas boxes, NaN replaced by ``pad_value``."""
+        f = self.f
+        self.backend.launch("ffn_gather_fovs", k * f[0] * f[1], 64,
+                            [(_PTR, targets), (_I64, k), (_PTR, out), (_I64, f[0]), (_I64, f[1]),
+                             (_I64, f[2]), (_F32, float(pad_value))], wait)
+
+    def update(self, targets: int, k: int, logits: int, *, move_threshold: float,
+               deltas, disco_seed_threshold: float, scores: int, offsets: int,
+               wait: bool) -> None:
+        """The disco rule and the write of K FOVs of ``logits`` (K, fz, fy, fx) float32 into
+        distinct canvases, ``logits`` left holding what was written; the six face maxima into
+        ``scores`` (K, 6) float32 and their offsets into ``offsets`` (K, 6, 3) int64."""
+        f, d = self.f, _k._deltas3(deltas)
+        self.backend.launch("ffn_update_fovs", k, 1,
+                            [(_PTR, targets), (_I64, k), (_PTR, logits), (_I64, f[0]), (_I64, f[1]),
+                             (_I64, f[2]), (_F32, float(move_threshold)),
+                             (_F64, float(disco_seed_threshold)), (_I64, d[0]), (_I64, d[1]),
+                             (_I64, d[2]), (_PTR, scores), (_PTR, offsets)], wait)
 
 
 def _greedy_spacing(idx: np.ndarray, shape, d: int) -> np.ndarray:

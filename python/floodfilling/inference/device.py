@@ -67,11 +67,13 @@ returns the same logits for a FOV (tests: torch cpu device vs the native host pa
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import InferenceConfig
 from . import transfer
 from .canvas import Canvas, CanvasState, logit32
@@ -92,24 +94,34 @@ def disco_count_needed(n: int, t: float) -> int:
     return c
 
 
-class SlotPool:
-    """``slots`` canvases (image + logits) stacked in two device tensors; grows on demand."""
+def _filled(device: torch.device, shape, value: float, usm: bool) -> torch.Tensor:
+    """A float32 tensor of ``value`` on ``device``; ``usm``: on the cpu device, in memory that
+    the SYCL launcher's device reads and writes in place (:func:`floodfilling.kernels.empty`)."""
+    if usm:
+        return torch.from_numpy(kernels.empty(tuple(shape), np.float32)).fill_(value)
+    return torch.full(tuple(shape), value, dtype=torch.float32, device=device)
 
-    def __init__(self, device: torch.device, slots: int, shape=(0, 0, 0)):
+
+class SlotPool:
+    """``slots`` canvases (image + logits) stacked in two device tensors; grows on demand.
+    ``usm``: the tensors live in USM shared memory (the SYCL FOV steps on the cpu device)."""
+
+    def __init__(self, device: torch.device, slots: int, shape=(0, 0, 0), usm: bool = False):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = device
+        self.usm = usm
         self.slots = int(slots)
         self.shape = tuple(int(v) for v in shape)
-        self.image = torch.zeros((self.slots,) + self.shape, dtype=torch.float32, device=device)
-        self.logits = torch.full((self.slots,) + self.shape, float("nan"), dtype=torch.float32, device=device)
+        self.image = _filled(device, (self.slots,) + self.shape, 0.0, usm)
+        self.logits = _filled(device, (self.slots,) + self.shape, float("nan"), usm)
         self.free = list(range(self.slots))[::-1]
         self._side = None  # the side stream of object commits (side_stream())
 
     def _grow(self, shape, slots) -> None:
         new_shape = tuple(max(a, int(b)) for a, b in zip(self.shape, shape))
-        img = torch.zeros((slots,) + new_shape, dtype=torch.float32, device=self.device)
-        lg = torch.full((slots,) + new_shape, float("nan"), dtype=torch.float32, device=self.device)
+        img = _filled(self.device, (slots,) + new_shape, 0.0, self.usm)
+        lg = _filled(self.device, (slots,) + new_shape, float("nan"), self.usm)
         z, y, x = self.shape
         img[: self.slots, :z, :y, :x] = self.image
         lg[: self.slots, :z, :y, :x] = self.logits
@@ -226,6 +238,23 @@ class DeviceCanvas(Canvas):
         return transfer.to_host_async(self._view(self.pool.logits)).wait()
 
 
+def _sycl_steps(device: torch.device, fov):
+    """The SYCL FOV steps of the device-resident flood under ``kernels="sycl"``: on xpu on
+    torch's own queue (the current stream's ``sycl_queue``), on cpu on the SYCL backend's
+    device with the pool in USM shared memory; None otherwise (another launcher, or cuda,
+    which keeps its torch ops)."""
+    if kernels.launcher_name() != "sycl" or device.type not in ("xpu", "cpu"):
+        return None
+    sb = importlib.import_module("floodfilling.sycl_backend")  # only under kernels="sycl"
+    if device.type == "xpu":
+        b = sb.backend_for_queue(int(torch.xpu.current_stream(device).sycl_queue))
+    else:
+        b = sb.backend()
+    log.info("device-resident flood on %s: FOV gather and update as SYCL kernels on %s", device,
+             b.device["name"])
+    return sb.FovSteps(b, fov)
+
+
 class DevicePredictor(Predictor):
     """Runs whole flood steps on the device for :class:`DeviceCanvas` objects.
 
@@ -244,9 +273,12 @@ class DevicePredictor(Predictor):
         f = self.fov
         if any(not 0 <= d <= ff // 2 for d, ff in zip(self.deltas, f)):
             raise ValueError(f"deltas {self.deltas}: each must lie in [0, fov // 2] for FOV {f}")
+        # the FOV gather and update as SYCL kernels on the pool's memory (kernels="sycl" on xpu,
+        # or on cpu with the pool in USM shared memory), instead of the chain of torch ops
+        self._steps = _sycl_steps(dev, f)
         # initial slots (default 1): the pool doubles when a canvas finds none free, so it
         # holds as many canvases as are ever in flight at once, not K when fewer jobs exist
-        self.pool = SlotPool(dev, slots or 1)
+        self.pool = SlotPool(dev, slots or 1, usm=self._steps is not None and dev.type == "cpu")
         self.t_move, self.t_pad = logit32(config.move_threshold), logit32(config.pad_value)  # as Canvas
         n = int(np.prod(f))
         t = float(config.disco_seed_threshold)
@@ -299,6 +331,8 @@ class DevicePredictor(Predictor):
         n = len(centers)
         qs = [cv.queries(c) for cv, c in zip(canvases, centers)]
         qmax = max(len(q) for q in qs)
+        if self._steps is not None:
+            return self._launch_sycl(canvases, centers, qs, qmax)
         # one upload: slot, box origin (z, y, x) and the query indices of each canvas
         host = np.zeros((n, 4 + qmax), np.int64)
         host[:, 0] = [cv.slot for cv in canvases]
@@ -343,13 +377,75 @@ class DevicePredictor(Predictor):
             cv._last_step = pending
         return pending, [len(q) for q in qs]
 
+    def _device_buffer(self, shape, dtype=torch.float32) -> torch.Tensor:
+        """Uninitialised memory the SYCL steps' device uses: a device tensor, or on cpu a
+        tensor in USM shared memory."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(kernels.empty(tuple(shape), np.dtype(str(dtype).split(".")[-1])))
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+    def _launch_sycl(self, canvases, centers, qs, qmax):
+        """:meth:`_launch_one` with the FOV gather and update as SYCL kernels
+        (:class:`floodfilling.sycl_backend.FovSteps`) on the pool's memory, ordered with
+        torch's work on the device's queue (xpu) or waited for (cpu)."""
+        n, f, steps = len(centers), tuple(int(v) for v in self.fov), self._steps
+        sync = self.device.type == "cpu"
+        _, Z, Y, X = self.pool.logits.shape
+        slot_bytes = 4 * Z * Y * X
+        # one upload: FOV targets of the logits and of the image canvases, then the queries
+        host = np.zeros(14 * n + n * qmax, np.int64)
+        t = host[: 14 * n].reshape(2, n, 7)
+        slots = np.asarray([cv.slot for cv in canvases], np.int64)
+        t[0, :, 0] = (np.uint64(self.pool.logits.data_ptr()) + slots.astype(np.uint64) * np.uint64(slot_bytes)).view(
+            np.int64)
+        t[1, :, 0] = (np.uint64(self.pool.image.data_ptr()) + slots.astype(np.uint64) * np.uint64(slot_bytes)).view(
+            np.int64)
+        t[:, :, 1:4] = (Z, Y, X)
+        t[:, :, 4:7] = np.asarray(centers, np.int64)
+        q = host[14 * n:].reshape(n, qmax)
+        for i, qi in enumerate(qs):
+            q[i, : len(qi)] = qi
+        if sync:
+            dev_arr = self._device_buffer(host.shape, torch.int64)
+            dev_arr.numpy()[...] = host
+        else:
+            dev_arr = self._upload(host)
+        targets_lg, targets_img = dev_arr.data_ptr(), dev_arr.data_ptr() + 8 * 7 * n
+        img = self._device_buffer((n, 1) + f)
+        seed = self._device_buffer((n, 1) + f)
+        steps.gather(targets_img, n, img.data_ptr(), 0.0, wait=sync)
+        steps.gather(targets_lg, n, seed.data_ptr(), self.t_pad, wait=sync)
+        with torch.inference_mode(), self._autocast():
+            out = self.forward(img.contiguous(memory_format=torch.channels_last_3d),
+                               seed.contiguous(memory_format=torch.channels_last_3d))
+        new = self._device_buffer((n,) + f)
+        new.copy_(out[:, 0])  # float32, C order, memory the kernels reach
+        self.calls += 1
+        self.fovs += n
+        scores = self._device_buffer((n, 6))
+        offsets = self._device_buffer((n, 6, 3), torch.int64)
+        steps.update(targets_lg, n, new.data_ptr(), move_threshold=self.t_move, deltas=self.deltas,
+                     disco_seed_threshold=float(self.cfg.disco_seed_threshold), scores=scores.data_ptr(),
+                     offsets=offsets.data_ptr(), wait=sync)
+        parts = [scores, offsets.view(n, 18).to(torch.float32)]  # offsets are small: exact in float32
+        if qmax:
+            parts.append(new.view(n, -1).gather(1, dev_arr[14 * n:].view(n, qmax)))
+        pending = transfer.to_host_async(torch.cat(parts, 1))
+        for cv in canvases:
+            cv._last_step = pending
+        return pending, [len(qi) for qi in qs], True
+
     def _collect_one(self, handle) -> list:
         """Waits for one launched batch (its copy's event); per canvas (scores, offsets, qvals)."""
-        pending, nq = handle
+        pending, nq, *sycl = handle
         res = pending.wait()
         out = []
         rows = np.arange(6)
         for i in range(len(nq)):
+            if sycl:  # offsets as (dz, dy, dx), then the queries
+                offs = res[i, 6:24].astype(np.int64).reshape(6, 3).tolist()
+                out.append((res[i, :6].tolist(), offs, res[i, 24:24 + nq[i]].tolist()))
+                continue
             offs = self._face_off[rows, res[i, 6:12].astype(np.int64)].tolist()
             out.append((res[i, :6].tolist(), offs, res[i, 12:12 + nq[i]].tolist()))
         return out
