@@ -27,6 +27,11 @@ after every section, so a killed run keeps what was measured:
   training  ``floodfilling.training.train`` on DEVICE: depth 12, FOV steps/s at batch 4 and 16,
             fp32 and bf16 (torch.autocast around the loop); a 2-rank DDP run (torchrun) when
             two devices are visible, else skipped with the reason.
+  sycl      (xpu, cpu) the SYCL launcher (``kernels="sycl"``; needs ``pip install ".[sycl]"``): its
+            report (device, driver, fp64, compile times), the sweep's fp32 rows with the FOV
+            gather and update as SYCL kernels on the pool (on torch's own queue on xpu) against
+            the torch ops, with the two runs' segmentations compared voxel for voxel, and the
+            kernel microbenchmarks (bench/kernels.py --sycl --quick) on the device's SYCL device.
   compile   the sweep again with torch.compile (reduce-overhead on cuda, default elsewhere),
             K in order of interest until the budget is spent (the rest marked skipped).
 
@@ -58,8 +63,10 @@ sys.path.insert(0, str(HERE))
 from common import SHARED, fib25_crop, machine_id  # noqa: E402
 from gpu_common import device_info, log, one_line, peak_memory, reset_peak, run_child, sync, tiny_model  # noqa: E402
 from gpu_host import child_blocks, host_keeps_up, sec_blocks, sec_host  # noqa: E402
-BUDGETS = {"tests": 120, "sweep": 60, "host": 25, "blocks": 130, "training": 60, "ddp": 45, "compile": 80}
-QUICK_BUDGETS = {"tests": 300, "sweep": 45, "host": 30, "blocks": 120, "training": 45, "ddp": 45, "compile": 40}
+BUDGETS = {"tests": 120, "sweep": 60, "host": 25, "blocks": 130, "training": 60, "ddp": 45, "sycl": 60,
+           "compile": 80}
+QUICK_BUDGETS = {"tests": 300, "sweep": 45, "host": 30, "blocks": 120, "training": 45, "ddp": 45, "sycl": 120,
+                 "compile": 40}
 TOTAL_S = 470  # all sections together (8 minutes less start-up)
 ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "ZE_FLAT_DEVICE_HIERARCHY", "OMP_NUM_THREADS",
             "ONEAPI_DEVICE_SELECTOR", "CCL_ATL_TRANSPORT", "FI_PROVIDER", "FFN_SHARED")
@@ -173,6 +180,67 @@ def sec_sweep(dev, deadline, args, ctx) -> dict:
     return res
 
 
+def flood_once(dev, net, info, size: int, steps_cap: int = 1000) -> np.ndarray:
+    """The first objects of a FIB-25 crop (at most ``steps_cap`` FOV steps) on the
+    device-resident path, K = 1: what the SYCL steps must reproduce voxel for voxel."""
+    from throughput import _limited
+
+    from floodfilling.config import InferenceConfig
+    from floodfilling.inference import seeds
+    from floodfilling.inference.canvas import fov_margin
+    from floodfilling.inference.engine import Job, make_predictor, run_jobs
+    from floodfilling.inference.segment import normalise_image
+
+    img = normalise_image(fib25_crop(size), 128, 33)
+    sd = seeds.make_seeds("peaks", img, fov_margin(info.fov_zyx))
+    cfg = InferenceConfig(device=str(dev), resident="on")
+    pred = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, inflight=1, max_batch=1)
+    out = run_jobs(_limited([Job(0, lambda: pred.new_canvas(img, sd, cfg, info.deltas_zyx))], steps_cap), pred,
+                   inflight=1)
+    return out[0].final_segmentation()
+
+
+def sec_sycl(dev, deadline, args, ctx) -> dict:
+    if dev.type not in ("xpu", "cpu"):
+        return {"skipped": f"the SYCL FOV steps run on xpu and cpu devices, not {dev.type}"}
+    from floodfilling import kernels
+    from floodfilling.model import load_model
+
+    selector = "gpu" if dev.type == "xpu" else "cpu"
+    os.environ["FFN_SYCL_DEVICE"] = selector
+    rep = kernels.report(selector)
+    rep["sycl"].pop("devices", None)
+    if "error" in rep["sycl"]:
+        return {"skipped": rep["sycl"]["error"], "report": rep}
+    net, info = load_model(None, "cpu")
+    if args.quick:  # the bundled model takes minutes per sweep row on a CPU
+        _, (net, info) = tiny_model(ctx["tmp"])
+    ks = tuple(k for k in args.ks if k <= 16)
+    torch_ops = sweep(dev, net, info, ks, ("fp32",), "off", args.sweep_size, args.window, deadline)
+    with kernels.launcher("sycl"):
+        with_sycl = sweep(dev, net, info, ks, ("fp32",), "off", args.sweep_size, args.window, deadline)
+        seg_sycl = flood_once(dev, net, info, args.sweep_size)
+    seg_torch = flood_once(dev, net, info, args.sweep_size)
+    ratios = {}
+    for key, row in with_sycl["by_config"].items():
+        base = torch_ops["by_config"].get(key, {})
+        if "steps_per_s" in row and "steps_per_s" in base:
+            ratios[key] = row["steps_per_s"] / base["steps_per_s"]
+    micro = {}
+    out = ctx["tmp"] / "kernels-sycl.json"
+    left = deadline - time.perf_counter()
+    if left > 20:
+        p = subprocess.run([sys.executable, str(HERE / "kernels.py"), "--sycl", "--quick", "--repeat", "3",
+                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=left,
+                           env=dict(os.environ, FFN_SYCL_DEVICE=selector))
+        micro = json.loads(out.read_text())["results"] if p.returncode == 0 else {"error": one_line(p.stderr)}
+    else:
+        micro = {"skipped": "section budget spent"}
+    return {"report": rep, "torch_ops": torch_ops, "sycl_steps": with_sycl, "sycl_vs_torch_steps": ratios,
+            "same_segmentation": bool(np.array_equal(seg_sycl, seg_torch)),
+            "objects": int(len(np.unique(seg_sycl)) - 1), "kernels": micro}
+
+
 def sec_compile(dev, deadline, args, ctx) -> dict:
     import torch
 
@@ -280,7 +348,7 @@ def sec_ddp(dev, deadline, args, ctx) -> dict:
 
 
 SECTIONS = [("tests", sec_tests), ("sweep", sec_sweep), ("host", sec_host), ("blocks", sec_blocks),
-            ("training", sec_training), ("ddp", sec_ddp), ("compile", sec_compile)]
+            ("training", sec_training), ("ddp", sec_ddp), ("sycl", sec_sycl), ("compile", sec_compile)]
 
 
 def summary(doc: dict) -> str:
