@@ -101,41 +101,21 @@ py::tuple commit_object(py::handle logits_obj, std::array<int64_t, 3> logits_sta
                     logits_start[1] * lsy + logits_start[2];
   int32_t* sp = static_cast<int32_t*>(S.mutable_data()) + seg_start[0] * ssz +
                 seg_start[1] * ssy + seg_start[2];
-  const float t = static_cast<float>(seg_threshold);
-  int64_t n_new = 0;
-  std::vector<std::pair<int32_t, int64_t>> merged;
+  launch::CommitResult res;
   {
     py::gil_scoped_release release;
-    // Count only until min_size is reached (an accepted object's claim pass counts all).
-    n_new = kernels::commit_count_new(lp, lsz, lsy, sp, ssz, ssy, size[0], size[1], size[2], t,
-                                      std::max<int64_t>(min_size, 0));
-    if (n_new >= min_size) {
-      const int64_t cap = size[0] * size[1] * size[2];
-      std::vector<int32_t> ids(static_cast<size_t>(cap));
-      std::vector<int64_t> lens(static_cast<size_t>(cap));
-      int64_t runs = 0;
-      n_new = kernels::commit_claim(lp, lsz, lsy, sp, ssz, ssy, size[0], size[1], size[2], t,
-                            static_cast<int32_t>(new_id), ids.data(), lens.data(), &runs);
-      merged.reserve(static_cast<size_t>(runs));
-      for (int64_t i = 0; i < runs; ++i) merged.emplace_back(ids[i], lens[i]);
-      std::sort(merged.begin(), merged.end());
-      size_t w = 0;
-      for (size_t i = 0; i < merged.size(); ++i) {
-        if (w > 0 && merged[w - 1].first == merged[i].first)
-          merged[w - 1].second += merged[i].second;
-        else
-          merged[w++] = merged[i];
-      }
-      merged.resize(w);
-    }
+    res = launch::commit_object(lp, lsz, lsy, sp, ssz, ssy, size.data(),
+                                static_cast<float>(seg_threshold), min_size,
+                                static_cast<int32_t>(new_id));
   }
+  const auto& merged = res.overlaps;
   const int64_t m = static_cast<int64_t>(merged.size());
   py::array_t<int64_t> out_ids(m), out_counts(m);
   for (int64_t i = 0; i < m; ++i) {
     out_ids.mutable_data()[i] = merged[i].first;
     out_counts.mutable_data()[i] = merged[i].second;
   }
-  return py::make_tuple(n_new, std::move(out_ids), std::move(out_counts));
+  return py::make_tuple(res.n_new, std::move(out_ids), std::move(out_counts));
 }
 
 }  // namespace

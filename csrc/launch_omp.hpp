@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <utility>
 #include <vector>
 
 #include "kernels/fov_update.hpp"
@@ -88,6 +89,18 @@ void update_fovs(const FovTarget* targets, int64_t k, float* logits, const int64
 void gather_fovs(const FovTarget* targets, int64_t k, float* out, const int64_t f[3],
                  float pad_value);
 
+/// Object commit over a box (`logits` and `seg` point at the box origin; row
+/// strides lsz, lsy and ssz, ssy): the new voxels (counted only up to
+/// min_size unless there are that many, then claimed with new_id) and the
+/// labelled ids under the object's mask with their voxel counts, sorted by id.
+struct CommitResult {
+  int64_t n_new = 0;
+  std::vector<std::pair<int32_t, int64_t>> overlaps;
+};
+CommitResult commit_object(const float* logits, int64_t lsz, int64_t lsy, int32_t* seg,
+                           int64_t ssz, int64_t ssy, const int64_t size[3], float seg_threshold,
+                           int64_t min_size, int32_t new_id);
+
 // -------------------------------------------------------------------- peaks
 
 /// Peak finding; returns the accepted linear indices in raster order.
@@ -103,7 +116,13 @@ std::vector<int64_t> find_peaks(const double* image, const int64_t shape[3],
 
 using PairSlot = kernels::reconcile::PairCountMap::Slot;
 
-// count_pairs is launched from csrc/bind_reconcile.cpp (dense-matrix counter, own threading).
+/// Every distinct (a, b) pair over n voxels of two label arrays (bits 32 or
+/// 64 each) with its count, sorted by (a, b); threads from a grain of voxels
+/// per thread (set_count_pairs_grain; n <= 0 restores the default 2^21,
+/// returns the previous value).
+std::vector<PairSlot> count_pairs(const void* a, int a_bits, const void* b, int b_bits, int64_t n,
+                                  bool ignore_zero);
+int64_t set_count_pairs_grain(int64_t n);
 
 /// In-place relabel of n labels (bits 32 or 64) through sorted unique keys.
 void relabel(void* labels, int bits, int64_t n, const uint64_t* keys,
