@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import disk, kernels, locks, outputs, results, storage, volumes
+from . import disk, kernels, locks, outputs, results, volumes
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,27 @@ def _consensus_locked(a_spec, b_spec, out, out_spec, min_size, overwrite, slab_v
     origins = read_origins(a_spec)
     ds = out.dataset
     with volumes.open_volume(a_spec) as va, volumes.open_volume(b_spec) as vb:
-        attrs = {k: v for k, v in va.attrs.items() if k in results.PROVENANCE_KEYS}
-        attrs.update({"consensus": "split", "consensus_a": a_spec, "consensus_b": b_spec, "min_size": int(min_size)})
-        if out.kind == "zarr":
-            table = _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, (a_spec, b_spec), attrs, origins, overwrite)
-        else:
-            table = _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, (a_spec, b_spec), attrs, origins, overwrite)
+        attrs = results.derived_attrs(va.attrs, consensus="split", consensus_a=a_spec, consensus_b=b_spec,
+                                      min_size=int(min_size))
+        names = [ds] + ([f"{ds}_origins"] if origins is not None else [])
+        writer = results.ResultWriter(out.path, ds, names, str(os.getpid()))
+        space = disk.SpaceCheck(out.path)
+        try:
+            def sink(shape, dtype):  # the result, created once the dtype is known, filled slab by slab
+                target = writer.create({ds: (shape, dtype)}, {ds: attrs}, {})
+
+                def write(sl, v):
+                    results.write_region(target, ds, sl, v, space)
+                return write
+
+            _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=(a_spec, b_spec), sink=sink)
+            kept = _kept_origins(origins, table)
+            if kept is not None:
+                writer.add_tables({f"{ds}_origins": kept})
+            writer.commit()
+        except BaseException:
+            writer.discard()
+            raise
     log.info("wrote %s: %d objects", out_spec, int(np.unique(table.out_ids[table.out_ids > 0]).size))
     return table
 
@@ -181,69 +196,3 @@ def _kept_origins(origins, table: ConsensusTable):
     if origins is None:
         return None
     return origins[np.isin(origins["id"], np.unique(table.out_ids[table.out_ids > 0]))]
-
-
-def _consensus_hdf5(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
-    import h5py
-
-    out_names = [ds, *outputs.companion_names(ds)]  # an earlier result's companions go with it
-    keep = os.path.exists(out.path)  # an HDF5 file (check_output saw to it): its other datasets stay
-    with disk.disk_errors(out.path):
-        os.makedirs(os.path.dirname(os.path.abspath(out.path)), exist_ok=True)
-    space = disk.SpaceCheck(out.path)
-    with disk.atomic_path(out.path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
-        if keep:  # the file's other datasets stay
-            storage.hdf5_copy_others(out.path, f, out_names, space)
-
-        def sink(shape, dtype):
-            d = f.create_dataset(ds, shape=shape, dtype=dtype, chunks=tuple(min(64, s) for s in shape),
-                                 compression="gzip", fillvalue=0)
-
-            def write(sl, v):
-                space.need(v.nbytes)
-                d[sl] = v
-            return write
-
-        _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
-        for k, v in attrs.items():
-            f[ds].attrs[k] = volumes.encode_attr(f"{ds}:{k}", v)
-        kept = _kept_origins(origins, table)
-        if kept is not None:
-            storage.hdf5_write_array(f, f"{ds}_origins", kept, space, compression=None)
-    return table
-
-
-def _consensus_zarr(va, vb, out, ds, min_size, slab_voxels, names, attrs, origins, overwrite) -> ConsensusTable:
-    import shutil
-
-    group = storage.open_zarr_group(out.path)
-    tag = str(os.getpid())
-    tmp = storage.zarr_tmp_name(ds, tag)
-    shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
-    try:
-        stale = outputs.companions_not_written(ds, [ds] if origins is None else [ds, f"{ds}_origins"])
-
-        def sink(shape, dtype):
-            z = storage.zarr_create_volume(group, tmp, shape, dtype)
-
-            def write(sl, v):
-                z[sl] = v
-            return write
-
-        _, table = split_consensus(va, vb, min_size, slab_voxels=slab_voxels, names=names, sink=sink)
-        arr = volumes.import_zarr().open_array(os.path.join(out.path, tmp), mode="r+")
-        for k, v in storage.zarr_attrs(ds, attrs).items():
-            arr.attrs[k] = v
-        kept = _kept_origins(origins, table)
-        if kept is not None:
-            org_tmp = storage.zarr_tmp_name(f"{ds}_origins", tag)
-            shutil.rmtree(os.path.join(out.path, org_tmp), ignore_errors=True)
-            storage.zarr_put_table(group, org_tmp, kept)
-            storage.zarr_commit(group, out.path, org_tmp, f"{ds}_origins", tag)
-        storage.zarr_remove(out.path, stale, tmp)  # an earlier result's companions go with it
-        storage.zarr_commit(group, out.path, tmp, ds, tag)
-    except BaseException:
-        shutil.rmtree(os.path.join(out.path, tmp), ignore_errors=True)
-        raise
-    disk.fsync_dir(out.path)
-    return table

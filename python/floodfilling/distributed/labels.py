@@ -11,7 +11,6 @@ turn it into the :class:`FinalLabels` the output is written from (:mod:`.output`
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..results import BlockRunAttrs, ResultAttrs
 from . import blockstore, mpi, split
 from .blockstore import BlockMeta
 from .reconcile import GlobalLabels, global_labels, match_overlap, relabel_core
@@ -64,7 +64,7 @@ class Reconciled:
 
     labels: GlobalLabels
     metas: dict[int, BlockMeta]  # every block's
-    attrs: dict  # the output segmentation's attributes
+    attrs: ResultAttrs  # the output segmentation's attributes (its counters: ``counters``)
     counters: dict[str, float]  # summed over the blocks
     timings: dict[str, float]
     rank_stats: list[RankStats]
@@ -155,20 +155,14 @@ def reconcile(plan: Plan, results: list[RankResult], cfg, info, ranks: int, timi
     for k in range(n):
         for key, v in metas[k].counters.items():
             counters[key] = counters.get(key, 0) + v
-    attrs = {
-        "resolution_zyx_nm": list(plan.resolution) if plan.resolution is not None else None,
-        "bbox_zyx": [list(plan.box.start), list(plan.box.stop)],
-        "source_image": plan.image_spec,
-        "model": info.source,
-        "config": json.dumps(cfg.to_dict()),
-        "normalisation": json.dumps(plan.norm.to_dict()),
-        "counters": json.dumps(counters),
-        "block_zyx": list(plan.grid.block),
-        "halo_zyx": list(plan.grid.halo),
-        "merge_rule": json.dumps(plan.rule.to_dict()),
-        "block_manifest": plan.out_digest,  # blocks + reconciliation options: a rerun's "already complete" test
-        "workdir": os.path.abspath(plan.workdir),
-    }
+    attrs = ResultAttrs(
+        resolution_zyx_nm=tuple(plan.resolution) if plan.resolution is not None else None,
+        bbox_zyx=(tuple(plan.box.start), tuple(plan.box.stop)), source_image=plan.image_spec, model=info.source,
+        config=cfg.to_dict(), normalisation=plan.norm.to_dict(), counters=counters,
+        block=BlockRunAttrs(block_zyx=tuple(plan.grid.block), halo_zyx=tuple(plan.grid.halo),
+                            merge_rule=plan.rule.to_dict(),
+                            # blocks + reconciliation options: a rerun's "already complete" test
+                            block_manifest=plan.out_digest, workdir=os.path.abspath(plan.workdir)))
     timings = dict(timings, gather_s=t_union - t_gather, union_find_s=t_done - t_union,
                    block_seconds_sum=sum(s.seconds for s in rank_stats),
                    block_seconds_max_rank=max(s.seconds for s in rank_stats),

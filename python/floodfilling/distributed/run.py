@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -221,8 +220,8 @@ def _refined_layers(plan: Plan, reconciled: Reconciled, final: FinalLabels, refi
     reconciled.counters["refine_objects"] = int(np.unique(np.concatenate([np.asarray(k, np.uint64)
                                                                           for k in refined.keys] or [[]])).size)
     reconciled.counters["flood_objects"] = int(final.n_objects)
-    reconciled.attrs["counters"] = json.dumps(reconciled.counters)
-    reconciled.attrs["refine"] = json.dumps(refine.to_dict())
+    reconciled.attrs.counters = reconciled.counters
+    reconciled.attrs.refine = refine.to_dict()
     return output.Layers(main, {f"{plan.out_ds}_forward": final}, {f"{plan.out_ds}_overlaps": refined.overlaps})
 
 
@@ -236,10 +235,10 @@ def _write(plan: Plan, reconciled: Reconciled | None, layers: output.Layers | No
         with comm.abort_on_error("writing the output"):
             create_from = time.perf_counter()
             with output.discard_on_error(plan), disk.disk_errors(plan.out_path):
-                offsets = output.create(plan, layers, reconciled.attrs, parallel)
+                target = output.create(plan, layers, reconciled.attrs, parallel)
             reconciled.timings["create_output_s"] = time.perf_counter() - create_from
             if parallel:
-                tasks = output.write_tasks(plan, layers, offsets, comm.size)
+                tasks = output.write_tasks(plan, layers, target, comm.size)
     if parallel:
         comm.wait_all()  # sleep while rank 0 reconciles
         task = comm.scatter(tasks, root=0)
