@@ -222,7 +222,7 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
         raw, seg = vi.read(), vs.read()
         volumes.check_labels(seg, seg_spec, error=AgglomerationError)
         norm = resolve_normalisation(cfg, info, raw, image_spec)
-        attrs = {k: v for k, v in vs.attrs.items() if k in results.PROVENANCE_KEYS}
+        source_attrs = dict(vs.attrs)
     within = None
     if opts.within:
         with volumes.open_volume(opts.within) as vw:
@@ -236,7 +236,8 @@ def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, 
     origins = results.read_origins(seg_spec)
     if origins is not None:
         origins = origins[np.isin(origins["id"], np.unique(new))]
-    attrs.update({"agglomerated_from": seg_spec, "box_zyx": list(opts.box), "min_contact": int(opts.min_contact),
-                  "merge_iou": float(opts.merge_iou), "within": opts.within or "", "model": info.source})
+    attrs = results.derived_attrs(source_attrs, agglomerated_from=seg_spec, box_zyx=list(opts.box),
+                                  min_contact=int(opts.min_contact), merge_iou=float(opts.merge_iou),
+                                  within=opts.within or "", model=info.source)
     results.write_result(out.path, ds, new, origins, attrs, overwrite, extra={f"{ds}_agglomeration": table})
     return table
