@@ -169,25 +169,21 @@ def test_lock_temporaries_of_a_killed_creator_are_removed(tmp_path):
 
 
 def test_block_claims_are_never_empty(tmp_path, monkeypatch):
-    """The block runner's claims go through the same creation (distributed/worker.py); their
-    temporaries are made in the workdir, not among the claims that `ffn status` lists."""
-    from floodfilling.distributed import worker
+    """The block runner's claims (and every refinement stage's) go through the same creation
+    (distributed/bookkeeper.py); their temporaries are made in the workdir, not among the claims
+    that `ffn status` lists."""
+    from floodfilling.distributed import bookkeeper
 
     claims = tmp_path / "claims"
     claims.mkdir()
+    stage = bookkeeper.Stage("blocks", tmp_path, claims, 1, lambda i: tmp_path / "done.h5", lambda i: "seg_0_0_0")
 
-    class Block:
-        def name(self, start):
-            return "seg_0_0_0"
+    class worker:  # the block runner's claimer, as it makes it
+        @staticmethod
+        def Claims(_plan, rank, size):
+            return stage.claimer("r", rank, size)
 
-    class Plan:
-        run_id = "r"
-        grid = [Block()]
-        claims_dir = claims
-        box = type("B", (), {"start": (0, 0, 0)})()
-
-        def block_path(self, b):
-            return tmp_path / "done.h5"
+    Plan = object
 
     monkeypatch.setattr(os, "write", lambda fd, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(OSError):

@@ -242,7 +242,7 @@ def split_components(plan: Plan, reconciled: Reconciled | None, comm: mpi.Comm,
     the output tables on rank 0 (None elsewhere); the origins table keeps the components that
     hold a seed of their object (as on a whole volume)."""
     n = len(plan.grid)
-    sdir = split.split_dir(plan.workdir, plan.run_id)
+    sdir = plan.layout.split_dir(plan.run_id)
     per_rank, rows = None, None
     if comm.is_root:
         labels = reconciled.labels
@@ -255,7 +255,7 @@ def split_components(plan: Plan, reconciled: Reconciled | None, comm: mpi.Comm,
     mine = comm.scatter(per_rank, root=0)
 
     def path(k: int) -> Path:
-        return sdir / f"{plan.grid[k].name(plan.box.start)}.h5"
+        return plan.layout.per_block(sdir, plan.grid[k])
 
     comps, hits = {}, []
     for k, keys, values, oidx, seeds in mine:

@@ -129,7 +129,7 @@ def _cores(plan: Plan, blocks, dtype, comp_dir: Path | None = None):
     for k, keys, values in blocks:
         b = plan.grid[k]
         if comp_dir is not None:
-            src = split.read_components(comp_dir / f"{b.name(plan.box.start)}.h5")
+            src = split.read_components(plan.layout.per_block(comp_dir, b))
         else:
             src = blockstore.read_region(plan.block_path(b), b.core_start, b.core_stop)
         yield tuple(slice(a, e) for a, e in zip(b.core_start, b.core_stop)), relabel_core(src, keys, values,

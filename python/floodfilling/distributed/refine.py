@@ -10,15 +10,19 @@ assembled flood with ``tile`` = the block size and the flood's overlaps table (t
 1. **Tables** (rank 0): the flood's overlaps in output ids (each block's, through the
    reconciled labels, summed; pairs within one object dropped), the voxels of each object (its
    cores' counts) and the rejoin decisions. Written to ``<ds>_overlaps``.
-2. **Cores** (tiles over ranks): the gap cores of each tile's core, gathered in tile order
-   (``DIR/refine-<digest>/centres.npy``).
-3. **Gap floods** (floods over ranks, batched through the engine): ``floods/<i>.h5`` each; a
-   rerun skips those on disk. Rank 0 then resolves them in order, reading them through a
-   cache (each flood is compared only with earlier floods near it), and broadcasts the
-   decisions and each flood's box.
-4. **Tiles** (tiles over ranks): markers (flood after rejoin, the gap floods that reach the
-   window painted, read from their files) and watershed in the window, the core to
-   ``tiles/<block>.h5``; a rerun skips those on disk.
+2. **Cores** (tiles claimed by the ranks): the gap cores of each tile's core
+   (``cores/<block>.npy``), then on rank 0 all of them in tile order (``centres.npy``).
+3. **Gap floods** (floods claimed by the ranks as canvases free, batched through the engine):
+   ``floods/<i>.h5`` each. Rank 0 then resolves them in order, reading them through a cache
+   (each flood is compared only with earlier floods near it), and broadcasts the decisions and
+   each flood's box.
+4. **Tiles** (tiles claimed by the ranks): markers (flood after rejoin, the gap floods that
+   reach the window painted, read from their files) and watershed in the window, the core to
+   ``tiles/<block>.h5``.
+
+Each of 2-4 is a resumable stage of the workdir's bookkeeper (:mod:`.bookkeeper`, which owns
+the paths under ``DIR/refine-<digest>/``): items are claimed dynamically (a slow rank takes
+fewer), an item whose file exists is done, and a rerun does only what is missing.
 No rank holds more than a window, the floods near it and the tables (per object and per flood).
 The output phase writes ``<ds>`` from the tiles and ``<ds>_forward`` from the blocks.
 """
@@ -38,7 +42,7 @@ import numpy as np
 from .. import boxes, disk, results, storage, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference import refine as rf
-from . import blockstore, mpi, split
+from . import blockstore, bookkeeper, mpi, split
 from .blocks import BlockError
 from .reconcile import relabel_core
 
@@ -156,6 +160,12 @@ def _load_flood(path: Path) -> tuple[rf.GapFlood | None, int]:
         raise BlockError(f"{path}: unreadable gap flood ({exc}); delete it and rerun") from None
 
 
+def _save_centres(path: Path, centres) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(centres, np.int64).reshape(-1, 3))
+    disk.atomic_write_bytes(path, buf.getvalue())
+
+
 def load_centres(path: Path) -> np.ndarray:
     """The gap cores' centres saved in ``path`` ((N, 3) integers); a one-line BlockError naming
     the file when it is damaged (as a damaged gap flood's file)."""
@@ -175,16 +185,13 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     """Collective: the refinement of the reconciled flood ``final`` (see the module docstring);
     the result on rank 0, None elsewhere."""
     t0 = time.perf_counter()
-    rdir = plan.refine_dir
+    stages = bookkeeper.refine_stages(plan.layout, plan.refine_dir, plan.grid)
     n = len(plan.grid)
     final = comm.bcast(final, root=0)  # every rank reads the flood through its tables
     tables = None
     if comm.is_root:
-        (rdir / "floods").mkdir(parents=True, exist_ok=True)
-        (rdir / "tiles").mkdir(parents=True, exist_ok=True)
-        for p in list((rdir / "floods").iterdir()) + list((rdir / "tiles").iterdir()):
-            if ".tmp" in p.name:  # left by a killed writer
-                p.unlink(missing_ok=True)
+        for stage in (stages.cores, stages.floods, stages.tiles):
+            stage.prepare()  # (a killed writer's temporaries go)
         overlaps = flood_overlaps(plan, reconciled.labels)
         joined = {}
         if "rejoin" in rcfg.steps:  # (refused with split_components, whose tables count components)
@@ -208,15 +215,13 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     try:
         if "gap_objects" in rcfg.steps:
             rf.check_ids(first_new, "gap_objects")
-            gaps = _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new)
+            gaps = _gap_floods(plan, stages, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new)
             dec = gaps.decisions
             counters = rf.step_counters(len(joined), gaps.n_cores, sum(b is not None for b in gaps.boxes), dec,
                                         gaps.steps)
         filled = 0
-        for i in range(comm.rank, n, comm.size):
-            path = rdir / "tiles" / f"{plan.grid[i].name(plan.box.start)}.h5"
-            if path.exists():
-                continue
+        for i in stages.tiles.claimed(plan.run_id, comm.rank, comm.size):
+            path = stages.tiles.result(i)
             floods, targets = gaps.touching(tiles[i]) if gaps is not None else ([], [])
             core, nfill = rf.fill_tile(image, seg, tiles[i], rcfg, floods, targets)
             ids = np.unique(core)
@@ -232,8 +237,8 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     import h5py
 
     keys, max_id = [], first_new
-    for b in plan.grid:
-        with h5py.File(rdir / "tiles" / f"{b.name(plan.box.start)}.h5", "r") as f:
+    for k in range(n):
+        with h5py.File(stages.tiles.result(k), "r") as f:
             keys.append(f["ids"][:])
             counters["voxels_filled"] += int(f.attrs["filled"])
             if len(keys[-1]):
@@ -243,7 +248,7 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     counters["seconds"] = time.perf_counter() - t0
     log.info("refine: %d objects rejoined, %d gap objects, %d voxels filled (%d this run), %.1f s",
              counters["rejoined"], counters["gap_objects"], counters["voxels_filled"], sum(gathered), counters["seconds"])
-    return RefinedBlocks(keys, np.concatenate([stay, added.astype(stay.dtype)]), overlaps, max_id, rdir / "tiles",
+    return RefinedBlocks(keys, np.concatenate([stay, added.astype(stay.dtype)]), overlaps, max_id, stages.tiles.results,
                          counters)
 
 
@@ -251,8 +256,8 @@ class FloodFiles(Sequence):
     """The gap floods of a run as a sequence that reads each from its file on demand, keeping
     the last ``cache`` read (the resolution reads floods in order and their neighbours again)."""
 
-    def __init__(self, fdir: Path, n: int, cache: int = 512):
-        self.fdir, self.n, self.cache = fdir, n, cache
+    def __init__(self, stage: bookkeeper.Stage, cache: int = 512):
+        self.stage, self.n, self.cache = stage, stage.items, cache
         self._cached: OrderedDict[int, rf.GapFlood | None] = OrderedDict()
         self.steps: dict[int, int] = {}  # network steps of each flood read so far
 
@@ -263,7 +268,7 @@ class FloodFiles(Sequence):
         if i in self._cached:
             self._cached.move_to_end(i)
             return self._cached[i]
-        flood, self.steps[i] = _load_flood(self.fdir / f"{i}.h5")
+        flood, self.steps[i] = _load_flood(self.stage.result(i))
         self._cached[i] = flood
         if len(self._cached) > self.cache:
             self._cached.popitem(last=False)
@@ -288,33 +293,32 @@ class GapPlan:
         return [self.floods[i] for i in idx], [self.targets[i] for i in idx]
 
 
-def _gap_floods(plan, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new) -> GapPlan:
+def _gap_floods(plan, stages: bookkeeper.RefineStages, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
+                first_new) -> GapPlan:
     """Phases 2 and 3 (cores, floods, resolution on rank 0): the same plan on every rank."""
-    rdir = plan.refine_dir
-    cpath = rdir / "centres.npy"
+    cpath = stages.centres
     if not comm.bcast(cpath.exists() if comm.is_root else None, root=0):  # one answer for all ranks
-        mine = {i: rf.tile_gap_centres(image, seg, tiles[i], rcfg) for i in range(comm.rank, len(tiles), comm.size)}
-        got = comm.gather(mine, root=0)
+        for i in stages.cores.claimed(plan.run_id, comm.rank, comm.size):
+            _save_centres(stages.cores.result(i), rf.tile_gap_centres(image, seg, tiles[i], rcfg))
+        comm.wait_all()
         if comm.is_root:
-            per = {k: v for d in got for k, v in d.items()}
-            centres = np.asarray([c for i in range(len(tiles)) for c in per[i]], np.int64).reshape(-1, 3)
-            buf = io.BytesIO()
-            np.save(buf, centres)
-            disk.atomic_write_bytes(cpath, buf.getvalue())
+            centres = np.concatenate([load_centres(stages.cores.result(i)) for i in range(len(tiles))]
+                                     or [np.zeros((0, 3), np.int64)]).reshape(-1, 3)
+            _save_centres(cpath, centres)
         comm.wait_all()
     centres = comm.on_root(lambda: load_centres(cpath))  # (a damaged file: the same one-line error on every rank)
-    fdir = rdir / "floods"
+    floods_stage = stages.with_floods(len(centres)).floods
     if comm.is_root:
-        done = sum(1 for i in range(len(centres)) if (fdir / f"{i}.h5").exists())
+        done = floods_stage.n_done()
         log.info("refine: %d gap cores in %d tiles; flooding %d of them over %d rank(s) (%d on disk)",
                  len(centres), len(tiles), len(centres) - done, comm.size, done)
-    todo = [i for i in range(comm.rank, len(centres), comm.size) if not (fdir / f"{i}.h5").exists()]
-    if todo:
-        rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in centres[i]) for i in todo],
+    if floods_stage.n_done() < len(centres):
+        claimer = floods_stage.claimer(plan.run_id, comm.rank, comm.size)
+        rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in c) for c in centres],
                       rf.FloodNetwork(net, info, cfg), first_new, rcfg.gap_box, inflight,
-                      on_flood=lambda j, f, steps: _save_flood(fdir / f"{todo[j]}.h5", f, steps))
+                      on_flood=lambda i, f, steps: _save_flood(floods_stage.result(i), f, steps), claim=claimer.next)
     comm.wait_all()
-    floods = FloodFiles(fdir, len(centres))
+    floods = FloodFiles(floods_stage)
     resolved = None
     if comm.is_root:  # reads every flood once, in order (and its neighbours again, mostly cached)
         dec = rf.resolve_gap_floods(floods, first_new, rcfg.gap_join_fraction)

@@ -29,7 +29,6 @@ whole object, so:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -150,10 +149,6 @@ def number_components(comps: Sequence[CoreComponents], edges: Sequence[tuple[int
 
 
 # -- files in the workdir ---------------------------------------------------------------------
-
-def split_dir(workdir: str | os.PathLike, run_id: str) -> Path:
-    return Path(workdir) / f"split-{run_id}"
-
 
 def write_components(path: Path, comp: np.ndarray, cc: CoreComponents) -> None:
     storage.write_hdf5_atomic(path, {"comp": comp, "gid": cc.gid, "first": cc.first, "count": cc.count},

@@ -1,10 +1,11 @@
 """``ffn status WORKDIR``: progress of a block-inference run, read from its workdir alone (from
 a login node, while the job runs under the scheduler, or after it was killed).
 
-Reads ``manifest.json`` (the grid), ``blocks/*.h5`` (finished blocks, through :mod:`.blockstore`:
-seconds, FOV steps, objects, rank, host), ``claims/*`` (blocks being segmented now: run, host,
-pid, rank), ``run.json`` (the job holding the workdir), ``reconcile.json`` (written at the very end)
-and, during ``--refine``, ``refine-<digest>/`` (gap cores, gap floods and refined tiles on disk).
+Reads the workdir through its bookkeeper (:mod:`.bookkeeper`, which owns its layout):
+``manifest.json`` (the grid), the finished blocks (through :mod:`.blockstore`: seconds, FOV
+steps, objects, rank, host), the blocks' claims (being segmented now: run, host, pid, rank),
+``run.json`` (the job holding the workdir), ``reconcile.json`` (written at the very end) and,
+during ``--refine``, its stages (gap cores, gap floods and refined tiles done, and claimed).
 Nothing is written. The time left is estimated from the finished blocks' mean seconds per
 voxel, the voxels left, and the number of ranks working now (claims). A claim made on this host
 by a process that no longer exists is reported as dead (``dead``), not running; claims of
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..locks import holder_is_dead
-from . import blockstore
+from . import blockstore, bookkeeper
 from .blocks import BlockError, make_grid
 from .workdir import MANIFEST_FORMAT
 
@@ -45,15 +45,10 @@ def _holder_dead(holder: dict | None) -> bool:
     return pid.isdigit() and int(pid) > 0 and holder_is_dead(holder.get("host"), int(pid))
 
 
-def _files_done(d: Path) -> int:
-    """Finished result files in ``d`` (a killed writer's temporary files not counted)."""
-    return sum(1 for f in d.glob("*.h5") if ".tmp" not in f.name) if d.is_dir() else 0
-
-
 def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     """A summary of the run in ``workdir`` (see the module docstring) as a JSON-able dict."""
     wd = Path(workdir)
-    mpath = wd / "manifest.json"
+    mpath = bookkeeper.Layout(wd).manifest
     if not mpath.is_file():
         raise BlockError(f"{wd}: no block-inference manifest.json (is it the workdir of a block-inference run?)")
     try:
@@ -73,13 +68,13 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
                          f"{exc.__class__.__name__} {exc})") from None
     shape = tuple(int(b) - int(a) for a, b in zip(start, stop))
     grid = make_grid(shape, block, halo, fov)
-    names = {b.name(tuple(start)): b for b in grid}
+    layout = bookkeeper.Layout(wd, tuple(start))
+    blocks = bookkeeper.blocks_stage(layout, grid)
     done, seconds, steps, objects, voxels_done = 0, 0.0, 0, 0, 0
     per_rank: dict[str, dict[str, float]] = {}
     first_mtime, last_mtime = None, None
-    blocks_dir = wd / "blocks"
-    for name, b in names.items():
-        p = blockstore.block_file(blocks_dir, name)
+    for k, b in enumerate(grid):
+        p = blocks.result(k)
         if not p.exists():
             continue
         try:
@@ -99,33 +94,28 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         first_mtime = m if first_mtime is None else min(first_mtime, m)
         last_mtime = m if last_mtime is None else max(last_mtime, m)
     running, dead = [], []
-    claims = wd / "claims"
-    if claims.is_dir():
-        for c in sorted(claims.iterdir()):
-            if c.name in names and not blockstore.block_file(blocks_dir, c.name).exists():
-                try:
-                    fields = c.read_text().split() if c.is_file() else []
-                    since = round(time.time() - c.stat().st_mtime, 1)
-                except OSError:  # removed meanwhile (its block finished, or a rerun's cleanup)
-                    continue
-                info = dict(zip(("run_id", "host", "pid", "rank"), fields))
-                info["block"] = c.name
-                info["since_s"] = since
-                (dead if _holder_dead(info) else running).append(info)
+    for c in blocks.running():
+        info = {k: v for k, v in (("run_id", c.run_id), ("host", c.host), ("pid", c.pid), ("rank", c.rank)) if v}
+        info["block"] = c.item
+        info["since_s"] = c.since_s
+        (dead if _holder_dead(info) else running).append(info)
     total_voxels = sum(b.core_voxels for b in grid)
     left = total_voxels - voxels_done
     rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
     workers = max(len(running), 1)  # dead claims work no more
-    job = _read_json(wd / "run.json")
-    report = _read_json(wd / "reconcile.json")
-    refine = None
-    for rdir in sorted(p for p in wd.glob("refine-*") if p.is_dir()):
+    job = _read_json(layout.run_lock)
+    report = _read_json(layout.report)
+    refine, refine_claimed = None, None
+    for rdir in layout.refine_dirs():
+        stages = bookkeeper.refine_stages(layout, rdir, grid)
         try:
-            cores = int(len(np.load(rdir / "centres.npy"))) if (rdir / "centres.npy").exists() else None
+            cores = int(len(np.load(stages.centres))) if stages.centres.exists() else None
         except (OSError, ValueError):
             cores = None
-        refine = {"gap_cores": cores, "gap_floods_done": _files_done(rdir / "floods"),
-                  "tiles_done": _files_done(rdir / "tiles"), "tiles": len(grid)}
+        floods = stages.with_floods(cores or 0).floods
+        refine = {"gap_cores": cores, "gap_floods_done": floods.n_done(), "tiles_done": stages.tiles.n_done(),
+                  "tiles": len(grid)}
+        refine_claimed = {st.name: len(st.running()) for st in (stages.cores, floods, stages.tiles)}
     finished = report is not None and done == len(grid)
     job_dead = _holder_dead(job)
     # stopped: the job holding the workdir is gone (same host), or none holds it and no claim runs
@@ -141,6 +131,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         "state": "finished" if finished else "stopped" if stopped else "running", "job_dead": job_dead,
         "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
         "running": running, "per_rank": per_rank, "job": job, "refine": refine,
+        "refine_claimed": refine_claimed,  # items of each refinement stage being worked on (or left by dead ranks)
         "finished": finished,
         "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
                        # the engines waiting for blocks to be read, normalised and seeded (all ranks)

@@ -1,12 +1,7 @@
-"""The plan of a block run and its workdir ``DIR`` (default ``OUT.blocks``)::
-
-    DIR/manifest.json    what the blocks are of: image, box, model, options, geometry, normalisation
-    DIR/run.json         the workdir lock: the job using DIR (run id, host, pid, ranks, start)
-    DIR/blocks/<name>.h5 finished blocks (:mod:`.blockstore`)
-    DIR/claims/<name>    blocks being segmented (:mod:`.worker`)
-    DIR/split-<run id>/  component volumes of split_components (:mod:`.split`)
-    DIR/reconcile.json   the report, written at the very end
-    DIR/refine-<digest>/ --refine's cores, gap floods and tiles (:mod:`.refine`), named by the output's digest
+"""The plan of a block run and what ties its workdir ``DIR`` (default ``OUT.blocks``; its layout,
+claims and cleanup: :mod:`.bookkeeper`) to it: ``DIR/manifest.json`` (what the blocks are of:
+image, box, model, options, geometry, normalisation) and ``DIR/run.json`` (the workdir lock: the
+job using DIR: run id, host, pid, ranks, start).
 
 Everything in DIR is tied to the image's voxels: the manifest records :func:`image_digest_of`
 (a digest of the box's voxels, read slab by slab, each slab through
@@ -37,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -47,7 +41,7 @@ from typing import Any
 from .. import boxes, disk, locks, outputs, results, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
-from . import blockstore, output
+from . import bookkeeper, output
 from ..inference.canvas import fov_margin
 from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid
 from .reconcile import MergeRule
@@ -88,21 +82,29 @@ class Plan:
         return self.out_ds, f"{self.out_ds}_origins"  # (a plain block run records no overlaps)
 
     @property
+    def layout(self) -> bookkeeper.Layout:
+        """Every path of the workdir (:mod:`.bookkeeper`)."""
+        return bookkeeper.Layout(self.workdir, self.box.start)
+
+    @property
     def refine_dir(self) -> Path:
-        """Refinement files of this output (cores, gap floods, refined tiles): named by the
-        output's digest, so a rerun with other options never reuses them."""
-        return Path(self.workdir) / f"refine-{self.out_digest[:16]}"
+        """Refinement files of this output, named by its digest (:meth:`.bookkeeper.Layout.refine_dir`)."""
+        return self.layout.refine_dir(self.out_digest)
 
     @property
     def blocks_dir(self) -> Path:
-        return Path(self.workdir) / "blocks"
+        return self.layout.blocks_dir
 
     @property
     def claims_dir(self) -> Path:
-        return Path(self.workdir) / "claims"
+        return self.layout.claims_dir
 
     def block_path(self, b: Block) -> Path:
-        return blockstore.block_file(self.blocks_dir, b.name(self.box.start))
+        return self.layout.block_file(b)
+
+    def blocks_stage(self) -> bookkeeper.Stage:
+        """The blocks as work items (claims, done)."""
+        return bookkeeper.blocks_stage(self.layout, self.grid)
 
 
 def _canonical(d: Any) -> Any:
@@ -163,7 +165,7 @@ def _check_workdir_place(wd: Path, files: dict[str, str]) -> None:
 
 
 def _read_manifest(wd: Path) -> dict | None:
-    mpath = wd / "manifest.json"
+    mpath = bookkeeper.Layout(wd).manifest
     if not mpath.exists():
         return None
     try:
@@ -256,13 +258,14 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         if not plan.complete:
             plan.lock = locks.acquire(out, names, workdir=str(wd.resolve()))
         if old is not None and old != manifest:
-            _clear(wd)
+            bookkeeper.clear(plan.layout)
         for d in (plan.blocks_dir, plan.claims_dir):
             d.mkdir(parents=True, exist_ok=True)
-        _cleanup_stale(plan)
-        disk.atomic_write_bytes(wd / "manifest.json",
+        plan.blocks_stage().prepare()
+        bookkeeper.clean_stale(plan.layout, keep_refine=plan.refine_dir)
+        disk.atomic_write_bytes(plan.layout.manifest,
                                 (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        plan.n_done = sum(1 for b in grid if plan.block_path(b).exists())
+        plan.n_done = plan.blocks_stage().n_done()
     except BaseException:
         release(plan)
         raise
@@ -275,7 +278,7 @@ def take_lock(wd: Path, run_id: str, size: int) -> None:
     BlockError when a live job on this host holds it. A lock of a dead job, of this process, a
     damaged one or one of another host (which cannot be checked; a warning) is taken over."""
     wd.mkdir(parents=True, exist_ok=True)
-    lock = wd / "run.json"
+    lock = bookkeeper.Layout(wd).run_lock
     host = socket.gethostname()
     me = json.dumps({"run_id": run_id, "host": host, "pid": os.getpid(), "ranks": size,
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
@@ -303,8 +306,8 @@ def release(plan: Plan) -> None:
     """Rank 0, when the run fails (any error, or an interrupt): what it holds goes (the temporary
     output, the output's lock, this run's claims and component volumes, the workdir lock); what
     it finished stays for the rerun (blocks, refinement files). Each step is tried on its own."""
-    steps = [lambda: output.discard(plan), lambda: _remove_claims(plan), lambda: _remove_split_dirs(plan.workdir),
-             lambda: _release_workdir_lock(Path(plan.workdir), plan.run_id)]
+    steps = [lambda: output.discard(plan), lambda: bookkeeper.remove_claims(plan.layout, plan.run_id),
+             lambda: bookkeeper.remove_split_dirs(plan.layout), lambda: _release_workdir_lock(plan.layout, plan.run_id)]
     for step in steps:
         try:
             step()
@@ -312,20 +315,9 @@ def release(plan: Plan) -> None:
             log.debug("releasing %s: %s", plan.workdir, exc)
 
 
-def _remove_claims(plan: Plan) -> None:
-    if not plan.claims_dir.is_dir():
-        return
-    for p in plan.claims_dir.iterdir():
-        try:
-            if p.is_file() and p.read_text().split()[:1] == [plan.run_id]:
-                p.unlink(missing_ok=True)
-        except (OSError, IndexError):
-            continue
-
-
-def _release_workdir_lock(wd: Path, run_id: str) -> None:
-    """Removes ``wd/run.json`` if this run holds it."""
-    lock = wd / "run.json"
+def _release_workdir_lock(layout: bookkeeper.Layout, run_id: str) -> None:
+    """Removes ``DIR/run.json`` if this run holds it."""
+    lock = layout.run_lock
     try:
         holder = json.loads(lock.read_text())
     except (OSError, ValueError):
@@ -334,58 +326,12 @@ def _release_workdir_lock(wd: Path, run_id: str) -> None:
         lock.unlink(missing_ok=True)
 
 
-def _clear(wd: Path) -> None:
-    """Removes our files only (blocks, claims, manifest)."""
-    for sub in ("blocks", "claims"):
-        d = wd / sub
-        if d.is_dir():
-            for p in d.iterdir():
-                if p.is_file() and p.name.startswith("seg_"):
-                    p.unlink()
-    for name in ("manifest.json", "reconcile.json"):
-        (wd / name).unlink(missing_ok=True)
-    _remove_split_dirs(wd)
-    _remove_refine_dirs(wd)
-
-
-def _cleanup_stale(plan: Plan) -> None:
-    """Claims and temporary files of a killed run (we hold the workdir lock)."""
-    n_claims = 0
-    for p in plan.claims_dir.iterdir():
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            n_claims += 1
-    for p in plan.blocks_dir.iterdir():
-        if blockstore.is_temporary(p.name):
-            p.unlink(missing_ok=True)
-    _remove_split_dirs(plan.workdir)  # component volumes of a killed split_components run
-    _remove_refine_dirs(plan.workdir, keep=plan.refine_dir)  # another output's refinement (its options changed)
-    # (temporary outputs of a killed run: removed by locks.acquire, under the output's lock)
-    if n_claims:
-        log.info("removed %d stale block claims of an interrupted run", n_claims)
-
-
-def _remove_split_dirs(workdir: str | Path) -> None:
-    for p in Path(workdir).glob("split-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _remove_refine_dirs(workdir: str | Path, keep: Path | None = None) -> None:
-    for p in Path(workdir).glob("refine-*"):
-        if p.is_dir() and (keep is None or p.resolve() != Path(keep).resolve()):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def write_report(plan: Plan, report: dict) -> None:
     """``DIR/reconcile.json`` (read by ``ffn status``)."""
-    disk.atomic_write_bytes(Path(plan.workdir) / "reconcile.json", (json.dumps(report, indent=1) + "\n").encode())
+    disk.atomic_write_bytes(plan.layout.report, (json.dumps(report, indent=1) + "\n").encode())
 
 
 def tidy(plan: Plan) -> None:
     """Rank 0, at the end: claims, component volumes, refinement files and the workdir lock go;
-    blocks stay."""
-    shutil.rmtree(plan.claims_dir, ignore_errors=True)
-    _remove_split_dirs(plan.workdir)
-    _remove_refine_dirs(plan.workdir)
-    (Path(plan.workdir) / "run.json").unlink(missing_ok=True)
+    blocks stay (:func:`.bookkeeper.tidy`)."""
+    bookkeeper.tidy(plan.layout)

@@ -1,13 +1,12 @@
 """Phase 2 of block inference, on every rank: claim blocks and run them through the engine.
 
-A rank takes the next block by creating its claim file ``DIR/claims/<name>`` complete and
-exclusively (:func:`floodfilling.locks.create_exclusive`: a hard link, atomic on POSIX file
-systems, Lustre and GPFS included; never an empty claim), so a slow block
-never idles other ranks and no scheduler is needed. Ranks start their scan at different blocks
-(rank r at block r*n/N) to avoid contention. Each rank keeps ``inflight`` blocks active in the
+A rank takes the next block nobody claimed through the workdir's bookkeeper
+(:mod:`.bookkeeper`: its claim file ``DIR/claims/<name>`` created complete and exclusively, a
+hard link, atomic on POSIX file systems, Lustre and GPFS included), so a slow block never idles
+other ranks and no scheduler is needed. Each rank keeps ``inflight`` blocks active in the
 multi-canvas engine; a finished block is written to its result file (:mod:`.blockstore`). A
 block whose file exists is done and skipped; claims of a previous (killed) run were removed by
-the plan (:mod:`.workdir`).
+the plan.
 
 The host work of a block (read, normalise, seeds) runs ahead in ``prefetch`` background
 threads (:mod:`.prefetch`; option ``prefetch``, by default 4 on cuda/xpu and 0 on cpu) while
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import boxes, kernels, locks, volumes
+from .. import boxes, kernels, volumes
 from ..config import InferenceConfig
 from ..model import select_device
 from . import blockstore, mpi
@@ -60,32 +59,6 @@ class BlockTicket:
     def __init__(self):
         self.block: Block | None = None
         self.started = 0.0
-
-
-class Claims:
-    """Claims this rank's next unfinished block (see the module docstring)."""
-
-    def __init__(self, plan: Plan, rank: int, size: int):
-        self.plan = plan
-        n = len(plan.grid)
-        first = (rank * n) // size
-        self._order = iter([(first + i) % n for i in range(n)])
-        self._exhausted = False
-        self._claim_text = f"{plan.run_id} {socket.gethostname()} {os.getpid()} {rank}\n".encode()
-
-    def next(self) -> Block | None:
-        if self._exhausted:
-            return None
-        for i in self._order:
-            b = self.plan.grid[i]
-            if self.plan.block_path(b).exists():
-                continue
-            if not locks.create_exclusive(self.plan.claims_dir / b.name(self.plan.box.start), self._claim_text,
-                                          tmp_dir=self.plan.claims_dir.parent):  # (readers list claims/)
-                continue  # claimed by another rank (a claim is created complete: never empty)
-            return b
-        self._exhausted = True
-        return None
 
 
 class _ProgressBar:
@@ -153,7 +126,11 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
     log.info("rank %d/%d: device %s, %d thread(s), %d block(s) in flight, %d prepared ahead", comm.rank, comm.size,
              device, threads, n_inflight, n_prefetch)
     host = socket.gethostname()
-    claims = Claims(plan, comm.rank, comm.size)
+    claimer = plan.blocks_stage().claimer(plan.run_id, comm.rank, comm.size)
+
+    def claim() -> Block | None:  # the next unfinished block nobody claimed (bookkeeper)
+        i = claimer.next()
+        return None if i is None else grid[i]
     stats = RankStats()
 
     vol = volumes.open_volume(plan.image_spec)
@@ -167,7 +144,7 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
         log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(sd))
         return image, sd
 
-    prefetch = Prefetch(claims.next, prepare, n_prefetch, name=f"ffn-prefetch-r{comm.rank}")
+    prefetch = Prefetch(claim, prepare, n_prefetch, name=f"ffn-prefetch-r{comm.rank}")
 
     def make(ticket: BlockTicket):
         started = time.perf_counter()

@@ -230,15 +230,17 @@ def flood_box(seed: Sequence[int], box: Sequence[int], shape: Sequence[int]) -> 
 
 def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence[Sequence[int]],
                network: FloodNetwork, max_id: int, box: Sequence[int], inflight: int | None = None,
-               on_flood: Callable[[int, GapFlood | None, int], None] | None = None
-               ) -> tuple[list[GapFlood | None], list[int]]:
+               on_flood: Callable[[int, GapFlood | None, int], None] | None = None,
+               claim: Callable[[], int | None] | None = None) -> tuple[list[GapFlood | None], list[int]]:
     """One flood from each of ``seeds`` (volume coordinates), each alone on a canvas of its
     :func:`flood_box` with ``seg``'s objects (ids <= ``max_id``) in place and the image
     mirrored by the FOV margin at the volume's faces; up to ``inflight`` canvases share each
     network call (default: :func:`~floodfilling.inference.engine.inflight_on` the device).
     Returns, in seed order, each :class:`GapFlood` or None where the seed was too weak to flood,
     and each one's network steps (``on_flood(index, flood, steps)`` is also called as each
-    finishes)."""
+    finishes). ``claim``: which seed to flood next, asked as a canvas frees (None: no more; a
+    block run's dynamic claims, :mod:`floodfilling.distributed.bookkeeper`); default every seed
+    in order."""
     info = network.info
     margin = fov_margin(info.fov_zyx)
     # every core seed is tried: no minimum size or boundary distance (the join rule decides)
@@ -253,7 +255,16 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
     steps = [0] * len(seeds)
     placed: dict[int, tuple] = {}  # flood index -> (box start, padding) while its canvas runs
 
-    def make(i: int):
+    if claim is None:
+        order = iter(range(len(seeds)))
+        claim = lambda: next(order, None)  # noqa: E731
+    claimed: list[int | None] = [None] * len(seeds)  # per job: the seed it flooded
+
+    def make(j: int):
+        i = claimed[j] = claim()
+        if i is None:  # nothing left: an empty canvas finishes at once
+            return subvolume_canvas(predictor, np.zeros(info.fov_zyx, np.float32), cfg, info,
+                                    seeds=np.zeros((0, 3), np.int64))
         start, stop = flood_box(seeds[i], box, shape)
         pad = [(m if a == 0 else 0, m if b == n else 0) for m, a, b, n in zip(margin, start, stop, shape)]
         img = np.pad(np.asarray(image(start, stop), np.float32), pad, mode="reflect")
@@ -264,7 +275,10 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
         placed[i] = (start, pad)
         return cv
 
-    def done(i: int, cv) -> None:
+    def done(j: int, cv) -> None:
+        i = claimed[j]
+        if i is None:
+            return
         st = cv.state
         flood = None
         start, pad = placed[i]
@@ -286,7 +300,7 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
         if on_flood is not None:
             on_flood(i, flood, steps[i])
 
-    run_jobs([Job(i, lambda i=i: make(i)) for i in range(len(seeds))], predictor, inflight=k, on_done=done)
+    run_jobs([Job(j, lambda j=j: make(j)) for j in range(len(seeds))], predictor, inflight=k, on_done=done)
     return floods, steps
 
 
