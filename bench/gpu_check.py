@@ -128,7 +128,7 @@ def sweep(dev, net, info, ks, precisions, compile_mode, size, window_s, deadline
 
     from floodfilling.config import InferenceConfig
     from floodfilling.inference import seeds
-    from floodfilling.inference.canvas import fov_margin
+    from floodfilling.geometry import fov_margin
     from floodfilling.inference.engine import Job, make_predictor, run_jobs
     from floodfilling.inference.segment import normalise_image
 
@@ -187,7 +187,7 @@ def flood_once(dev, net, info, size: int, steps_cap: int = 1000) -> np.ndarray:
 
     from floodfilling.config import InferenceConfig
     from floodfilling.inference import seeds
-    from floodfilling.inference.canvas import fov_margin
+    from floodfilling.geometry import fov_margin
     from floodfilling.inference.engine import Job, make_predictor, run_jobs
     from floodfilling.inference.segment import normalise_image
 

@@ -98,7 +98,7 @@ def run(ranks: int, image: str, out: Path, work: Path, args, preset: dict, model
 def axis_terms(extent: int, block: int, halo: int, fov: int):
     """Per axis: number of cores, sum of outer lengths, and over ordered pairs (k, m), k != m,
     of intervals that intersect: their count and the sum of their overlap lengths."""
-    from floodfilling.distributed.blocks import axis_bounds
+    from floodfilling.geometry import axis_bounds
 
     b = axis_bounds(extent, min(block, extent), fov)
     lo = np.maximum(np.array(b[:-1]) - halo, 0)

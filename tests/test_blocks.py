@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling.cli import zyx_arg
-from floodfilling.distributed.blocks import BlockError, BlockGrid, axis_bounds, make_grid
+from floodfilling.geometry import BlockError, BlockGrid, axis_bounds, make_grid
 from floodfilling.boxes import ParameterError, check_zyx
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ import threading
 import time
 
 from floodfilling.distributed import bookkeeper
-from floodfilling.distributed.blocks import make_grid
+from floodfilling.geometry import make_grid
 
 
 def stage(tmp_path, n=10, name="floods"):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from floodfilling import kernels as K
-from floodfilling.distributed.blocks import BlockGrid
+from floodfilling.geometry import BlockGrid
 from floodfilling.distributed.reconcile import MergeRule, global_labels, match_overlap, relabel_core
 
 pytestmark = pytest.mark.skipif(not K.HAVE_NATIVE, reason="native extension not built")
@@ -197,7 +197,7 @@ def test_match_overlap_rule():
 
 def test_merge_rule_validation_and_config():
     from floodfilling.config import InferenceConfig
-    from floodfilling.distributed.blocks import BlockError
+    from floodfilling.geometry import BlockError
 
     with pytest.raises(BlockError, match="merge_min_fraction"):
         MergeRule(0.0).validate()

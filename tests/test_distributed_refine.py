@@ -174,7 +174,7 @@ def test_flood_overlaps_by_hand(tmp_path):
     from types import SimpleNamespace
 
     from floodfilling.distributed import blockstore
-    from floodfilling.distributed.blocks import BlockGrid
+    from floodfilling.geometry import BlockGrid
     from floodfilling.distributed.reconcile import global_labels
     from floodfilling.distributed.refine import flood_overlaps
     from floodfilling.results import OVERLAP_DTYPE

@@ -98,7 +98,7 @@ def device_reference(data, reference, test_device, tmp_path_factory):
 
 
 def test_single_process_invariants(reference):
-    from floodfilling.distributed.blocks import make_grid
+    from floodfilling.geometry import make_grid
     from floodfilling.distributed.reconcile import MergeRule
     from test_distributed_reconcile import reference_reconcile
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from floodfilling.distributed import split
-from floodfilling.distributed.blocks import BlockGrid
+from floodfilling.geometry import BlockGrid
 from floodfilling.postprocess import postprocess
 
 

@@ -357,7 +357,7 @@ def test_export_locks_its_layer_and_an_error_leaves_nothing(tmp_path, capsys):
 _TAKE_WORKDIR = """
 import sys, time
 from pathlib import Path
-from floodfilling.distributed.blocks import BlockError
+from floodfilling.geometry import BlockError
 from floodfilling.distributed.workdir import take_lock
 wd, go = Path(sys.argv[1]), float(sys.argv[2])
 while time.time() < go:

@@ -277,7 +277,7 @@ def test_consensus_refuses_negative_labels_naming_the_minimum(negative_file, tmp
 # -- item 6: ffn status ------------------------------------------------------------------------
 
 def fake_workdir(tmp_path):
-    from floodfilling.distributed.blocks import make_grid
+    from floodfilling.geometry import make_grid
     from floodfilling.distributed.workdir import MANIFEST_FORMAT
 
     wd = tmp_path / "work"

@@ -132,7 +132,7 @@ def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: Inf
                       opts: AgglomerationOptions, within: np.ndarray | None = None, inflight: int | None = None):
     """``image``: normalised float32; ``seg``: the oversegmentation. Returns ``(new seg,
     candidates table)`` (see the module docstring)."""
-    from .inference.canvas import fov_margin
+    from .geometry import fov_margin, smaller_than_fov
     from .inference.engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
     from .model import select_device
 
@@ -141,7 +141,7 @@ def agglomerate_array(image: np.ndarray, seg: np.ndarray, net, info, config: Inf
     if any(b < f for b, f in zip(box, fov)):
         raise boxes.ParameterError("box", box, f"box={','.join(map(str, box))}: must be at least the model's FOV "
                                      f"{fov}")
-    if any(s < f for s, f in zip(seg.shape, fov)):
+    if smaller_than_fov(seg.shape, fov):
         raise AgglomerationError(f"the volume {seg.shape} is smaller than the model's FOV {fov}")
     pairs, counts, points = contacts(seg)
     keep = counts >= opts.min_contact

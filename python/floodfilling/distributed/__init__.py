@@ -36,7 +36,7 @@ The data path of ``ffn segment --block`` (``DIR`` = ``--workdir``, default ``OUT
           --output (create on rank 0; cores from every rank)--> OUT.tmp-<run id> --rename--> OUT
 """
 
-from .blocks import Block, BlockError, BlockGrid, make_grid
+from ..geometry import Block, BlockError, BlockGrid, make_grid
 from .reconcile import MergeRule, match_overlap
 
 __all__ = ["Block", "BlockError", "BlockGrid", "make_grid", "MergeRule", "match_overlap",

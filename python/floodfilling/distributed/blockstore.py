@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import storage
-from .blocks import Block, BlockError
+from ..geometry import Block, BlockError
 
 SUFFIX = ".h5"
 

@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 from .. import locks
 from . import blockstore
-from .blocks import Block
+from ..geometry import Block
 
 log = logging.getLogger(__name__)
 

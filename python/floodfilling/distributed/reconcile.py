@@ -50,7 +50,7 @@ class MergeRule:
     min_iou: float = 0.0
 
     def validate(self) -> "MergeRule":
-        from .blocks import BlockError
+        from ..geometry import BlockError
 
         if not 0.0 < float(self.min_fraction) <= 1.0:
             raise BlockError(f"option merge_min_fraction={self.min_fraction!r}: must be in (0, 1]")

@@ -43,7 +43,7 @@ from .. import boxes, disk, results, storage, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference import refine as rf
 from . import blockstore, bookkeeper, mpi, split
-from .blocks import BlockError
+from ..geometry import BlockError
 from .reconcile import relabel_core
 
 log = logging.getLogger(__name__)

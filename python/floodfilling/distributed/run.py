@@ -52,7 +52,7 @@ from ..inference.refine import check_flood_options, check_gap_box
 from ..model import load_model
 from . import labels, mpi, output, worker
 from . import refine as refine_mod
-from .blocks import BlockError, fmt_zyx
+from ..geometry import BlockError, fmt_zyx
 from .labels import FinalLabels, Reconciled
 from .reconcile import MergeRule
 from .workdir import Plan, combine_digests, make_plan, release, slab_digests, tidy, write_report

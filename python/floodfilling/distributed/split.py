@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import kernels, storage
 from ..postprocess import split_disconnected
-from .blocks import BlockError, BlockGrid
+from ..geometry import BlockError, BlockGrid
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..locks import holder_is_dead
 from . import blockstore, bookkeeper
-from .blocks import BlockError, make_grid
+from ..geometry import BlockError, make_grid
 from .workdir import MANIFEST_FORMAT
 
 

@@ -42,8 +42,8 @@ from .. import boxes, disk, locks, outputs, results, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
 from . import bookkeeper, output
-from ..inference.canvas import fov_margin
-from .blocks import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid
+from ..geometry import fov_margin
+from ..geometry import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid
 from .reconcile import MergeRule
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from .. import boxes, kernels, volumes
 from ..config import InferenceConfig
 from ..model import select_device
 from . import blockstore, mpi
-from .blocks import Block
+from ..geometry import Block
 from .prefetch import Prefetch
 from .workdir import Plan
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import InferenceConfig
+from ..geometry import fov_margin, smaller_than_fov
 from ..results import Origin
 
 
@@ -68,12 +69,6 @@ COUNTER_NAMES = (
 )
 
 
-def fov_margin(fov_zyx) -> tuple[int, int, int]:
-    """The margin of a FOV, ``f // 2`` per axis: how far FOV centres and seeds stay from the
-    volume's faces (the FOV radius)."""
-    return tuple(int(f) // 2 for f in fov_zyx)  # type: ignore[return-value]
-
-
 def _filled(shape, dtype, value) -> np.ndarray:
     """A host array of ``value`` that the kernel launcher in use reads and writes in place
     (under ``kernels="sycl"``, USM shared memory: the canvas is not copied per step)."""
@@ -92,7 +87,7 @@ class Canvas:
         self.image = np.ascontiguousarray(image, dtype=np.float32)
         self.shape = self.image.shape
         self.fov = np.asarray(fov_zyx, dtype=np.int64)
-        if np.any(self.fov > np.asarray(self.shape)):
+        if smaller_than_fov(self.shape, self.fov):
             raise ValueError(f"volume of shape {self.shape} is smaller than the FOV {tuple(fov_zyx)}")
         self.margin = fov_margin(fov_zyx)
         self.deltas = tuple(int(v) for v in deltas_zyx)

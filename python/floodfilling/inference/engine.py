@@ -27,7 +27,8 @@ from ..config import MAX_INFLIGHT, InferenceConfig
 from ..model import ModelInfo
 from ..boxes import ParameterError
 from . import seeds as seeds_mod
-from .canvas import Canvas, CanvasState, fov_margin
+from .canvas import Canvas, CanvasState
+from ..geometry import fov_margin
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)

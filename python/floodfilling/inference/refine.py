@@ -30,7 +30,7 @@ neurons. Refinement fills it without swallowing the neurons that live there:
 Cores and watershed work **tile by tile** so that a volume larger than memory can be refined
 block by block with the same result: each tile reads a *window* (the tile grown by ``halo``,
 clipped to the volume), computes there, and keeps its core (cores tile the volume; the tile
-grid follows :class:`floodfilling.distributed.blocks.BlockGrid`). Cores are connected within
+grid follows :class:`floodfilling.geometry.BlockGrid`). Cores are connected within
 a tile and ordered by tile (C order), then by their first voxel. With ``tile = 0,0,0`` (the
 default in memory) one tile is the whole volume. Rejoin and the resolution of the gap floods
 are decisions on tables, the same whoever computes them. So the result depends on the tile
@@ -57,7 +57,8 @@ from scipy import ndimage
 from .. import kernels
 from ..config import InferenceConfig, RefineConfig
 from ..results import Origin
-from .canvas import CanvasState, fov_margin
+from .canvas import CanvasState
+from ..geometry import BlockGrid, fov_margin
 from .engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def tiles_of(shape: Sequence[int], tile: Sequence[int], halo: Sequence[int],
     """The tiles of a volume of ``shape``: the blocks of the block-inference grid with core
     ``tile`` (0 on an axis: the whole axis) and ``halo``, in C order of the grid; ``min_core``:
     a last core shorter than this joins the previous one (block inference uses the FOV)."""
-    from ..distributed.blocks import BlockGrid  # geometry only; imported late (the package imports inference)
-
     size = tuple(int(t) if int(t) > 0 else int(s) for t, s in zip(tile, shape))
     grid = BlockGrid(shape, tuple(min(t, int(s)) for t, s in zip(size, shape)), halo, min_core=min_core)
     return [Tile(b.core_start, b.core_stop, b.outer_start, b.outer_stop) for b in grid]

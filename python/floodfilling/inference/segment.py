@@ -29,7 +29,8 @@ from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, read_origins,
                        result_names)
-from .canvas import Canvas, CanvasState, fov_margin
+from .canvas import Canvas, CanvasState
+from ..geometry import fov_margin, smaller_than_fov
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
 from .refine import FloodNetwork, check_flood_options, check_gap_box, refine_array
 
@@ -178,7 +179,7 @@ def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path,
     net, info = net_and_info or load_model(model, "cpu")
     if raw.ndim != 3:
         raise SegmentError(f"image must be 3-D, got shape {raw.shape}")
-    if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
+    if smaller_than_fov(raw.shape, info.fov_zyx):
         raise SegmentError(f"image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
     try:
         norm = normalisation or resolve_normalisation(cfg, info, raw, source)
@@ -252,7 +253,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
             seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
         raw = vol.read(box)
         res = vol.resolution_zyx_nm
-        if any(s < f for s, f in zip(raw.shape, info.fov_zyx)):
+        if smaller_than_fov(raw.shape, info.fov_zyx):
             raise SegmentError(f"{image_spec}: image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
         try:  # one set of values for the whole volume, whatever the bbox
             norm = resolve_normalisation(cfg, info, vol if box.shape != tuple(vol.shape) else raw, image_spec)

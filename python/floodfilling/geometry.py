@@ -1,4 +1,11 @@
-"""Overlapping block decomposition of a volume (or of a bounding box of it).
+"""Geometry below both runners (one volume, blocks): the FOV margin and the FOV-size check of a
+volume, and the overlapping block decomposition of a volume (or of a bounding box of it).
+
+FOV: a FOV of odd size ``f`` (per axis) centred at ``c`` covers ``c - f//2 .. c + f//2``; its
+margin :func:`fov_margin` is ``f // 2``, how far FOV centres and seeds stay from a volume's
+faces. A volume smaller than the FOV on some axis (:func:`smaller_than_fov`) cannot be flooded.
+
+Blocks:
 
 Geometry along one axis (the same on z, y and x; coordinates relative to the processed box,
 extent ``E``, core size ``B`` = ``block``, halo ``H`` = ``halo``)::
@@ -32,10 +39,21 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .. import boxes
-from ..inference.canvas import fov_margin
+from . import boxes
 
 DEFAULT_BLOCK = (128, 256, 256)
+
+
+def fov_margin(fov_zyx) -> tuple[int, int, int]:
+    """The margin of a FOV, ``f // 2`` per axis: how far FOV centres and seeds stay from the
+    volume's faces (the FOV radius)."""
+    return tuple(int(f) // 2 for f in fov_zyx)  # type: ignore[return-value]
+
+
+def smaller_than_fov(shape: Sequence[int], fov_zyx: Sequence[int]) -> bool:
+    """Whether a volume of ``shape`` is smaller than the FOV on some axis (no FOV fits in it):
+    the one FOV-size check (callers word the error for their input)."""
+    return any(int(s) < int(f) for s, f in zip(shape, fov_zyx))
 
 
 class BlockError(ValueError):
@@ -177,7 +195,7 @@ def make_grid(shape: Sequence[int], block: Sequence[int], halo: Sequence[int], f
     fov = tuple(int(f) for f in fov_zyx)
     radius = fov_margin(fov)
     shape = tuple(int(s) for s in shape)
-    if any(s < f for s, f in zip(shape, fov)):
+    if smaller_than_fov(shape, fov):
         raise BlockError(f"the volume (box) of shape {fmt_zyx(shape)} is smaller than the model's FOV {fmt_zyx(fov)}")
     for ax, name in enumerate("zyx"):
         if block[ax] < fov[ax] and shape[ax] > block[ax]:
