@@ -133,7 +133,7 @@ def sweep(dev, net, info, ks, precisions, compile_mode, size, window_s, deadline
     from floodfilling.inference.segment import normalise_image
 
     img = normalise_image(fib25_crop(size), 128, 33)
-    sd = seeds.make_seeds("peaks", img, fov_margin(info.fov_zyx))
+    sd = seeds.Peaks().seeds(img, fov_margin(info.fov_zyx))
     rows, warm = {}, 0.0
     for k, prec in [(k, p) for k in ks for p in precisions]:  # both precisions at each K
         key = f"{prec} K={k}"
@@ -192,7 +192,7 @@ def flood_once(dev, net, info, size: int, steps_cap: int = 1000) -> np.ndarray:
     from floodfilling.inference.segment import normalise_image
 
     img = normalise_image(fib25_crop(size), 128, 33)
-    sd = seeds.make_seeds("peaks", img, fov_margin(info.fov_zyx))
+    sd = seeds.Peaks().seeds(img, fov_margin(info.fov_zyx))
     cfg = InferenceConfig(device=str(dev), resident="on")
     pred = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, device=dev, inflight=1, max_batch=1)
     out = run_jobs(_limited([Job(0, lambda: pred.new_canvas(img, sd, cfg, info.deltas_zyx))], steps_cap), pred,

@@ -79,7 +79,7 @@ def bench_real(crop: int, repeats: int) -> dict:
     from floodfilling.inference.segment import normalise_image
 
     t = time.perf_counter()
-    seeds.make_seeds("peaks", normalise_image(raw, 128, 33), (16, 16, 16))
+    seeds.Peaks().seeds(normalise_image(raw, 128, 33), (16, 16, 16))
     seed_s = time.perf_counter() - t
     loop = wall - seed_s
     return {

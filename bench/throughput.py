@@ -95,7 +95,7 @@ def cheap_setup(size):
     from floodfilling.inference.segment import normalise_image
 
     img = normalise_image(fib25_crop(size), 128, 33)
-    sd = seeds.make_seeds("peaks", img, (16, 16, 16))
+    sd = seeds.Peaks().seeds(img, (16, 16, 16))
     update = np.where(img > -0.5, np.float32(6.0), np.float32(-6.0)).astype(np.float32)
     return update, sd, InferenceConfig(min_segment_size=100)
 
@@ -211,7 +211,7 @@ def bench_real(block: int = 64) -> dict:
         for y in (0, step):
             for x in (0, step):
                 sub = np.ascontiguousarray(img[o + z:o + z + block, o + y:o + y + block, o + x:o + x + block])
-                blocks.append((sub, seeds.make_seeds("peaks", sub, (16, 16, 16))))
+                blocks.append((sub, seeds.Peaks().seeds(sub, (16, 16, 16))))
     out = {"threads": torch.get_num_threads(), "blocks": f"8 x {block}^3 (FIB-25 centre, 16-voxel overlaps)",
            "by_config": {}}
     ref = None
@@ -271,7 +271,7 @@ def bench_gpu(device: str, edge: int, block: int, ks, precisions, sweep_size: in
     out = {"device": str(dev), "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                                                str(dev)), "by_precision": {}}
     img = normalise_image(fib25_crop(sweep_size), 128, 33)
-    sd = seeds.make_seeds("peaks", img, (16, 16, 16))
+    sd = seeds.Peaks().seeds(img, (16, 16, 16))
     for prec, comp in [(p, c) for p in precisions for c in compiles]:
         cfg = InferenceConfig(device=str(dev), precision=prec, resident="on", compile=comp)
         sweep = {}

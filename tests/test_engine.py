@@ -44,7 +44,7 @@ def blocks(fib25):
         for y in (0, 24):
             for x in (0, 24):
                 sub = np.ascontiguousarray(img[z:z + 32, y:y + 32, x:x + 32])
-                out.append((sub, seeds.make_seeds("peaks", sub, (4, 4, 4))))
+                out.append((sub, seeds.Peaks().seeds(sub, (4, 4, 4))))
     return out
 
 

@@ -41,9 +41,9 @@ from typing import Any
 from .. import boxes, disk, locks, outputs, results, volumes
 from ..config import InferenceConfig
 from ..normalise import Normalisation
+from ..geometry import DEFAULT_BLOCK, Block, BlockError, BlockGrid, fov_margin, make_grid
+from ..inference import seeds as seeds_mod
 from . import bookkeeper, output
-from ..geometry import fov_margin
-from ..geometry import DEFAULT_BLOCK, Block, BlockError, BlockGrid, make_grid
 from .reconcile import MergeRule
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,8 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     the box (computed here when not given)."""
     from ..inference.segment import resolve_normalisation
 
-    if cfg.seed_policy == "invert_origins":
-        raise BlockError("option seed_policy='invert_origins' is not supported with block inference (each block "
+    if not seeds_mod.policy_class(cfg).per_block:
+        raise BlockError(f"option seed_policy={cfg.seed_policy!r} is not supported with block inference (each block "
                          "seeds itself); segment the whole volume in one piece")
     out = volumes.parse_volume_spec(out_spec)
     if out.kind == "zarr" and not out.dataset:

@@ -141,8 +141,7 @@ def subvolume_canvas(predictor: Predictor, image: np.ndarray, cfg: InferenceConf
 def subvolume_seeds(image: np.ndarray, cfg: InferenceConfig, info: ModelInfo, resolution_zyx=(1, 1, 1)) -> np.ndarray:
     """The seeds :func:`subvolume_canvas` gives ``image`` by default (the config's seed policy
     inside the FOV margin), for callers that prepare them ahead (host work only, no predictor)."""
-    return seeds_mod.make_seeds(cfg.seed_policy, image, fov_margin(info.fov_zyx), resolution_zyx,
-                                min_distance=cfg.seed_min_distance, grid_step=cfg.seed_grid_step)
+    return seeds_mod.policy_of(cfg).seeds(image, fov_margin(info.fov_zyx), resolution_zyx)
 
 
 def make_predictor(net, fov_zyx, deltas_zyx, config, *, device=None, max_batch: int | None = None,

@@ -1,4 +1,8 @@
-"""Seed policies: where objects are started, in which order.
+"""Seed policies: where objects are started, in which order, as objects (:class:`SeedPolicy`,
+made from the options by :func:`policy_of`; the reference's are ``PolicyPeaks``,
+``PolicyGrid3d``, ``PolicyInvertOrigins``): what a policy reads besides the image
+(:attr:`SeedPolicy.inputs`), whether it can seed each block of a block run on its own
+(:attr:`SeedPolicy.per_block`), and the seeds of a (sub)volume (:meth:`SeedPolicy.seeds`).
 
 ``peaks`` (the reference default) places seeds far from image edges:
 
@@ -16,11 +20,14 @@ seed iterator does the same).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from .. import kernels
+from .. import boxes, kernels, volumes
+from ..config import InferenceConfig
+from ..results import read_origins
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +107,126 @@ def fill_empty(segmentation: np.ndarray, margin_zyx, min_radius: float = 4.0, mi
     return pts[np.argsort(-d, kind="stable")]
 
 
-def make_seeds(policy: str, image: np.ndarray, margin_zyx, voxel_size_zyx=(1, 1, 1), *,
-               min_distance: int = 3, grid_step: int = 16) -> np.ndarray:
-    if policy == "peaks":
-        return peaks(image, margin_zyx, voxel_size_zyx, min_distance)
-    if policy == "grid":
-        return grid(image.shape, margin_zyx, grid_step)
-    if policy == "invert_origins":
-        raise ValueError("seed policy 'invert_origins' takes its seeds from seed_origins (see segment())")
-    raise ValueError(f"seed policy {policy!r}: expected 'peaks', 'grid' or 'invert_origins'")
+class SeedError(ValueError):
+    """A seed policy's input is missing or does not fit the volume (one line naming it)."""
+
+
+class SeedPolicy:
+    """Where a flood starts its objects, and in which order."""
+
+    name = ""
+    per_block = True  # each block of a block run can be seeded on its own
+    reads: tuple[str, ...] = ()  # options naming what it reads besides the image (inputs of the run)
+
+    @classmethod
+    def from_options(cls, cfg: InferenceConfig, box: boxes.BBox | None) -> "SeedPolicy":
+        raise NotImplementedError
+
+    def seeds(self, image: np.ndarray, margin_zyx, voxel_size_zyx=(1, 1, 1)) -> np.ndarray:
+        """(N, 3) int64 seeds of the normalised ``image`` inside the FOV margin, in order."""
+        raise NotImplementedError
+
+
+@dataclass
+class Peaks(SeedPolicy):
+    """The reference's default: maxima of the distance to image edges (module docstring)."""
+
+    min_distance: int = 3  # minimum spacing of the maxima
+    name = "peaks"
+
+    @classmethod
+    def from_options(cls, cfg, box):
+        return cls(cfg.seed_min_distance)
+
+    def seeds(self, image, margin_zyx, voxel_size_zyx=(1, 1, 1)):
+        return peaks(image, margin_zyx, voxel_size_zyx, self.min_distance)
+
+
+@dataclass
+class Grid(SeedPolicy):
+    """The reference's ``PolicyGrid3d`` (:func:`grid`)."""
+
+    step: int = 16  # grid spacing (voxels)
+    name = "grid"
+
+    @classmethod
+    def from_options(cls, cfg, box):
+        return cls(cfg.seed_grid_step)
+
+    def seeds(self, image, margin_zyx, voxel_size_zyx=(1, 1, 1)):
+        return grid(image.shape, margin_zyx, self.step)
+
+
+@dataclass
+class InvertOrigins(SeedPolicy):
+    """The reference's ``PolicyInvertOrigins``: a previous run's object origins, last id first
+    (the second run of a consensus). Reads the origins table beside ``origins_spec`` (a
+    previous ``ffn segment`` output) when made, and checks it segmented the same box: a
+    segmentation of another shape, or by its ``bbox_zyx`` of another box, is another volume."""
+
+    origins_spec: str
+    box: boxes.BBox
+    table: np.ndarray = field(init=False, repr=False)
+    shift_zyx: np.ndarray = field(init=False, repr=False)  # from that run's box into this one's
+    name = "invert_origins"
+    per_block = False  # the origins are the whole previous run's
+    reads = ("seed_origins",)
+
+    @classmethod
+    def from_options(cls, cfg, box):
+        if box is None:
+            raise SeedError("seed_policy='invert_origins' seeds a whole volume from seed_origins (not a subvolume "
+                            "of a block run or a refinement)")
+        return cls(cfg.seed_origins, box)
+
+    def __post_init__(self):
+        spec, box = self.origins_spec, self.box
+        with volumes.open_volume(spec) as prev:
+            prev_box = prev.attrs.get("bbox_zyx")
+            prev_shape = tuple(int(v) for v in prev.shape)
+        tab = read_origins(spec)
+        if tab is None:
+            raise SeedError(f"seed_origins={spec}: no origins table beside it "
+                            f"({volumes.parse_volume_spec(spec).dataset}_origins); give an output of ffn segment")
+        want = (tuple(int(v) for v in box.start), tuple(int(v) for v in box.stop))
+        try:
+            prev_se = None if prev_box is None else (tuple(int(v) for v in prev_box[0]),
+                                                     tuple(int(v) for v in prev_box[1]))
+        except (TypeError, ValueError, IndexError):
+            prev_se = None
+        if prev_shape != tuple(box.shape) or (prev_se is not None and prev_se != want):
+            where = f" (bbox_zyx {list(prev_se[0])}..{list(prev_se[1])})" if prev_se is not None else ""
+            raise SeedError(f"seed_origins={spec}: segmentation of shape {prev_shape}{where} does not match the "
+                            f"image box being segmented, shape {tuple(box.shape)} (bbox {list(want[0])}.."
+                            f"{list(want[1])})")
+        self.table = tab
+        self.shift_zyx = np.asarray(prev_se[0] if prev_se is not None else (0, 0, 0), np.int64) - \
+            np.asarray(box.start, np.int64)
+
+    def seeds(self, image, margin_zyx, voxel_size_zyx=(1, 1, 1)):
+        pts = invert_origins(self.table, self.shift_zyx, image.shape, margin_zyx)
+        log.info("invert_origins: %d seeds from %d origins of %s", len(pts), len(self.table), self.origins_spec)
+        return pts
+
+
+POLICIES: dict[str, type[SeedPolicy]] = {p.name: p for p in (Peaks, Grid, InvertOrigins)}  # config.CHOICES
+
+
+def policy_class(cfg: InferenceConfig) -> type[SeedPolicy]:
+    """The class of the options' seed policy (what it is, before it reads anything)."""
+    try:
+        return POLICIES[cfg.seed_policy]
+    except KeyError:
+        raise SeedError(f"seed_policy={cfg.seed_policy!r}: expected {', '.join(POLICIES)}") from None
+
+
+def policy_of(cfg: InferenceConfig, box: boxes.BBox | None = None) -> SeedPolicy:
+    """The seed policy of the options ``cfg`` for the image box ``box`` (a policy that reads a
+    file reads and checks it here, before any work)."""
+    return policy_class(cfg).from_options(cfg, box)
+
+
+def input_specs(cfg: InferenceConfig) -> list[str]:
+    """What the options' seed policy reads besides the image (for the checks of an output
+    against its inputs, before anything is read)."""
+    return [getattr(cfg, name) for name in policy_class(cfg).reads]

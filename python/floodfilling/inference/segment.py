@@ -27,8 +27,7 @@ from ..model import ModelInfo, load_model
 from ..normalise import Normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
-from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, read_origins,
-                       result_names)
+from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, result_names)
 from .canvas import Canvas, CanvasState
 from ..geometry import fov_margin, smaller_than_fov
 from .engine import Job, make_predictor, run_jobs, subvolume_canvas
@@ -161,20 +160,21 @@ def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None
                   resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
                   progress: bool = False, net_and_info=None, normalisation: Normalisation | None = None,
                   source: str = "image", seeds: np.ndarray | None = None,
-                  keep_final_state: bool = False) -> SegmentResult:
+                  policy: seeds_mod.SeedPolicy | None = None, keep_final_state: bool = False) -> SegmentResult:
     """Segments an in-memory raw volume. ``state_path`` enables resumable runs;
     ``normalisation`` (default: from ``config`` and the statistics of ``raw``); ``seeds``
-    ((N, 3) in order; default: from the config's seed policy); ``keep_final_state``: also save
+    ((N, 3) in order; default: those of ``policy``, itself by default the config's seed policy,
+    :func:`~floodfilling.inference.seeds.policy_of`); ``keep_final_state``: also save
     the finished flood's state, so that a run killed in a later phase (``--refine``) resumes
     after the flood instead of redoing its end (the caller deletes the state once written)."""
     cfg = (config or InferenceConfig()).validate()
     with kernels.launcher(cfg.kernels):
         return _segment_array(raw, model, cfg, resolution_zyx, state_path, manifest, progress, net_and_info,
-                              normalisation, source, seeds, keep_final_state)
+                              normalisation, source, seeds, policy, keep_final_state)
 
 
 def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path, manifest, progress, net_and_info,
-                   normalisation, source, seeds, keep_final_state) -> SegmentResult:
+                   normalisation, source, seeds, policy, keep_final_state) -> SegmentResult:
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
     if raw.ndim != 3:
@@ -191,6 +191,8 @@ def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path,
         state, seeds = load_state(state_path, manifest or {})
         log.info("resuming from %s: seed %d of %d, %d objects", state_path, state.seed_index, len(seeds),
                  len(state.origins))
+    elif seeds is None and policy is not None:
+        seeds = policy.seeds(image, fov_margin(info.fov_zyx), resolution_zyx)
     predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
     canvas = subvolume_canvas(predictor, image, cfg, info, resolution_zyx, seeds=seeds, state=state)
     between = _BetweenSeeds(canvas, state_path if cfg.checkpoint_interval_s > 0 else None, manifest or {},
@@ -234,7 +236,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
         check_flood_options(refine, cfg)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
-    inputs = [image_spec] + ([cfg.seed_origins] if cfg.seed_policy == "invert_origins" else [])
+    inputs = [image_spec] + seeds_mod.input_specs(cfg)
     out = outputs.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
     with locks.output_lock(out, names), kernels.launcher(cfg.kernels):
         return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
@@ -249,8 +251,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         check_gap_box(refine, info.fov_zyx)  # before the flood
     with volumes.open_volume(image_spec) as vol:
         box = boxes.box_in(bbox, vol.shape)
-        if cfg.seed_policy == "invert_origins":
-            seed_tab, seed_shift = _origins_to_invert(cfg.seed_origins, box)
+        policy = seeds_mod.policy_of(cfg, box)  # (a policy that reads a file checks it now, before the flood)
         raw = vol.read(box)
         res = vol.resolution_zyx_nm
         if smaller_than_fov(raw.shape, info.fov_zyx):
@@ -278,13 +279,9 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         _adopt_legacy_state(legacy_state_path(out_path), sp, manifest)
     with disk.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    seeds = None
-    if cfg.seed_policy == "invert_origins":
-        seeds = seeds_mod.invert_origins(seed_tab, seed_shift, raw.shape, fov_margin(info.fov_zyx))
-        log.info("invert_origins: %d seeds from %d origins of %s", len(seeds), len(seed_tab), cfg.seed_origins)
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
-                           seeds=seeds, keep_final_state=refine is not None)
+                           policy=policy, keep_final_state=refine is not None)
     extra = {}
     if refine is not None:  # the exact flood is kept beside the refined result
         extra[f"{out_ds}_forward"] = result.segmentation
@@ -310,30 +307,6 @@ def _adopt_legacy_state(old: Path, sp: Path, manifest: dict[str, Any]) -> None:
     else:
         log.info("leaving %s alone: an earlier version's resume state of another run (another dataset or "
                  "input); delete it if that run is abandoned", old)
-
-
-def _origins_to_invert(seg_spec: str, box: boxes.BBox) -> tuple[np.ndarray, np.ndarray]:
-    """(origins table of the segmentation ``seg_spec``, shift from its box into ``box``)."""
-    with volumes.open_volume(seg_spec) as prev:
-        prev_box = prev.attrs.get("bbox_zyx")
-        prev_shape = tuple(int(v) for v in prev.shape)
-    tab = read_origins(seg_spec)
-    if tab is None:
-        raise SegmentError(f"seed_origins={seg_spec}: no origins table beside it "
-                           f"({volumes.parse_volume_spec(seg_spec).dataset}_origins); give an output of ffn segment")
-    # The second run of a consensus segments the box the first one did: a segmentation of
-    # another shape (or, by its bbox_zyx, of another box) is a different volume.
-    want = (tuple(int(v) for v in box.start), tuple(int(v) for v in box.stop))
-    try:
-        prev_se = None if prev_box is None else (tuple(int(v) for v in prev_box[0]), tuple(int(v) for v in prev_box[1]))
-    except (TypeError, ValueError, IndexError):
-        prev_se = None
-    if prev_shape != tuple(box.shape) or (prev_se is not None and prev_se != want):
-        where = f" (bbox_zyx {list(prev_se[0])}..{list(prev_se[1])})" if prev_se is not None else ""
-        raise SegmentError(f"seed_origins={seg_spec}: segmentation of shape {prev_shape}{where} does not match the "
-                           f"image box being segmented, shape {tuple(box.shape)} (bbox {list(want[0])}..{list(want[1])})")
-    start = np.asarray(prev_se[0] if prev_se is not None else (0, 0, 0), np.int64)
-    return tab, start - np.asarray(box.start, np.int64)
 
 
 def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network) -> SegmentResult:
