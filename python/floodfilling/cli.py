@@ -259,6 +259,31 @@ def cmd_view(args) -> int:
         return 0
 
 
+# ---- looking at the result: ffn stats (per-object table) --------------------------------------
+def cmd_stats(args) -> int:
+    from .stats import object_table, write_table
+
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a directory")
+    t = object_table(args.seg, labels=args.labels, skeletons=args.skeletons)
+    write_table(t, args.out)
+    print(f"{args.out}: {len(t.ids)} objects")
+    return 0
+
+
+def _add_stats_parser(sub) -> None:
+    p = sub.add_parser("stats", help="one CSV row per object: voxels, volume, bounding box, centroid, border "
+                                     "flag [, cable length] [, best-overlapping gt body]")
+    p.add_argument("seg", help="segmentation: file.h5:dataset or a Zarr array")
+    p.add_argument("--labels", default=None, help="ground truth of the same shape: adds gt_id, gt_fraction")
+    p.add_argument("--skeletons", default=None, help="layer written by `ffn export --skeletons`: adds cable_length_nm")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ffn", description="Flood-Filling Networks for connectomics")
     ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
@@ -356,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to serve on (0.0.0.0: reachable from other hosts, e.g. through an SSH tunnel)")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.set_defaults(func=cmd_view)
+
+    _add_stats_parser(sub)  # looking at the result
 
     p = sub.add_parser("config", help="print the default inference and refine options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
