@@ -198,11 +198,45 @@ def cmd_export(args) -> int:
             res = tuple(float(v) for v in args.resolution.split(","))
         except ValueError:
             raise ValueError(f"--resolution {args.resolution!r}: expected z,y,x in nm") from None
+    opts = _mesh_options(args)  # looking at the result: --meshes, --skeletons
     info = export(args.volume, args.dest, layer_type=args.type, levels=args.levels, resolution_zyx=res,
-                  bbox=_bbox(args.bbox), overwrite=args.overwrite)
+                  bbox=_bbox(args.bbox), overwrite=args.overwrite, meshes=opts, parallel=args.parallel,
+                  join=args.join, progress=not args.quiet)
+    extra = [k for k, key in (("meshes", "mesh"), ("skeletons", "skeletons"), ("segment properties",
+                                                                             "segment_properties")) if key in info]
     print(f"{args.dest}: {info['type']} layer, {len(info['scales'])} level(s): "
-          + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"]))
+          + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"])
+          + (f"; with {', '.join(extra)}" if extra else ""))
     return 0
+
+
+# ---- looking at the result: the mesh/skeleton flags of ffn export ---------------------------------
+def _mesh_options(args):
+    """--meshes / --skeletons (and their options) as MeshOptions; None without either."""
+    if not (args.meshes or args.skeletons):
+        for flag, given in (("--parallel", args.parallel != 1), ("--join", args.join),
+                            ("--skeleton-dust", args.skeleton_dust is not None)):
+            if given:
+                raise ValueError(f"{flag}: only with --meshes or --skeletons")
+        return None
+    from .meshes import MeshOptions
+
+    kw = {} if args.skeleton_dust is None else {"skeleton_dust": args.skeleton_dust}
+    return MeshOptions(meshes=args.meshes, skeletons=args.skeletons, **kw)
+
+
+def _add_mesh_flags(p) -> None:
+    p.add_argument("--meshes", action="store_true", help="also multi-resolution meshes of every object (igneous; "
+                   "needs floodfilling[meshes])")
+    p.add_argument("--skeletons", action="store_true", help="also skeletons of every object (igneous/kimimaro; "
+                   "needs floodfilling[meshes])")
+    p.add_argument("--parallel", type=int, default=1, help="mesh/skeleton worker processes here (default 1; 0: "
+                   "none, only nodes that --join work)")
+    p.add_argument("--join", action="store_true", help="work on this export started on another node (same "
+                   "arguments, DEST on a shared file system) until it is finished")
+    p.add_argument("--skeleton-dust", type=int, default=None, help="objects with fewer voxels get no skeleton "
+                   "(default 1000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_agglomerate(args) -> int:
@@ -370,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default=None, help="voxel size z,y,x in nm (default: resolution_zyx_nm or 1)")
     p.add_argument("--bbox", default=None, help="only this box: z0,y0,x0:z1,y1,x1 (half-open); placed at its offset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
+    _add_mesh_flags(p)  # looking at the result
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
@@ -406,7 +441,8 @@ _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun th
 _FLAGS = {"bbox": "--bbox", "block": "--block", "halo": "--halo", "workdir": "--workdir", "inflight": "--inflight",
           "overwrite": "--overwrite", "device": "--device", "box": "--box", "min_contact": "--min-contact",
           "merge_iou": "--merge-iou", "within": "--within", "min_size": "--min-size", "levels": "--levels",
-          "layer_type": "--type", "resolution_zyx": "--resolution"}
+          "layer_type": "--type", "resolution_zyx": "--resolution",
+          "parallel": "--parallel", "join": "--join"}
 # A parameter in keyword form, ``name=`` (``name=True``: a switch), not inside a path or a word, and
 # not an ``option name=`` of the inference config (set by --set).
 _KEYWORD = re.compile(r"(?<![\w.:/-])(?<!option )([a-z][a-z0-9_]*)=(True\b)?")
@@ -462,7 +498,8 @@ def _flag_bounds() -> dict[str, tuple]:
     return {"threads": (0, True, MAX_THREADS, True),
             "inflight": (None, False, MAX_INFLIGHT, True),  # >= 1: the library's check (engine.check_inflight)
             "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
-            "port": (0, True, 65535, True), "levels": (0, True, 32, True),  # 2^32-fold downsampling is one voxel
+            "port": (0, True, 65535, True), "levels": (0, True, 32, True),
+            "parallel": (0, True, 1024, True), "skeleton_dust": (0, True, None, False),  # 2^32-fold downsampling is one voxel
             "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False)}
 
 
