@@ -275,7 +275,8 @@ def cmd_view(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
-    viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port)
+    viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port,
+                                 show=_show(args.show))
     url = viewer.get_viewer_url()
     # Ctrl-C (SIGINT) stops serving even where the shell started us with SIGINT ignored (a
     # background job of a non-interactive shell), in which case Python would never raise it;
@@ -316,6 +317,19 @@ def _add_stats_parser(sub) -> None:
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_stats)
+
+
+def _show(text: str):
+    """--show N|all as the viewer's show (None: all)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"--show {text}: expected a number of objects >= 0 or all")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1",
                    help="address to serve on (0.0.0.0: reachable from other hosts, e.g. through an SSH tunnel)")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
+    p.add_argument("--show", default="0", help="meshes of the N largest objects of each segmentation shown in the "
+                   "3-D panel (all: every object; default 0: none, double-click objects to show them)")
     p.set_defaults(func=cmd_view)
 
     _add_stats_parser(sub)  # looking at the result
