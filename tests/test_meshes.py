@@ -148,3 +148,13 @@ def test_meshes_of_an_image_are_refused(vol, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "img" in err and "not a label volume" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_extra_is_one_line(vol, tmp_path, capsys, monkeypatch):
+    d, _ = vol
+    for name in ("igneous", "igneous.task_creation"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if igneous-pipeline were not installed
+    assert main(["export", f"{d / 'v.h5'}:seg", str(tmp_path / "l"), "--meshes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "floodfilling[meshes]" in err and "igneous-pipeline" in err
+    assert list(tmp_path.iterdir()) == []

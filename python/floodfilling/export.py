@@ -138,6 +138,8 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     if join:
         raise ExportError("join=True: only an export with meshes or skeletons can be joined")
     if not local:
+        _probe_remote(url, dest)
+    if not local:
         return _write(url, False, *args)
     path = url[len("file://"):]
     with locks.file_lock(path + ".lock", f"layer {dest}", {"output": dest}):
@@ -158,6 +160,30 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return info
+
+
+def _probe_remote(url: str, dest: str) -> None:
+    """An ExportError (one line) when the bucket at ``url`` cannot be reached (no credentials,
+    no network, no such bucket), before anything is read or written."""
+    import contextlib
+    import io
+
+    try:
+        # cloudfiles prints its credential warnings: kept off the terminal (the error says it in one line)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from cloudfiles import CloudFiles
+
+            if url.startswith("gs://"):  # no credentials: fail now, not after the client's retries
+                from cloudfiles.secrets import google_credentials
+
+                if google_credentials(url[len("gs://"):].split("/", 1)[0])[1] is None:
+                    import google.auth
+
+                    google.auth.default()
+            CloudFiles(url).exists("info")
+    except Exception as exc:  # noqa: BLE001 - every client library has its own errors
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{dest}: cannot reach it ({type(exc).__name__}: {first})") from None
 
 
 def _replace_directory(tmp: str, path: str) -> None:

@@ -134,6 +134,7 @@ def object_table(seg_spec: str, labels: str | None = None, skeletons: str | None
     with volumes.open_volume(seg_spec) as seg:
         _check_labels_volume(seg_spec, seg)
         shape = tuple(int(s) for s in seg.shape)
+        skel = _skeleton_layer(skeletons, shape) if skeletons is not None else None  # checked before the pass
         res = tuple(float(r) for r in (seg.resolution_zyx_nm or (1.0, 1.0, 1.0)))
         gt = volumes.open_volume(labels) if labels is not None else None
         try:
@@ -172,15 +173,14 @@ def object_table(seg_spec: str, labels: str | None = None, skeletons: str | None
         table.gt_id = np.array([best.get(int(i), (0, 0))[0] for i in acc.ids], np.uint64)
         table.gt_fraction = np.array([best.get(int(i), (0, 0))[1] for i in acc.ids], np.float64) / np.maximum(n, 1)
     if skeletons is not None:
-        table.cable_length_nm = cable_lengths(skeletons, acc.ids, shape)
+        table.cable_length_nm = cable_lengths(skel, acc.ids)
     log.info("%s: %d objects", seg_spec, len(acc.ids))
     return table
 
 
-def cable_lengths(layer: str, ids: np.ndarray, shape_zyx: tuple) -> np.ndarray:
-    """Cable length (nm) of the skeleton of each id in the precomputed layer ``layer`` (a
-    directory or CloudVolume URL written by ``ffn export --skeletons``); NaN where an id has
-    none. The layer must have the segmentation's shape."""
+def _skeleton_layer(layer: str, shape_zyx: tuple):
+    """The CloudVolume of the precomputed layer ``layer`` (a directory or URL written by ``ffn
+    export --skeletons``), checked: readable, with skeletons, of the segmentation's shape."""
     from .export import ExportError, _imports, _url
 
     CloudVolume = _imports()
@@ -189,13 +189,20 @@ def cable_lengths(layer: str, ids: np.ndarray, shape_zyx: tuple) -> np.ndarray:
         cv = CloudVolume(url, progress=False)
         info = cv.info
     except Exception as exc:  # noqa: BLE001 - CloudVolume's errors are many; one line names the layer
-        raise ExportError(f"{layer}: not a readable precomputed layer ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"{layer}: not a readable precomputed layer ({type(exc).__name__}: {first})") from None
     if "skeletons" not in info:
         raise ExportError(f"{layer}: the layer has no skeletons (export it with --skeletons)")
     size = tuple(int(v) for v in info["scales"][0]["size"])[::-1]
     if size != tuple(shape_zyx):
         raise ExportError(f"{layer}: layer size (z, y, x) {size} does not match the segmentation's {tuple(shape_zyx)}")
+    return cv
+
+
+def cable_lengths(cv, ids: np.ndarray) -> np.ndarray:
+    """Cable length (nm) of the skeleton of each id in the layer ``cv`` (:func:`_skeleton_layer`);
+    NaN where an id has none."""
+    info = cv.info
     from cloudfiles import CloudFiles
 
     cf = CloudFiles(cv.cloudpath)
