@@ -297,11 +297,11 @@ def make_viewer(image: str, labels: Sequence[str] = (), *, bbox: boxes.BBox | No
             else:
                 s.layers[lay.name] = ng.SegmentationLayer(source=lay.url, segments=largest_objects(lay, show))
         s.position = [o + n / 2 for o, n in zip(offset, size)]
-        # zoom to the volume: its largest extent over ~350 screen pixels in the 2-D panels
+        # zoom to the volume: its largest extent over ~300 screen pixels in the 2-D panels
         # (neuroglancer's units: the smallest voxel size), a bit more in the 3-D panel
         extent = max(n * r for n, r in zip(size, res)) / min(res)
-        s.cross_section_scale = max(extent / 350.0, 1e-3)
-        s.projection_scale = extent
+        s.cross_section_scale = max(extent / 300.0, 1e-3)
+        s.projection_scale = 1.6 * extent
         segs = any(lay.kind == "segmentation" for lay in [*layers, *served])
         s.layout = "4panel" if segs else "xy"
     log.info("viewer with layers %s", ", ".join(f"{lay.name} ({lay.spec})" for lay in [*layers, *served]))
