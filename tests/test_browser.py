@@ -149,3 +149,60 @@ def test_exported_layer_in_browser(browser, vol, tmp_path):
     img = screenshot(viewer, browser[0])
     check_2d(img, cut, blend=1.0)  # no image underneath: the objects' own colours
     assert mesh_pixels(quadrants(img)["3d"], 1.0) > 3000
+
+
+def test_ffn_view_process_in_browser(browser, vol, tmp_path):
+    """The command itself: ``ffn view IMAGE LAYER --show all`` in its own process (the image from
+    HDF5, the segmentation an exported layer with meshes and skeletons), opened in headless
+    Chromium by selenium; ready when neuroglancer's viewer and each of its panels say so."""
+    pytest.importorskip("igneous", reason="the meshes extra (igneous-pipeline) is not installed")
+    import io
+    import subprocess
+    import sys
+    import time
+
+    import selenium.webdriver
+    from PIL import Image
+
+    from floodfilling.cli import main
+
+    d, seg, cut = vol
+    dest = tmp_path / "layer"
+    assert main(["export", f"{d / 'v.h5'}:seg", str(dest), "--meshes", "--skeletons", "--skeleton-dust", "100",
+                 "-q"]) == 0
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.path.join(repo, "python")}
+    proc = subprocess.Popen([sys.executable, "-m", "floodfilling.cli", "view", f"{d / 'v.h5'}:img", str(dest),
+                             "--show", "all"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = None
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
+        opts = selenium.webdriver.ChromeOptions()
+        opts.binary_location = browser[0]
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=800,600"):
+            opts.add_argument(arg)
+        driver = selenium.webdriver.Chrome(options=opts)
+        driver.get(url)
+        ready, t0 = False, time.monotonic()
+        while not ready and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+            ready = driver.execute_script(
+                "const v = window.viewer; return !!v && v.isReady() && [...v.display.panels].length == 4 && "
+                "[...v.display.panels].every(p => p.isReady());")
+        assert ready, "the viewer's layers never reported loaded"
+        time.sleep(1.0)  # the frame drawn after the last chunk
+        img = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        proc.wait(30)
+    # the panels lie below the top bar (layer names, coordinates): xy xz / 3-D yz
+    top = 48
+    h, w = (img.shape[0] - top) // 2, img.shape[1] // 2
+    flat2d = np.concatenate([img[top:top + h].reshape(-1, 3), img[top + h:, w:].reshape(-1, 3)])[None]
+    for i in BOXES:
+        assert has_colour(flat2d, segment_rgb(i) * 0.5) == (i in cut), (i, cut)
+    assert mesh_pixels(img[top + h:, :w], 0.5) > 2000
