@@ -158,3 +158,34 @@ def test_missing_extra_is_one_line(vol, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "floodfilling[meshes]" in err and "igneous-pipeline" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_of_a_changed_input_starts_over(vol, tmp_path, monkeypatch):
+    import shutil
+
+    from igneous.tasks.mesh.mesh import MeshTask
+
+    d, _ = vol
+    src = tmp_path / "v.h5"
+    shutil.copy(d / "v.h5", src)
+    opts = MeshOptions(meshes=True, mesh_shape=(32, 32, 32))
+    real = MeshTask.execute
+    calls = []
+
+    def killed_on_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MeshTask, "execute", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        export(f"{src}:seg", str(tmp_path / "layer"), meshes=opts)
+    with h5py.File(src, "r+") as f:  # the input changes before the rerun
+        f["seg"][0, 0, 0] = 9
+    calls.clear()
+    monkeypatch.setattr(MeshTask, "execute", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    export(f"{src}:seg", str(tmp_path / "layer"), meshes=opts)
+    assert len(calls) == 18  # nothing of the killed run was trusted
+    props = json.loads((tmp_path / "layer" / "segment_properties" / "info").read_text())["inline"]
+    assert "9" in props["ids"]
