@@ -198,11 +198,45 @@ def cmd_export(args) -> int:
             res = tuple(float(v) for v in args.resolution.split(","))
         except ValueError:
             raise ValueError(f"--resolution {args.resolution!r}: expected z,y,x in nm") from None
+    opts = _mesh_options(args)  # looking at the result: --meshes, --skeletons
     info = export(args.volume, args.dest, layer_type=args.type, levels=args.levels, resolution_zyx=res,
-                  bbox=_bbox(args.bbox), overwrite=args.overwrite)
+                  bbox=_bbox(args.bbox), overwrite=args.overwrite, meshes=opts, parallel=args.parallel,
+                  join=args.join, progress=not args.quiet)
+    extra = [k for k, key in (("meshes", "mesh"), ("skeletons", "skeletons"), ("segment properties",
+                                                                             "segment_properties")) if key in info]
     print(f"{args.dest}: {info['type']} layer, {len(info['scales'])} level(s): "
-          + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"]))
+          + ", ".join(f"{sc['key']} {'x'.join(map(str, sc['size']))}" for sc in info["scales"])
+          + (f"; with {', '.join(extra)}" if extra else ""))
     return 0
+
+
+# ---- looking at the result: the mesh/skeleton flags of ffn export ---------------------------------
+def _mesh_options(args):
+    """--meshes / --skeletons (and their options) as MeshOptions; None without either."""
+    if not (args.meshes or args.skeletons):
+        for flag, given in (("--parallel", args.parallel != 1), ("--join", args.join),
+                            ("--skeleton-dust", args.skeleton_dust is not None)):
+            if given:
+                raise ValueError(f"{flag}: only with --meshes or --skeletons")
+        return None
+    from .meshes import MeshOptions
+
+    kw = {} if args.skeleton_dust is None else {"skeleton_dust": args.skeleton_dust}
+    return MeshOptions(meshes=args.meshes, skeletons=args.skeletons, **kw)
+
+
+def _add_mesh_flags(p) -> None:
+    p.add_argument("--meshes", action="store_true", help="also multi-resolution meshes of every object (igneous; "
+                   "needs floodfilling[meshes])")
+    p.add_argument("--skeletons", action="store_true", help="also skeletons of every object (igneous/kimimaro; "
+                   "needs floodfilling[meshes])")
+    p.add_argument("--parallel", type=int, default=1, help="mesh/skeleton worker processes here (default 1; 0: "
+                   "none, only nodes that --join work)")
+    p.add_argument("--join", action="store_true", help="work on this export started on another node (same "
+                   "arguments, DEST on a shared file system) until it is finished")
+    p.add_argument("--skeleton-dust", type=int, default=None, help="objects with fewer voxels get no skeleton "
+                   "(default 1000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_agglomerate(args) -> int:
@@ -263,7 +297,8 @@ def cmd_view(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
-    viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port)
+    viewer, layers = make_viewer(args.image, args.labels, bbox=_bbox(args.bbox), bind_address=args.bind, port=args.port,
+                                 show=_show(args.show))
     url = viewer.get_viewer_url()
     # Ctrl-C (SIGINT) stops serving even where the shell started us with SIGINT ignored (a
     # background job of a non-interactive shell), in which case Python would never raise it;
@@ -279,6 +314,44 @@ def cmd_view(args) -> int:
 
         neuroglancer.stop()
         return 0
+
+
+# ---- looking at the result: ffn stats (per-object table) --------------------------------------
+def cmd_stats(args) -> int:
+    from .stats import object_table, write_table
+
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a directory")
+    t = object_table(args.seg, labels=args.labels, skeletons=args.skeletons)
+    write_table(t, args.out)
+    print(f"{args.out}: {len(t.ids)} objects")
+    return 0
+
+
+def _add_stats_parser(sub) -> None:
+    p = sub.add_parser("stats", help="one CSV row per object: voxels, volume, bounding box, centroid, border "
+                                     "flag [, cable length] [, best-overlapping gt body]")
+    p.add_argument("seg", help="segmentation: file.h5:dataset or a Zarr array")
+    p.add_argument("--labels", default=None, help="ground truth of the same shape: adds gt_id, gt_fraction")
+    p.add_argument("--skeletons", default=None, help="layer written by `ffn export --skeletons`: adds cable_length_nm")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_stats)
+
+
+def _show(text: str):
+    """--show N|all as the viewer's show (None: all)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"--show {text}: expected a number of objects >= 0 or all")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default=None, help="voxel size z,y,x in nm (default: resolution_zyx_nm or 1)")
     p.add_argument("--bbox", default=None, help="only this box: z0,y0,x0:z1,y1,x1 (half-open); placed at its offset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing layer at DEST")
+    _add_mesh_flags(p)  # looking at the result
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
@@ -380,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1",
                    help="address to serve on (0.0.0.0: reachable from other hosts, e.g. through an SSH tunnel)")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
+    p.add_argument("--show", default="0", help="meshes of the N largest objects of each segmentation shown in the "
+                   "3-D panel (all: every object; default 0: none, double-click objects to show them)")
     p.set_defaults(func=cmd_view)
+
+    _add_stats_parser(sub)  # looking at the result
 
     p = sub.add_parser("config", help="print the default inference and refine options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
@@ -404,7 +482,8 @@ _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun th
 _FLAGS = {"bbox": "--bbox", "block": "--block", "halo": "--halo", "workdir": "--workdir", "inflight": "--inflight",
           "overwrite": "--overwrite", "device": "--device", "box": "--box", "min_contact": "--min-contact",
           "merge_iou": "--merge-iou", "within": "--within", "min_size": "--min-size", "levels": "--levels",
-          "layer_type": "--type", "resolution_zyx": "--resolution"}
+          "layer_type": "--type", "resolution_zyx": "--resolution",
+          "parallel": "--parallel", "join": "--join"}
 # A parameter in keyword form, ``name=`` (``name=True``: a switch), not inside a path or a word, and
 # not an ``option name=`` of the inference config (set by --set).
 _KEYWORD = re.compile(r"(?<![\w.:/-])(?<!option )([a-z][a-z0-9_]*)=(True\b)?")
@@ -460,7 +539,8 @@ def _flag_bounds() -> dict[str, tuple]:
     return {"threads": (0, True, MAX_THREADS, True),
             "inflight": (None, False, MAX_INFLIGHT, True),  # >= 1: the library's check (engine.check_inflight)
             "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
-            "port": (0, True, 65535, True), "levels": (0, True, 32, True),  # 2^32-fold downsampling is one voxel
+            "port": (0, True, 65535, True), "levels": (0, True, 32, True),
+            "parallel": (0, True, 1024, True), "skeleton_dust": (0, True, None, False),  # 2^32-fold downsampling is one voxel
             "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False)}
 
 

@@ -30,14 +30,18 @@ in place, unlocked (object stores have no exclusive create that CloudVolume expo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from . import boxes, disk, locks, volumes
+
+if TYPE_CHECKING:
+    from .meshes import MeshOptions
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +119,13 @@ def downsample(block: np.ndarray, factor, labels: bool) -> np.ndarray:
 
 def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None = None,
            resolution_zyx: Sequence[float] | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
-           tile: int = TILE) -> dict[str, Any]:
+           tile: int = TILE, meshes: "MeshOptions | None" = None, parallel: int = 1, join: bool = False,
+           progress: bool = False) -> dict[str, Any]:
     """Writes the volume ``spec`` as a precomputed layer at ``dest``; returns its info JSON.
     ``layer_type``: "segmentation", "image" or "auto" (integer types other than uint8 ->
-    segmentation)."""
+    segmentation). ``meshes``: meshes and/or skeletons beside a segmentation layer
+    (:mod:`floodfilling.meshes`), built by ``parallel`` workers here; ``join``: work on that
+    export started elsewhere (another node) with the same arguments."""
     CloudVolume = _imports()
     if levels is not None and levels < 0:
         raise ExportError(f"levels={levels}: must be >= 0")
@@ -126,6 +133,12 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
         raise ExportError(f"tile {tile}: must be a multiple of {2 * CHUNK}")
     url, local = _url(dest)
     args = (spec, dest, layer_type, levels, resolution_zyx, bbox, tile, CloudVolume)
+    if meshes is not None and (meshes.meshes or meshes.skeletons):
+        return _export_with_meshes(url, local, args, meshes, overwrite, parallel, join, progress)
+    if join:
+        raise ExportError("join=True: only an export with meshes or skeletons can be joined")
+    if not local:
+        _probe_remote(url, dest)
     if not local:
         return _write(url, False, *args)
     path = url[len("file://"):]
@@ -149,6 +162,30 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     return info
 
 
+def _probe_remote(url: str, dest: str) -> None:
+    """An ExportError (one line) when the bucket at ``url`` cannot be reached (no credentials,
+    no network, no such bucket), before anything is read or written."""
+    import contextlib
+    import io
+
+    try:
+        # cloudfiles prints its credential warnings: kept off the terminal (the error says it in one line)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from cloudfiles import CloudFiles
+
+            if url.startswith("gs://"):  # no credentials: fail now, not after the client's retries
+                from cloudfiles.secrets import google_credentials
+
+                if google_credentials(url[len("gs://"):].split("/", 1)[0])[1] is None:
+                    import google.auth
+
+                    google.auth.default()
+            CloudFiles(url).exists("info")
+    except Exception as exc:  # noqa: BLE001 - every client library has its own errors
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{dest}: cannot reach it ({type(exc).__name__}: {first})") from None
+
+
 def _replace_directory(tmp: str, path: str) -> None:
     """Puts the finished layer ``tmp`` at ``path`` (an existing layer there is replaced)."""
     if not os.path.exists(path):
@@ -161,8 +198,10 @@ def _replace_directory(tmp: str, path: str) -> None:
     disk.fsync_dir(os.path.dirname(path))
 
 
-def _write(url: str, local: bool, spec, dest, layer_type, levels, resolution_zyx, bbox, tile, CloudVolume) -> dict:
-    """The layer of :func:`export` written at ``url``; returns its info JSON."""
+def _write(url: str, local: bool, spec, dest, layer_type, levels, resolution_zyx, bbox, tile, CloudVolume,
+           counter=None) -> dict:
+    """The layer of :func:`export` written at ``url``; returns its info JSON. ``counter``
+    (a :class:`floodfilling.meshes.VoxelCounter`) is given every level-0 tile of a segmentation."""
     with volumes.open_volume(spec) as vol:
         box = boxes.box_in(bbox, vol.shape)
         dt = np.dtype(vol.dtype)
@@ -200,6 +239,8 @@ def _write(url: str, local: bool, spec, dest, layer_type, levels, resolution_zyx
             data = np.asarray(vol[zyx])
             if labels and dt.kind == "i" and data.size and data.min() < 0:
                 raise ExportError(f"{spec}: negative labels cannot be exported as a segmentation")
+            if labels and counter is not None:
+                counter.add(data)
             cv[tuple(slice(q.start + o, q.stop + o) for q, o in zip(sl, offset_xyz))] = np.ascontiguousarray(
                 data.transpose(2, 1, 0)).astype(out_dt, copy=False)
     # level k from level k-1, in absolute coordinates: source tiles start at multiples of
@@ -232,6 +273,94 @@ def _write(url: str, local: bool, spec, dest, layer_type, levels, resolution_zyx
                                                                         :d1[2] - d0[2]]
     log.info("wrote %s: %s layer, %d level(s), factor %s", dest, layer_type, len(sizes), factor)
     return dict(CloudVolume(url, progress=False).info)
+
+
+def _request(spec, layer_type, levels, resolution_zyx, bbox, opts) -> dict:
+    """What a work directory builds: the input's identity (path, dataset, shape, dtype, the file's
+    size and modification time) and every option; a rerun resumes only an equal request."""
+    from dataclasses import asdict
+
+    with volumes.open_volume(spec) as vol:
+        path = os.path.abspath(vol.path)
+        st = os.stat(path)
+        shape, dtype, dataset = list(vol.shape), str(vol.dtype), vol.dataset
+    req = {"volume": path, "dataset": dataset, "shape": shape, "dtype": dtype, "file_size": st.st_size,
+           "file_mtime_ns": st.st_mtime_ns, "layer_type": layer_type, "levels": levels,
+           "resolution_zyx": None if resolution_zyx is None else [float(r) for r in resolution_zyx],
+           "bbox": None if bbox is None else [list(bbox.start), list(bbox.stop)], "options": asdict(opts)}
+    return json.loads(json.dumps(req))  # tuples as lists, as read back from export.json
+
+
+def _check_labels_for_meshes(spec: str, layer_type: str) -> None:
+    """Meshes and skeletons need a segmentation: an integer volume (uint8 only with layer_type="segmentation")."""
+    with volumes.open_volume(spec) as vol:
+        dt = np.dtype(vol.dtype)
+    if layer_type == "image" or dt.kind not in "iu" or (dt == np.uint8 and layer_type != "segmentation"):
+        hint = " (uint8 labels: pass layer_type=segmentation)" if dt == np.uint8 and layer_type == "auto" else ""
+        raise ExportError(f"{spec}: dtype {dt} is not a label volume; meshes and skeletons need a "
+                          f"segmentation{hint}")
+
+
+def _export_with_meshes(url, local, args, opts, overwrite, parallel, join, progress) -> dict:
+    """:func:`export` with meshes and/or skeletons: the layer is built in the work directory
+    ``DEST.partial`` (stages recorded there: a killed export resumes) and renamed onto DEST."""
+    from . import meshes
+
+    meshes.check_available()
+    spec, dest, layer_type, levels, resolution_zyx, bbox = args[:6]
+    if not local:
+        raise ExportError(f"{dest}: meshes and skeletons are built in a directory (shared by the nodes that "
+                          "join); export to one and copy it to the bucket")
+    if parallel < 0:
+        raise ExportError(f"parallel={parallel}: must be >= 0 (0: only nodes that join work)")
+    _check_labels_for_meshes(spec, layer_type)
+    path = url[len("file://"):]
+    work = path + ".partial"
+    request = _request(spec, layer_type, levels, resolution_zyx, bbox, opts)
+    if join:
+        meshes.join(work, path, request, parallel, progress)
+        return dict(args[-1](url, progress=False).info)
+    with locks.file_lock(path + ".lock", f"layer {dest}", {"output": dest}):
+        disk.remove_temporaries(path)
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
+            if not overwrite:
+                raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
+            if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
+                raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
+        st = meshes.read_state(work)
+        if st is not None and st.request != request:
+            log.info("%s: an unfinished export of other arguments; starting over", work)
+            st = None
+        if st is None:
+            shutil.rmtree(work, ignore_errors=True)
+            with disk.disk_errors(work):
+                os.makedirs(work)
+            st = meshes.WorkState(request=request)
+            meshes.write_state(work, st)
+        else:
+            log.info("%s: resuming (stages done: %s)", work, ", ".join(["layer"] * st.layer_done + st.done) or "none")
+        layer = os.path.join(work, "layer")
+        lurl = "file://" + layer
+        try:
+            if not st.layer_done:
+                shutil.rmtree(layer, ignore_errors=True)
+                counter = meshes.VoxelCounter()
+                _write(lurl, True, *args, counter=counter)
+                meshes.write_segment_properties(layer, counter.ids, counter.counts)
+                st.objects, st.layer_done = len(counter.ids), True
+                meshes.write_state(work, st)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming yet
+            raise
+        meshes.run_stages(work, lurl, st, opts, parallel, progress)
+        with disk.disk_errors(dest):
+            _replace_directory(layer, path)
+        shutil.rmtree(work, ignore_errors=True)
+    info = dict(args[-1](url, progress=False).info)
+    log.info("wrote %s with %s", dest, ", ".join(opts.stages()))
+    return info
 
 
 def _placed_at(vol) -> tuple[int, int, int]:
