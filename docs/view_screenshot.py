@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import threading
 
 from floodfilling.cli import main
 from floodfilling.demo import demo_crop_path
-from floodfilling.viewer import make_viewer
+from floodfilling.viewer import headless_screenshot, make_viewer
 from floodfilling.viz import write_png
 
 
@@ -24,22 +23,8 @@ def screenshot(demo_dir: str, png: str, size=(1000, 700)) -> None:
     if not os.path.isdir(layer):
         assert main(["export", f"{demo_dir}/demo_segmentation.h5:seg", layer, "--meshes", "--skeletons", "-q"]) == 0
     viewer, _ = make_viewer(f"{demo_crop_path()}:raw", [layer], show=None)
-    import neuroglancer.webdriver
-
-    os.environ.setdefault("SE_OFFLINE", "true")
     chromium = os.environ.get("FFN_CHROMIUM") or shutil.which("chromium")
-    wd = neuroglancer.webdriver.Webdriver(viewer, headless=True, browser_binary_path=chromium, docker=True,
-                                          print_logs=False)
-    try:
-        out = []
-        t = threading.Thread(target=lambda: out.append(viewer.screenshot(size=list(size))), daemon=True)
-        t.start()
-        t.join(300)
-        if not out:
-            raise SystemExit("no screenshot within 300 s")
-        write_png(png, out[0].screenshot.image_pixels[..., :3])
-    finally:
-        wd.driver.quit()
+    write_png(png, headless_screenshot(viewer, chromium, size, timeout=300))
 
 
 if __name__ == "__main__":

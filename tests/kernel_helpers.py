@@ -215,3 +215,22 @@ def commit_case(seed, kind, min_size, same_array):
         lg = np.ascontiguousarray(logits[tuple(slice(a, a + n) for a, n in zip(start, size))])
         lstart = (0, 0, 0)
     return lg, lstart, seg, start, size, dict(seg_threshold=0.405, min_size=min_size, new_id=11)
+
+
+def sycl_backend_or_skip():
+    """floodfilling.sycl_backend when its runtime is installed; otherwise the test is skipped
+    with the reason, except under ``CI`` (set to anything), where it fails: CI installs the
+    extra and must run the SYCL tests."""
+    import os
+
+    import pytest
+
+    from floodfilling import sycl_backend as sb
+
+    try:
+        sb._find_runtime()
+    except sb.SyclError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the SYCL runtime is missing: {exc}")
+        pytest.skip(str(exc))
+    return sb

@@ -13,7 +13,6 @@ skipped elsewhere, saying what to install."""
 
 import os
 import shutil
-import threading
 
 import h5py
 import numpy as np
@@ -50,19 +49,9 @@ def browser():
 
 def screenshot(viewer, chromium, size=(800, 600), timeout=180):
     """The viewer's screenshot once everything visible has loaded (RGB array)."""
-    import neuroglancer.webdriver
+    from floodfilling.viewer import headless_screenshot
 
-    wd = neuroglancer.webdriver.Webdriver(viewer, headless=True, browser_binary_path=chromium, docker=True,
-                                          print_logs=False)
-    try:
-        out = []
-        t = threading.Thread(target=lambda: out.append(viewer.screenshot(size=list(size))), daemon=True)
-        t.start()
-        t.join(timeout)
-        assert out, f"no screenshot within {timeout} s (the layers never reported loaded)"
-        return out[0].screenshot.image_pixels[..., :3]
-    finally:
-        wd.driver.quit()
+    return headless_screenshot(viewer, chromium, size, timeout)
 
 
 def quadrants(img):

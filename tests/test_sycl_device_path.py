@@ -10,7 +10,6 @@ under ``CI``.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -25,16 +24,11 @@ from test_inference_parity import reference  # noqa: F401
 @pytest.fixture
 def sycl_steps(monkeypatch, test_device):
     """Runs the test under kernels="sycl" and counts the SYCL FOV steps it launched."""
-    from floodfilling import sycl_backend as sb
+    from kernel_helpers import sycl_backend_or_skip
 
     if test_device.type not in ("cpu", "xpu"):
         pytest.skip(f"the SYCL FOV steps run on cpu and xpu devices, not {test_device.type}")
-    try:
-        sb._find_runtime()
-    except sb.SyclError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and the SYCL runtime is missing: {exc}")
-        pytest.skip(str(exc))
+    sb = sycl_backend_or_skip()
     if test_device.type == "cpu":
         sb.select_device("cpu")
     calls = {"gather": 0, "update": 0, "torch_steps": 0}
@@ -84,14 +78,9 @@ def test_sycl_device_object_parity_with_reference(k, fib25_image, reference, bun
 
 def test_pool_in_usm_shared_memory_on_cpu():
     """(cpu) the pool the SYCL steps write lives in USM shared memory of the backend's device."""
-    from floodfilling import sycl_backend as sb
+    from kernel_helpers import sycl_backend_or_skip
 
-    try:
-        sb._find_runtime()
-    except sb.SyclError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and the SYCL runtime is missing: {exc}")
-        pytest.skip(str(exc))
+    sb = sycl_backend_or_skip()
     import torch
 
     from floodfilling.config import InferenceConfig

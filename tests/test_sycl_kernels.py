@@ -37,14 +37,9 @@ SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 @pytest.fixture(scope="module")
 def S():
     """floodfilling.sycl_backend on the CPU SYCL device (skip: runtime absent, outside CI)."""
-    from floodfilling import sycl_backend as sb
+    from kernel_helpers import sycl_backend_or_skip
 
-    try:
-        sb._find_runtime()
-    except sb.SyclError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and the SYCL runtime is missing: {exc}")
-        pytest.skip(str(exc))
+    sb = sycl_backend_or_skip()
     sb.select_device("cpu")
     sb.backend()  # compile errors fail here, once
     yield sb

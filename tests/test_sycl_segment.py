@@ -30,14 +30,9 @@ pytest.importorskip("skimage")
 
 @pytest.fixture(scope="module")
 def sycl():
-    from floodfilling import sycl_backend as sb
+    from kernel_helpers import sycl_backend_or_skip
 
-    try:
-        sb._find_runtime()
-    except sb.SyclError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set and the SYCL runtime is missing: {exc}")
-        pytest.skip(str(exc))
+    sb = sycl_backend_or_skip()
     sb.select_device("cpu")
     yield sb
     sb.select_device(None)

@@ -117,6 +117,18 @@ def downsample(block: np.ndarray, factor, labels: bool) -> np.ndarray:
     return mean.astype(block.dtype)
 
 
+def _check_existing_dest(path: str, dest: str, overwrite: bool) -> None:
+    """What may be at the destination directory ``path`` of a local export (under its lock):
+    nothing, or with ``overwrite`` a precomputed layer (or an empty directory)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
+        if not overwrite:
+            raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
+        if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
+            raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
+
+
 def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None = None,
            resolution_zyx: Sequence[float] | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
            tile: int = TILE, meshes: "MeshOptions | None" = None, parallel: int = 1, join: bool = False,
@@ -144,13 +156,7 @@ def export(spec: str, dest: str, *, layer_type: str = "auto", levels: int | None
     path = url[len("file://"):]
     with locks.file_lock(path + ".lock", f"layer {dest}", {"output": dest}):
         disk.remove_temporaries(path)  # of an export that was killed
-        if os.path.exists(path):
-            if not os.path.isdir(path):
-                raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
-            if not overwrite:
-                raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
-            if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
-                raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
+        _check_existing_dest(path, dest, overwrite)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             info = _write("file://" + tmp, True, *args)
@@ -322,13 +328,7 @@ def _export_with_meshes(url, local, args, opts, overwrite, parallel, join, progr
         return dict(args[-1](url, progress=False).info)
     with locks.file_lock(path + ".lock", f"layer {dest}", {"output": dest}):
         disk.remove_temporaries(path)
-        if os.path.exists(path):
-            if not os.path.isdir(path):
-                raise ExportError(f"{dest}: exists and is not a directory; not replacing it")
-            if not overwrite:
-                raise ExportError(f"{dest} exists; pass overwrite=True to replace it")
-            if not os.path.exists(os.path.join(path, "info")) and os.listdir(path):
-                raise ExportError(f"{dest}: exists, is not empty and holds no precomputed layer; not replacing it")
+        _check_existing_dest(path, dest, overwrite)
         st = meshes.read_state(work)
         if st is not None and st.request != request:
             log.info("%s: an unfinished export of other arguments; starting over", work)

@@ -282,25 +282,32 @@ def commit_object(logits: np.ndarray, logits_start, seg: np.ndarray, seg_start, 
                                    float(seg_threshold), int(min_size), int(new_id))
 
 
+def _require_array(a, name: str, dtype, ndim: int, writeable: bool) -> np.ndarray:
+    """``a`` itself when it is a C-contiguous ndarray of ``dtype`` (native byte order) and
+    ``ndim`` dimensions (and writeable if asked); ValueError naming ``name`` otherwise, with the
+    messages of the bindings (csrc/bind_common.hpp), for the launchers without a binding."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype or not a.dtype.isnative:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (it is modified in place or read as "
+                         "a flat buffer); use numpy.ascontiguousarray")
+    if writeable and not a.flags.writeable:
+        raise ValueError(f"{name}: must be writeable (it is modified in place)")
+    return a
+
+
 def _commit_args(logits, logits_start, seg, seg_start, size, new_id):
     """The checked arguments of :func:`commit_object` for the launchers without a binding of
     their own (the SYCL one): ``(logits_start, seg_start, size)`` as 3-tuples; the same checks
     and messages as ``csrc/bind_fov_update.cpp``."""
     ls, ss, sz = _triple(logits_start, "logits_start"), _triple(seg_start, "seg_start"), \
         _triple(size, "size")
-    for a, name, dtype, writeable in ((logits, "logits", np.float32, False),
-                                      (seg, "seg", np.int32, True)):
-        if not isinstance(a, np.ndarray):
-            raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
-        if a.dtype != dtype or not a.dtype.isnative:
-            raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
-        if a.ndim != 3:
-            raise ValueError(f"{name}: expected a 3-D array, got shape {a.shape}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name}: must be C-contiguous (it is modified in place or read as "
-                             "a flat buffer); use numpy.ascontiguousarray")
-        if writeable and not a.flags.writeable:
-            raise ValueError(f"{name}: must be writeable (it is modified in place)")
+    _require_array(logits, "logits", np.float32, 3, writeable=False)
+    _require_array(seg, "seg", np.int32, 3, writeable=True)
     for d in range(3):
         if sz[d] < 0:
             raise ValueError("size: must be >= 0 on every axis")

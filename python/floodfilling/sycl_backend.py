@@ -587,18 +587,7 @@ def _stage_array(b: Backend, a: np.ndarray, copy_in: bool = True) -> _Staged:
 
 
 def _require_f32(a, name: str, ndim: int, writeable: bool) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != np.float32 or not a.dtype.isnative:
-        raise ValueError(f"{name}: expected dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous (it is modified in place or read as "
-                         "a flat buffer); use numpy.ascontiguousarray")
-    if writeable and not a.flags.writeable:
-        raise ValueError(f"{name}: must be writeable (it is modified in place)")
-    return a
+    return _k._require_array(a, name, np.float32, ndim, writeable)
 
 
 def _check_fov_size(f, name: str) -> None:

@@ -314,3 +314,26 @@ def _seed_points(ng, origins: np.ndarray, box: boxes.BBox) -> list:
     inside = np.all([(v >= a) & (v < b) for v, a, b in zip((z, y, x), box.start, box.stop)], axis=0)
     return [ng.PointAnnotation(id=str(int(i)), point=[float(a) + 0.5, float(b) + 0.5, float(c) + 0.5])
             for i, a, b, c in zip(origins["id"][inside], z[inside], y[inside], x[inside])]
+
+
+def headless_screenshot(viewer, chromium: str | None, size=(800, 600), timeout: float = 180) -> np.ndarray:
+    """The viewer's screenshot (RGB uint8 array) in headless Chromium (``chromium``: its binary;
+    Debian's chromium and chromium-driver, driven through neuroglancer's webdriver helper), taken
+    once every visible layer reports loaded; RuntimeError when they do not within ``timeout`` s."""
+    import threading
+
+    import neuroglancer.webdriver
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium's driver manager: the driver on PATH, no downloads
+    wd = neuroglancer.webdriver.Webdriver(viewer, headless=True, browser_binary_path=chromium, docker=True,
+                                          print_logs=False)
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(viewer.screenshot(size=list(size))), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not out:
+            raise RuntimeError(f"no screenshot within {timeout} s (the layers never reported loaded)")
+        return out[0].screenshot.image_pixels[..., :3]
+    finally:
+        wd.driver.quit()
