@@ -16,18 +16,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from .args import _FLAGS, _Parser, _bbox, check_numbers, with_flags, zyx_arg  # noqa: F401 (zyx_arg: API)
 
 log = logging.getLogger("floodfilling")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors (``--threads abc``, a missing argument) as one line ``ffn: error: ...``
-    and exit status 2, like every other error the user can fix (no usage block)."""
-
-    def error(self, message: str):
-        msg = " ".join(str(message).split())
-        self.exit(2, f"ffn: error: {msg}\n")
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -54,7 +46,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def _build_config(args):
-    from .config import ConfigError, InferenceConfig
+    from ..config import ConfigError, InferenceConfig
 
     cfg = InferenceConfig.from_toml(args.config) if args.config else InferenceConfig()
     overrides = {k: v for k, v in _set_options(args).items() if not k.startswith("refine.")}
@@ -80,7 +72,7 @@ def _build_config(args):
 
 def _set_options(args) -> dict:
     """``--set KEY=VALUE`` items as {KEY: typed value} (TOML syntax; bare words are strings)."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     out = {}
     for item in args.set:
@@ -94,7 +86,7 @@ def _set_options(args) -> dict:
 def _build_refine(args):
     """The [refine] options (config file, then --set refine.KEY=VALUE) when --refine is given;
     None otherwise (refine options without --refine are an error)."""
-    from .config import ConfigError, RefineConfig
+    from ..config import ConfigError, RefineConfig
 
     given = {k.split(".", 1)[1]: v for k, v in _set_options(args).items() if k.startswith("refine.")}
     if not getattr(args, "refine", False):
@@ -106,7 +98,7 @@ def _build_refine(args):
 
 
 def _parse_value(v: str):
-    from .config import tomllib
+    from ..config import tomllib
 
     try:
         return tomllib.loads(f"x = {v}")["x"]
@@ -115,7 +107,7 @@ def _parse_value(v: str):
 
 
 def cmd_segment(args) -> int:
-    from .inference.segment import segment
+    from ..inference.segment import segment
 
     if args.block is None and args.workdir is None:  # block-inference options without block inference
         for flag, value in (("--inflight", args.inflight), ("--halo", args.halo)):
@@ -125,7 +117,7 @@ def cmd_segment(args) -> int:
     cfg = _build_config(args)
     refine = _build_refine(args)
     if args.block is not None or args.workdir is not None:
-        from .distributed.run import segment_blocks
+        from ..distributed.run import segment_blocks
 
         segment_blocks(args.image, args.out, block=args.block, halo=args.halo, workdir=args.workdir,
                        model=args.model, config=cfg, bbox=_bbox(args.bbox), overwrite=args.overwrite,
@@ -143,7 +135,7 @@ def cmd_segment(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import evaluation, volumes
+    from .. import evaluation, volumes
 
     with volumes.open_volume(args.seg) as a, volumes.open_volume(args.gt) as b:
         if tuple(a.shape) != tuple(b.shape):
@@ -159,9 +151,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
-    from .evaluation import format_report
+    from ..evaluation import format_report
 
     r = run_demo(Path(args.out), device=args.device or "auto", threads=args.threads or 0, progress=not args.quiet)
     c = r.segment.counters
@@ -173,14 +165,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import InferenceConfig, RefineConfig
+    from ..config import InferenceConfig, RefineConfig
 
     print(InferenceConfig().to_toml() + "\n" + RefineConfig().to_toml(), end="")
     return 0
 
 
 def cmd_consensus(args) -> int:
-    from .consensus import consensus
+    from ..consensus import consensus
 
     t = consensus(args.a, args.b, args.out, min_size=args.min_size, overwrite=args.overwrite)
     n = int((t.out_ids > 0).sum())
@@ -190,7 +182,7 @@ def cmd_consensus(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from ..export import export
 
     res = None
     if args.resolution:
@@ -219,7 +211,7 @@ def _mesh_options(args):
             if given:
                 raise ValueError(f"{flag}: only with --meshes or --skeletons")
         return None
-    from .meshes import MeshOptions
+    from ..meshes import MeshOptions
 
     kw = {} if args.skeleton_dust is None else {"skeleton_dust": args.skeleton_dust}
     return MeshOptions(meshes=args.meshes, skeletons=args.skeletons, **kw)
@@ -240,8 +232,8 @@ def _add_mesh_flags(p) -> None:
 
 
 def cmd_agglomerate(args) -> int:
-    from .agglomerate import AgglomerationOptions, agglomerate
-    from .config import ConfigError, RefineConfig
+    from ..agglomerate import AgglomerationOptions, agglomerate
+    from ..config import ConfigError, RefineConfig
 
     refine = [k for k in _set_options(args) if k.startswith("refine.")]
     if refine:  # agglomerate runs no refinement: a refine option here would be ignored, so it is refused
@@ -261,7 +253,7 @@ def cmd_agglomerate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .distributed.status import block_status, format_status
+    from ..distributed.status import block_status, format_status
 
     if args.devices:
         return _devices_status(args)
@@ -276,7 +268,7 @@ def _devices_status(args) -> int:
     """``ffn status --devices``: the kernel launchers (OpenMP, SYCL) and torch's devices."""
     import torch
 
-    from . import kernels
+    from .. import kernels
 
     rep = kernels.report()
     rep["torch"] = {"version": torch.__version__, "cuda": torch.cuda.is_available(),
@@ -293,7 +285,7 @@ def _devices_status(args) -> int:
 def cmd_view(args) -> int:
     import time
 
-    from .viewer import make_viewer
+    from ..viewer import make_viewer
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
@@ -318,7 +310,7 @@ def cmd_view(args) -> int:
 
 # ---- looking at the result: ffn stats (per-object table) --------------------------------------
 def cmd_stats(args) -> int:
-    from .stats import object_table, write_table
+    from ..stats import object_table, write_table
 
     if os.path.lexists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace it")
@@ -464,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     try:  # training subcommands (prepare, train) live with the training package
-        from .training.cli import add_parsers as add_training_parsers
+        from .train import add_parsers as add_training_parsers
     except ImportError:  # pragma: no cover - training package not present
         add_training_parsers = None
     if add_training_parsers is not None:
@@ -475,107 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
 # What a rerun does after Ctrl-C, per command (others start over).
 _INTERRUPTED = {"segment": "rerun the same command to resume", "demo": "rerun the same command to resume",
                 "train": "rerun with --resume to continue"}
-
-
-# Library parameters and the flags that set them (training's: training.cli.flags); see
-# boxes.ParameterError for how messages name parameters.
-_FLAGS = {"bbox": "--bbox", "block": "--block", "halo": "--halo", "workdir": "--workdir", "inflight": "--inflight",
-          "overwrite": "--overwrite", "device": "--device", "box": "--box", "min_contact": "--min-contact",
-          "merge_iou": "--merge-iou", "within": "--within", "min_size": "--min-size", "levels": "--levels",
-          "layer_type": "--type", "resolution_zyx": "--resolution",
-          "parallel": "--parallel", "join": "--join"}
-# A parameter in keyword form, ``name=`` (``name=True``: a switch), not inside a path or a word, and
-# not an ``option name=`` of the inference config (set by --set).
-_KEYWORD = re.compile(r"(?<![\w.:/-])(?<!option )([a-z][a-z0-9_]*)=(True\b)?")
-
-
-def with_flags(message: str, flags: dict[str, str]) -> str:
-    """``message`` with each library parameter it names in keyword form that ``flags`` has a flag
-    for written as that flag: ``block=8,8,8: ...`` -> ``--block 8,8,8: ...``, ``pass
-    overwrite=True`` -> ``pass --overwrite`` (the convention: :class:`floodfilling.boxes.ParameterError`)."""
-
-    def flag(m: re.Match) -> str:
-        name = flags.get(m.group(1))
-        if name is None:
-            return m.group(0)
-        return name if m.group(2) else name + " "
-
-    return _KEYWORD.sub(flag, message)
-
-
-def zyx_arg(text: str) -> tuple[int, int, int]:
-    """An argparse type: ``"z,y,x"`` (or one integer for every axis) as 3 integers (the library
-    checks their range)."""
-    try:
-        vals = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}") from None
-    if len(vals) == 1:
-        vals *= 3
-    if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers (or one integer), got {text!r}")
-    return vals[0], vals[1], vals[2]
-
-
-def _bbox(text: str | None):
-    """``--bbox z0,y0,x0:z1,y1,x1`` as a BBox (None: the whole volume)."""
-    from .boxes import BBox
-
-    if text is None:
-        return None
-    try:
-        return BBox.parse(text)
-    except ValueError as exc:
-        raise ValueError(f"--bbox {text}: {exc}") from None
-
-
-# Range of each numeric flag (by its argparse dest, every command), checked before any work (see
-# check_numbers); flags not listed are only kept within int64 (integers) or finite (floats), their
-# other limits are the library's (sizes, boxes: named by with_flags). The resource caps are
-# config's (MAX_THREADS ...: fixed, so that a command means the same on every machine).
-def _flag_bounds() -> dict[str, tuple]:
-    from .config import MAX_INFLIGHT, MAX_THREADS
-
-    return {"threads": (0, True, MAX_THREADS, True),
-            "inflight": (None, False, MAX_INFLIGHT, True),  # >= 1: the library's check (engine.check_inflight)
-            "seed": (0, True, 2**32 - 1, True),  # numpy's seeds
-            "port": (0, True, 65535, True), "levels": (0, True, 32, True),
-            "parallel": (0, True, 1024, True), "skeleton_dust": (0, True, None, False),  # 2^32-fold downsampling is one voxel
-            "checkpoint_interval": (0, True, None, False), "checkpoint_secs": (0, True, None, False)}
-
-
-def check_numbers(args: argparse.Namespace) -> None:
-    """Every numeric flag of ``args`` (ints, floats, z,y,x tuples, repeated flags) within its range
-    (:func:`_flag_bounds`; integers within int64, floats finite): a ValueError ``--flag VALUE:
-    expected ...`` otherwise, before any work (nothing out of range reaches numpy, h5py or torch)."""
-    from .config import ConfigError, check_type
-
-    bounds = _flag_bounds()
-    if getattr(args, "command", None) == "train":  # training's own ranges (its library checks them too)
-        from .training.options import option_bounds
-
-        bounds.update(option_bounds())
-    for dest, value in vars(args).items():
-        items = value if isinstance(value, list) else [value]
-        for v in items:
-            if isinstance(v, bool) or v is None:
-                continue
-            if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
-                kind, shown = tuple[int, ...], ",".join(map(str, v))
-            elif isinstance(v, int):
-                kind, shown = int, str(v)
-            elif isinstance(v, float):
-                kind, shown = float, str(v)
-            elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
-                kind, shown = tuple[float, ...], ",".join(map(str, v))
-            else:
-                continue
-            if dest == "verbose":
-                continue
-            try:
-                check_type(dest, v, kind, bounds.get(dest), label=f"--{dest.replace('_', '-')} {shown}")
-            except ConfigError as exc:
-                raise ValueError(str(exc).replace("a list of ", "")) from None
 
 
 def _quiet_stdout() -> None:

@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import fields
 
-from ..cli import zyx_arg
+from .args import zyx_arg
 
 log = logging.getLogger("floodfilling")
 
@@ -19,7 +19,7 @@ def flags() -> dict[str, str]:
     """The library parameter each flag of prepare and train sets (how error messages become
     flag messages: :func:`floodfilling.cli.with_flags`): every :class:`TrainOptions` field has
     the flag of its name but the negated switches; prepare's geometry has ``_zyx`` names."""
-    from .options import TrainOptions
+    from ..training.options import TrainOptions
 
     table = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainOptions)
              if f.name not in _NEGATED and f.name != "volumes"}
@@ -38,7 +38,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def cmd_prepare(args) -> int:
-    from .partitions import prepare
+    from ..training.partitions import prepare
 
     r = prepare(args.labels, args.out, radius_zyx=args.radius, thresholds=args.thresholds, min_size=args.min_size,
                 margin_zyx=args.margin, seed=args.seed, overwrite=args.overwrite)
@@ -53,7 +53,7 @@ def _volume_options(args) -> dict:
     ``coords``/``image_mean``/``image_std`` for one volume, else ``volumes``. ``--image`` and
     ``--labels`` come in pairs; ``--coords``, ``--image-mean``, ``--image-std`` once per volume
     (in the same order) or not at all; ``--volume-weights`` one number per volume."""
-    from .options import TrainVolume
+    from ..training.options import TrainVolume
 
     images, labels = list(args.image), list(args.labels)
     n = len(images)
@@ -79,7 +79,7 @@ def _volume_options(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainOptions, train
+    from ..training.train import TrainOptions, train
 
     opts = TrainOptions(
         **_volume_options(args), out=args.out, depth=args.depth,
@@ -95,7 +95,7 @@ def cmd_train(args) -> int:
         val_min_size=args.val_min_size,
     )
     res = train(opts)
-    from .distributed import detect_rank_world
+    from ..training.distributed import detect_rank_world
 
     if detect_rank_world()[0] == 0 and not args.quiet:
         last = res.last
@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from .partitions import DEFAULT_MIN_SIZE, DEFAULT_RADIUS_ZYX, DEFAULT_THRESHOLDS
+    from ..training.partitions import DEFAULT_MIN_SIZE, DEFAULT_RADIUS_ZYX, DEFAULT_THRESHOLDS
 
     th = ",".join(str(t) for t in DEFAULT_THRESHOLDS)
     table = flags()

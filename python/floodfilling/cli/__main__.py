@@ -1,0 +1,5 @@
+"""``python -m floodfilling.cli``: the ``ffn`` command."""
+
+from . import main
+
+raise SystemExit(main())
