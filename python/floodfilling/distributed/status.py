@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,63 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
     shape = tuple(int(b) - int(a) for a, b in zip(start, stop))
     grid = make_grid(shape, block, halo, fov)
     layout = bookkeeper.Layout(wd, tuple(start))
-    blocks = bookkeeper.blocks_stage(layout, grid)
+    b = _blocks_summary(bookkeeper.blocks_stage(layout, grid), grid)
+    done, seconds, voxels_done, running = b.done, b.seconds, b.voxels_done, b.running
+    total_voxels = sum(blk.core_voxels for blk in grid)
+    left = total_voxels - voxels_done
+    rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
+    workers = max(len(running), 1)  # dead claims work no more
+    job = _read_json(layout.run_lock)
+    report = _read_json(layout.report)
+    refine, refine_claimed = _refine_summary(layout, grid)
+    finished = report is not None and done == len(grid)
+    job_dead = _holder_dead(job)
+    # stopped: the job holding the workdir is gone (same host), or none holds it and no claim runs
+    stopped = not finished and (job_dead or (job is None and not running))
+    first, last = b.first_mtime, b.last_mtime
+    return {
+        "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
+        "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
+        "blocks_dead": len(b.dead), "dead": b.dead,
+        "fraction_done": voxels_done / total_voxels if total_voxels else 1.0,
+        "fov_steps": b.steps, "objects_in_blocks": b.objects, "block_seconds": seconds,
+        "voxels_per_block_second": rate,
+        "eta_s": None if stopped else (left / rate / workers) if rate and left else (0.0 if not left else None),
+        "state": "finished" if finished else "stopped" if stopped else "running", "job_dead": job_dead,
+        "wall_s_first_to_last_block": (last - first) if first is not None else None,
+        "running": running, "per_rank": b.per_rank, "job": job, "refine": refine,
+        "refine_claimed": refine_claimed,  # items of each refinement stage being worked on (or left by dead ranks)
+        "finished": finished,
+        "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
+                       # the engines waiting for blocks to be read, normalised and seeded (all ranks)
+                       "host_wait_seconds": report.get("timings", {}).get("host_wait_seconds_sum")}
+                      if report else None),
+    }
+
+
+@dataclass
+class BlocksSummary:
+    """What the workdir says of the blocks."""
+
+    done: int  # finished blocks
+    seconds: float  # their block-seconds
+    steps: int  # their FOV steps
+    objects: int  # their objects (before reconciliation)
+    voxels_done: int  # their core voxels
+    per_rank: dict[str, dict[str, float]]  # "host:rank" -> blocks, seconds
+    first_mtime: float | None  # when the first and the last finished
+    last_mtime: float | None
+    running: list[dict]  # claims of blocks not done, by live (or unknown) processes
+    dead: list[dict]  # ... by processes of this host that are gone
+
+
+def _blocks_summary(blocks: bookkeeper.Stage, grid) -> BlocksSummary:
+    """The finished blocks (seconds, steps, objects, voxels, per rank, first and last) and the
+    claims of those not done (running, or of dead processes)."""
     done, seconds, steps, objects, voxels_done = 0, 0.0, 0, 0, 0
     per_rank: dict[str, dict[str, float]] = {}
     first_mtime, last_mtime = None, None
-    for k, b in enumerate(grid):
+    for k, blk in enumerate(grid):
         p = blocks.result(k)
         if not p.exists():
             continue
@@ -86,7 +139,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         seconds += secs
         steps += int(counters.get("steps", 0))
         objects += int(counters.get("objects", 0))
-        voxels_done += b.core_voxels
+        voxels_done += blk.core_voxels
         r = per_rank.setdefault(rank, {"blocks": 0, "seconds": 0.0})
         r["blocks"] += 1
         r["seconds"] += secs
@@ -99,12 +152,11 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         info["block"] = c.item
         info["since_s"] = c.since_s
         (dead if _holder_dead(info) else running).append(info)
-    total_voxels = sum(b.core_voxels for b in grid)
-    left = total_voxels - voxels_done
-    rate = voxels_done / seconds if seconds > 0 else None  # voxels per block-second (one rank)
-    workers = max(len(running), 1)  # dead claims work no more
-    job = _read_json(layout.run_lock)
-    report = _read_json(layout.report)
+    return BlocksSummary(done, seconds, steps, objects, voxels_done, per_rank, first_mtime, last_mtime, running, dead)
+
+
+def _refine_summary(layout: bookkeeper.Layout, grid) -> tuple[dict | None, dict | None]:
+    """During ``--refine``: gap cores found, gap floods and tiles done; each stage's claims."""
     refine, refine_claimed = None, None
     for rdir in layout.refine_dirs():
         stages = bookkeeper.refine_stages(layout, rdir, grid)
@@ -116,28 +168,7 @@ def block_status(workdir: str | os.PathLike) -> dict[str, Any]:
         refine = {"gap_cores": cores, "gap_floods_done": floods.n_done(), "tiles_done": stages.tiles.n_done(),
                   "tiles": len(grid)}
         refine_claimed = {st.name: len(st.running()) for st in (stages.cores, floods, stages.tiles)}
-    finished = report is not None and done == len(grid)
-    job_dead = _holder_dead(job)
-    # stopped: the job holding the workdir is gone (same host), or none holds it and no claim runs
-    stopped = not finished and (job_dead or (job is None and not running))
-    return {
-        "workdir": str(wd), "image": image, "bbox": [start, stop], "block": man["block"], "halo": man["halo"],
-        "blocks": len(grid), "blocks_done": done, "blocks_running": len(running), "blocks_left": len(grid) - done,
-        "blocks_dead": len(dead), "dead": dead,
-        "fraction_done": voxels_done / total_voxels if total_voxels else 1.0,
-        "fov_steps": steps, "objects_in_blocks": objects, "block_seconds": seconds,
-        "voxels_per_block_second": rate,
-        "eta_s": None if stopped else (left / rate / workers) if rate and left else (0.0 if not left else None),
-        "state": "finished" if finished else "stopped" if stopped else "running", "job_dead": job_dead,
-        "wall_s_first_to_last_block": (last_mtime - first_mtime) if first_mtime is not None else None,
-        "running": running, "per_rank": per_rank, "job": job, "refine": refine,
-        "refine_claimed": refine_claimed,  # items of each refinement stage being worked on (or left by dead ranks)
-        "finished": finished,
-        "reconcile": ({**{k: report[k] for k in ("objects", "merges", "n_pairs", "ranks") if k in report},
-                       # the engines waiting for blocks to be read, normalised and seeded (all ranks)
-                       "host_wait_seconds": report.get("timings", {}).get("host_wait_seconds_sum")}
-                      if report else None),
-    }
+    return refine, refine_claimed
 
 
 def format_status(s: dict[str, Any]) -> str:

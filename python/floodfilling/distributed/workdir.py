@@ -233,26 +233,10 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
                 run_id, rule, out_kind=out.kind, out_digest=out_digest, refine=refine)
 
-    # an existing output: ours and complete -> nothing to do; anything else needs overwrite
     names = list(plan.out_names)
-    out = outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input; a link resolved
-    if outputs.existing_outputs(out, names) and not overwrite:
-        if output.recorded_digest(plan) == out_digest:
-            plan.complete = True
-        else:
-            raise BlockError(f"output {out} exists; pass overwrite=True to replace it")
-
+    out = _check_existing_output(plan, out, names, image_spec, overwrite)
     if old is not None and old != manifest:
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        why = ""
-        if "image_digest" in diff:
-            why = ("; the image's voxels changed since its blocks were made" if "image_digest" in old else
-                   "; made by an earlier version, which did not record the image's digest")
-        if not overwrite:
-            raise boxes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
-                                         f"{', '.join(diff)}{why}); use another workdir=DIR, the same options as "
-                                         "before, or overwrite=True to discard them")
-        log.warning("overwrite=True: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
+        _check_other_run(wd, old, manifest, overwrite)
     take_lock(wd, run_id, size)
     try:
         if not plan.complete:
@@ -270,6 +254,33 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         release(plan)
         raise
     return plan
+
+
+def _check_existing_output(plan: Plan, out, names: list[str], image_spec: str, overwrite: bool):
+    """An existing output: ours and complete (its digest) -> the plan is complete, nothing to
+    do; anything else needs ``overwrite``. Returns the checked output spec."""
+    out = outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input; a link resolved
+    if outputs.existing_outputs(out, names) and not overwrite:
+        if output.recorded_digest(plan) == plan.out_digest:
+            plan.complete = True
+        else:
+            raise BlockError(f"output {out} exists; pass overwrite=True to replace it")
+    return out
+
+
+def _check_other_run(wd: Path, old: dict, manifest: dict, overwrite: bool) -> None:
+    """A workdir holding another run's blocks (its manifest differs) is refused, or with
+    ``overwrite`` discarded (by the plan, once it holds the workdir)."""
+    diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    why = ""
+    if "image_digest" in diff:
+        why = ("; the image's voxels changed since its blocks were made" if "image_digest" in old else
+               "; made by an earlier version, which did not record the image's digest")
+    if not overwrite:
+        raise boxes.ParameterError("workdir", wd, f"workdir={wd} holds blocks of a different run (differs in: "
+                                     f"{', '.join(diff)}{why}); use another workdir=DIR, the same options as "
+                                     "before, or overwrite=True to discard them")
+    log.warning("overwrite=True: discarding the blocks in %s (a different run: %s)", wd, ", ".join(diff))
 
 
 def take_lock(wd: Path, run_id: str, size: int) -> None:

@@ -293,14 +293,8 @@ def resume_key_of(opts: TrainOptions, world: int, parent: dict[str, Any] | None)
     return json.loads(json.dumps(key))
 
 
-def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: RunDir) -> TrainResult:
-    rank, world = dinfo.rank, dinfo.world
-    loaded = load_volumes(opts)
-    val = load_validation(opts, geometry)
-    if len(loaded) > 1:
-        log.info("training volumes: %s", "; ".join(f"{lv.info['image']} ({lv.info['coordinates']} coordinates, "
-                                                     f"p={lv.info['probability']:.3f})" for lv in loaded))
-
+def _make_net(opts: TrainOptions, init_net, dinfo) -> ConvStack3D:
+    """The network to train (seeded; from ``init_net``'s weights when given) on the device."""
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     np.random.seed(opts.seed)
@@ -312,12 +306,13 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
     for p in net.parameters():  # 1x1x1 kernels: keep the strides their gradients get (DDP buckets)
         if p.dim() == 5 and p.shape[2:] == (1, 1, 1):
             p.data = p.data.clone(memory_format=torch.contiguous_format)
-    opt = make_optimizer(opts, net.parameters())
-    source = mixed_source(loaded, geometry, seed=opts.seed, rank=rank, world=world, augment=opts.augment)
-    stream = ExampleStream(source, opts.batch)  # type: ignore[arg-type]
-    resume_key = resume_key_of(opts, world, parent)
+    return net
 
-    step = 0
+
+def _resume(opts: TrainOptions, ckdir: Path, net, opt, stream: ExampleStream, rank: int, resume_key: dict,
+            run: RunDir) -> int:
+    """``--resume``: network, optimizer, this rank's example stream and random state from the
+    checkpoint (whose resume key must match); the step to go on from (0 without one)."""
     if opts.resume and (ckdir / STATE_FILE).exists():
         st = load_checkpoint(ckdir)
         check_resume_key(st.get("resume_key", {}), resume_key, ckdir)
@@ -333,19 +328,76 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
         step = int(st["step"])
         run.checkpoint_step = step
         log.info("resuming %s at step %d", ckdir, step)
-    elif opts.resume:
+        return step
+    if opts.resume:
         log.info("no checkpoint in %s: starting from step 0", ckdir)
+    return 0
 
+
+def _open_rundir(out: Path, ckdir: Path, metrics_path: Path, step: int, run: RunDir) -> list[dict[str, float]]:
+    """Rank 0: the run directory made, a killed checkpoint write's temporaries gone, the metrics
+    cut back to ``step``; those metrics rows."""
+    run.writing = True  # from here a failure puts the directory back to its checkpoint (rundir)
+    with disk.disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
+        stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
+    rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []
+    write_metrics(metrics_path, rows)
+    return rows
+
+
+def _sgd_step(model, net, opt, stream: ExampleStream, opts: TrainOptions, dinfo, lr: float, step: int) -> None:
+    """One optimizer step on the next batch at learning rate ``lr``; the batch's predictions go
+    back to the stream (the FOVs move), its loss into the stream's counts."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    img, seed, target = stream.next_batch()  # type: ignore[misc]
+    img_t = torch.from_numpy(img).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
+    seed_t = torch.from_numpy(seed).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
+    target_t = torch.from_numpy(target).to(dinfo.device)
+    logits = model(img_t, seed_t)
+    loss = F.binary_cross_entropy_with_logits(logits, target_t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if opts.clip > 0:
+        torch.nn.utils.clip_grad_value_(net.parameters(), opts.clip)
+    opt.step()
+    stream.write_back(logits.detach().float().cpu().numpy())
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise TrainError(f"loss became {lv} at step {step + 1}; lower lr={opts.lr}")
+    stream.counts.loss_sum += lv * img.shape[0]
+    stream.counts.loss_n += img.shape[0]
+
+
+def _record(row: dict[str, float], metrics_path: Path, rows: list, tb: TensorBoard, bar) -> None:
+    """Rank 0: a metrics row into the CSV, TensorBoard, the progress bar and the log."""
+    append_metrics(metrics_path, row)
+    rows.append(row)
+    tb.add(row)
+    if bar is not None:
+        bar.set_postfix(loss=f"{row['loss']:.4f}", f1=f"{row['f1']:.3f}", refresh=False)
+    log.info("step %d: loss %.4f precision %.3f recall %.3f f1 %.3f moves/seq %.2f %.1f FOV/s", int(row["step"]),
+             row["loss"], row["precision"], row["recall"], row["f1"], row["moves_per_sequence"], row["fov_per_s"])
+
+
+def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: RunDir) -> TrainResult:
+    rank, world = dinfo.rank, dinfo.world
+    loaded = load_volumes(opts)
+    val = load_validation(opts, geometry)
+    if len(loaded) > 1:
+        log.info("training volumes: %s", "; ".join(f"{lv.info['image']} ({lv.info['coordinates']} coordinates, "
+                                                     f"p={lv.info['probability']:.3f})" for lv in loaded))
+
+    net = _make_net(opts, init_net, dinfo)
+    opt = make_optimizer(opts, net.parameters())
+    source = mixed_source(loaded, geometry, seed=opts.seed, rank=rank, world=world, augment=opts.augment)
+    stream = ExampleStream(source, opts.batch)  # type: ignore[arg-type]
+    resume_key = resume_key_of(opts, world, parent)
+    step = _resume(opts, ckdir, net, opt, stream, rank, resume_key, run)
     metrics_path = out / METRICS_CSV
-    rows: list[dict[str, float]] = []
-    if dinfo.is_main:
-        run.writing = True  # from here a failure puts the directory back to its checkpoint (rundir)
-        with disk.disk_errors(out):
-            out.mkdir(parents=True, exist_ok=True)
-        for stale in list(ckdir.glob(f"{STATE_FILE}.tmp-*")) + list(ckdir.glob(f"{MODEL_FILE}.tmp-*")):
-            stale.unlink(missing_ok=True)  # left by a run killed while writing a checkpoint
-        rows = [r for r in read_metrics(metrics_path) if r["step"] <= step] if step > 0 else []
-        write_metrics(metrics_path, rows)
+    rows = _open_rundir(out, ckdir, metrics_path, step, run) if dinfo.is_main else []
     tb = TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
 
     model = net
@@ -377,25 +429,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
     try:
         while step < opts.max_steps:
             lr = learning_rate(opts, step, world)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            img, seed, target = stream.next_batch()  # type: ignore[misc]
-            img_t = torch.from_numpy(img).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
-            seed_t = torch.from_numpy(seed).to(dinfo.device).contiguous(memory_format=torch.channels_last_3d)
-            target_t = torch.from_numpy(target).to(dinfo.device)
-            logits = model(img_t, seed_t)
-            loss = F.binary_cross_entropy_with_logits(logits, target_t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.clip > 0:
-                torch.nn.utils.clip_grad_value_(net.parameters(), opts.clip)
-            opt.step()
-            stream.write_back(logits.detach().float().cpu().numpy())
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TrainError(f"loss became {lv} at step {step + 1}; lower lr={opts.lr}")
-            stream.counts.loss_sum += lv * img.shape[0]
-            stream.counts.loss_n += img.shape[0]
+            _sgd_step(model, net, opt, stream, opts, dinfo, lr, step)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -409,21 +443,13 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
                 tot = Counts.from_vector(_all_reduce_sum(stream.counts.vector(), dinfo))
                 stream.counts = Counts()
                 now = time.perf_counter()
-                row = {"step": float(step), "examples": float(step * opts.batch * world), "lr": lr,
-                       **tot.summary(),
-                       "fov_per_s": (step - step_log) * opts.batch * world / max(now - t_log, 1e-9),
-                       "elapsed_s": now - t_start, **vrow}
+                last_row = {"step": float(step), "examples": float(step * opts.batch * world), "lr": lr,
+                            **tot.summary(),
+                            "fov_per_s": (step - step_log) * opts.batch * world / max(now - t_log, 1e-9),
+                            "elapsed_s": now - t_start, **vrow}
                 t_log, step_log = now, step
-                last_row = row
                 if dinfo.is_main:
-                    append_metrics(metrics_path, row)
-                    rows.append(row)
-                    tb.add(row)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", f1=f"{row['f1']:.3f}", refresh=False)
-                    log.info("step %d: loss %.4f precision %.3f recall %.3f f1 %.3f moves/seq %.2f %.1f FOV/s",
-                             step, row["loss"], row["precision"], row["recall"], row["f1"],
-                             row["moves_per_sequence"], row["fov_per_s"])
+                    _record(last_row, metrics_path, rows, tb, bar)
             if opts.keep_every > 0 and step % opts.keep_every == 0 and dinfo.is_main:
                 # a model to choose by held-out segmentation (README, "Adapting to your data")
                 run.kept.append((step, kept_model_path(out, step)))  # removed if the run fails before a checkpoint
