@@ -38,6 +38,14 @@ def test_every_item_is_claimed_once_done_items_skipped(tmp_path):
     assert sorted(p.name for p in st.claims.iterdir()) == [str(i) for i in (0, 1, 3, 4, 5, 6, 8, 9)]
 
 
+def test_preferred_items_first(tmp_path):
+    """A rank takes first the items whose inputs it holds (the tiles whose windows it read)."""
+    st = stage(tmp_path, n=6)
+    st.results.mkdir(parents=True)
+    st.result(4).write_bytes(b"done")
+    assert list(st.claimed("r", 0, 2, prefer=[4, 5, 2, 9])) == [5, 2, 0, 1, 3]
+
+
 def test_a_slow_claimant_takes_fewer(tmp_path):
     """Dynamic claims: a rank slow on its first item does not hold up the others (static
     striding would leave it half of the items)."""

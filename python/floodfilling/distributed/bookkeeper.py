@@ -151,12 +151,13 @@ class Stage:
                 if ".tmp" in p.name:
                     p.unlink(missing_ok=True)
 
-    def claimer(self, run_id: str, rank: int, size: int) -> "Claimer":
-        return Claimer(self, run_id, rank, size)
+    def claimer(self, run_id: str, rank: int, size: int, prefer: Sequence[int] = ()) -> "Claimer":
+        return Claimer(self, run_id, rank, size, prefer)
 
-    def claimed(self, run_id: str, rank: int, size: int) -> Iterator[int]:
-        """The items this rank claims, one at a time, until none is left."""
-        c = self.claimer(run_id, rank, size)
+    def claimed(self, run_id: str, rank: int, size: int, prefer: Sequence[int] = ()) -> Iterator[int]:
+        """The items this rank claims, one at a time, until none is left (``prefer``: tried
+        first, in this order: items whose inputs this rank already holds)."""
+        c = self.claimer(run_id, rank, size, prefer)
         while (i := c.next()) is not None:
             yield i
 
@@ -182,14 +183,16 @@ class Stage:
 
 
 class Claimer:
-    """Claims a rank's next unfinished item of a :class:`Stage` (rank r starts at item
-    r * items / size and walks round)."""
+    """Claims a rank's next unfinished item of a :class:`Stage` (the ``prefer`` items first,
+    then from item rank * items / size round)."""
 
-    def __init__(self, stage: Stage, run_id: str, rank: int, size: int):
+    def __init__(self, stage: Stage, run_id: str, rank: int, size: int, prefer: Sequence[int] = ()):
         self.stage = stage
         n = stage.items
         first = (rank * n) // max(size, 1)
-        self._order = iter([(first + i) % n for i in range(n)])
+        order = [int(i) for i in prefer if 0 <= int(i) < n]
+        seen = set(order)
+        self._order = iter(order + [i for i in ((first + j) % n for j in range(n)) if i not in seen])
         self._exhausted = False
         self._text = f"{run_id} {socket.gethostname()} {os.getpid()} {rank}\n".encode()
 

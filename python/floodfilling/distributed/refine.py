@@ -102,7 +102,7 @@ class FloodReader:
             if any(y <= x for x, y in zip(s, e)):
                 continue
             if self.final.comp_dir is not None:  # split_components: the core's component volume
-                src = split.read_components(self.final.comp_dir / f"{b.name(self.plan.box.start)}.h5",
+                src = split.read_components(self.plan.layout.per_block(self.final.comp_dir, b),
                                             tuple(slice(x - c, y - c) for x, y, c in zip(s, e, b.core_start)))
             else:
                 src = blockstore.read_region(self.plan.block_path(b), s, e)
@@ -113,16 +113,37 @@ class FloodReader:
 
 class ImageReader:
     """:data:`~floodfilling.inference.refine.Reader` of the image (box coordinates), normalised
-    as the blocks were."""
+    as the blocks were. The windows read are kept (least recently used first out, at most
+    ``cache_bytes``): a tile's window, read and normalised for its gap cores, is read again for
+    its watershed, and a rank takes first the tiles whose cores it found (:func:`refine_blocks`)."""
 
-    def __init__(self, plan):
+    CACHE_BYTES = 1 << 30  # normalised windows kept per rank (a 128x256x256 block + halo: ~50 MB)
+
+    def __init__(self, plan, cache_bytes: int = CACHE_BYTES):
         self.plan = plan
         self.vol = volumes.open_volume(plan.image_spec)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.reads = 0  # windows read from the image (misses)
+        self.hits = 0
 
     def __call__(self, start, stop) -> np.ndarray:
+        key = (tuple(int(v) for v in start), tuple(int(v) for v in stop))
+        got = self._cache.get(key)
+        if got is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return got
         o = self.plan.box.start
         box = boxes.BBox(tuple(a + x for a, x in zip(o, start)), tuple(a + x for a, x in zip(o, stop)))
-        return self.plan.norm.apply(self.vol.read(box), f"{self.plan.image_spec} {box}")
+        window = self.plan.norm.apply(self.vol.read(box), f"{self.plan.image_spec} {box}")
+        window.flags.writeable = False  # shared by the readers of the cache
+        self.reads += 1
+        if window.nbytes <= self.cache_bytes:
+            self._cache[key] = window
+            while sum(w.nbytes for w in self._cache.values()) > self.cache_bytes:
+                self._cache.popitem(last=False)
+        return window
 
     def close(self) -> None:
         self.vol.close()
@@ -212,15 +233,17 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     counters = rf.step_counters(len(joined))
     gaps: GapPlan | None = None
     dec = rf.GapDecisions([])
+    mine_cores: list[int] = []  # the tiles whose cores this rank found (their windows are in its cache)
     try:
         if "gap_objects" in rcfg.steps:
             rf.check_ids(first_new, "gap_objects")
-            gaps = _gap_floods(plan, stages, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new)
+            gaps = _gap_floods(plan, stages, rcfg, tiles, image, seg, net, info, cfg, comm, inflight, first_new,
+                               mine_cores)
             dec = gaps.decisions
             counters = rf.step_counters(len(joined), gaps.n_cores, sum(b is not None for b in gaps.boxes), dec,
                                         gaps.steps)
         filled = 0
-        for i in stages.tiles.claimed(plan.run_id, comm.rank, comm.size):
+        for i in stages.tiles.claimed(plan.run_id, comm.rank, comm.size, prefer=mine_cores):
             path = stages.tiles.result(i)
             floods, targets = gaps.touching(tiles[i]) if gaps is not None else ([], [])
             core, nfill = rf.fill_tile(image, seg, tiles[i], rcfg, floods, targets)
@@ -230,6 +253,8 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
             filled += nfill
     finally:
         image.close()
+    log.info("rank %d: %d image windows read and normalised, %d reused from its cache", comm.rank, image.reads,
+             image.hits)
     comm.wait_all()
     gathered = comm.gather(filled, root=0)
     if not comm.is_root:
@@ -294,11 +319,12 @@ class GapPlan:
 
 
 def _gap_floods(plan, stages: bookkeeper.RefineStages, rcfg, tiles, image, seg, net, info, cfg, comm, inflight,
-                first_new) -> GapPlan:
+                first_new, mine_cores: list[int]) -> GapPlan:
     """Phases 2 and 3 (cores, floods, resolution on rank 0): the same plan on every rank."""
     cpath = stages.centres
     if not comm.bcast(cpath.exists() if comm.is_root else None, root=0):  # one answer for all ranks
         for i in stages.cores.claimed(plan.run_id, comm.rank, comm.size):
+            mine_cores.append(i)
             _save_centres(stages.cores.result(i), rf.tile_gap_centres(image, seg, tiles[i], rcfg))
         comm.wait_all()
         if comm.is_root:
