@@ -113,7 +113,7 @@ def main() -> int:
     from floodfilling import evaluation
     from floodfilling.config import RefineConfig
     from floodfilling.config import InferenceConfig
-    from floodfilling.inference.segment import resolve_normalisation
+    from floodfilling.normalise import resolve_normalisation
     from floodfilling.model import load_model
     from floodfilling.inference.refine import FloodNetwork, refine_array
 

@@ -211,7 +211,7 @@ def agglomerate(image_spec: str, seg_spec: str, out_spec: str, *, model: str | N
 
 
 def _agglomerate_locked(image_spec, seg_spec, out, model, cfg, opts, overwrite, inflight) -> np.ndarray:
-    from .inference.segment import resolve_normalisation
+    from .normalise import resolve_normalisation
     from .model import load_model
 
     net, info = load_model(model, "cpu")

@@ -25,9 +25,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import ndtri
+
+if TYPE_CHECKING:  # types only: the options and a model's recorded statistics
+    from .config import InferenceConfig
+    from .model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +192,13 @@ def gaussian_quantiles(mean: float, std: float, n: int = N_QUANTILES) -> np.ndar
     p = np.linspace(0, 1, n)
     p = np.clip(p, 0.5 / 1000, 1 - 0.5 / 1000)  # finite tails
     return mean + std * ndtri(p)
+
+
+def resolve_normalisation(cfg: "InferenceConfig", info: "ModelInfo", vol, source: str = "image") -> Normalisation:
+    """The normalisation the inference options ``cfg`` ask for, for the model ``info`` (its
+    recorded intensity statistics), with statistics of ``vol`` (array or volume handle)."""
+    return resolve(cfg.normalise, vol, info.image_mean, info.image_std, info.intensity_quantiles,
+                   cfg.image_mean, cfg.image_std, source)
 
 
 def resolve(method: str, vol, model_mean: float, model_std: float, model_quantiles=None,

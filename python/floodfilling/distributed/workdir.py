@@ -183,7 +183,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
               image_digest: str | None = None) -> Plan:
     """Phase 1 (rank 0): see the module docstring. ``image_digest``: :func:`combine_digests` of
     the box (computed here when not given)."""
-    from ..inference.segment import resolve_normalisation
+    from ..normalise import resolve_normalisation
 
     if not seeds_mod.policy_class(cfg).per_block:
         raise BlockError(f"option seed_policy={cfg.seed_policy!r} is not supported with block inference (each block "

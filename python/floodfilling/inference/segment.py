@@ -24,7 +24,7 @@ from .. import boxes, disk, kernels, locks, outputs, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig, RefineConfig
 from ..model import ModelInfo, load_model
-from ..normalise import Normalisation
+from ..normalise import Normalisation, resolve_normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, result_names)
@@ -148,12 +148,6 @@ class _BetweenSeeds:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def resolve_normalisation(cfg: InferenceConfig, info: ModelInfo, vol, source: str = "image") -> Normalisation:
-    """The normalisation ``cfg`` asks for, with statistics of ``vol`` (array or volume handle)."""
-    return norm_mod.resolve(cfg.normalise, vol, info.image_mean, info.image_std, info.intensity_quantiles,
-                            cfg.image_mean, cfg.image_std, source)
 
 
 def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
