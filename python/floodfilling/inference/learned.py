@@ -1,0 +1,213 @@
+"""The learned refinement (``ffn segment --refine --refine-model M``, ``ffn train-refine``).
+
+A classifier (gradient-boosted trees, LightGBM; extra ``refine``) decides whether two touching
+objects belong to one neuron, from the features of their contact
+(:mod:`floodfilling.inference.contacts`); objects merge in order of its confidence
+(:mod:`floodfilling.inference.agglomeration`), the merged object's pairs scored again after
+each merge. It works on a *base* segmentation made from the flood (recorded in the model file,
+:data:`BASES`):
+
+- ``"watershed"``: the plain seeded watershed of the normalised image from the flood's objects
+  (the floor every refinement must beat);
+- ``"cores"``: the same watershed from the flood's objects *and every gap core* (the cores of
+  cells in the space the flood left, :func:`floodfilling.inference.refine.gap_cores`, each its
+  own marker, no network flood). The classifier then decides for each core's object whether it
+  is a piece of an object it touches or its own neuron: the gap-object decision, learned.
+
+The model file is JSON (never a pickle): format name and version, the feature names, the base,
+the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import RefineConfig
+from ..results import Origin
+from .agglomeration import Agglomeration, agglomerate, apply_lut
+from .contacts import FEATURES, contact_graph
+
+log = logging.getLogger(__name__)
+
+FORMAT = "floodfilling-refine-model"
+FORMAT_VERSION = 1
+BASES = ("watershed", "cores")  # what the learned merging starts from (module docstring)
+
+# LightGBM options of every training: small trees, one thread, deterministic (same file twice)
+LGBM_PARAMS = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
+               "feature_fraction": 1.0, "bagging_fraction": 1.0, "lambda_l2": 1.0, "num_threads": 1,
+               "deterministic": True, "force_row_wise": True, "seed": 0, "verbose": -1}
+ROUNDS = 200  # boosting rounds
+
+
+class RefineModelError(ValueError):
+    """A refine model file that cannot be used (message names the file and what is wrong)."""
+
+
+def import_lightgbm():
+    try:
+        import lightgbm
+    except ImportError:
+        raise RefineModelError("the learned refinement needs LightGBM: pip install 'floodfilling[refine]'") from None
+    return lightgbm
+
+
+@dataclass
+class RefineModel:
+    """A trained merge classifier and what it needs to be used and reproduced."""
+
+    booster: str  # LightGBM's text model
+    base: str  # of BASES
+    threshold: float  # pairs merge while their probability is at least this
+    features: tuple[str, ...] = FEATURES
+    training: dict[str, Any] = field(default_factory=dict)  # volumes (files, digests, shapes), options
+    source: str = ""  # the file it was read from ("" when made in memory)
+    _scorer: Any = field(default=None, repr=False, compare=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Merge probabilities of the pairs with features ``x`` (k, len(FEATURES))."""
+        if self._scorer is None:
+            self._scorer = import_lightgbm().Booster(model_str=self.booster)
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(self._scorer.predict(np.asarray(x, np.float64), num_threads=1), np.float64)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "features": list(self.features),
+                           "base": self.base, "threshold": self.threshold, "training": self.training,
+                           "lightgbm": self.booster}, indent=1, sort_keys=True) + "\n"
+
+    def describe(self) -> dict[str, Any]:
+        """What a result's attributes record of the model: its file, base, threshold, training."""
+        return {"file": self.source, "base": self.base, "threshold": self.threshold, "training": self.training}
+
+
+def model_from_json(text: str, source: str) -> RefineModel:
+    """A :class:`RefineModel` from a model file's text; :class:`RefineModelError` naming
+    ``source`` when it is not one this version can use."""
+    try:
+        d = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RefineModelError(f"{source}: not a refine model file (not JSON: {exc})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise RefineModelError(f"{source}: not a refine model file (no \"format\": \"{FORMAT}\"; "
+                               "make one with ffn train-refine)")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise RefineModelError(f"{source}: refine model format version {d.get('format_version')!r}; this version "
+                               f"reads {FORMAT_VERSION} (retrain with ffn train-refine)")
+    if d.get("features") != list(FEATURES):
+        raise RefineModelError(f"{source}: refine model made for other features ({len(d.get('features') or [])} "
+                               f"named, this version computes {len(FEATURES)}); retrain with ffn train-refine")
+    if d.get("base") not in BASES:
+        raise RefineModelError(f"{source}: refine model base {d.get('base')!r}: expected one of {', '.join(BASES)}")
+    thr = d.get("threshold")
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
+        raise RefineModelError(f"{source}: refine model threshold {thr!r}: expected a number in [0, 1]")
+    if not isinstance(d.get("lightgbm"), str) or not isinstance(d.get("training", {}), dict):
+        raise RefineModelError(f"{source}: refine model without its LightGBM text model")
+    m = RefineModel(d["lightgbm"], d["base"], float(thr), FEATURES, d.get("training", {}), source)
+    try:
+        booster = import_lightgbm().Booster(model_str=m.booster)
+    except RefineModelError:
+        raise
+    except Exception as exc:  # LightGBM's own error for a damaged text model
+        raise RefineModelError(f"{source}: damaged LightGBM model ({' '.join(str(exc).split())[:200]})") from None
+    if booster.num_feature() != len(FEATURES):
+        raise RefineModelError(f"{source}: LightGBM model of {booster.num_feature()} features, expected "
+                               f"{len(FEATURES)}; retrain with ffn train-refine")
+    m._scorer = booster
+    return m
+
+
+def load_refine_model(path: str) -> RefineModel:
+    """Reads a refine model file (:class:`RefineModelError` naming it when unusable)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise RefineModelError(f"refine model {path}: {exc.strerror or exc}") from None
+    return model_from_json(raw.decode("utf-8", errors="replace"), str(path))
+
+
+def save_refine_model(model: RefineModel, path: str, overwrite: bool = False) -> None:
+    from ..disk import atomic_write_bytes
+
+    atomic_write_bytes(path, model.to_json().encode(), overwrite=overwrite)
+
+
+# -- base segmentations --------------------------------------------------------------------------
+
+@dataclass
+class Base:
+    """A base segmentation: every voxel an object's, the flood's objects keeping their ids,
+    each core object (base "cores") an id above the flood's with its origin (the core's deepest
+    voxel, 0 steps)."""
+
+    segmentation: np.ndarray
+    first_new: int  # ids above this are core objects
+    origins: dict[int, Origin]
+
+
+def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig) -> Base:
+    """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile)."""
+    from skimage.segmentation import watershed
+
+    from .refine import gap_cores, membranes_low
+
+    first = int(np.max(seg, initial=0))
+    markers = np.asarray(seg).astype(np.int64)
+    origins: dict[int, Origin] = {}
+    if base == "cores":
+        cores, centres = gap_cores(image, markers, cfg)
+        put = cores > 0
+        markers[put] = cores[put].astype(np.int64) + first
+        origins = {first + 1 + k: Origin(tuple(int(v) for v in c), 0, 0.0) for k, c in enumerate(centres)}
+    elif base != "watershed":
+        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
+    if markers.any():
+        markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
+    return Base(markers, first, origins)
+
+
+def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: RefineConfig,
+                     overlaps: dict | None = None) -> Agglomeration:
+    """The learned merges of ``base`` (the flood's ``overlaps`` feed the overlap feature)."""
+    from .refine import membranes_low
+
+    graph = contact_graph(base.segmentation, membranes_low(image, cfg, 0.0), overlaps)
+    return agglomerate(graph, model.predict, model.threshold)
+
+
+def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: RefineConfig,
+                   overlaps: dict | None = None):
+    """``seg`` (the flood of the normalised ``image``) refined by ``model``: its base, then the
+    learned merges. Returns a :class:`~floodfilling.inference.refine.Refined` whose ``joined``
+    lists the flood objects that joined another, ``new_origins`` the core objects kept."""
+    from .refine import Refined, RefineError
+
+    try:
+        import skimage.segmentation  # noqa: F401
+    except ImportError:
+        raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
+    if image.shape != seg.shape:
+        raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
+    t0 = time.perf_counter()
+    b = base_segmentation(image, seg, model.base, cfg)
+    agg = agglomerate_base(image, b, model, cfg, overlaps)
+    out = apply_lut(b.segmentation, agg.lut)
+    dtype = seg.dtype if int(out.max(initial=0)) <= np.iinfo(seg.dtype).max else np.uint64
+    joined = {k: v for k, v in agg.lut.items() if k <= b.first_new}
+    origins = {k: o for k, o in b.origins.items() if k not in agg.lut}
+    counters = {"learned_merges": len(agg.merges), "learned_base_objects": int(len(np.unique(b.segmentation)) -
+                                                                             (0 in b.segmentation)),
+                "rejoined": len(joined), "gap_objects": len(origins), "gap_cores": len(b.origins),
+                "voxels_filled": int(np.count_nonzero(out)) - int(np.count_nonzero(seg)),
+                "seconds": time.perf_counter() - t0}
+    log.info("learned refine (%s base): %d merges, %d core objects kept", model.base, len(agg.merges), len(origins))
+    return Refined(out.astype(dtype), origins, counters, joined)
