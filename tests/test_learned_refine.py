@@ -63,6 +63,14 @@ def test_contact_statistics_hand_computed():
         assert x[F[name]] == pytest.approx(v, abs=1e-12), name
     # the same pair with the objects given the other way round: the same features
     assert np.array_equal(features(g.edge_stats[k], g.node_stats[2], g.node_stats[0])[0], x)
+    assert x[F["flooded_small"]] == 1.0 and x[F["contact_flooded"]] == 1.0  # flooded: None = every object voxel
+    # flooded voxels: the flood gave (0,0,0), (0,0,2), (0,1,0), (0,1,1); the watershed the rest
+    fl = np.array([[[True, False, True], [True, True, False]]])
+    h = contact_graph(SEG, IMG, None, 0, flooded=fl)
+    assert [_node(h, i)["flooded"] for i in (1, 2, 3)] == [2, 1, 1]
+    assert [_edge(h, *p)["flooded_faces"] for p in ((1, 2), (1, 3), (2, 3))] == [0, 1, 0]
+    y = features(h.edge_stats[k], h.node_stats[0], h.node_stats[2])[0]
+    assert (y[F["flooded_small"]], y[F["flooded_large"]], y[F["contact_flooded"]]) == (1.0, 2 / 3, 0.5)
     # no overlaps recorded: NaN
     assert np.isnan(features(contact_graph(SEG, IMG, None, 0).edge_stats[k], g.node_stats[0], g.node_stats[2])
                     [0, F["overlap"]])

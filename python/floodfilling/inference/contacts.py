@@ -9,8 +9,10 @@ volume again:
 
 - per object (:data:`NODE_STATS`): voxels, sum and sum of squares of the intensity, voxels darker
   than :data:`DARK` (glia and membrane-like objects are dark), faces with other objects (its
-  surface; on a merge the faces between the two are taken off twice);
-- per pair (:data:`EDGE_STATS`): faces; on each face the darker and the brighter of its two voxels
+  surface; on a merge the faces between the two are taken off twice), voxels the flood itself
+  gave it (the rest the watershed filled);
+- per pair (:data:`EDGE_STATS`): faces, faces where both voxels were the flood's (two floods
+  met there and the network stopped both); on each face the darker and the brighter of its two voxels
   (membranes are dark: a membrane between two cells makes the darker side dark) and the same of
   the smoothed image (Gaussian, sigma 1): sums, sums of squares, and counts below the thresholds
   :data:`CONTACT_BINS` (an additive histogram); and the voxels each object's flood ran into the
@@ -33,9 +35,9 @@ DARK = -1.0  # a voxel darker than this (normalised image) counts as dark (node 
 CONTACT_BINS = (-1.5, -1.0, -0.5, 0.0, 0.5)  # contact intensity thresholds: counts of faces below each
 
 # per-object statistics (columns of ContactGraph.node_stats)
-NODE_STATS = ("voxels", "sum", "sum2", "dark", "surface")
+NODE_STATS = ("voxels", "sum", "sum2", "dark", "surface", "flooded")
 # per-pair statistics (columns of ContactGraph.edge_stats)
-EDGE_STATS = (("faces", "lo_sum", "lo_sum2", "hi_sum", "slo_sum", "slo_sum2")
+EDGE_STATS = (("faces", "lo_sum", "lo_sum2", "hi_sum", "slo_sum", "slo_sum2", "flooded_faces")
               + tuple(f"lo_below_{t:g}" for t in CONTACT_BINS) + ("overlap",))
 N_NODE, N_EDGE = len(NODE_STATS), len(EDGE_STATS)
 _E = {n: i for i, n in enumerate(EDGE_STATS)}
@@ -57,6 +59,8 @@ FEATURES = (
     "contact_per_size",  # faces / voxels of the smaller object ** (2/3)
     "mean_difference",  # |mean_small - mean_large|
     "overlap",  # flood overlap voxels between the two / voxels of the smaller object (NaN: none recorded)
+    "flooded_small", "flooded_large",  # fraction of the object's voxels the flood gave it (0: a core's or filled)
+    "contact_flooded",  # fraction of the faces where both voxels were the flood's
 )
 
 
@@ -93,10 +97,11 @@ def _faces(seg: np.ndarray):
 
 
 def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = None,
-                  smooth_sigma: float = 1.0) -> ContactGraph:
+                  smooth_sigma: float = 1.0, flooded: np.ndarray | None = None) -> ContactGraph:
     """The :class:`ContactGraph` of ``seg`` (integer ids, 0 = no object) over ``image`` (the
     normalised intensity, membranes dark, same shape); ``overlaps``: the flood's id -> (ids,
-    voxels) its flood ran into (None: not recorded, the overlap statistic is NaN)."""
+    voxels) its flood ran into (None: not recorded, the overlap statistic is NaN); ``flooded``:
+    the voxels the flood segmented (bool; None: all of ``seg``'s objects)."""
     seg = np.asarray(seg)
     if seg.shape != np.shape(image):
         raise ValueError(f"segmentation shape {seg.shape} and image shape {np.shape(image)} differ")
@@ -114,6 +119,8 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     node[:, _N["sum"]] = np.bincount(pos[inside], weights=fi[inside], minlength=n)[:n]
     node[:, _N["sum2"]] = np.bincount(pos[inside], weights=fi[inside] ** 2, minlength=n)[:n]
     node[:, _N["dark"]] = np.bincount(pos[inside], weights=(fi[inside] < DARK).astype(np.float64), minlength=n)[:n]
+    fl = (np.asarray(flooded, bool) if flooded is not None else seg > 0).ravel()
+    node[:, _N["flooded"]] = np.bincount(pos[inside], weights=fl[inside].astype(np.float64), minlength=n)[:n]
     a, b, ia, ib = _faces(seg)
     if len(a) == 0:
         return ContactGraph(ids.astype(np.int64), node, np.zeros((0, 2), np.int64), np.zeros((0, N_EDGE)))
@@ -132,6 +139,7 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     edge[:, _E["hi_sum"]] = np.bincount(inv, weights=hi, minlength=m)
     edge[:, _E["slo_sum"]] = np.bincount(inv, weights=slo, minlength=m)
     edge[:, _E["slo_sum2"]] = np.bincount(inv, weights=slo ** 2, minlength=m)
+    edge[:, _E["flooded_faces"]] = np.bincount(inv, weights=(fl[ia] & fl[ib]).astype(np.float64), minlength=m)
     for t in CONTACT_BINS:
         edge[:, _E[f"lo_below_{t:g}"]] = np.bincount(inv, weights=(lo < t).astype(np.float64), minlength=m)
     pairs = np.stack([ids[keys // n], ids[keys % n]], axis=1).astype(np.int64)
@@ -192,5 +200,6 @@ def features(edge: np.ndarray, na: np.ndarray, nb: np.ndarray) -> np.ndarray:
     cols += [np.log1p(s[:, _N["voxels"]]), np.log1p(g[:, _N["voxels"]]), ms, mg, ss_, sg_,
              s[:, _N["dark"]] / vs, g[:, _N["dark"]] / vg,
              f / np.maximum(s[:, _N["surface"]], 1.0), f / np.maximum(g[:, _N["surface"]], 1.0),
-             f / vs ** (2.0 / 3.0), np.abs(ms - mg), edge[:, _E["overlap"]] / vs]
+             f / vs ** (2.0 / 3.0), np.abs(ms - mg), edge[:, _E["overlap"]] / vs,
+             s[:, _N["flooded"]] / vs, g[:, _N["flooded"]] / vg, edge[:, _E["flooded_faces"]] / fd]
     return np.stack(cols, axis=1)

@@ -152,6 +152,7 @@ class Base:
     segmentation: np.ndarray
     first_new: int  # ids above this are core objects
     origins: dict[int, Origin]
+    flooded: np.ndarray  # bool: the voxels the flood segmented
 
 
 def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig) -> Base:
@@ -172,7 +173,7 @@ def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: Refine
         raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
     if markers.any():
         markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
-    return Base(markers, first, origins)
+    return Base(markers, first, origins, np.asarray(seg) > 0)
 
 
 def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: RefineConfig,
@@ -180,7 +181,7 @@ def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: Ref
     """The learned merges of ``base`` (the flood's ``overlaps`` feed the overlap feature)."""
     from .refine import membranes_low
 
-    graph = contact_graph(base.segmentation, membranes_low(image, cfg, 0.0), overlaps)
+    graph = contact_graph(base.segmentation, membranes_low(image, cfg, 0.0), overlaps, flooded=base.flooded)
     return agglomerate(graph, model.predict, model.threshold)
 
 

@@ -84,7 +84,7 @@ def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
     from .refine import membranes_low
 
     b = base_segmentation(unit.image, unit.flood, base, cfg)
-    graph = contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps)
+    graph = contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps, flooded=b.flooded)
     counts = body_counts(b.segmentation, unit.labels)
     xs, ys = [], []
 
