@@ -39,6 +39,9 @@ FORMAT = "floodfilling-refine-model"
 FORMAT_VERSION = 1
 BASES = ("watershed", "cores")  # what the learned merging starts from (module docstring)
 
+# the [refine] options that make the base (recorded in the model file, used in its place)
+BASE_OPTIONS = ("membranes", "interior_sigma", "interior_threshold", "gap_core_radius", "gap_min_core",
+                "watershed_sigma")
 # LightGBM options of every training: small trees, one thread, deterministic (same file twice)
 LGBM_PARAMS = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
                "feature_fraction": 1.0, "bagging_fraction": 1.0, "lambda_l2": 1.0, "num_threads": 1,
@@ -82,6 +85,12 @@ class RefineModel:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "features": list(self.features),
                            "base": self.base, "threshold": self.threshold, "training": self.training,
                            "lightgbm": self.booster}, indent=1, sort_keys=True) + "\n"
+
+    def base_config(self, cfg: RefineConfig) -> RefineConfig:
+        """``cfg`` with the base's options (cores, watershed) the model was trained with: a model
+        decides on the objects it learned from."""
+        given = {k: v for k, v in (self.training.get("refine") or {}).items() if k in BASE_OPTIONS}
+        return RefineConfig.from_dict({**cfg.to_dict(), **given}, f"{self.source or 'refine model'} training.refine")
 
     def describe(self) -> dict[str, Any]:
         """What a result's attributes record of the model: its file, base, threshold, training."""
@@ -199,6 +208,7 @@ def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: 
     if image.shape != seg.shape:
         raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
     t0 = time.perf_counter()
+    cfg = model.base_config(cfg)
     b = base_segmentation(image, seg, model.base, cfg)
     agg = agglomerate_base(image, b, model, cfg, overlaps)
     out = apply_lut(b.segmentation, agg.lut)

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import RefineConfig
 from .agglomeration import agglomerate
 from .contacts import FEATURES, contact_graph
-from .learned import LGBM_PARAMS, ROUNDS, RefineModel, base_segmentation, import_lightgbm
+from .learned import BASE_OPTIONS, LGBM_PARAMS, ROUNDS, RefineModel, base_segmentation, import_lightgbm
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
     training = {"volumes": [u.record or {"name": u.name} for u in units], "base": base, "rounds": rounds,
                 "sequence": sequence, "examples": int(len(ex.y)), "merge_examples": int(ex.y.sum()),
                 "lightgbm": dict(LGBM_PARAMS), "refine": {k: v for k, v in cfg.to_dict().items()
-                                                          if k in ("membranes", "interior_sigma", "interior_threshold",
-                                                                   "gap_core_radius", "gap_min_core",
-                                                                   "watershed_sigma")},
+                                                          if k in BASE_OPTIONS},
                 **(settings or {})}
     return RefineModel(text, base, float(threshold), FEATURES, training)
 
