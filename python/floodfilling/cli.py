@@ -155,7 +155,8 @@ def cmd_train_refine(args) -> int:
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold {args.threshold}: expected a probability in [0, 1]")
     cfg = _build_config(args)
-    refine = _build_refine(argparse.Namespace(**{**vars(args), "refine": True}))
+    given = args.config or any(k.startswith("refine.") for k in _set_options(args))
+    refine = _build_refine(argparse.Namespace(**{**vars(args), "refine": True})) if given else None  # None: LEARNED_BASE
     pairs = list(zip(args.volumes[::2], args.volumes[1::2]))
     say = None if args.quiet else (lambda text: print(f"train-refine: {text}", file=sys.stderr, flush=True))
     m = train_refine(pairs, args.out, model=args.model, config=cfg, refine=refine, base=args.base,

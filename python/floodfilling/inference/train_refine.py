@@ -29,6 +29,9 @@ from .learned import BASE_OPTIONS, LGBM_PARAMS, ROUNDS, RefineModel, base_segmen
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5  # merge probability a pair needs (the classifier's own calibration)
+# the base's gap cores of a learned model unless the [refine] options say otherwise: finer than the hand
+# step's (3 / 100), since the classifier, not the network, decides what each core's object is
+LEARNED_BASE = {"gap_core_radius": 2.0, "gap_min_core": 30}
 
 
 @dataclass
@@ -204,7 +207,8 @@ def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = 
                  report: Callable[[str], None] | None = None) -> RefineModel:
     """``ffn train-refine``: the flood of ``model`` (default: bundled) on each (image, labels)
     of ``pairs``, the features of their base segmentations, the classifier; written to ``out``
-    (a new file unless ``overwrite``; never one of the inputs). ``progress``: the floods' progress
+    (a new file unless ``overwrite``; never one of the inputs). ``refine``: the base's options
+    (default: :data:`LEARNED_BASE`). ``progress``: the floods' progress
     bars; ``report(text)``: each phase as it starts."""
     import os
 
@@ -234,7 +238,7 @@ def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = 
     except ImportError:
         raise TrainRefineError("train-refine needs scikit-image: pip install 'floodfilling[refine]'") from None
     cfg = (config or InferenceConfig()).validate()
-    refine = (refine or RefineConfig()).validate()
+    refine = (refine or RefineConfig(**LEARNED_BASE)).validate()
     net, info = load_model(model, "cpu")
 
     def say(text: str) -> None:
