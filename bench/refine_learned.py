@@ -90,7 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/work/wt/refine-cache", help="floods and whole-volume gap markers (cached)")
     ap.add_argument("--units", default=",".join(UNITS), help="comma-separated held-out units, of " + ", ".join(UNITS))
-    ap.add_argument("--bases", default="cores,watershed", help="bases of the learned rows")
+    ap.add_argument("--bases", default="cores,watershed", help="bases of the learned rows (cores, gap_cores, watershed)")
     ap.add_argument("--threshold", type=float, default=0.5, help="merge probability (not tuned on any unit)")
     ap.add_argument("--core-radius", type=float, default=2.0, help="learned base: gap core radius (hand step: 3)")
     ap.add_argument("--min-core", type=int, default=30, help="learned base: smallest gap core (hand step: 100)")
@@ -123,6 +123,7 @@ def main() -> int:
                                 crop_overlaps(overlaps, np.unique(fl)),
                                 {"unit": name, "volume": vol, "slice": str(sl)})
         hand[name] = {row: (np.ascontiguousarray(m[sl]), s, c) for row, (m, s, c) in markers.items()}
+        units[name].painted = (hand[name]["+gap_objects"][0], {}, {})  # base gap_cores: the cached gap floods
 
     models: dict[tuple, object] = {}
 
@@ -178,7 +179,7 @@ def main() -> int:
             for label, train in trainings.items():
                 m, train_secs = model_for(base, train)
                 t = time.perf_counter()
-                r = learned_refine(u.image, u.flood, m, cfg, u.overlaps)
+                r = learned_refine(u.image, u.flood, m, cfg, u.overlaps, painted=u.painted)
                 record(f"{label}[{base}]", r.segmentation, time.perf_counter() - t, list(train),
                        {"train_seconds": None if train_secs is None else round(train_secs, 1),
                         "merges": r.counters["learned_merges"], "base_objects": r.counters["learned_base_objects"],

@@ -179,7 +179,7 @@ def _unit(seed: int) -> TrainUnit:
     return TrainUnit(f"voronoi{seed}", image, flood, labels)
 
 
-@pytest.mark.parametrize("base", learned.BASES)
+@pytest.mark.parametrize("base", ["watershed", "cores"])  # gap_cores: test_train_refine_then_segment
 def test_training_is_deterministic(base):
     units = [_unit(0), _unit(1)]
     a = train_model(units, base, rounds=20).to_json()
@@ -235,7 +235,8 @@ def test_learned_refine_merges_pieces():
 
 # -- the commands -----------------------------------------------------------------------------------
 
-def test_train_refine_then_segment(tmp_path):
+@pytest.mark.parametrize("base", ["cores", "gap_cores"])
+def test_train_refine_then_segment(tmp_path, base):
     from floodfilling.cli import main
     from floodfilling.testing import demo_crop, mean_flood_model
 
@@ -245,10 +246,10 @@ def test_train_refine_then_segment(tmp_path):
     model = mean_flood_model(tmp_path / "tiny.npz")
     q = ["--model", str(model), "--device", "cpu", "--threads", "1", "-q", "--set", "min_segment_size=10"]
     m = tmp_path / "m.json"
-    assert main(["train-refine", f"{tmp_path}/v.h5:raw", f"{tmp_path}/v.h5:labels", "--out", str(m), *q]) == 0
+    tr = ["train-refine", f"{tmp_path}/v.h5:raw", f"{tmp_path}/v.h5:labels", "--out", str(m), "--base", base, *q]
+    assert main(tr) == 0
     first = m.read_bytes()
-    assert main(["train-refine", f"{tmp_path}/v.h5:raw", f"{tmp_path}/v.h5:labels", "--out", str(m), "--overwrite",
-                 *q]) == 0
+    assert main(tr + ["--overwrite"]) == 0
     assert m.read_bytes() == first  # deterministic, flood included
     rec = json.loads(first)["training"]["volumes"][0]
     assert rec["image"] == f"{tmp_path}/v.h5:raw" and rec["shape"] == [24, 40, 40]
@@ -263,7 +264,12 @@ def test_train_refine_then_segment(tmp_path):
     from floodfilling.inference.segment import resolve_normalisation
     from floodfilling.model import load_model
 
-    _, info = load_model(str(model), "cpu")
-    image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
-    want = learned.learned_refine(image, fwd, learned.load_refine_model(str(m)), RefineConfig())
+    from floodfilling.inference.refine import FloodNetwork
+
+    net, info = load_model(str(model), "cpu")
+    cfg = InferenceConfig(min_segment_size=10, threads=1, device="cpu")
+    image = resolve_normalisation(cfg, info, raw).apply(raw)
+    rm = learned.load_refine_model(str(m))
+    assert rm.base == base
+    want = learned.learned_refine(image, fwd, rm, RefineConfig(), network=FloodNetwork(net, info, cfg))
     assert np.array_equal(seg, want.segmentation) and (seg > 0).all()

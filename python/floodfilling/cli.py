@@ -321,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "boundary / unlabelled)")
     p.add_argument("--out", required=True, metavar="M", help="the refine model file to write (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--base", choices=["cores", "watershed"], default="cores",
-                   help="what merging starts from: the watershed of the flood and every gap core (default), or of "
-                        "the flood alone")
+    p.add_argument("--base", choices=["cores", "gap_cores", "watershed"], default="cores",
+                   help="what merging starts from: the watershed of the flood and every gap core (default), of the "
+                        "flood with the gap objects step's network floods and the cores left, or of the flood alone")
     p.add_argument("--threshold", type=float, default=0.5, help="merge probability a pair needs (default 0.5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     _add_inference_options(p)

@@ -12,7 +12,10 @@ each merge. It works on a *base* segmentation made from the flood (recorded in t
 - ``"cores"``: the same watershed from the flood's objects *and every gap core* (the cores of
   cells in the space the flood left, :func:`floodfilling.inference.refine.gap_cores`, each its
   own marker, no network flood). The classifier then decides for each core's object whether it
-  is a piece of an object it touches or its own neuron: the gap-object decision, learned.
+  is a piece of an object it touches or its own neuron: the gap-object decision, learned;
+- ``"gap_cores"``: the hand step's gap objects first (each core's own network flood, joined or
+  kept by ``gap_join_fraction``, :mod:`floodfilling.inference.refine`), then every gap core left
+  in the space still free as its own marker, then the watershed.
 
 The model file is JSON (never a pickle): format name and version, the feature names, the base,
 the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "floodfilling-refine-model"
 FORMAT_VERSION = 1
-BASES = ("watershed", "cores")  # what the learned merging starts from (module docstring)
+BASES = ("watershed", "cores", "gap_cores")  # what the learned merging starts from (module docstring)
 
 # the [refine] options that make the base (recorded in the model file, used in its place)
 BASE_OPTIONS = ("membranes", "interior_sigma", "interior_threshold", "gap_core_radius", "gap_min_core",
@@ -164,25 +167,51 @@ class Base:
     flooded: np.ndarray  # bool: the voxels the flood segmented
 
 
-def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig) -> Base:
-    """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile)."""
+def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
+                      painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
+    """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile);
+    base "gap_cores" needs ``painted``: the flood with the gap objects painted in and their
+    origins (:func:`paint_gap_objects`)."""
     from skimage.segmentation import watershed
 
     from .refine import gap_cores, membranes_low
 
+    if base not in BASES:
+        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
     first = int(np.max(seg, initial=0))
     markers = np.asarray(seg).astype(np.int64)
     origins: dict[int, Origin] = {}
-    if base == "cores":
+    if base == "gap_cores":
+        if painted is None:
+            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
+        markers = np.asarray(painted[0]).astype(np.int64)
+        origins = dict(painted[1])
+    flooded = markers > 0  # the flood's voxels (and the gap floods')
+    if base in ("cores", "gap_cores"):
+        top = int(markers.max(initial=0))
         cores, centres = gap_cores(image, markers, cfg)
         put = cores > 0
-        markers[put] = cores[put].astype(np.int64) + first
-        origins = {first + 1 + k: Origin(tuple(int(v) for v in c), 0, 0.0) for k, c in enumerate(centres)}
-    elif base != "watershed":
-        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
+        markers[put] = cores[put].astype(np.int64) + top
+        origins.update({top + 1 + k: Origin(tuple(int(v) for v in c), 0, 0.0) for k, c in enumerate(centres)})
     if markers.any():
         markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
-    return Base(markers, first, origins, np.asarray(seg) > 0)
+    return Base(markers, first, origins, flooded)
+
+
+def paint_gap_objects(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network,
+                      overlaps: dict | None = None) -> tuple[np.ndarray, dict[int, Origin], dict[str, float]]:
+    """The flood ``seg`` with the hand step's gap objects painted in (no watershed), their
+    origins and the step's counters (base "gap_cores"; ``network``: a
+    :class:`~floodfilling.inference.refine.FloodNetwork`)."""
+    import dataclasses
+
+    from .refine import RefineError, check_gap_box, refine_array
+
+    if network is None:
+        raise RefineError("refine model base 'gap_cores' needs the network (network=FloodNetwork(...))")
+    check_gap_box(cfg, network.info.fov_zyx)
+    r = refine_array(image, seg, dataclasses.replace(cfg, steps=("gap_objects",), model=""), network, overlaps)
+    return r.segmentation, r.new_origins, r.counters
 
 
 def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: RefineConfig,
@@ -195,10 +224,12 @@ def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: Ref
 
 
 def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: RefineConfig,
-                   overlaps: dict | None = None):
+                   overlaps: dict | None = None, network=None, painted=None):
     """``seg`` (the flood of the normalised ``image``) refined by ``model``: its base, then the
     learned merges. Returns a :class:`~floodfilling.inference.refine.Refined` whose ``joined``
-    lists the flood objects that joined another, ``new_origins`` the core objects kept."""
+    lists the flood objects that joined another, ``new_origins`` the core objects kept. Base
+    "gap_cores" runs the gap floods with ``network`` (or takes ``painted``, what
+    :func:`paint_gap_objects` returned)."""
     from .refine import Refined, RefineError
 
     try:
@@ -209,7 +240,13 @@ def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: 
         raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
     t0 = time.perf_counter()
     cfg = model.base_config(cfg)
-    b = base_segmentation(image, seg, model.base, cfg)
+    gap_counters: dict[str, float] = {}
+    if model.base == "gap_cores" and painted is None:
+        painted = paint_gap_objects(image, seg, cfg, network, overlaps)
+    if painted is not None:
+        gap_counters = {k: v for k, v in (painted[2] if len(painted) > 2 else {}).items()
+                        if k in ("gap_floods", "gap_steps", "gap_joined")}
+    b = base_segmentation(image, seg, model.base, cfg, painted[:2] if painted is not None else None)
     agg = agglomerate_base(image, b, model, cfg, overlaps)
     out = apply_lut(b.segmentation, agg.lut)
     dtype = seg.dtype if int(out.max(initial=0)) <= np.iinfo(seg.dtype).max else np.uint64
@@ -219,6 +256,6 @@ def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: 
                                                                              (0 in b.segmentation)),
                 "rejoined": len(joined), "gap_objects": len(origins), "gap_cores": len(b.origins),
                 "voxels_filled": int(np.count_nonzero(out)) - int(np.count_nonzero(seg)),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, **gap_counters}
     log.info("learned refine (%s base): %d merges, %d core objects kept", model.base, len(agg.merges), len(origins))
     return Refined(out.astype(dtype), origins, counters, joined)

@@ -242,6 +242,8 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         from .learned import load_refine_model
 
         learned = load_refine_model(refine.model)  # before the flood: a bad file is a one-line error
+        if learned.base == "gap_cores":
+            check_gap_box(learned.base_config(refine), info.fov_zyx)
     elif refine is not None:
         check_gap_box(refine, info.fov_zyx)  # before the flood
     with volumes.open_volume(image_spec) as vol:
@@ -346,7 +348,8 @@ def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfi
     if learned is not None:
         from .learned import learned_refine
 
-        r = learned_refine(image, result.segmentation, learned, refine, overlaps=result.overlaps)
+        r = learned_refine(image, result.segmentation, learned, refine, overlaps=result.overlaps,
+                           network=FloodNetwork(*network))
     else:
         r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}

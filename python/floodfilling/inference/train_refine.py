@@ -44,6 +44,7 @@ class TrainUnit:
     labels: np.ndarray  # ground truth, 0 = boundary / unlabelled
     overlaps: dict | None = None
     record: dict[str, Any] = field(default_factory=dict)  # what the model file records of it
+    painted: tuple | None = None  # base "gap_cores": learned.paint_gap_objects of the flood
 
 
 @dataclass
@@ -86,7 +87,7 @@ def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
     the merges the labels allow are walked in ``scorer``'s order."""
     from .refine import membranes_low
 
-    b = base_segmentation(unit.image, unit.flood, base, cfg)
+    b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None)
     graph = contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps, flooded=b.flooded)
     counts = body_counts(b.segmentation, unit.labels)
     xs, ys = [], []
@@ -174,10 +175,11 @@ class TrainRefineError(ValueError):
     """Bad input to ``ffn train-refine`` (message names the file or parameter)."""
 
 
-def read_unit(image_spec: str, labels_spec: str, flood_model, flood_cfg, progress: bool = False) -> TrainUnit:
+def read_unit(image_spec: str, labels_spec: str, flood_model, flood_cfg, progress: bool = False,
+              base: str = "cores", refine: RefineConfig | None = None) -> TrainUnit:
     """A :class:`TrainUnit` of one labelled volume: its image and labels read and checked, the
     flood of ``flood_model`` = (net, info) with ``flood_cfg`` (normalised as ``ffn segment``
-    normalises it)."""
+    normalises it); base "gap_cores": the gap objects painted in with ``refine``'s options."""
     from .. import volumes
     from ..results import file_digest, image_digest
     from .segment import resolve_normalisation, segment_array
@@ -198,7 +200,15 @@ def read_unit(image_spec: str, labels_spec: str, flood_model, flood_cfg, progres
               "labels_digest": image_digest(labels), "labelled_fraction": round(float(np.mean(labels > 0)), 4),
               "flood_objects": int(len(flood.origins)), "flood_model": str(info.source),
               "flood_model_digest": file_digest(info.source)}
-    return TrainUnit(image_spec, norm.apply(raw, image_spec), flood.segmentation, labels, flood.overlaps, record)
+    image = norm.apply(raw, image_spec)
+    painted = None
+    if base == "gap_cores":
+        from .learned import paint_gap_objects
+        from .refine import FloodNetwork
+
+        painted = paint_gap_objects(image, flood.segmentation, refine or RefineConfig(), FloodNetwork(net, info, flood_cfg),
+                                    flood.overlaps)
+    return TrainUnit(image_spec, image, flood.segmentation, labels, flood.overlaps, record, painted)
 
 
 def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = None, config=None,
@@ -249,7 +259,7 @@ def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = 
     units = []
     for k, (image_spec, labels_spec) in enumerate(pairs):
         say(f"flood of {image_spec} ({k + 1} of {len(pairs)})")
-        units.append(read_unit(image_spec, labels_spec, (net, info), cfg, progress))
+        units.append(read_unit(image_spec, labels_spec, (net, info), cfg, progress, base, refine))
     m = train_model(units, base, refine, threshold, progress=say,
                     settings={"flood_config": cfg.options_of("flood", "postprocess")})
     save_refine_model(m, out, overwrite=overwrite)
