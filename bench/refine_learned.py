@@ -177,7 +177,12 @@ def main() -> int:
             if name.startswith("dev"):
                 trainings["learned_cube"] = ("cube-lo", "cube-hi")
             for label, train in trainings.items():
-                m, train_secs = model_for(base, train)
+                try:
+                    m, train_secs = model_for(base, train)
+                except ValueError as exc:  # e.g. no same-neuron pair to learn from
+                    rows[f"{label}[{base}]"] = {"not_trainable": str(exc), "trained_on": list(train)}
+                    print(name, label, base, "not trainable:", exc, flush=True)
+                    continue
                 t = time.perf_counter()
                 r = learned_refine(u.image, u.flood, m, cfg, u.overlaps, painted=u.painted)
                 record(f"{label}[{base}]", r.segmentation, time.perf_counter() - t, list(train),
@@ -199,6 +204,9 @@ def markdown(result: dict) -> str:
                      + " | objects | seconds | trained on |")
         lines.append("|---" * (len(conv) + 4) + "|")
         for row, r in rows.items():
+            if "not_trainable" in r:
+                lines.append(f"| {row} | not trainable: {r['not_trainable']} |")
+                continue
             cells = [f"{r[z]['vi']:.3f} ({r[z]['vi_split']:.3f} / {r[z]['vi_merge']:.3f}), ARE {r[z]['are']:.3f}"
                      for z in conv]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {r[conv[0]]['seg_objects']} | {r['seconds']} | "

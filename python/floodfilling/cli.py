@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement steps of the "
                    "[refine] options (gap objects, watershed; see `ffn config`); the flood is kept as <out>_forward")
     p.add_argument("--refine-model", default=None, metavar="M",
-                   help="with --refine: the learned refinement of this `ffn train-refine` model file (refine.model)")
+                   help="with --refine: the learned refinement of this `ffn train-refine` model file, or 'bundled' "
+                        "(refine.model)")
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,

@@ -137,8 +137,21 @@ def model_from_json(text: str, source: str) -> RefineModel:
     return m
 
 
+BUNDLED = "bundled"  # refine.model = "bundled": the model shipped with the package
+BUNDLED_FILE = "refine_cores_fib25_medulla.json"  # its file in floodfilling/models (what it was trained on: inside)
+
+
+def bundled_refine_model_path() -> str:
+    from importlib import resources
+
+    return str(resources.files("floodfilling") / "models" / BUNDLED_FILE)
+
+
 def load_refine_model(path: str) -> RefineModel:
-    """Reads a refine model file (:class:`RefineModelError` naming it when unusable)."""
+    """Reads a refine model file (``"bundled"``: the package's; :class:`RefineModelError`
+    naming it when unusable)."""
+    if path == BUNDLED:
+        path = bundled_refine_model_path()
     try:
         with open(path, "rb") as f:
             raw = f.read()
