@@ -273,3 +273,17 @@ def test_train_refine_then_segment(tmp_path, base):
     assert rm.base == base
     want = learned.learned_refine(image, fwd, rm, RefineConfig(), network=FloodNetwork(net, info, cfg))
     assert np.array_equal(seg, want.segmentation) and (seg > 0).all()
+
+
+def test_bundled_model_loads_and_records_its_training():
+    """The bundled refine model reads with this version's features (a feature change without
+    retraining it fails here) and records the volumes it was trained on."""
+    m = learned.load_refine_model(learned.BUNDLED)
+    assert m.base == "cores" and m.source.endswith(learned.BUNDLED_FILE)
+    assert [v["image"] for v in m.training["volumes"]] == ["fib_medulla_dev_50x100x200.h5:raw", "fib25_train_250.h5:raw"]
+    seg, image, overlaps = _blobs(0)
+    g = contact_graph(seg, image, overlaps)
+    idx = g.node_index()
+    p = m.predict(features(g.edge_stats, g.node_stats[[idx[int(a)] for a in g.pairs[:, 0]]],
+                           g.node_stats[[idx[int(b)] for b in g.pairs[:, 1]]]))
+    assert p.shape == (len(g.pairs),) and ((p >= 0) & (p <= 1)).all()
