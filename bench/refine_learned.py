@@ -1,8 +1,9 @@
 """The learned refinement (``--refine-model``) against the floor and the hand steps, leave one
 out (issue 29): no figure comes from a model that saw that volume's labels.
 
-    python bench/refine_learned.py [--workdir DIR] [--units dev-left,dev-right,cube-lo,cube-hi]
+    python bench/refine_learned.py [--workdir DIR] [--units dev-left,dev-right,cube-lo,cube-hi] [--bases cores,gap_cores]
     # writes bench/results/refine-learned-<machine>.json and prints a Markdown table
+    python bench/refine_learned.py --train-bundled python/floodfilling/models/refine_cores_fib25_medulla.json
 
 Units (each evaluated on its own: image, flood and labels cut likewise):
 - ``dev-left`` / ``dev-right``: the medulla dev volume (50x100x200), x < 100 / x >= 100; gt 0
@@ -60,6 +61,10 @@ def load_volume(name: str, workdir: Path):
 
     if name == "dev":
         d = workdir / "dev"
+        if not (d / "forward.h5").exists():  # the flood, once (bench/accuracy.py's files)
+            import accuracy
+
+            accuracy.forward("dev", accuracy.volume_files("dev", workdir), False)
         with h5py.File(d / "image.h5", "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
         with h5py.File(d / "forward.h5", "r") as f:
@@ -74,9 +79,34 @@ def load_volume(name: str, workdir: Path):
         names = {"+gap_objects": "gap_markers", "hand_refine": "gap_markers"}
     markers = {}
     for row, fname in names.items():
+        if not (workdir / name / f"{fname}.npz").exists():
+            make_markers(workdir / name / f"{fname}.npz", raw, flood, overlaps,
+                         ("rejoin",) if fname == "rejoin_markers" else
+                         ("rejoin", "gap_objects") if fname == "rejoin_gap_markers" else ("gap_objects",))
         with np.load(workdir / name / f"{fname}.npz") as z:
             markers[row] = (z["markers"], float(z["seconds"]), json.loads(str(z["counters"])))
     return raw, labels, flood, overlaps, markers
+
+
+def make_markers(path: Path, raw, flood, overlaps, steps) -> None:
+    """The whole volume's flood after the hand ``steps`` (no watershed): the markers each half's
+    watershed starts from, cached in ``path`` with the steps' seconds and counters."""
+    import os
+
+    from floodfilling.config import InferenceConfig, RefineConfig
+    from floodfilling.inference.refine import FloodNetwork, refine_array
+    from floodfilling.inference.segment import resolve_normalisation
+    from floodfilling.model import load_model
+
+    net, info = load_model(None, "cpu")
+    image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
+    t = time.perf_counter()
+    r = refine_array(image, flood, RefineConfig(steps=steps), FloodNetwork(net, info, InferenceConfig(threads=1)),
+                     overlaps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, markers=r.segmentation, seconds=time.perf_counter() - t, counters=json.dumps(r.counters))
+    os.replace(tmp, path)
 
 
 def crop_overlaps(overlaps, ids):
@@ -96,7 +126,12 @@ def main() -> int:
     ap.add_argument("--min-core", type=int, default=30, help="learned base: smallest gap core (hand step: 100)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name and of the cached models")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/refine-learned-<machine>.json)")
+    ap.add_argument("--train-bundled", default=None, metavar="OUT",
+                    help="instead: train the bundled refine model on both volumes whole into OUT")
     args = ap.parse_args()
+    if args.train_bundled:
+        train_bundled(Path(args.workdir), args.train_bundled)
+        return 0
 
     from floodfilling import evaluation
     from floodfilling.config import InferenceConfig, RefineConfig
@@ -193,6 +228,38 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     return 0
+
+
+def train_bundled(workdir: Path, out: str) -> None:
+    """The bundled refine model (``--train-bundled OUT``): base cores, trained on both shipped
+    volumes whole (dev: this package's flood; cube: the reference's published segmentation),
+    each volume's files, digests and flood recorded in the file."""
+    from floodfilling.config import InferenceConfig, RefineConfig
+    from floodfilling.inference.learned import save_refine_model
+    from floodfilling.inference.segment import resolve_normalisation
+    from floodfilling.inference.train_refine import LEARNED_BASE, TrainUnit, train_model
+    from floodfilling.model import load_model
+    from floodfilling.results import image_digest
+
+    _, info = load_model(None, "cpu")
+    units = []
+    floods = {"dev": "this package's flood: bundled FFN model, default inference options (fp32)",
+              "fib25": "the reference's published segmentation (google_ffn_fib25_training_sample2.npz; this package's "
+                       "flood equals it to VI 0.0008 with --normalise fixed); no overlaps"}
+    files = {"dev": "fib_medulla_dev_50x100x200.h5", "fib25": "fib25_train_250.h5"}
+    for vol in ("dev", "fib25"):
+        raw, labels, flood, overlaps, _ = load_volume(vol, workdir)
+        image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
+        rec = {"image": f"{files[vol]}:raw", "labels": f"{files[vol]}:labels", "flood": floods[vol],
+               "shape": list(raw.shape), "image_digest": image_digest(raw), "labels_digest": image_digest(labels),
+               "labelled_fraction": round(float(np.mean(labels > 0)), 4),
+               "flood_objects": int(len(np.unique(flood)) - 1), "flood_model": "bundled fib25_convstack3d_depth12.npz",
+               "normalisation": "standardise (default)"}
+        units.append(TrainUnit(vol, image, flood, labels, overlaps, rec))
+    m = train_model(units, "cores", RefineConfig(**LEARNED_BASE), progress=print,
+                    settings={"trained_by": "ffn-refine bundled model: bench data, whole volumes (shared/data)",
+                              "evidence": "bench/results/refine-learned-amd-epyc-2c.json (leave one out)"})
+    save_refine_model(m, out, overwrite=True)
 
 
 def markdown(result: dict) -> str:
