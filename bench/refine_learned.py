@@ -17,7 +17,7 @@ Units (each evaluated on its own: image, flood and labels cut likewise):
 Rows: ``forward`` (the flood), ``watershed`` (the plain seeded watershed of the flood: the
 floor), the hand steps (``+rejoin``: rejoin then watershed, dev only; ``+gap_objects``: gap
 objects then watershed; ``hand_refine``: ``--refine``'s default steps), and the learned
-refinement with base "cores" (and "watershed"), trained on the other half of the same volume
+refinement with base "cores" and "gap_cores" (``--bases``; "watershed" too), trained on the other half of the same volume
 (``learned_other_half``) and on every other unit (``learned_others``), plus for the dev halves a
 model trained on the cube alone (``learned_cube``: what a model trained elsewhere does). The gap
 floods of the hand rows are run once on the whole volume (DIR/<volume>/*_markers.npz: the
@@ -120,7 +120,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/work/wt/refine-cache", help="floods and whole-volume gap markers (cached)")
     ap.add_argument("--units", default=",".join(UNITS), help="comma-separated held-out units, of " + ", ".join(UNITS))
-    ap.add_argument("--bases", default="cores,watershed", help="bases of the learned rows (cores, gap_cores, watershed)")
+    ap.add_argument("--bases", default="cores,gap_cores",
+                    help="bases of the learned rows (cores, gap_cores, watershed)")
     ap.add_argument("--threshold", type=float, default=0.5, help="merge probability (not tuned on any unit)")
     ap.add_argument("--core-radius", type=float, default=2.0, help="learned base: gap core radius (hand step: 3)")
     ap.add_argument("--min-core", type=int, default=30, help="learned base: smallest gap core (hand step: 100)")

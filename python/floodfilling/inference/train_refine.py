@@ -206,7 +206,8 @@ def read_unit(image_spec: str, labels_spec: str, flood_model, flood_cfg, progres
         from .learned import paint_gap_objects
         from .refine import FloodNetwork
 
-        painted = paint_gap_objects(image, flood.segmentation, refine or RefineConfig(), FloodNetwork(net, info, flood_cfg),
+        painted = paint_gap_objects(image, flood.segmentation, refine or RefineConfig(),
+                                    FloodNetwork(net, info, flood_cfg),
                                     flood.overlaps)
     return TrainUnit(image_spec, image, flood.segmentation, labels, flood.overlaps, record, painted)
 
