@@ -288,3 +288,29 @@ def test_bundled_model_loads_and_records_its_training():
     p = m.predict(features(g.edge_stats, g.node_stats[[idx[int(a)] for a in g.pairs[:, 0]]],
                            g.node_stats[[idx[int(b)] for b in g.pairs[:, 1]]]))
     assert p.shape == (len(g.pairs),) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_refine_model_after_postprocessing(tmp_path):
+    """split_components renumbers the flood and drops its overlaps: the learned refinement still
+    runs (no hand step to refuse), the overlap feature missing."""
+    from floodfilling.cli import main
+    from floodfilling.config import InferenceConfig, RefineConfig
+    from floodfilling.inference.segment import resolve_normalisation
+    from floodfilling.model import load_model
+    from floodfilling.testing import demo_crop, mean_flood_model
+
+    raw, labels = demo_crop((24, 40, 40))
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["raw"] = raw
+    model = mean_flood_model(tmp_path / "tiny.npz")
+    m = tmp_path / "m.json"
+    learned.save_refine_model(train_model([_unit(0)], "cores", rounds=10), str(m))
+    assert main(["segment", f"{tmp_path}/v.h5:raw", f"{tmp_path}/o.h5:seg", "--refine", "--refine-model", str(m),
+                 "--model", str(model), "--device", "cpu", "--threads", "1", "-q", "--set", "min_segment_size=10",
+                 "--set", "split_components=true"]) == 0
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        seg, fwd = f["seg"][:], f["seg_forward"][:]
+    _, info = load_model(str(model), "cpu")
+    image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
+    want = learned.learned_refine(image, fwd, learned.load_refine_model(str(m)), RefineConfig(), overlaps=None)
+    assert np.array_equal(seg, want.segmentation)

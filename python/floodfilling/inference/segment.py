@@ -222,7 +222,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
-    if refine is not None:
+    if refine is not None and not refine.model:  # (a learned refinement runs no hand step)
         check_flood_options(refine, cfg)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
@@ -348,8 +348,10 @@ def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfi
     if learned is not None:
         from .learned import learned_refine
 
-        r = learned_refine(image, result.segmentation, learned, refine, overlaps=result.overlaps,
-                           network=FloodNetwork(*network))
+        flood_cfg = network[2]  # postprocessing renumbers the flood and drops its overlaps: not recorded (NaN)
+        recorded = not (flood_cfg.split_components or flood_cfg.dust_size > 0)
+        r = learned_refine(image, result.segmentation, learned, refine, network=FloodNetwork(*network),
+                           overlaps=result.overlaps if recorded else None)
     else:
         r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
