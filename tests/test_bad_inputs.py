@@ -88,6 +88,19 @@ def _inputs_resume(d: Path) -> None:
     (d / "small_gap_box.toml").write_text("[refine]\ngap_box = [2, 2, 2]\n")
 
 
+def _inputs_refine_model(d: Path) -> None:
+    """Refine model files (issue 29, learned refinement) that this version cannot use: another
+    format version, other features."""
+    import json
+
+    from floodfilling.inference.learned import FORMAT
+
+    good = {"format": FORMAT, "format_version": 1, "features": [], "base": "cores", "threshold": 0.5,
+            "training": {}, "lightgbm": ""}
+    (d / "refine_v99.json").write_text(json.dumps({**good, "format_version": 99}))
+    (d / "refine_features.json").write_text(json.dumps({**good, "features": ["contact_area"]}))
+
+
 def _inputs_locks(d: Path) -> None:
     """Inputs of the round 2 lock cases: outputs locked by a live process (pid 1, on this host and
     on another), locks that are empty or damaged and young (written "now": their time is in the
@@ -210,6 +223,7 @@ def pristine(tmp_path_factory) -> tuple[Path, Path]:
     _inputs_locks(d)
     _inputs_files(d)
     _inputs_numbers(d)
+    _inputs_refine_model(d)
     quiet = ["--model", str(d / "tiny.npz"), "-q", "--threads", "1", "--device", "cpu"]
     assert main(["prepare", f"{d}/crop.h5:labels", str(d / "coords.h5"), "--radius", "4",
                  "--min-size", "10"]) == 0
@@ -254,6 +268,7 @@ TRAIN = ("train --image {d}/crop.h5:raw --labels {d}/crop.h5:labels --out {t}/ru
          "--features 4 --fov 9,9,9 --deltas 2,2,2 --batch 1 --min-size 10 --device cpu --threads 1 "
          "--no-tensorboard -q")
 
+TR = "train-refine {d}/crop.h5:raw "  # learned refinement: train on crop.h5 with the labels after it
 # a segment run with the model file meta_<name>.npz (a malformed __meta__, see _inputs_numbers)
 SEGM = "segment {{d}}/crop.h5:raw {{t}}/o.h5:seg --model {{d}}/meta_{}.npz -q --device cpu --threads 1"
 
@@ -679,6 +694,31 @@ CASES = [
     ("stats-missing-dataset", "stats {d}/crop.h5:nope --out {t}/o.csv", ["crop.h5", "nope"]),
     ("view-show-abc", "view {d}/crop.h5:raw --show abc", ["--show", "abc"]),
     ("view-show-negative", "view {d}/crop.h5:raw --show -3", ["--show", "-3"]),
+    # ---- learned refinement (issue 29): ffn train-refine, ffn segment --refine --refine-model
+    ("train-refine-labels-shape", TR + "{d}/crop.h5:shape2 " + M + " --out {t}/m.json",
+     ["crop.h5:shape2", "(32, 40, 44)", "(32, 48, 48)"]),
+    ("train-refine-labels-float", TR + "{d}/crop.h5:float_nan " + M + " --out {t}/m.json",
+     ["crop.h5:float_nan", "integer"]),
+    ("train-refine-labels-negative", TR + "{d}/crop.h5:neg " + M + " --out {t}/m.json", ["crop.h5:neg", "negative"]),
+    ("train-refine-labels-missing", TR + "{d}/crop.h5:nope " + M + " --out {t}/m.json", ["crop.h5", "nope"]),
+    ("train-refine-odd-volumes", "train-refine {d}/crop.h5:raw --out {t}/m.json " + M, ["IMAGE LABELS", "crop.h5:raw"]),
+    ("train-refine-out-exists", TR + "{d}/crop.h5:labels " + M + " --out {d}/afile", ["afile", "--overwrite"]),
+    ("train-refine-out-is-input", TR + "{d}/crop.h5:labels " + M + " --out {d}/crop.h5 --overwrite",
+     ["crop.h5", "input"]),
+    ("train-refine-out-is-dir", TR + "{d}/crop.h5:labels " + M + " --out {d}/adir --overwrite", ["adir", "directory"]),
+    ("train-refine-threshold", TR + "{d}/crop.h5:labels " + M + " --out {t}/m.json --threshold 1.5",
+     ["--threshold", "1.5"]),
+    ("train-refine-bad-flood-model", "train-refine {d}/crop.h5:raw {d}/crop.h5:labels --out {t}/m.json --model "
+     "{d}/notes.txt -q --device cpu --threads 1", ["notes.txt"]),
+    ("segment-refine-model-not-json", SEG + " --refine --refine-model {d}/notes.txt", ["notes.txt", "not a refine model"]),
+    ("segment-refine-model-missing", SEG + " --refine --refine-model {d}/nope.json", ["nope.json"]),
+    ("segment-refine-model-version", SEG + " --refine --refine-model {d}/refine_v99.json",
+     ["refine_v99.json", "format version 99"]),
+    ("segment-refine-model-features", SEG + " --refine --refine-model {d}/refine_features.json",
+     ["refine_features.json", "other features"]),
+    ("segment-refine-model-without-refine", SEG + " --refine-model {d}/refine_v99.json", ["--refine-model", "--refine"]),
+    ("segment-block-refine-model", SEG + " --block 16,24,24 --refine --refine-model {d}/refine_v99.json",
+     ["refine.model", "in memory only"]),
 ]
 
 

@@ -306,6 +306,8 @@ class RefineConfig(Options):
     tile: tuple[int, int, int] = (0, 0, 0)
     # Context (z,y,x voxels) each tile reads beyond its faces for cores and watershed.
     halo: tuple[int, int, int] = (32, 32, 32)
+    # Learned refinement: a model file of `ffn train-refine` or "bundled" ("": the hand steps above); it replaces them.
+    model: str = ""
 
     def validate(self) -> "RefineConfig":
         super().validate()

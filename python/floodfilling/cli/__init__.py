@@ -89,6 +89,10 @@ def _build_refine(args):
     from ..config import ConfigError, RefineConfig
 
     given = {k.split(".", 1)[1]: v for k, v in _set_options(args).items() if k.startswith("refine.")}
+    if getattr(args, "refine_model", None) is not None:  # --refine-model M is refine.model = M
+        if not getattr(args, "refine", False):
+            raise ConfigError(f"--refine-model {args.refine_model}: needs --refine")
+        given["model"] = args.refine_model
     if not getattr(args, "refine", False):
         if given:
             raise ConfigError(f"--set refine.{next(iter(given))}: refine options need --refine")
@@ -131,6 +135,27 @@ def cmd_segment(args) -> int:
     log.info("%s, %d FOV steps, %.1f s", objects, c["steps"], res.seconds)
     if not args.quiet:
         print(f"wrote {args.out}: {objects}, {int(c['steps'])} FOV steps, {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_train_refine(args) -> int:
+    from .inference.train_refine import train_refine
+
+    if len(args.volumes) % 2:
+        raise ValueError(f"train-refine takes IMAGE LABELS pairs: got {len(args.volumes)} volumes "
+                         f"(the last, {args.volumes[-1]}, has no partner)")
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: expected a probability in [0, 1]")
+    cfg = _build_config(args)
+    given = args.config or any(k.startswith("refine.") for k in _set_options(args))
+    refine = _build_refine(argparse.Namespace(**{**vars(args), "refine": True})) if given else None  # None: LEARNED_BASE
+    pairs = list(zip(args.volumes[::2], args.volumes[1::2]))
+    say = None if args.quiet else (lambda text: print(f"train-refine: {text}", file=sys.stderr, flush=True))
+    m = train_refine(pairs, args.out, model=args.model, config=cfg, refine=refine, base=args.base,
+                     threshold=args.threshold, overwrite=args.overwrite, progress=not args.quiet, report=say)
+    if not args.quiet:
+        print(f"wrote {args.out}: trained on {len(pairs)} volume(s), {m.training['examples']} pairs "
+              f"({m.training['merge_examples']} merge), base {m.base}, threshold {m.threshold}")
     return 0
 
 
@@ -365,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
     p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement steps of the "
                    "[refine] options (gap objects, watershed; see `ffn config`); the flood is kept as <out>_forward")
+    p.add_argument("--refine-model", default=None, metavar="M",
+                   help="with --refine: the learned refinement of this `ffn train-refine` model file, or 'bundled' "
+                        "(refine.model)")
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,
@@ -372,6 +400,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "K >= 1")
     _add_inference_options(p)
     p.set_defaults(func=cmd_segment)
+
+    # -- train-refine (learned refinement) --
+    p = sub.add_parser("train-refine", help="train the learned refinement (--refine-model) on labelled volumes: "
+                       "the flood of the model in use, features of touching objects, a classifier")
+    p.add_argument("volumes", nargs="+", metavar="IMAGE LABELS",
+                   help="pairs of image and labels, e.g. a.h5:raw a.h5:labels b.h5:raw b.h5:labels (labels: 0 = "
+                        "boundary / unlabelled)")
+    p.add_argument("--out", required=True, metavar="M", help="the refine model file to write (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--base", choices=["cores", "gap_cores", "watershed"], default="cores",
+                   help="what merging starts from: the watershed of the flood and every gap core (default), of the "
+                        "flood with the gap objects step's network floods and the cores left, or of the flood alone")
+    p.add_argument("--threshold", type=float, default=0.5, help="merge probability a pair needs (default 0.5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_train_refine)
 
     p = sub.add_parser("evaluate", help="compare a segmentation with ground truth (VI, adapted Rand)")
     p.add_argument("seg", help="segmentation: file.h5:dataset")

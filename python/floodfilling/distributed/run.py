@@ -106,6 +106,9 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     if refine is not None and any(refine.tile):
         raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
                          "leave refine.tile at 0,0,0")
+    if refine is not None and refine.model:
+        raise BlockError(f"refine.model={refine.model}: the learned refinement runs in memory only for now; "
+                         "segment without --block, or leave refine.model out (the hand steps)")
     net, info = comm.collective(lambda: load_model(model, "cpu"))
     if refine is not None:
         check_gap_box(refine, info.fov_zyx)

@@ -23,7 +23,7 @@ import numpy as np
 from .. import boxes, disk, kernels, locks, outputs, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig, RefineConfig
-from ..model import ModelInfo, load_model
+from ..model import load_model
 from ..normalise import Normalisation, resolve_normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
@@ -226,7 +226,7 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
-    if refine is not None:
+    if refine is not None and not refine.model:  # (a learned refinement runs no hand step)
         check_flood_options(refine, cfg)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
@@ -241,7 +241,14 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
                     overwrite: bool, progress: bool, refine: RefineConfig | None) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     net, info = load_model(model, "cpu")
-    if refine is not None:
+    learned = None
+    if refine is not None and refine.model:
+        from .learned import load_refine_model
+
+        learned = load_refine_model(refine.model)  # before the flood: a bad file is a one-line error
+        if learned.base == "gap_cores":
+            check_gap_box(learned.base_config(refine), info.fov_zyx)
+    elif refine is not None:
         check_gap_box(refine, info.fov_zyx)  # before the flood
     with volumes.open_volume(image_spec) as vol:
         box = boxes.box_in(bbox, vol.shape)
@@ -279,11 +286,14 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
     extra = {}
     if refine is not None:  # the exact flood is kept beside the refined result
         extra[f"{out_ds}_forward"] = result.segmentation
-        result = refined_result(result, norm.apply(raw, image_spec), refine, (net, info, cfg))
+        result = refined_result(result, norm.apply(raw, image_spec), refine, (net, info, cfg), learned)
+    refine_attrs = refine.to_dict() if refine is not None else None
+    if learned is not None:  # which model decided, and what it was trained on
+        refine_attrs["learned"] = learned.describe()
     write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
         resolution_zyx_nm=res, bbox_zyx=(box.start, box.stop), source_image=image_spec, model=info.source,
         config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters,
-        refine=refine.to_dict() if refine is not None else None).to_dict(), overwrite=overwrite, extra=extra)
+        refine=refine_attrs).to_dict(), overwrite=overwrite, extra=extra)
     if sp.exists():
         sp.unlink()
     return result
@@ -303,12 +313,22 @@ def _adopt_legacy_state(old: Path, sp: Path, manifest: dict[str, Any]) -> None:
                  "input); delete it if that run is abandoned", old)
 
 
-def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network) -> SegmentResult:
+def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network,
+                   learned=None) -> SegmentResult:
     """``result`` after the refinement steps of ``refine`` on ``image`` (normalised as for the
     flood) with ``network`` = (net, model info, inference config) of the flood: objects keep
     their ids and origins (those that rejoined an earlier object are gone), added objects get
-    their gap flood's origin, the refinement's counters are added as ``refine_<name>``."""
-    r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
+    their gap flood's origin, the refinement's counters are added as ``refine_<name>``.
+    ``learned``: a :class:`~floodfilling.inference.learned.RefineModel` replaces the hand steps."""
+    if learned is not None:
+        from .learned import learned_refine
+
+        flood_cfg = network[2]  # postprocessing renumbers the flood and drops its overlaps: not recorded (NaN)
+        recorded = not (flood_cfg.split_components or flood_cfg.dust_size > 0)
+        r = learned_refine(image, result.segmentation, learned, refine, network=FloodNetwork(*network),
+                           overlaps=result.overlaps if recorded else None)
+    else:
+        r = refine_array(image, result.segmentation, refine, FloodNetwork(*network), overlaps=result.overlaps)
     counters = {**result.counters, **{f"refine_{k}": v for k, v in r.counters.items()}}
     origins = {k: o for k, o in result.origins.items() if k not in r.joined}
     counters["refine_objects"] = len(origins) + len(r.new_origins)  # the refined result's ("objects": the flood's)

@@ -1,0 +1,274 @@
+"""The learned refinement (``ffn segment --refine --refine-model M``, ``ffn train-refine``).
+
+A classifier (gradient-boosted trees, LightGBM; extra ``refine``) decides whether two touching
+objects belong to one neuron, from the features of their contact
+(:mod:`floodfilling.inference.contacts`); objects merge in order of its confidence
+(:mod:`floodfilling.inference.agglomeration`), the merged object's pairs scored again after
+each merge. It works on a *base* segmentation made from the flood (recorded in the model file,
+:data:`BASES`):
+
+- ``"watershed"``: the plain seeded watershed of the normalised image from the flood's objects
+  (the floor every refinement must beat);
+- ``"cores"``: the same watershed from the flood's objects *and every gap core* (the cores of
+  cells in the space the flood left, :func:`floodfilling.inference.refine.gap_cores`, each its
+  own marker, no network flood). The classifier then decides for each core's object whether it
+  is a piece of an object it touches or its own neuron: the gap-object decision, learned;
+- ``"gap_cores"``: the hand step's gap objects first (each core's own network flood, joined or
+  kept by ``gap_join_fraction``, :mod:`floodfilling.inference.refine`), then every gap core left
+  in the space still free as its own marker, then the watershed.
+
+The model file is JSON (never a pickle): format name and version, the feature names, the base,
+the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import RefineConfig
+from ..results import Origin
+from .agglomeration import Agglomeration, agglomerate, apply_lut
+from .contacts import FEATURES, contact_graph
+
+log = logging.getLogger(__name__)
+
+FORMAT = "floodfilling-refine-model"
+FORMAT_VERSION = 1
+BASES = ("watershed", "cores", "gap_cores")  # what the learned merging starts from (module docstring)
+
+# the [refine] options that make the base (recorded in the model file, used in its place)
+BASE_OPTIONS = ("membranes", "interior_sigma", "interior_threshold", "gap_core_radius", "gap_min_core",
+                "watershed_sigma")
+# LightGBM options of every training: small trees, one thread, deterministic (same file twice)
+LGBM_PARAMS = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 10,
+               "feature_fraction": 1.0, "bagging_fraction": 1.0, "lambda_l2": 1.0, "num_threads": 1,
+               "deterministic": True, "force_row_wise": True, "seed": 0, "verbose": -1}
+ROUNDS = 200  # boosting rounds
+
+
+class RefineModelError(ValueError):
+    """A refine model file that cannot be used (message names the file and what is wrong)."""
+
+
+def import_lightgbm():
+    try:
+        import lightgbm
+    except ImportError:
+        raise RefineModelError("the learned refinement needs LightGBM: pip install 'floodfilling[refine]'") from None
+    return lightgbm
+
+
+@dataclass
+class RefineModel:
+    """A trained merge classifier and what it needs to be used and reproduced."""
+
+    booster: str  # LightGBM's text model
+    base: str  # of BASES
+    threshold: float  # pairs merge while their probability is at least this
+    features: tuple[str, ...] = FEATURES
+    training: dict[str, Any] = field(default_factory=dict)  # volumes (files, digests, shapes), options
+    source: str = ""  # the file it was read from ("" when made in memory)
+    _scorer: Any = field(default=None, repr=False, compare=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Merge probabilities of the pairs with features ``x`` (k, len(FEATURES))."""
+        if self._scorer is None:
+            self._scorer = import_lightgbm().Booster(model_str=self.booster)
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(self._scorer.predict(np.asarray(x, np.float64), num_threads=1), np.float64)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "features": list(self.features),
+                           "base": self.base, "threshold": self.threshold, "training": self.training,
+                           "lightgbm": self.booster}, indent=1, sort_keys=True) + "\n"
+
+    def base_config(self, cfg: RefineConfig) -> RefineConfig:
+        """``cfg`` with the base's options (cores, watershed) the model was trained with: a model
+        decides on the objects it learned from."""
+        given = {k: v for k, v in (self.training.get("refine") or {}).items() if k in BASE_OPTIONS}
+        return RefineConfig.from_dict({**cfg.to_dict(), **given}, f"{self.source or 'refine model'} training.refine")
+
+    def describe(self) -> dict[str, Any]:
+        """What a result's attributes record of the model: its file, base, threshold, training."""
+        return {"file": self.source, "base": self.base, "threshold": self.threshold, "training": self.training}
+
+
+def model_from_json(text: str, source: str) -> RefineModel:
+    """A :class:`RefineModel` from a model file's text; :class:`RefineModelError` naming
+    ``source`` when it is not one this version can use."""
+    try:
+        d = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RefineModelError(f"{source}: not a refine model file (not JSON: {exc})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise RefineModelError(f"{source}: not a refine model file (no \"format\": \"{FORMAT}\"; "
+                               "make one with ffn train-refine)")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise RefineModelError(f"{source}: refine model format version {d.get('format_version')!r}; this version "
+                               f"reads {FORMAT_VERSION} (retrain with ffn train-refine)")
+    if d.get("features") != list(FEATURES):
+        raise RefineModelError(f"{source}: refine model made for other features ({len(d.get('features') or [])} "
+                               f"named, this version computes {len(FEATURES)}); retrain with ffn train-refine")
+    if d.get("base") not in BASES:
+        raise RefineModelError(f"{source}: refine model base {d.get('base')!r}: expected one of {', '.join(BASES)}")
+    thr = d.get("threshold")
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
+        raise RefineModelError(f"{source}: refine model threshold {thr!r}: expected a number in [0, 1]")
+    if not isinstance(d.get("lightgbm"), str) or not isinstance(d.get("training", {}), dict):
+        raise RefineModelError(f"{source}: refine model without its LightGBM text model")
+    m = RefineModel(d["lightgbm"], d["base"], float(thr), FEATURES, d.get("training", {}), source)
+    try:
+        booster = import_lightgbm().Booster(model_str=m.booster)
+    except RefineModelError:
+        raise
+    except Exception as exc:  # LightGBM's own error for a damaged text model
+        raise RefineModelError(f"{source}: damaged LightGBM model ({' '.join(str(exc).split())[:200]})") from None
+    if booster.num_feature() != len(FEATURES):
+        raise RefineModelError(f"{source}: LightGBM model of {booster.num_feature()} features, expected "
+                               f"{len(FEATURES)}; retrain with ffn train-refine")
+    m._scorer = booster
+    return m
+
+
+BUNDLED = "bundled"  # refine.model = "bundled": the model shipped with the package
+BUNDLED_FILE = "refine_cores_fib25_medulla.json"  # its file in floodfilling/models (what it was trained on: inside)
+
+
+def bundled_refine_model_path() -> str:
+    from importlib import resources
+
+    return str(resources.files("floodfilling") / "models" / BUNDLED_FILE)
+
+
+def load_refine_model(path: str) -> RefineModel:
+    """Reads a refine model file (``"bundled"``: the package's; :class:`RefineModelError`
+    naming it when unusable)."""
+    if path == BUNDLED:
+        path = bundled_refine_model_path()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise RefineModelError(f"refine model {path}: {exc.strerror or exc}") from None
+    return model_from_json(raw.decode("utf-8", errors="replace"), str(path))
+
+
+def save_refine_model(model: RefineModel, path: str, overwrite: bool = False) -> None:
+    from ..disk import atomic_write_bytes
+
+    atomic_write_bytes(path, model.to_json().encode(), overwrite=overwrite)
+
+
+# -- base segmentations --------------------------------------------------------------------------
+
+@dataclass
+class Base:
+    """A base segmentation: every voxel an object's, the flood's objects keeping their ids,
+    each core object (base "cores") an id above the flood's with its origin (the core's deepest
+    voxel, 0 steps)."""
+
+    segmentation: np.ndarray
+    first_new: int  # ids above this are core objects
+    origins: dict[int, Origin]
+    flooded: np.ndarray  # bool: the voxels the flood segmented
+
+
+def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
+                      painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
+    """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile);
+    base "gap_cores" needs ``painted``: the flood with the gap objects painted in and their
+    origins (:func:`paint_gap_objects`)."""
+    from skimage.segmentation import watershed
+
+    from .refine import gap_cores, membranes_low
+
+    if base not in BASES:
+        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
+    first = int(np.max(seg, initial=0))
+    markers = np.asarray(seg).astype(np.int64)
+    origins: dict[int, Origin] = {}
+    if base == "gap_cores":
+        if painted is None:
+            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
+        markers = np.asarray(painted[0]).astype(np.int64)
+        origins = dict(painted[1])
+    flooded = markers > 0  # the flood's voxels (and the gap floods')
+    if base in ("cores", "gap_cores"):
+        top = int(markers.max(initial=0))
+        cores, centres = gap_cores(image, markers, cfg)
+        put = cores > 0
+        markers[put] = cores[put].astype(np.int64) + top
+        origins.update({top + 1 + k: Origin(tuple(int(v) for v in c), 0, 0.0) for k, c in enumerate(centres)})
+    if markers.any():
+        markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
+    return Base(markers, first, origins, flooded)
+
+
+def paint_gap_objects(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network,
+                      overlaps: dict | None = None) -> tuple[np.ndarray, dict[int, Origin], dict[str, float]]:
+    """The flood ``seg`` with the hand step's gap objects painted in (no watershed), their
+    origins and the step's counters (base "gap_cores"; ``network``: a
+    :class:`~floodfilling.inference.refine.FloodNetwork`)."""
+    import dataclasses
+
+    from .refine import RefineError, check_gap_box, refine_array
+
+    if network is None:
+        raise RefineError("refine model base 'gap_cores' needs the network (network=FloodNetwork(...))")
+    check_gap_box(cfg, network.info.fov_zyx)
+    r = refine_array(image, seg, dataclasses.replace(cfg, steps=("gap_objects",), model=""), network, overlaps)
+    return r.segmentation, r.new_origins, r.counters
+
+
+def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: RefineConfig,
+                     overlaps: dict | None = None) -> Agglomeration:
+    """The learned merges of ``base`` (the flood's ``overlaps`` feed the overlap feature)."""
+    from .refine import membranes_low
+
+    graph = contact_graph(base.segmentation, membranes_low(image, cfg, 0.0), overlaps, flooded=base.flooded)
+    return agglomerate(graph, model.predict, model.threshold)
+
+
+def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: RefineConfig,
+                   overlaps: dict | None = None, network=None, painted=None):
+    """``seg`` (the flood of the normalised ``image``) refined by ``model``: its base, then the
+    learned merges. Returns a :class:`~floodfilling.inference.refine.Refined` whose ``joined``
+    lists the flood objects that joined another, ``new_origins`` the core objects kept. Base
+    "gap_cores" runs the gap floods with ``network`` (or takes ``painted``, what
+    :func:`paint_gap_objects` returned)."""
+    from .refine import Refined, RefineError
+
+    try:
+        import skimage.segmentation  # noqa: F401
+    except ImportError:
+        raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
+    if image.shape != seg.shape:
+        raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
+    t0 = time.perf_counter()
+    cfg = model.base_config(cfg)
+    gap_counters: dict[str, float] = {}
+    if model.base == "gap_cores" and painted is None:
+        painted = paint_gap_objects(image, seg, cfg, network, overlaps)
+    if painted is not None:
+        gap_counters = {k: v for k, v in (painted[2] if len(painted) > 2 else {}).items()
+                        if k in ("gap_floods", "gap_steps", "gap_joined")}
+    b = base_segmentation(image, seg, model.base, cfg, painted[:2] if painted is not None else None)
+    agg = agglomerate_base(image, b, model, cfg, overlaps)
+    out = apply_lut(b.segmentation, agg.lut)
+    dtype = seg.dtype if int(out.max(initial=0)) <= np.iinfo(seg.dtype).max else np.uint64
+    joined = {k: v for k, v in agg.lut.items() if k <= b.first_new}
+    origins = {k: o for k, o in b.origins.items() if k not in agg.lut}
+    counters = {"learned_merges": len(agg.merges), "learned_base_objects": int(len(np.unique(b.segmentation)) -
+                                                                             (0 in b.segmentation)),
+                "rejoined": len(joined), "gap_objects": len(origins), "gap_cores": len(b.origins),
+                "voxels_filled": int(np.count_nonzero(out)) - int(np.count_nonzero(seg)),
+                "seconds": time.perf_counter() - t0, **gap_counters}
+    log.info("learned refine (%s base): %d merges, %d core objects kept", model.base, len(agg.merges), len(origins))
+    return Refined(out.astype(dtype), origins, counters, joined)
