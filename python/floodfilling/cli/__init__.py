@@ -139,7 +139,7 @@ def cmd_segment(args) -> int:
 
 
 def cmd_train_refine(args) -> int:
-    from .inference.train_refine import train_refine
+    from ..inference.train_refine import train_refine
 
     if len(args.volumes) % 2:
         raise ValueError(f"train-refine takes IMAGE LABELS pairs: got {len(args.volumes)} volumes "
