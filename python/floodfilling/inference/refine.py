@@ -84,12 +84,13 @@ class Refined:
 
 @dataclass
 class FloodNetwork:
-    """What the gap floods need: the network, its :class:`~floodfilling.model.ModelInfo` and the
-    inference options of the flood being refined."""
+    """What the gap floods need: the network, its :class:`~floodfilling.model.ModelInfo`, the
+    inference options of the flood being refined, and the flood's predictor when it can be reused."""
 
     net: object
     info: object
     config: InferenceConfig
+    predictor: object = None  # the flood's predictor, reused by the gap floods (None: made for them)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ def flood_gaps(image: Reader, seg: Reader, shape: Sequence[int], seeds: Sequence
     from ..model import select_device
 
     k = inflight_on(select_device(cfg.device), inflight)
-    predictor = make_predictor(network.net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads, inflight=k)
+    predictor = network.predictor if network.predictor is not None else \
+        make_predictor(network.net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads, inflight=k)
     shape = tuple(int(s) for s in shape)
     floods: list[GapFlood | None] = [None] * len(seeds)
     steps = [0] * len(seeds)

@@ -23,14 +23,15 @@ import numpy as np
 from .. import boxes, disk, kernels, locks, outputs, results, volumes
 from .. import normalise as norm_mod
 from ..config import InferenceConfig, RefineConfig
-from ..model import load_model
+from ..model import load_model, select_device
 from ..normalise import Normalisation, resolve_normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
 from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, result_names)
 from .canvas import Canvas, CanvasState
 from ..geometry import fov_margin, smaller_than_fov
-from .engine import Job, make_predictor, run_jobs, subvolume_canvas
+from .engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
+from .predictor import Predictor
 from .refine import FloodNetwork, check_flood_options, check_gap_box, refine_array
 
 log = logging.getLogger(__name__)
@@ -150,25 +151,36 @@ class _BetweenSeeds:
             self.bar.close()
 
 
+@dataclass
+class Prepared:
+    """What a run makes once and its refinement reuses: the normalised image and the predictor
+    (the prepared network: on its device, compiled with ``compile``)."""
+
+    image: np.ndarray  # float32, normalised
+    predictor: Predictor
+
+
 def segment_array(raw: np.ndarray, *, model=None, config: InferenceConfig | None = None,
                   resolution_zyx=(1, 1, 1), state_path: Path | None = None, manifest: dict | None = None,
                   progress: bool = False, net_and_info=None, normalisation: Normalisation | None = None,
                   source: str = "image", seeds: np.ndarray | None = None,
-                  policy: seeds_mod.SeedPolicy | None = None, keep_final_state: bool = False) -> SegmentResult:
+                  policy: seeds_mod.SeedPolicy | None = None, keep_final_state: bool = False,
+                  prepared: Prepared | None = None) -> SegmentResult:
     """Segments an in-memory raw volume. ``state_path`` enables resumable runs;
     ``normalisation`` (default: from ``config`` and the statistics of ``raw``); ``seeds``
     ((N, 3) in order; default: those of ``policy``, itself by default the config's seed policy,
     :func:`~floodfilling.inference.seeds.policy_of`); ``keep_final_state``: also save
     the finished flood's state, so that a run killed in a later phase (``--refine``) resumes
-    after the flood instead of redoing its end (the caller deletes the state once written)."""
+    after the flood instead of redoing its end (the caller deletes the state once written);
+    ``prepared``: the normalised image and the predictor, made by the caller (who reuses them)."""
     cfg = (config or InferenceConfig()).validate()
     with kernels.launcher(cfg.kernels):
         return _segment_array(raw, model, cfg, resolution_zyx, state_path, manifest, progress, net_and_info,
-                              normalisation, source, seeds, policy, keep_final_state)
+                              normalisation, source, seeds, policy, keep_final_state, prepared)
 
 
 def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path, manifest, progress, net_and_info,
-                   normalisation, source, seeds, policy, keep_final_state) -> SegmentResult:
+                   normalisation, source, seeds, policy, keep_final_state, prepared) -> SegmentResult:
     t0 = time.perf_counter()
     net, info = net_and_info or load_model(model, "cpu")
     if raw.ndim != 3:
@@ -177,7 +189,7 @@ def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path,
         raise SegmentError(f"image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
     try:
         norm = normalisation or resolve_normalisation(cfg, info, raw, source)
-        image = norm.apply(raw, source)
+        image = prepared.image if prepared is not None else norm.apply(raw, source)
     except norm_mod.NormalisationError as exc:
         raise SegmentError(str(exc)) from None
     state = None
@@ -187,7 +199,8 @@ def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path,
                  len(state.origins))
     elif seeds is None and policy is not None:
         seeds = policy.seeds(image, fov_margin(info.fov_zyx), resolution_zyx)
-    predictor = make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
+    predictor = prepared.predictor if prepared is not None else \
+        make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads)
     canvas = subvolume_canvas(predictor, image, cfg, info, resolution_zyx, seeds=seeds, state=state)
     between = _BetweenSeeds(canvas, state_path if cfg.checkpoint_interval_s > 0 else None, manifest or {},
                             cfg.checkpoint_interval_s, progress)
@@ -280,13 +293,21 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         _adopt_legacy_state(legacy_state_path(out_path), sp, manifest)
     with disk.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
+    # made once: the refinement's gap floods reuse the image and the (compiled) network of the flood
+    try:
+        image = norm.apply(raw, image_spec)
+    except norm_mod.NormalisationError as exc:
+        raise SegmentError(str(exc)) from None
+    k = inflight_on(select_device(cfg.device)) if refine is not None else 1
+    prepared = Prepared(image, make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads,
+                                              inflight=k))
     result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
                            progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
-                           policy=policy, keep_final_state=refine is not None)
+                           policy=policy, keep_final_state=refine is not None, prepared=prepared)
     extra = {}
     if refine is not None:  # the exact flood is kept beside the refined result
         extra[f"{out_ds}_forward"] = result.segmentation
-        result = refined_result(result, norm.apply(raw, image_spec), refine, (net, info, cfg), learned)
+        result = refined_result(result, image, refine, (net, info, cfg, prepared.predictor), learned)
     refine_attrs = refine.to_dict() if refine is not None else None
     if learned is not None:  # which model decided, and what it was trained on
         refine_attrs["learned"] = learned.describe()
@@ -316,7 +337,7 @@ def _adopt_legacy_state(old: Path, sp: Path, manifest: dict[str, Any]) -> None:
 def refined_result(result: SegmentResult, image: np.ndarray, refine: RefineConfig, network,
                    learned=None) -> SegmentResult:
     """``result`` after the refinement steps of ``refine`` on ``image`` (normalised as for the
-    flood) with ``network`` = (net, model info, inference config) of the flood: objects keep
+    flood) with ``network`` = (net, model info, inference config[, predictor]) of the flood: objects keep
     their ids and origins (those that rejoined an earlier object are gone), added objects get
     their gap flood's origin, the refinement's counters are added as ``refine_<name>``.
     ``learned``: a :class:`~floodfilling.inference.learned.RefineModel` replaces the hand steps."""
