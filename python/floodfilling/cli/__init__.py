@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import __version__
+from .train import add_parsers as add_training_parsers
 from .args import _FLAGS, _Parser, _bbox, check_numbers, with_flags, zyx_arg  # noqa: F401 (zyx_arg: API)
 
 log = logging.getLogger("floodfilling")
@@ -371,12 +372,8 @@ def _show(text: str):
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="ffn", description="Flood-Filling Networks for connectomics")
-    ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
-    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_segment_parser(sub) -> None:
+    """``ffn segment``."""
     p = sub.add_parser("segment", help="segment a volume with a flood-filling network")
     p.add_argument("image", help="input image: file.h5:dataset or a Zarr array")
     p.add_argument("out", help="output: file.h5:dataset or dir.zarr/array (uint32 segmentation + "
@@ -401,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_segment)
 
-    # -- train-refine (learned refinement) --
+
+def _add_train_refine_parser(sub) -> None:
+    """``ffn train-refine``."""
     p = sub.add_parser("train-refine", help="train the learned refinement (--refine-model) on labelled volumes: "
                        "the flood of the model in use, features of touching objects, a classifier")
     p.add_argument("volumes", nargs="+", metavar="IMAGE LABELS",
@@ -417,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_train_refine)
 
+
+def _add_evaluate_parser(sub) -> None:
+    """``ffn evaluate``."""
     p = sub.add_parser("evaluate", help="compare a segmentation with ground truth (VI, adapted Rand)")
     p.add_argument("seg", help="segmentation: file.h5:dataset")
     p.add_argument("gt", help="ground truth labels: file.h5:dataset")
@@ -427,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a report")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo_parser(sub) -> None:
+    """``ffn demo``."""
     p = sub.add_parser("demo", help="segment the bundled FIB-25 crop with the bundled model and evaluate it")
     p.add_argument("--out", default="ffn-demo", help="output directory (segmentation .h5 and a PNG)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or xpu[:N]")
@@ -434,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_consensus_parser(sub) -> None:
+    """``ffn consensus``."""
     p = sub.add_parser("consensus", help="split consensus of two segmentations (e.g. a run and its inverted-seed "
                                          "rerun): keep only what both agree on")
     p.add_argument("a", help="first segmentation (its ids and origins are kept where the runs agree)")
@@ -443,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_consensus)
 
+
+def _add_agglomerate_parser(sub) -> None:
+    """``ffn agglomerate``."""
     p = sub.add_parser("agglomerate", help="merge touching objects that the network, flooding from each, finds "
                                            "to be one (FFN resegmentation)")
     p.add_argument("image", help="image: file.h5:dataset or a Zarr array")
@@ -459,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_agglomerate)
 
+
+def _add_status_parser(sub) -> None:
+    """``ffn status``."""
     p = sub.add_parser("status", help="progress of a block-inference run (blocks done, running, time left), "
                                       "read from its --workdir; --devices: the kernel launchers and devices")
     p.add_argument("workdir", nargs="?", help="the --workdir of an `ffn segment --block` run")
@@ -468,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "times) and torch's devices")
     p.set_defaults(func=cmd_status)
 
+
+def _add_export_parser(sub) -> None:
+    """``ffn export``."""
     p = sub.add_parser("export", help="write a volume as a neuroglancer precomputed layer with a downsampled "
                                       "pyramid (needs floodfilling[export])")
     p.add_argument("volume", help="file.h5:dataset or a Zarr array (labels -> segmentation layer, else image)")
@@ -482,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh_flags(p)  # looking at the result
     p.set_defaults(func=cmd_export)
 
+
+def _add_view_parser(sub) -> None:
+    """``ffn view``."""
     p = sub.add_parser("view", help="look at an image and segmentations in neuroglancer (prints the URL; "
                                     "needs floodfilling[viewer])")
     p.add_argument("image", help="image: file.h5:dataset or a Zarr array")
@@ -494,17 +514,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "3-D panel (all: every object; default 0: none, double-click objects to show them)")
     p.set_defaults(func=cmd_view)
 
-    _add_stats_parser(sub)  # looking at the result
 
+def _add_config_parser(sub) -> None:
+    """``ffn config``."""
     p = sub.add_parser("config", help="print the default inference and refine options as TOML (with comments)")
     p.set_defaults(func=cmd_config)
 
-    try:  # training subcommands (prepare, train) live with the training package
-        from .train import add_parsers as add_training_parsers
-    except ImportError:  # pragma: no cover - training package not present
-        add_training_parsers = None
-    if add_training_parsers is not None:
-        add_training_parsers(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="ffn", description="Flood-Filling Networks for connectomics")
+    ap.add_argument("--version", action="version", version=f"floodfilling {__version__}")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_segment_parser(sub)
+    _add_train_refine_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_demo_parser(sub)
+    _add_consensus_parser(sub)
+    _add_agglomerate_parser(sub)
+    _add_status_parser(sub)
+    _add_export_parser(sub)
+    _add_view_parser(sub)
+    _add_stats_parser(sub)  # looking at the result
+    _add_config_parser(sub)
+    add_training_parsers(sub)  # ffn prepare, ffn train (cli/train.py)
+    return ap
     return ap
 
 
