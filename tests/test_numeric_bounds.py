@@ -70,7 +70,7 @@ def _minimal_argv(sub: argparse.ArgumentParser, command: str) -> list[str]:
     argv = [command]
     for a in sub._actions:
         if not a.option_strings and a.dest != "help":
-            argv += ["x"] if a.nargs in (None, 1) else []
+            argv += ["x"] if a.nargs in (None, 1, "+") else []
         elif a.required:
             argv += [a.option_strings[0], "x"]
     return argv
