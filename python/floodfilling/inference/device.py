@@ -405,9 +405,10 @@ class DevicePredictor(Predictor):
         q = host[14 * n:].reshape(n, qmax)
         for i, qi in enumerate(qs):
             q[i, : len(qi)] = qi
-        if sync:
-            dev_arr = self._device_buffer(host.shape, torch.int64)
-            dev_arr.numpy()[...] = host
+        if sync:  # (cpu: a USM copy of the host array the kernels read)
+            buf = kernels.empty(host.shape, np.int64)
+            buf[...] = host
+            dev_arr = torch.from_numpy(buf)
         else:
             dev_arr = self._upload(host)
         targets_lg, targets_img = dev_arr.data_ptr(), dev_arr.data_ptr() + 8 * 7 * n
