@@ -243,14 +243,9 @@ def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: 
     lists the flood objects that joined another, ``new_origins`` the core objects kept. Base
     "gap_cores" runs the gap floods with ``network`` (or takes ``painted``, what
     :func:`paint_gap_objects` returned)."""
-    from .refine import Refined, RefineError
+    from .refine import Refined, check_inputs
 
-    try:
-        import skimage.segmentation  # noqa: F401
-    except ImportError:
-        raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
-    if image.shape != seg.shape:
-        raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
+    check_inputs(image, seg)
     t0 = time.perf_counter()
     cfg = model.base_config(cfg)
     gap_counters: dict[str, float] = {}

@@ -469,6 +469,17 @@ def rejoin_lut(own_voxels: np.ndarray, overlaps: dict | None, cfg: RefineConfig)
     return rejoin_targets(own_voxels, overlaps, cfg.rejoin_fraction) if len(own_voxels) > 1 else {}
 
 
+def check_inputs(image: np.ndarray, seg: np.ndarray) -> None:
+    """What every refinement needs: scikit-image (the watershed), an image and a flood of one
+    shape; :class:`RefineError` otherwise."""
+    try:
+        import skimage.segmentation  # noqa: F401
+    except ImportError:
+        raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
+    if image.shape != seg.shape:
+        raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
+
+
 def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network: FloodNetwork | None = None,
                  overlaps: dict | None = None, tile: Sequence[int] | None = None,
                  inflight: int | None = None) -> Refined:
@@ -477,12 +488,7 @@ def refine_array(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network:
     (ids, voxels), as :class:`~floodfilling.inference.canvas.CanvasState` keeps them) for
     rejoin; ``tile``: the tile size (default ``cfg.tile``; block inference: its block size);
     ``inflight``: gap floods sharing each network call."""
-    try:
-        import skimage.segmentation  # noqa: F401
-    except ImportError:
-        raise RefineError("refinement needs scikit-image: pip install 'floodfilling[refine]'") from None
-    if image.shape != seg.shape:
-        raise RefineError(f"image shape {image.shape} and segmentation shape {seg.shape} differ")
+    check_inputs(image, seg)
     t0 = time.perf_counter()
     cfg = cfg.validate()
     out = np.asarray(seg)
