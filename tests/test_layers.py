@@ -11,7 +11,7 @@ from pathlib import Path
 import floodfilling
 
 PKG = Path(floodfilling.__file__).resolve().parent
-ARCH = PKG.parents[1] / "ARCHITECTURE.md"
+ARCH = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"  # (the package may be installed elsewhere)
 
 
 def module_name(path: Path) -> str:
