@@ -48,7 +48,8 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path) -> None:
+    """The file's data on disk (every writer's, through any descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -322,7 +323,7 @@ def atomic_path(path: PathLike, overwrite: bool = True) -> Iterator[str]:
             yield tmp
             if not os.path.isfile(tmp):
                 raise VolumeError(f"{target}: nothing was written to the temporary file {tmp}")
-            _fsync_file(tmp)
+            fsync_file(tmp)
             commit_file(tmp, target)
     except BaseException:
         _remove_quietly(tmp)

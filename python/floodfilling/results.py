@@ -330,11 +330,7 @@ class ResultWriter:
             disk.fsync_dir(str(out.resolve()))
             return
         with disk.disk_errors(out):
-            fd = os.open(self.tmp_path(), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            disk.fsync_file(self.tmp_path())
             disk.commit_file(self.tmp_path(), self.real_file())  # mode, owner, hard links kept
 
     def discard(self) -> None:
@@ -350,7 +346,8 @@ def write_region(target: ResultTarget, name: str, slices: tuple[slice, slice, sl
                  space: disk.SpaceCheck | None = None, h5file=None) -> int:
     """Writes ``values`` at ``slices`` of volume ``name`` of a result being built (any rank; the
     regions of concurrent writers must not overlap, nor share a zarr chunk); returns the bytes
-    written. HDF5, parallel: ``pwrite`` at the volume's offset (C order, little-endian; fsynced);
+    written. HDF5, parallel: ``pwrite`` at the volume's offset (C order, little-endian; the writer
+    fsyncs the file once after its regions, :func:`floodfilling.disk.fsync_file`);
     HDF5, one writer: through ``h5file`` (the temporary file, open) or opening it; ``space``
     checks the bytes fit first."""
     values = np.asarray(values, dtype=np.dtype(target.dtypes[name]))
@@ -391,7 +388,6 @@ def _pwrite(target: ResultTarget, name: str, slices, values: np.ndarray) -> int:
                     buf = values[z, y].tobytes()
                     os.pwrite(fd, buf, offset + (((z0 + z) * shape[1] + y0 + y) * shape[2] + x0) * isz)
                     written += len(buf)
-        os.fsync(fd)
     finally:
         os.close(fd)
     return written

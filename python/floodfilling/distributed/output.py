@@ -170,11 +170,7 @@ def _write_task(plan: Plan, task: WriteTask, sync: bool, space: disk.SpaceCheck 
     for sl, core in _cores(plan, task.blocks, task.dtype, task.comp_dir):
         written += write_region(task.target, task.name, sl, core, space)
     if sync and task.target.kind == "hdf5":  # this rank's writes on disk before rank 0 commits
-        fd = os.open(task.target.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        disk.fsync_file(task.target.path)
     return written
 
 
