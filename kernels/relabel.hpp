@@ -44,11 +44,10 @@ inline uint64_t mix64(uint64_t x) {
   return x;
 }
 
-/// Device-friendly single-voxel relabel: binary search in sorted `keys`.
-template <class L>
-inline L relabel_one(L v, const uint64_t* keys, const uint64_t* values, int64_t n) {
+/// Device-friendly binary search: the first position in the sorted `keys`
+/// (n of them) whose key is >= `key` (n when none).
+inline int64_t lower_bound_index(const uint64_t* keys, int64_t n, uint64_t key) {
   int64_t lo = 0, hi = n;
-  const uint64_t key = static_cast<uint64_t>(v);
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (keys[mid] < key)
@@ -56,7 +55,15 @@ inline L relabel_one(L v, const uint64_t* keys, const uint64_t* values, int64_t 
     else
       hi = mid;
   }
-  return (lo < n && keys[lo] == key) ? static_cast<L>(values[lo]) : v;
+  return lo;
+}
+
+/// Device-friendly single-voxel relabel: binary search in sorted `keys`.
+template <class L>
+inline L relabel_one(L v, const uint64_t* keys, const uint64_t* values, int64_t n) {
+  const uint64_t key = static_cast<uint64_t>(v);
+  const int64_t i = lower_bound_index(keys, n, key);
+  return (i < n && keys[i] == key) ? static_cast<L>(values[i]) : v;
 }
 
 /// Open-addressing map uint64 key -> uint64 value built once from sorted

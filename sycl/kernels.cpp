@@ -342,16 +342,7 @@ void ffn_uf_index(const uint64_t* ends, int64_t n_ends, const uint64_t* ids, int
                   int64_t* index) {
   const int64_t i = ffn_sycl::global_id();
   if (i >= n_ends) return;
-  const uint64_t v = ends[i];
-  int64_t lo = 0, hi = n_ids;  // first position whose id >= v (the id is present)
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (ids[mid] < v)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  index[i] = lo;
+  index[i] = ffn::kernels::reconcile::lower_bound_index(ids, n_ids, ends[i]);  // (the id is present)
 }
 
 extern "C" SYCL_EXT_ONEAPI_FUNCTION_PROPERTY((sycl::ext::oneapi::experimental::nd_range_kernel<1>))

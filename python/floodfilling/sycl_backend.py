@@ -774,24 +774,21 @@ def union_find(edges):
         return ids, ids.copy()
     b = backend()
     with b._lock:
-        work = _UsmBlock(b, 16 * m + 8 * n + 8 * 2 * m + 8 * n + 8)
-        view = work.array((work.nbytes,), np.uint8)
-        np.copyto(view[: 16 * m].view(np.uint64), e.reshape(-1))
-        np.copyto(view[16 * m: 16 * m + 8 * n].view(np.uint64), ids)
-        ends_p, ids_p = work.ptr, work.ptr + 16 * m
-        index_p = ids_p + 8 * n
-        parent_p = index_p + 16 * m
-        flag_p = parent_p + 8 * n
-        parent = view[parent_p - work.ptr: flag_p - work.ptr].view(np.int64)
+        blocks = {name: _UsmBlock(b, 8 * size) for name, size in
+                  (("ends", 2 * m), ("ids", n), ("index", 2 * m), ("parent", n), ("flag", 1))}
+        blocks["ends"].array((2 * m,), np.uint64)[...] = e.reshape(-1)
+        blocks["ids"].array((n,), np.uint64)[...] = ids
+        parent = blocks["parent"].array((n,), np.int64)
         parent[...] = np.arange(n)
-        flag = view[flag_p - work.ptr: flag_p - work.ptr + 4].view(np.uint32)
+        flag = blocks["flag"].array((1,), np.uint32)
+        ptr = {name: blk.ptr for name, blk in blocks.items()}
         b.launch("ffn_uf_index", 2 * m, 256,
-                 [(_PTR, ends_p), (_I64, 2 * m), (_PTR, ids_p), (_I64, n), (_PTR, index_p)])
+                 [(_PTR, ptr["ends"]), (_I64, 2 * m), (_PTR, ptr["ids"]), (_I64, n), (_PTR, ptr["index"])])
         while True:
             flag[0] = 0
             b.launch("ffn_uf_hook", m, 256,
-                     [(_PTR, index_p), (_I64, m), (_PTR, parent_p), (_PTR, flag_p)])
-            b.launch("ffn_uf_compress", n, 256, [(_PTR, parent_p), (_I64, n)])
+                     [(_PTR, ptr["index"]), (_I64, m), (_PTR, ptr["parent"]), (_PTR, ptr["flag"])])
+            b.launch("ffn_uf_compress", n, 256, [(_PTR, ptr["parent"]), (_I64, n)])
             if not flag[0]:
                 break
         roots = ids[parent]
