@@ -29,6 +29,7 @@ many items, and the result file of item i (see :func:`refine_stages`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -234,9 +235,7 @@ class RefineStages:
 
     def with_floods(self, n: int) -> "RefineStages":
         """The same stages with ``n`` gap floods (known once the cores are found)."""
-        f = self.floods
-        return RefineStages(self.rdir, self.cores, Stage(f.name, f.results, f.claims, n, f.result_of, f.name_of),
-                            self.tiles)
+        return dataclasses.replace(self, floods=dataclasses.replace(self.floods, items=n))
 
 
 def refine_stages(layout: Layout, rdir: Path, grid, n_floods: int = 0) -> RefineStages:
