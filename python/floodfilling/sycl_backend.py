@@ -676,9 +676,7 @@ def gather_fovs(canvases, centers, fov_size, pad_value: float, out: np.ndarray) 
         staged = _Staged(b, [(_addr(a), _addr(a) + a.nbytes) for a in cvs])
         targets = _targets(b, cvs, c, staged)
         dout = _stage_array(b, out, copy_in=False)
-        b.launch("ffn_gather_fovs", k * f[0] * f[1], 64,
-                 [(_PTR, targets.ptr), (_I64, k), (_PTR, dout.device_ptr(_addr(out))),
-                  (_I64, f[0]), (_I64, f[1]), (_I64, f[2]), (_F32, pad)])
+        _launch_gather(b, f, targets.ptr, k, dout.device_ptr(_addr(out)), pad, wait=True)
         dout.copy_out()
     return out
 
@@ -708,11 +706,8 @@ def update_fovs(canvases, logits: np.ndarray, centers, *, move_threshold: float,
         targets = _targets(b, cvs, c, staged)
         dl = _stage_array(b, logits)
         res = _UsmBlock(b, k * 6 * 4 + k * 18 * 8)
-        b.launch("ffn_update_fovs_serial" if serial else "ffn_update_fovs", 1 if serial else k, 1,
-                 [(_PTR, targets.ptr), (_I64, k), (_PTR, dl.device_ptr(_addr(logits))),
-                  (_I64, f[0]), (_I64, f[1]), (_I64, f[2]), (_F32, thr), (_F64, disco),
-                  (_I64, d[0]), (_I64, d[1]), (_I64, d[2]), (_PTR, res.ptr + k * 18 * 8),
-                  (_PTR, res.ptr)])
+        _launch_update(b, f, targets.ptr, k, dl.device_ptr(_addr(logits)), thr, d, disco,
+                       res.ptr + k * 18 * 8, res.ptr, serial, wait=True)
         staged.copy_out()
         dl.copy_out()
         raw = res.array((k * 18 * 8 + k * 6 * 4,), np.uint8)
@@ -814,10 +809,7 @@ class FovSteps:
 
     def gather(self, targets: int, k: int, out: int, pad_value: float, wait: bool) -> None:
         """out (K, fz, fy, fx) float32 = the canvas boxes, NaN replaced by ``pad_value``."""
-        f = self.f
-        self.backend.launch("ffn_gather_fovs", k * f[0] * f[1], 64,
-                            [(_PTR, targets), (_I64, k), (_PTR, out), (_I64, f[0]), (_I64, f[1]),
-                             (_I64, f[2]), (_F32, float(pad_value))], wait)
+        _launch_gather(self.backend, self.f, targets, k, out, pad_value, wait)
 
     def update(self, targets: int, k: int, logits: int, *, move_threshold: float,
                deltas, disco_seed_threshold: float, scores: int, offsets: int,
@@ -825,12 +817,26 @@ class FovSteps:
         """The disco rule and the write of K FOVs of ``logits`` (K, fz, fy, fx) float32 into
         distinct canvases, ``logits`` left holding what was written; the six face maxima into
         ``scores`` (K, 6) float32 and their offsets into ``offsets`` (K, 6, 3) int64."""
-        f, d = self.f, _k._deltas3(deltas)
-        self.backend.launch("ffn_update_fovs", k, 1,
-                            [(_PTR, targets), (_I64, k), (_PTR, logits), (_I64, f[0]), (_I64, f[1]),
-                             (_I64, f[2]), (_F32, float(move_threshold)),
-                             (_F64, float(disco_seed_threshold)), (_I64, d[0]), (_I64, d[1]),
-                             (_I64, d[2]), (_PTR, scores), (_PTR, offsets)], wait)
+        _launch_update(self.backend, self.f, targets, k, logits, move_threshold, _k._deltas3(deltas),
+                       disco_seed_threshold, scores, offsets, False, wait)
+
+
+# The two FOV kernels' launches (arguments in the order of sycl/kernels.cpp), for the entry
+# points (host arrays, staged) and FovSteps (memory the caller owns) alike.
+
+def _launch_gather(b: Backend, f, targets: int, k: int, out: int, pad_value: float, wait: bool) -> None:
+    b.launch("ffn_gather_fovs", k * f[0] * f[1], 64,
+             [(_PTR, targets), (_I64, k), (_PTR, out), (_I64, f[0]), (_I64, f[1]), (_I64, f[2]),
+              (_F32, float(pad_value))], wait)
+
+
+def _launch_update(b: Backend, f, targets: int, k: int, logits: int, move_threshold: float, d,
+                   disco_seed_threshold: float, scores: int, offsets: int, serial: bool, wait: bool) -> None:
+    """``serial``: the FOVs in order by one work-item (canvases that share memory)."""
+    b.launch("ffn_update_fovs_serial" if serial else "ffn_update_fovs", 1 if serial else k, 1,
+             [(_PTR, targets), (_I64, k), (_PTR, logits), (_I64, f[0]), (_I64, f[1]), (_I64, f[2]),
+              (_F32, float(move_threshold)), (_F64, float(disco_seed_threshold)), (_I64, d[0]),
+              (_I64, d[1]), (_I64, d[2]), (_PTR, scores), (_PTR, offsets)], wait)
 
 
 def _greedy_spacing(idx: np.ndarray, shape, d: int) -> np.ndarray:
