@@ -167,14 +167,14 @@ def test_refine_stage_of_a_changed_image_is_refused(data, tmp_path, capsys, monk
 def test_block_manifest_records_flood_options_and_digest(data, tmp_path, capsys):
     from floodfilling.boxes import BBox
     from floodfilling.config import OPTION_STAGES
-    from floodfilling.distributed.workdir import image_digest_of
+    from floodfilling.source import image_source
 
     img = image_copy(data, tmp_path)
     assert run(seg(data, f"{img}:raw", f"{tmp_path / 'a.h5'}:seg", *BLOCK, "--workdir", tmp_path / "wd",
                    "--bbox", "0,0,0:32,56,40"), capsys)[0] == 0
     man = json.loads((tmp_path / "wd" / "manifest.json").read_text())
     assert set(man["config"]) == {k for k, s in OPTION_STAGES.items() if s == "flood"}
-    assert man["image_digest"] == image_digest_of(f"{img}:raw", BBox((0, 0, 0), (32, 56, 40)))
+    assert man["image_digest"] == image_source(f"{img}:raw", BBox((0, 0, 0), (32, 56, 40))).digest()
     # the digest is of the box only: a change outside it is not a change of this run
     with h5py.File(img, "r+") as f:
         f["raw"][0, 0, 50] = 255 - f["raw"][0, 0, 50]
@@ -184,16 +184,17 @@ def test_block_manifest_records_flood_options_and_digest(data, tmp_path, capsys)
 
 def test_image_digest_reads_slabs(data, tmp_path, monkeypatch):
     """The block digest reads the box in slabs (bounded memory), the same for any slab share."""
-    from floodfilling.distributed import workdir
+    from floodfilling import source as source_mod
+    from floodfilling.source import image_source
 
     spec = f"{data / 'crop.h5'}:raw"
-    whole = workdir.image_digest_of(spec)
-    monkeypatch.setattr(workdir, "DIGEST_SLAB_BYTES", 56 * 56 * 5)  # 5 planes a slab
-    assert len(workdir.digest_slabs(SHAPE, 1)) == 7
-    parts = [workdir.slab_digests(spec, None, r, 3) for r in range(3)]
-    assert workdir.combine_digests(parts) == workdir.image_digest_of(spec)
+    whole = image_source(spec).digest()
+    monkeypatch.setattr(source_mod, "DIGEST_SLAB_BYTES", 56 * 56 * 5)  # 5 planes a slab
+    assert len(source_mod.digest_slabs(SHAPE, 1)) == 7
+    parts = [image_source(spec).slab_digests(r, 3) for r in range(3)]
+    assert source_mod.combine_digests(parts) == image_source(spec).digest()
     assert sorted(k for p in parts for k in p) == list(range(7))
-    assert whole != workdir.image_digest_of(f"{data / 'crop.h5'}:other")
+    assert whole != image_source(f"{data / 'crop.h5'}:other").digest()
 
 
 # -- 2. resume state per output dataset ---------------------------------------------------------

@@ -27,6 +27,7 @@ from .reconcile import GlobalLabels, global_labels, match_overlap, relabel_core
 from .workdir import Plan
 
 if TYPE_CHECKING:
+    from ..source import ImageSource
     from .worker import RankStats
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def match_my_pairs(plan: Plan, comm: mpi.Comm, stats: RankStats, idle_s: float) 
     return RankResult(edges, match, metas, stats, idle_s)
 
 
-def reconcile(plan: Plan, results: list[RankResult], cfg, info, ranks: int, timings: dict[str, float]) -> Reconciled:
+def reconcile(plan: Plan, source: ImageSource, results: list[RankResult], cfg, info, ranks: int,
+              timings: dict[str, float]) -> Reconciled:
     """Rank 0: union-find over every rank's merge edges; the output's attributes."""
     t_gather = time.perf_counter()
     n = len(plan.grid)
@@ -156,9 +158,9 @@ def reconcile(plan: Plan, results: list[RankResult], cfg, info, ranks: int, timi
         for key, v in metas[k].counters.items():
             counters[key] = counters.get(key, 0) + v
     attrs = ResultAttrs(
-        resolution_zyx_nm=tuple(plan.resolution) if plan.resolution is not None else None,
-        bbox_zyx=(tuple(plan.box.start), tuple(plan.box.stop)), source_image=plan.image_spec, model=info.source,
-        config=cfg.to_dict(), normalisation=plan.norm.to_dict(), counters=counters,
+        resolution_zyx_nm=tuple(source.resolution_zyx_nm) if source.resolution_zyx_nm is not None else None,
+        bbox_zyx=(tuple(plan.box.start), tuple(plan.box.stop)), source_image=source.name, model=info.source,
+        config=cfg.to_dict(), normalisation=source.norm.to_dict(), counters=counters,
         block=BlockRunAttrs(block_zyx=tuple(plan.grid.block), halo_zyx=tuple(plan.grid.halo),
                             merge_rule=plan.rule.to_dict(),
                             # blocks + reconciliation options: a rerun's "already complete" test

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import boxes, disk, results, storage, volumes
+from .. import disk, results, storage
 from ..config import InferenceConfig, RefineConfig
+from ..source import ImageSource
 from ..inference import refine as rf
 from . import blockstore, bookkeeper, mpi, split
 from ..geometry import BlockError
@@ -119,9 +120,8 @@ class ImageReader:
 
     CACHE_BYTES = 1 << 30  # normalised windows kept per rank (a 128x256x256 block + halo: ~50 MB)
 
-    def __init__(self, plan, cache_bytes: int = CACHE_BYTES):
-        self.plan = plan
-        self.vol = volumes.open_volume(plan.image_spec)
+    def __init__(self, source: ImageSource, cache_bytes: int = CACHE_BYTES):
+        self.read_window = source.reader()
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.reads = 0  # windows read from the image (misses)
@@ -134,9 +134,7 @@ class ImageReader:
             self._cache.move_to_end(key)
             self.hits += 1
             return got
-        o = self.plan.box.start
-        box = boxes.BBox(tuple(a + x for a, x in zip(o, start)), tuple(a + x for a, x in zip(o, stop)))
-        window = self.plan.norm.apply(self.vol.read(box), f"{self.plan.image_spec} {box}")
+        window = self.read_window(start, stop)
         window.flags.writeable = False  # shared by the readers of the cache
         self.reads += 1
         if window.nbytes <= self.cache_bytes:
@@ -146,7 +144,7 @@ class ImageReader:
         return window
 
     def close(self) -> None:
-        self.vol.close()
+        self.read_window.close()
 
 
 def _save_flood(path: Path, flood: rf.GapFlood | None, steps: int) -> None:
@@ -201,7 +199,7 @@ def load_centres(path: Path) -> np.ndarray:
     return centres.astype(np.int64)
 
 
-def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: InferenceConfig, comm: mpi.Comm,
+def refine_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineConfig, net, info, cfg: InferenceConfig, comm: mpi.Comm,
                   inflight: int | None) -> RefinedBlocks | None:
     """Collective: the refinement of the reconciled flood ``final`` (see the module docstring);
     the result on rank 0, None elsewhere."""
@@ -229,7 +227,7 @@ def refine_blocks(plan, reconciled, final, rcfg: RefineConfig, net, info, cfg: I
     if [t.core_start for t in tiles] != [b.core_start for b in plan.grid]:
         raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
     seg = FloodReader(plan, final, joined)
-    image = ImageReader(plan)
+    image = ImageReader(source)
     counters = rf.step_counters(len(joined))
     gaps: GapPlan | None = None
     dec = rf.GapDecisions([])

@@ -45,17 +45,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import boxes, disk, kernels
+from .. import boxes, disk, kernels, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
 from ..inference.refine import check_flood_options, check_gap_box
 from ..model import load_model
+from ..source import ImageSource, combine_digests, image_source
 from . import labels, mpi, output, worker
 from . import refine as refine_mod
 from ..geometry import BlockError, fmt_zyx
 from .labels import FinalLabels, Reconciled
 from .reconcile import MergeRule
-from .workdir import Plan, combine_digests, make_plan, release, slab_digests, tidy, write_report
+from .workdir import Plan, make_plan, release, tidy, write_report
 from .worker import RankStats
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class BlocksResult:
     already_complete: bool = False
 
 
-def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int] | None = None,
+def segment_blocks(image_spec: str | volumes.VolumeSpec, out_spec: str, *, block: tuple[int, int, int] | None = None,
                    halo: tuple[int, int, int] | None = None, workdir: str | None = None, model: str | None = None,
                    config: InferenceConfig | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
                    inflight: int | None = None, progress: bool = False, merge_rule: MergeRule | None = None,
@@ -112,32 +113,34 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     net, info = comm.collective(lambda: load_model(model, "cpu"))
     if refine is not None:
         check_gap_box(refine, info.fov_zyx)
+    # the image's spec, parsed once (rank 0 opens it; every rank gets the same ImageSource)
+    source = comm.on_root(lambda: image_source(image_spec, bbox))
     with contextlib.ExitStack() as stack:  # the kernel launcher, opened on every rank or on none
         comm.collective(lambda: stack.enter_context(kernels.launcher(cfg.kernels)))
-        return _plan_and_run(image_spec, out_spec, block, halo, workdir, info, net, cfg, bbox, overwrite, rule,
+        return _plan_and_run(source, out_spec, block, halo, workdir, info, net, cfg, overwrite, rule,
                              comm, inflight, progress, refine, started)
 
 
-def _plan_and_run(image_spec, out_spec, block, halo, workdir, info, net, cfg: InferenceConfig, bbox, overwrite,
+def _plan_and_run(source: ImageSource, out_spec, block, halo, workdir, info, net, cfg: InferenceConfig, overwrite,
                   rule: MergeRule, comm: mpi.Comm, inflight, progress, refine: RefineConfig | None,
                   started: float) -> BlocksResult:
     """Phases 1 to 4 of :func:`segment_blocks` (under the kernel launcher of ``cfg``)."""
     # phase 1: plan (the image's digest read over all ranks, slab by slab)
     run_id = uuid.uuid4().hex[:12]
-    parts = comm.gather(comm.collective(lambda: slab_digests(image_spec, bbox, comm.rank, comm.size)), root=0)
-    plan: Plan = comm.on_root(lambda: make_plan(image_spec, out_spec, block, halo, workdir, info, info.source, cfg,
-                                                bbox, overwrite, rule, run_id, comm.size,
-                                                refine.to_dict() if refine is not None else None,
-                                                image_digest=combine_digests(parts)))
+    parts = comm.gather(comm.collective(lambda: source.slab_digests(comm.rank, comm.size)), root=0)
+    plan, source = comm.on_root(lambda: make_plan(source, out_spec, block, halo, workdir, info, info.source, cfg,
+                                                  overwrite, rule, run_id, comm.size,
+                                                  refine.to_dict() if refine is not None else None,
+                                                  image_digest=combine_digests(parts)))
     if plan.complete:
         return _already_complete(plan, comm)
     # any failure from here on: rank 0 gives back what it holds (locks, temporaries; the blocks stay)
     with comm.releasing(lambda: release(plan)) if comm.is_root else contextlib.nullcontext():
-        return _run(plan, started, net, info, cfg, comm, inflight, progress, refine)
+        return _run(plan, source, started, net, info, cfg, comm, inflight, progress, refine)
 
 
-def _run(plan: Plan, started: float, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
-         progress: bool, refine: RefineConfig | None) -> BlocksResult:
+def _run(plan: Plan, source: ImageSource, started: float, net, info, cfg: InferenceConfig, comm: mpi.Comm,
+         inflight: int | None, progress: bool, refine: RefineConfig | None) -> BlocksResult:
     """Phases 2 to 4 of :func:`segment_blocks`."""
     if comm.is_root:
         log.info("%d blocks (grid %s, block %s, halo %s; halo overhead %.0f%%), %d already done, %d rank(s)",
@@ -147,22 +150,22 @@ def _run(plan: Plan, started: float, net, info, cfg: InferenceConfig, comm: mpi.
 
     # phase 2: blocks
     with comm.abort_on_error("block inference"):
-        stats = worker.run_blocks(plan, net, info, cfg, comm, inflight, progress)
+        stats = worker.run_blocks(plan, source, net, info, cfg, comm, inflight, progress)
     idle_from = time.perf_counter()
     comm.wait_all()
     blocks_end = time.perf_counter()
 
     # phase 3: reconcile
     timings = {"plan_s": plan_s, "blocks_s": blocks_end - plan_s - started}
-    reconciled, final, match_end = _reconcile(plan, cfg, info, comm, stats, blocks_end - idle_from, blocks_end,
-                                              timings)
+    reconciled, final, match_end = _reconcile(plan, source, cfg, info, comm, stats, blocks_end - idle_from,
+                                              blocks_end, timings)
 
     # phase 3b: refine
     layers = output.Layers(final) if comm.is_root else None
     if refine is not None:
         refine_from = time.perf_counter()
         with comm.abort_on_error("refinement"):
-            refined = refine_mod.refine_blocks(plan, reconciled, final, refine, net, info, cfg, comm, inflight)
+            refined = refine_mod.refine_blocks(plan, source, reconciled, final, refine, net, info, cfg, comm, inflight)
         if comm.is_root:
             layers = _refined_layers(plan, reconciled, final, refined, refine)
             reconciled.timings["refine_s"] = time.perf_counter() - refine_from
@@ -183,7 +186,7 @@ def _already_complete(plan: Plan, comm: mpi.Comm) -> BlocksResult:
                         already_complete=True)
 
 
-def _reconcile(plan: Plan, cfg: InferenceConfig, info, comm: mpi.Comm, stats: RankStats, idle_s: float,
+def _reconcile(plan: Plan, source: ImageSource, cfg: InferenceConfig, info, comm: mpi.Comm, stats: RankStats, idle_s: float,
                blocks_end: float, timings: dict[str, float]) -> tuple[Reconciled | None, FinalLabels | None, float]:
     """Phase 3: the reconciled blocks and the labels to write (on rank 0; None elsewhere) and
     when matching ended."""
@@ -199,7 +202,7 @@ def _reconcile(plan: Plan, cfg: InferenceConfig, info, comm: mpi.Comm, stats: Ra
     reconciled, final = None, None
     if comm.is_root:
         with comm.abort_on_error("reconciliation"):
-            reconciled = labels.reconcile(plan, results, cfg, info, comm.size,
+            reconciled = labels.reconcile(plan, source, results, cfg, info, comm.size,
                                           dict(timings, match_s=match_end - blocks_end))
     if cfg.split_components:
         split_from = time.perf_counter()

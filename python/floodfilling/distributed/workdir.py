@@ -4,8 +4,8 @@ image, box, model, options, geometry, normalisation) and ``DIR/run.json`` (the w
 job using DIR: run id, host, pid, ranks, start).
 
 Everything in DIR is tied to the image's voxels: the manifest records :func:`image_digest_of`
-(a digest of the box's voxels, read slab by slab, each slab through
-:func:`floodfilling.results.image_digest`), so blocks, their reconciliation and the refinement
+(:meth:`floodfilling.source.ImageSource.digest`: a digest of the box's voxels,
+read slab by slab), so blocks, their reconciliation and the refinement
 files of an image rewritten in place (even with the same statistics) are never reused: the run
 is refused, naming the digest, as an in-memory resume state of a changed image is (``overwrite``
 discards them). The options in the manifest are those of stage ``"flood"``
@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import boxes, disk, locks, outputs, results, volumes
+from ..source import ImageSource
 from ..config import InferenceConfig
-from ..normalise import Normalisation
 from ..geometry import DEFAULT_BLOCK, Block, BlockError, BlockGrid, fov_margin, make_grid
 from ..inference import seeds as seeds_mod
 from . import bookkeeper, output
@@ -49,16 +49,16 @@ from .reconcile import MergeRule
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "floodfilling-blocks/2"  # 2: block files carry their overlaps
-DIGEST_SLAB_BYTES = 64 << 20  # the image digest reads the box in z slabs of about this many bytes
 
 
 @dataclass
 class Plan:
-    image_spec: str
-    box: boxes.BBox
-    resolution: tuple | None
+    """The bookkeeping of a block run: its blocks (the grid over ``box``), its workdir, its
+    output. What the blocks are OF, the image and its normalisation, is the run's
+    :class:`~floodfilling.source.ImageSource`, handed to the phases that read the image."""
+
+    box: boxes.BBox  # the box of the image segmented (image coordinates; names the blocks)
     grid: BlockGrid
-    norm: Normalisation
     workdir: str
     out_path: str
     out_ds: str
@@ -115,40 +115,6 @@ def _digest(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def digest_slabs(shape_zyx, itemsize: int) -> list[tuple[int, int]]:
-    """The z ranges (box coordinates) the image digest reads, each about
-    :data:`DIGEST_SLAB_BYTES` (a function of the box and dtype alone: the digest is the same for
-    any number of ranks)."""
-    plane = max(1, int(shape_zyx[1]) * int(shape_zyx[2]) * int(itemsize))
-    step = max(1, DIGEST_SLAB_BYTES // plane)
-    return [(z, min(z + step, int(shape_zyx[0]))) for z in range(0, int(shape_zyx[0]), step)]
-
-
-def slab_digests(image_spec: str, bbox, rank: int = 0, size: int = 1) -> dict[int, str]:
-    """The digests (:func:`floodfilling.results.image_digest`) of this rank's share of the slabs
-    of the box ``bbox`` of ``image_spec`` (slab i goes to rank i % size): one slab in memory at a time."""
-    with volumes.open_volume(image_spec) as vol:
-        box = boxes.box_in(bbox, vol.shape)
-        out = {}
-        for i, (z0, z1) in enumerate(digest_slabs(box.shape, vol.dtype.itemsize)):
-            if i % size == rank:
-                slab = boxes.BBox((box.start[0] + z0, box.start[1], box.start[2]), (box.start[0] + z1, *box.stop[1:]))
-                out[i] = results.image_digest(vol.read(slab))
-    return out
-
-
-def combine_digests(parts: list[dict[int, str]]) -> str:
-    """One digest of the image box from every rank's :func:`slab_digests` (in slab order)."""
-    merged = {k: v for d in parts for k, v in d.items()}
-    h = hashlib.sha256("|".join(merged[i] for i in range(len(merged))).encode())
-    return h.hexdigest()[:16]
-
-
-def image_digest_of(image_spec: str, bbox=None) -> str:
-    """The digest of the box ``bbox`` of ``image_spec`` as a block run records it (one process)."""
-    return combine_digests([slab_digests(image_spec, bbox)])
-
-
 def _check_workdir_place(wd: Path, files: dict[str, str]) -> None:
     """Refuses a workdir that is, or lies inside, a file the run reads or writes (``files``:
     what it is -> path): blocks would be written into it, or it into them."""
@@ -178,13 +144,12 @@ def _read_manifest(wd: Path) -> dict | None:
     return old
 
 
-def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_path: str, cfg: InferenceConfig,
-              bbox, overwrite: bool, rule: MergeRule, run_id: str, size: int, refine: dict | None = None,
-              image_digest: str | None = None) -> Plan:
-    """Phase 1 (rank 0): see the module docstring. ``image_digest``: :func:`combine_digests` of
-    the box (computed here when not given)."""
-    from ..normalise import resolve_normalisation
-
+def make_plan(source: ImageSource, out_spec: str, block, halo, workdir, info, model_path: str,
+              cfg: InferenceConfig, overwrite: bool, rule: MergeRule, run_id: str, size: int,
+              refine: dict | None = None, image_digest: str | None = None) -> tuple[Plan, ImageSource]:
+    """Phase 1 (rank 0): see the module docstring. The plan, and ``source`` with the run's one
+    normalisation (that of a rerun is the one in the manifest, unless the image changed).
+    ``image_digest``: the box's digest (:func:`floodfilling.source.combine_digests`) (computed here when not given)."""
     if not seeds_mod.policy_class(cfg).per_block:
         raise BlockError(f"option seed_policy={cfg.seed_policy!r} is not supported with block inference (each block "
                          "seeds itself); segment the whole volume in one piece")
@@ -193,7 +158,7 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         raise BlockError(f"output {out}: name the array to write, as {out.path}/ARRAY")
     out_path = Path(out.path)
     wd = Path(workdir) if workdir else out_path.with_name(out_path.name + ".blocks")
-    _check_workdir_place(wd, {"output": str(out_path), "image": volumes.parse_volume_spec(image_spec).path,
+    _check_workdir_place(wd, {"output": str(out_path), "image": source.spec.path,
                               "model": model_path,
                               "seed_origins": volumes.parse_volume_spec(cfg.seed_origins).path if cfg.seed_origins
                               else ""})
@@ -205,18 +170,14 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     recorded = old if old and not overwrite else {}  # a rerun's geometry: the one in the workdir
     block_v = block if block is not None else recorded.get("block", DEFAULT_BLOCK)
     halo_v = halo if halo is not None else recorded.get("halo", default_halo)
-    with volumes.open_volume(image_spec) as vol:
-        box = boxes.box_in(bbox, vol.shape)
-        grid = make_grid(box.shape, block_v, halo_v, fov)  # checks block and halo
-        norm = resolve_normalisation(cfg, info, vol, image_spec)  # one normalisation for the whole volume
-        res = vol.resolution_zyx_nm
-        vshape, vdtype = list(vol.shape), str(vol.dtype)
-        ipath, ids = volumes.parse_volume_spec(image_spec)
+    box = source.box
+    grid = make_grid(box.shape, block_v, halo_v, fov)  # checks block and halo
+    source = source.normalised(cfg, info)  # one normalisation for the whole volume
     manifest = _canonical({
         "format": MANIFEST_FORMAT,
-        "image": f"{os.path.abspath(ipath)}:{ids}",
-        "image_shape": vshape,
-        "image_dtype": vdtype,
+        "image": source.identity,
+        "image_shape": list(source.shape),
+        "image_dtype": source.dtype,
         "bbox": [list(box.start), list(box.stop)],
         "block": [int(v) for v in block_v],
         "halo": list(grid.halo),
@@ -224,17 +185,17 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
         "fov_zyx": list(fov),
         "deltas_zyx": list(info.deltas_zyx),
         "config": cfg.options_of("flood"),  # the later stages' options are in the output's digest
-        "normalisation": norm.to_dict(),
-        "image_digest": image_digest or image_digest_of(image_spec, box),
+        "normalisation": source.norm.to_dict(),
+        "image_digest": image_digest or source.digest(),
     })
     digest = _digest(manifest)
     out_digest = _digest({"blocks": digest, "merge_rule": rule.to_dict(),  # (the "blocks" stage's options)
                           **cfg.options_of("postprocess"), **({"refine": refine} if refine is not None else {})})
-    plan = Plan(image_spec, box, res, grid, norm, str(wd), str(out_path), str(out.dataset), manifest, digest,
+    plan = Plan(box, grid, str(wd), str(out_path), str(out.dataset), manifest, digest,
                 run_id, rule, out_kind=out.kind, out_digest=out_digest, refine=refine)
 
     names = list(plan.out_names)
-    out = _check_existing_output(plan, out, names, image_spec, overwrite)
+    out = _check_existing_output(plan, out, names, source.spec, overwrite)
     if old is not None and old != manifest:
         _check_other_run(wd, old, manifest, overwrite)
     take_lock(wd, run_id, size)
@@ -253,13 +214,13 @@ def make_plan(image_spec: str, out_spec: str, block, halo, workdir, info, model_
     except BaseException:
         release(plan)
         raise
-    return plan
+    return plan, source
 
 
-def _check_existing_output(plan: Plan, out, names: list[str], image_spec: str, overwrite: bool):
+def _check_existing_output(plan: Plan, out, names: list[str], image: volumes.VolumeSpec, overwrite: bool):
     """An existing output: ours and complete (its digest) -> the plan is complete, nothing to
     do; anything else needs ``overwrite``. Returns the checked output spec."""
-    out = outputs.check_output(out, overwrite=True, names=names, inputs=[image_spec])  # never an input; a link resolved
+    out = outputs.check_output(out, overwrite=True, names=names, inputs=[image])  # never an input; a link resolved
     if outputs.existing_outputs(out, names) and not overwrite:
         if output.recorded_digest(plan) == plan.out_digest:
             plan.complete = True

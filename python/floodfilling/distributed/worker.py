@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import boxes, kernels, volumes
+from .. import kernels
 from ..config import InferenceConfig
 from ..model import select_device
+from ..source import ImageSource
 from . import blockstore, mpi
 from ..geometry import Block
 from .prefetch import Prefetch
@@ -107,7 +108,7 @@ def prefetch_on(device, prefetch: int | None = None) -> int:
     return 0 if device.type == "cpu" else 4
 
 
-def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
+def run_blocks(plan: Plan, source: ImageSource, net, info, cfg: InferenceConfig, comm: mpi.Comm, inflight: int | None,
                progress: bool) -> RankStats:
     """Segments blocks until none is left to claim; this rank's stats."""
     from ..inference.engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas, subvolume_seeds
@@ -133,15 +134,14 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
         return None if i is None else grid[i]
     stats = RankStats()
 
-    vol = volumes.open_volume(plan.image_spec)
+    reader = source.reader("block")
     bar = _ProgressBar(plan, comm.size) if progress and comm.is_root else None
 
     def prepare(b: Block) -> tuple[np.ndarray, np.ndarray]:  # host work only (a prefetch thread)
-        box = boxes.BBox(tuple(s + o for s, o in zip(plan.box.start, b.outer_start)),
-                         tuple(s + o for s, o in zip(plan.box.start, b.outer_stop)))
-        image = plan.norm.apply(vol.read(box), f"{plan.image_spec} block {box}")
-        sd = subvolume_seeds(image, cfg, info, plan.resolution or (1, 1, 1))
-        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, box, len(sd))
+        image = reader(b.outer_start, b.outer_stop)
+        sd = subvolume_seeds(image, cfg, info, source.resolution_zyx_nm or (1, 1, 1))
+        log.debug("rank %d: block %d %s: %d seeds", comm.rank, b.index, source.window(b.outer_start, b.outer_stop),
+                  len(sd))
         return image, sd
 
     prefetch = Prefetch(claim, prepare, n_prefetch, name=f"ffn-prefetch-r{comm.rank}")
@@ -181,7 +181,7 @@ def run_blocks(plan: Plan, net, info, cfg: InferenceConfig, comm: mpi.Comm, infl
                  inflight=n_inflight, on_done=on_done)
     finally:
         prefetch.close()  # before the volume: a running preparation still reads it
-        vol.close()
+        reader.close()
         if bar is not None:
             bar.close()
     stats.host_wait_seconds, stats.prepare_seconds = prefetch.wait_seconds, prefetch.prepare_seconds

@@ -27,6 +27,7 @@ from ..model import load_model, select_device
 from ..normalise import Normalisation, resolve_normalisation
 from ..postprocess import postprocess
 from . import seeds as seeds_mod
+from ..source import image_source
 from ..results import (Origin, file_digest, image_digest, origins_table, overlaps_dict, overlaps_table, result_names)
 from .canvas import Canvas, CanvasState
 from ..geometry import fov_margin, smaller_than_fov
@@ -231,9 +232,9 @@ def _segment_array(raw, model, cfg: InferenceConfig, resolution_zyx, state_path,
                          norm.to_dict())
 
 
-def segment(image_spec: str, out_spec: str, *, model: str | None = None, config: InferenceConfig | None = None,
-            bbox: boxes.BBox | None = None, overwrite: bool = False, progress: bool = False,
-            refine: RefineConfig | None = None) -> SegmentResult:
+def segment(image_spec: str | volumes.VolumeSpec, out_spec: str, *, model: str | None = None,
+            config: InferenceConfig | None = None, bbox: boxes.BBox | None = None, overwrite: bool = False,
+            progress: bool = False, refine: RefineConfig | None = None) -> SegmentResult:
     """Segments ``image_spec`` (``file.h5:dataset``) into ``out_spec`` (written atomically).
     ``refine``: run these refinement steps after the exact flood (:mod:`floodfilling.inference.refine`);
     the flood itself is kept beside the result as ``<ds>_forward``."""
@@ -241,49 +242,92 @@ def segment(image_spec: str, out_spec: str, *, model: str | None = None, config:
     refine = refine.validate() if refine is not None else None
     if refine is not None and not refine.model:  # (a learned refinement runs no hand step)
         check_flood_options(refine, cfg)
+    spec = image_spec if isinstance(image_spec, volumes.VolumeSpec) else volumes.parse_volume_spec(image_spec)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
-    inputs = [image_spec] + seeds_mod.input_specs(cfg)
+    inputs = [spec] + seeds_mod.input_specs(cfg)
     out = outputs.check_output(out, overwrite, names=names, inputs=inputs)  # before any work
     with locks.output_lock(out, names), kernels.launcher(cfg.kernels):
-        return _segment_locked(image_spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
+        return _segment_locked(spec, out, model=model, cfg=cfg, bbox=bbox, overwrite=overwrite,
                                progress=progress, refine=refine)
 
 
-def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
+def _segment_locked(spec: volumes.VolumeSpec, out: volumes.VolumeSpec, *, model, cfg: InferenceConfig, bbox,
                     overwrite: bool, progress: bool, refine: RefineConfig | None) -> SegmentResult:
     out_path, out_ds = Path(out.path), out.dataset
     net, info = load_model(model, "cpu")
-    learned = None
-    if refine is not None and refine.model:
-        from .learned import load_refine_model
-
-        learned = load_refine_model(refine.model)  # before the flood: a bad file is a one-line error
-        if learned.base == "gap_cores":
-            check_gap_box(learned.base_config(refine), info.fov_zyx)
-    elif refine is not None:
-        check_gap_box(refine, info.fov_zyx)  # before the flood
-    with volumes.open_volume(image_spec) as vol:
-        box = boxes.box_in(bbox, vol.shape)
-        policy = seeds_mod.policy_of(cfg, box)  # (a policy that reads a file checks it now, before the flood)
-        raw = vol.read(box)
-        res = vol.resolution_zyx_nm
+    learned = _check_refinement(refine, info)  # before the flood: a bad model file is a one-line error
+    source = image_source(spec, bbox)
+    policy = seeds_mod.policy_of(cfg, source.box)  # (a policy that reads a file checks it now, before the flood)
+    with source.open() as vol:
+        raw = source.read(vol)
         if smaller_than_fov(raw.shape, info.fov_zyx):
-            raise SegmentError(f"{image_spec}: image of shape {raw.shape} is smaller than the model's FOV {info.fov_zyx}")
+            raise SegmentError(f"{source.name}: image of shape {raw.shape} is smaller than the model's FOV "
+                               f"{info.fov_zyx}")
         try:  # one set of values for the whole volume, whatever the bbox
-            norm = resolve_normalisation(cfg, info, vol if box.shape != tuple(vol.shape) else raw, image_spec)
+            source = source.normalised(cfg, info, vol if source.box.shape != source.shape else raw)
         except norm_mod.NormalisationError as exc:
             raise SegmentError(str(exc)) from None
-    model_path = Path(info.source)
+    box, norm = source.box, source.norm
     manifest = {
-        "image": os.path.abspath(volumes.parse_volume_spec(image_spec)[0]) + ":" + str(volumes.parse_volume_spec(image_spec)[1]),
+        "image": source.identity,
         "bbox": [list(box.start), list(box.stop)],
-        "model": file_digest(model_path),
+        "model": file_digest(Path(info.source)),
         "config": cfg.options_of("flood", "postprocess"),
         "normalisation": norm.to_dict(),
         "image_digest": image_digest(raw),
     }
-    sp = state_path_for(out_path, out_ds)
+    sp = _state_path_ready(out, manifest, overwrite)
+    # made once: the refinement's gap floods reuse the image and the (compiled) network of the flood
+    try:
+        image = source.apply(raw)
+    except norm_mod.NormalisationError as exc:
+        raise SegmentError(str(exc)) from None
+    k = inflight_on(select_device(cfg.device)) if refine is not None else 1
+    prepared = Prepared(image, make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads,
+                                              inflight=k))
+    result = segment_array(raw, config=cfg, resolution_zyx=source.resolution_zyx_nm or (1, 1, 1), state_path=sp,
+                           manifest=manifest, progress=progress, net_and_info=(net, info), normalisation=norm,
+                           source=source.name, policy=policy, keep_final_state=refine is not None, prepared=prepared)
+    del raw
+    extra = {}
+    if refine is not None:  # the exact flood is kept beside the refined result
+        extra[f"{out_ds}_forward"] = result.segmentation
+        result = refined_result(result, image, refine, (net, info, cfg, prepared.predictor), learned)
+    refine_attrs = refine.to_dict() if refine is not None else None
+    if learned is not None:  # which model decided, and what it was trained on
+        refine_attrs["learned"] = learned.describe()
+    write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
+        resolution_zyx_nm=source.resolution_zyx_nm, bbox_zyx=(box.start, box.stop), source_image=source.name,
+        model=info.source, config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters,
+        refine=refine_attrs).to_dict(), overwrite=overwrite, extra=extra)
+    if sp.exists():
+        sp.unlink()
+    return result
+
+
+def _check_refinement(refine: RefineConfig | None, info):
+    """The refinement's checks that need the model, before the flood; the learned refinement's
+    model (:class:`~floodfilling.inference.learned.RefineModel`) when ``refine.model`` names one."""
+    if refine is None:
+        return None
+    if not refine.model:
+        check_gap_box(refine, info.fov_zyx)
+        return None
+    from .learned import load_refine_model
+
+    learned = load_refine_model(refine.model)
+    if learned.base == "gap_cores":
+        check_gap_box(learned.base_config(refine), info.fov_zyx)
+    return learned
+
+
+def _state_path_ready(out: volumes.VolumeSpec, manifest: dict[str, Any], overwrite: bool) -> Path:
+    """The resume state's path of ``out`` (held under its lock): a killed save's temporaries
+    gone, an earlier version's state adopted, discarded with ``overwrite``; the output's
+    directory made."""
+    out_path = Path(out.path)
+    sp = state_path_for(out_path, out.dataset)
     disk.remove_temporaries(sp)  # a save of a killed run (we hold the output's lock)
     if out.kind != "zarr":
         disk.remove_temporaries(legacy_state_path(out_path))  # (the lock covers the whole HDF5 file)
@@ -293,31 +337,7 @@ def _segment_locked(image_spec: str, out: volumes.VolumeSpec, *, model, cfg: Inf
         _adopt_legacy_state(legacy_state_path(out_path), sp, manifest)
     with disk.disk_errors(out_path.parent):
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    # made once: the refinement's gap floods reuse the image and the (compiled) network of the flood
-    try:
-        image = norm.apply(raw, image_spec)
-    except norm_mod.NormalisationError as exc:
-        raise SegmentError(str(exc)) from None
-    k = inflight_on(select_device(cfg.device)) if refine is not None else 1
-    prepared = Prepared(image, make_predictor(net, info.fov_zyx, info.deltas_zyx, cfg, threads=cfg.threads,
-                                              inflight=k))
-    result = segment_array(raw, config=cfg, resolution_zyx=res or (1, 1, 1), state_path=sp, manifest=manifest,
-                           progress=progress, net_and_info=(net, info), normalisation=norm, source=image_spec,
-                           policy=policy, keep_final_state=refine is not None, prepared=prepared)
-    extra = {}
-    if refine is not None:  # the exact flood is kept beside the refined result
-        extra[f"{out_ds}_forward"] = result.segmentation
-        result = refined_result(result, image, refine, (net, info, cfg, prepared.predictor), learned)
-    refine_attrs = refine.to_dict() if refine is not None else None
-    if learned is not None:  # which model decided, and what it was trained on
-        refine_attrs["learned"] = learned.describe()
-    write_result(out_path, out_ds, result, attrs=results.ResultAttrs(
-        resolution_zyx_nm=res, bbox_zyx=(box.start, box.stop), source_image=image_spec, model=info.source,
-        config=cfg.to_dict(), normalisation=result.normalisation, counters=result.counters,
-        refine=refine_attrs).to_dict(), overwrite=overwrite, extra=extra)
-    if sp.exists():
-        sp.unlink()
-    return result
+    return sp
 
 
 def _adopt_legacy_state(old: Path, sp: Path, manifest: dict[str, Any]) -> None:

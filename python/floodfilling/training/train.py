@@ -400,17 +400,9 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
     rows = _open_rundir(out, ckdir, metrics_path, step, run) if dinfo.is_main else []
     tb = TensorBoard(out / "tensorboard", opts.tensorboard and dinfo.is_main)
 
-    model = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(net, device_ids=[dinfo.device.index] if dinfo.device.type in ("cuda", "xpu") else None)
-
-    bar = None
-    if opts.progress and dinfo.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=opts.max_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    model = _wrap_ddp(net, dinfo)
+    bar = _progress_bar(opts, dinfo, step)
+    log_rows = _StepLog(opts, dinfo, stream, metrics_path, rows, tb, bar, t_start, step)
 
     def checkpoint() -> None:
         ranks = _gather({"stream": stream.state_dict(), "counts": stream.counts.vector(), "rng": rng_state()}, dinfo)
@@ -421,8 +413,6 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
             log.info("checkpoint at step %d", step)
 
     t_last_ck = time.monotonic()
-    t_log, step_log = time.perf_counter(), step
-    last_row: dict[str, float] = {}
     t_loop = time.perf_counter()
     step0 = step
     net.train()
@@ -440,16 +430,7 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
                     log.info("step %d: validation loss %.4f precision %.3f recall %.3f f1 %.3f", step,
                              vrow["val_loss"], vrow["val_precision"], vrow["val_recall"], vrow["val_f1"])
             if step % max(opts.log_every, 1) == 0 or step == opts.max_steps or vrow:
-                tot = Counts.from_vector(_all_reduce_sum(stream.counts.vector(), dinfo))
-                stream.counts = Counts()
-                now = time.perf_counter()
-                last_row = {"step": float(step), "examples": float(step * opts.batch * world), "lr": lr,
-                            **tot.summary(),
-                            "fov_per_s": (step - step_log) * opts.batch * world / max(now - t_log, 1e-9),
-                            "elapsed_s": now - t_start, **vrow}
-                t_log, step_log = now, step
-                if dinfo.is_main:
-                    _record(last_row, metrics_path, rows, tb, bar)
+                log_rows.row(step, lr, vrow)
             if opts.keep_every > 0 and step % opts.keep_every == 0 and dinfo.is_main:
                 # a model to choose by held-out segmentation (README, "Adapting to your data")
                 run.kept.append((step, kept_model_path(out, step)))  # removed if the run fails before a checkpoint
@@ -471,5 +452,48 @@ def _train(opts, geometry, init_net, parent, dinfo, out, ckdir, t_start, run: Ru
         del model  # the DDP wrapper holds the process group: gone before teardown destroys it
     secs = time.perf_counter() - t_loop
     fps = (step - step0) * opts.batch * world / secs if step > step0 and secs > 0 else 0.0
-    return TrainResult(steps=step, seconds=time.perf_counter() - t_start, fov_per_s=fps, last=last_row, out=out,
+    return TrainResult(steps=step, seconds=time.perf_counter() - t_start, fov_per_s=fps, last=log_rows.last, out=out,
                        net=net)
+
+
+def _wrap_ddp(net, dinfo):
+    """``net`` wrapped for DistributedDataParallel when several ranks train (itself otherwise)."""
+    if dinfo.world == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(net, device_ids=[dinfo.device.index] if dinfo.device.type in ("cuda", "xpu") else None)
+
+
+def _progress_bar(opts, dinfo, step: int):
+    """The training's progress bar (main rank, ``opts.progress``), or None."""
+    if not (opts.progress and dinfo.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=opts.max_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+
+
+class _StepLog:
+    """The metrics rows of a training run: counts summed over ranks since the last row, speed
+    since then; recorded by the main rank (CSV, TensorBoard, progress bar)."""
+
+    def __init__(self, opts, dinfo, stream, metrics_path, rows, tb, bar, t_start: float, step: int):
+        self.opts, self.dinfo, self.stream = opts, dinfo, stream
+        self.metrics_path, self.rows, self.tb, self.bar = metrics_path, rows, tb, bar
+        self.t_start = t_start
+        self.t_log, self.step_log = time.perf_counter(), step  # the last row's time and step
+        self.last: dict[str, float] = {}  # the last row
+
+    def row(self, step: int, lr: float, vrow: dict[str, float]) -> None:
+        """A row at ``step`` (collective: the counts are summed over ranks)."""
+        world, batch = self.dinfo.world, self.opts.batch
+        tot = Counts.from_vector(_all_reduce_sum(self.stream.counts.vector(), self.dinfo))
+        self.stream.counts = Counts()
+        now = time.perf_counter()
+        self.last = {"step": float(step), "examples": float(step * batch * world), "lr": lr, **tot.summary(),
+                     "fov_per_s": (step - self.step_log) * batch * world / max(now - self.t_log, 1e-9),
+                     "elapsed_s": now - self.t_start, **vrow}
+        self.t_log, self.step_log = now, step
+        if self.dinfo.is_main:
+            _record(self.last, self.metrics_path, self.rows, self.tb, self.bar)
