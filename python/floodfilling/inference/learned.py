@@ -1,6 +1,7 @@
 """The learned refinement (``ffn segment --refine --refine-model M``, ``ffn train-refine``).
 
-A classifier (gradient-boosted trees, LightGBM; extra ``refine``) decides whether two touching
+A classifier (gradient-boosted trees: trained by LightGBM, extra ``refine``; evaluated with NumPy by
+:mod:`floodfilling.inference.trees`, bit for bit LightGBM's figures) decides whether two touching
 objects belong to one neuron, from the features of their contact
 (:mod:`floodfilling.inference.contacts`); objects merge in order of its confidence
 (:mod:`floodfilling.inference.agglomeration`), the merged object's pairs scored again after
@@ -35,6 +36,7 @@ from ..config import RefineConfig
 from ..results import Origin
 from .agglomeration import Agglomeration, agglomerate, apply_lut
 from .contacts import FEATURES, contact_graph
+from .trees import TreeModelError, parse_lightgbm
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,16 @@ class RefineModel:
     features: tuple[str, ...] = FEATURES
     training: dict[str, Any] = field(default_factory=dict)  # volumes (files, digests, shapes), options
     source: str = ""  # the file it was read from ("" when made in memory)
-    _scorer: Any = field(default=None, repr=False, compare=False)
+    _trees: Any = field(default=None, repr=False, compare=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Merge probabilities of the pairs with features ``x`` (k, len(FEATURES))."""
-        if self._scorer is None:
-            self._scorer = import_lightgbm().Booster(model_str=self.booster)
+        """Merge probabilities of the pairs with features ``x`` (k, len(FEATURES)): LightGBM's
+        own figures, evaluated with NumPy (:mod:`.trees`; LightGBM is needed to train only)."""
+        if self._trees is None:
+            self._trees = parse_lightgbm(self.booster, len(self.features))
         if len(x) == 0:
             return np.zeros(0)
-        return np.asarray(self._scorer.predict(np.asarray(x, np.float64), num_threads=1), np.float64)
+        return self._trees.predict(x)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "features": list(self.features),
@@ -125,15 +128,9 @@ def model_from_json(text: str, source: str) -> RefineModel:
         raise RefineModelError(f"{source}: refine model without its LightGBM text model")
     m = RefineModel(d["lightgbm"], d["base"], float(thr), FEATURES, d.get("training", {}), source)
     try:
-        booster = import_lightgbm().Booster(model_str=m.booster)
-    except RefineModelError:
-        raise
-    except Exception as exc:  # LightGBM's own error for a damaged text model
-        raise RefineModelError(f"{source}: damaged LightGBM model ({' '.join(str(exc).split())[:200]})") from None
-    if booster.num_feature() != len(FEATURES):
-        raise RefineModelError(f"{source}: LightGBM model of {booster.num_feature()} features, expected "
-                               f"{len(FEATURES)}; retrain with ffn train-refine")
-    m._scorer = booster
+        m._trees = parse_lightgbm(m.booster, len(FEATURES))
+    except TreeModelError as exc:
+        raise RefineModelError(f"{source}: unusable LightGBM model ({exc}); retrain with ffn train-refine") from None
     return m
 
 
