@@ -199,6 +199,11 @@ def test_kill_in_the_learned_stages_then_resume(data, learned_run, tmp_path, mon
     assert not out.exists()
     (rdir,) = work.glob("refine-*")
     assert len(list(rdir.glob("lstats/*.npz"))) == 3 and len(list(rdir.glob("lbase/*.h5"))) == 8
+    from floodfilling.distributed.status import block_status, format_status
+
+    st = block_status(work)  # ffn status: what the learned stages have done
+    assert st["refine"]["learned_tiles_done"] == {"lcores": 8, "lbase": 8, "lstats": 3}
+    assert "3 lstats" in format_status(st)
     res = run_learned(data, out, work)
     c = res.counters
     assert (c["refine_learned_cores_tiles_run"], c["refine_learned_base_tiles_run"],

@@ -94,7 +94,8 @@ def segment_blocks(image_spec: str, out_spec: str, *, block: tuple[int, int, int
     ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise a ValueError
     (:class:`~.blocks.BlockError`, or :class:`~floodfilling.boxes.ParameterError` naming the
     parameter) with a one-line message on every rank. ``refine``: refine the reconciled flood
-    block by block (:mod:`.refine`) into ``OUT``, the flood kept as ``<ds>_forward``.
+    block by block (:mod:`.refine`; with ``refine.model``, the learned refinement, :mod:`.learned`)
+    into ``OUT``, the flood kept as ``<ds>_forward``.
     """
     started = time.perf_counter()
     comm = comm or mpi.world()

@@ -17,6 +17,14 @@ each merge. It works on a *base* segmentation made from the flood (recorded in t
   kept by ``gap_join_fraction``, :mod:`floodfilling.inference.refine`), then every gap core left
   in the space still free as its own marker, then the watershed.
 
+Tile by tile (``refine.tile``, as the hand steps; 0,0,0, the default: one tile, the whole
+volume): each tile's gap cores are found in its core (numbered after the flood's ids in tile
+order, then in the tile's core order), the base is the watershed of each tile's window from the
+markers and every core reaching it, and the contact statistics are each tile's share (its
+core's voxels, the faces whose lower voxel is in its core) summed in tile order; the merges are
+decided on the whole graph. Block inference (:mod:`floodfilling.distributed.learned`) computes
+the same per block, so it gives the in-memory result with ``tile`` = the block size.
+
 The model file is JSON (never a pickle): format name and version, the feature names, the base,
 the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
 """
