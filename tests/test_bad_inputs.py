@@ -99,6 +99,10 @@ def _inputs_refine_model(d: Path) -> None:
             "training": {}, "lightgbm": ""}
     (d / "refine_v99.json").write_text(json.dumps({**good, "format_version": 99}))
     (d / "refine_features.json").write_text(json.dumps({**good, "features": ["contact_area"]}))
+    from floodfilling.inference.learned import bundled_refine_model_path  # a usable model of base gap_cores
+
+    bundled = json.loads(Path(bundled_refine_model_path()).read_text())
+    (d / "refine_gapcores.json").write_text(json.dumps({**bundled, "base": "gap_cores"}))
 
 
 def _inputs_locks(d: Path) -> None:
@@ -718,7 +722,14 @@ CASES = [
      ["refine_features.json", "other features"]),
     ("segment-refine-model-without-refine", SEG + " --refine-model {d}/refine_v99.json", ["--refine-model", "--refine"]),
     ("segment-block-refine-model", SEG + " --block 16,24,24 --refine --refine-model {d}/refine_v99.json",
-     ["refine.model", "in memory only"]),
+     ["refine_v99.json", "format version 99"]),
+    # ---- learned refinement in block mode (issue 29 item 5): the model is read before any block
+    ("segment-block-refine-model-broken", SEG + " --block 16,24,24 --refine --refine-model {d}/notes.txt",
+     ["notes.txt", "not a refine model"]),
+    ("segment-block-refine-model-missing", SEG + " --block 16,24,24 --refine --refine-model {d}/nope.json",
+     ["nope.json"]),
+    ("segment-block-refine-model-gap-cores", SEG + " --block 16,24,24 --refine --refine-model {d}/refine_gapcores.json",
+     ["refine_gapcores.json", "'gap_cores'", "without --block"]),
 ]
 
 

@@ -28,6 +28,9 @@ writer are :mod:`floodfilling.results`'.
 - :mod:`.refine`: ``--refine`` on the reconciled flood, the blocks as tiles (tables on rank 0;
   cores, gap floods and tiles as the bookkeeper's stages). ``blockstore``, ``bookkeeper``,
   ``mpi``, ``reconcile``, ``split``.
+- :mod:`.learned`: ``--refine --refine-model`` on the reconciled flood, the blocks as tiles
+  (gap cores, base and contact statistics per tile as the bookkeeper's stages; the merges on
+  rank 0). ``bookkeeper``, ``mpi``, ``refine``, ``split``.
 - :mod:`.run`: :func:`~.run.segment_blocks`, the four phases plan, blocks, reconcile, write
   (with ``--refine``, refine between reconcile and write). Any.
 - :mod:`.status`: ``ffn status WORKDIR`` (reads the workdir through the bookkeeper only).

@@ -14,6 +14,11 @@ flood filling (what an item computes is the caller's)::
         floods/<i>.h5            stage "floods": gap flood i
         tiles/<block>.h5         stage "tiles": each tile's refined core
         claims/<stage>/<item>    items of those stages being worked on now
+        (``--refine-model``, :mod:`.learned`, in the same directory:)
+        lcores/<block>.h5        stage "lcores": each tile's gap cores (labels of its core, centres)
+        lbase/<block>.h5         stage "lbase": each tile's base (its core)
+        lstats/<block>.npz       stage "lstats": each tile's contact statistics
+        agglomeration.npz        the learned merges (rank 0, from all tiles' statistics)
 
 An item is done when its result file exists (every result is written atomically, so a file
 that exists is complete). Ranks claim items dynamically (:class:`Stage`): each walks the items
@@ -248,6 +253,34 @@ def refine_stages(layout: Layout, rdir: Path, grid, n_floods: int = 0) -> Refine
 
     floods = Stage("floods", rdir / "floods", claims / "floods", n_floods, lambda i: Layout.flood_file(rdir, i))
     return RefineStages(rdir, tile("cores", ".npy"), floods, tile("tiles", ".h5"))
+
+
+@dataclass
+class LearnedStages:
+    """The resumable stages of ``--refine --refine-model`` in ``rdir`` (:mod:`.learned`)."""
+
+    rdir: Path
+    cores: Stage  # per tile: its gap cores
+    base: Stage  # per tile: its base core
+    stats: Stage  # per tile: its contact statistics
+
+    @property
+    def agglomeration(self) -> Path:
+        return self.rdir / "agglomeration.npz"
+
+    def all(self) -> tuple[Stage, ...]:
+        return self.cores, self.base, self.stats
+
+
+def learned_stages(layout: Layout, rdir: Path, grid) -> LearnedStages:
+    claims = rdir / "claims"
+
+    def tile(directory: str, suffix: str) -> Stage:
+        d = rdir / directory
+        return Stage(directory, d, claims / directory, len(grid), lambda i: layout.per_block(d, grid[i], suffix),
+                     lambda i: layout.block_name(grid[i]))
+
+    return LearnedStages(rdir, tile("lcores", ".h5"), tile("lbase", ".h5"), tile("lstats", ".npz"))
 
 
 # ------------------------------------------------------------------------------ cleanup

@@ -60,6 +60,7 @@ class RefinedBlocks:
     max_id: int
     comp_dir: Path
     counters: dict[str, float] = field(default_factory=dict)
+    values: list | None = None  # per block: the output ids of keys (None: the keys themselves; learned: merged)
 
 
 def flood_overlaps(plan, labels) -> np.ndarray:

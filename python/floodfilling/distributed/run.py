@@ -52,6 +52,7 @@ from ..inference.refine import check_flood_options, check_gap_box
 from ..model import load_model
 from ..source import ImageSource, combine_digests, image_source
 from . import labels, mpi, output, worker
+from . import learned as learned_mod
 from . import refine as refine_mod
 from ..geometry import BlockError, fmt_zyx
 from .labels import FinalLabels, Reconciled
@@ -94,7 +95,8 @@ def segment_blocks(image_spec: str | volumes.VolumeSpec, out_spec: str, *, block
     ``config``'s ``merge_*`` options, see :mod:`.reconcile`). User errors raise a ValueError
     (:class:`~.blocks.BlockError`, or :class:`~floodfilling.boxes.ParameterError` naming the
     parameter) with a one-line message on every rank. ``refine``: refine the reconciled flood
-    block by block (:mod:`.refine`) into ``OUT``, the flood kept as ``<ds>_forward``.
+    block by block (:mod:`.refine`; with ``refine.model``, the learned refinement, :mod:`.learned`)
+    into ``OUT``, the flood kept as ``<ds>_forward``.
     """
     started = time.perf_counter()
     comm = comm or mpi.world()
@@ -102,45 +104,45 @@ def segment_blocks(image_spec: str | volumes.VolumeSpec, out_spec: str, *, block
     rule = (merge_rule or MergeRule.from_config(cfg)).validate()
     check_inflight(inflight)
     refine = refine.validate() if refine is not None else None
-    if refine is not None:
+    if refine is not None and not refine.model:  # (a learned refinement runs no hand step)
         check_flood_options(refine, cfg)
     if refine is not None and any(refine.tile):
         raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
                          "leave refine.tile at 0,0,0")
-    if refine is not None and refine.model:
-        raise BlockError(f"refine.model={refine.model}: the learned refinement runs in memory only for now; "
-                         "segment without --block, or leave refine.model out (the hand steps)")
+    learned = None
+    if refine is not None and refine.model:  # the learned refinement (.learned): its model read before any work
+        learned = comm.collective(lambda: learned_mod.load_block_model(refine.model))
     net, info = comm.collective(lambda: load_model(model, "cpu"))
-    if refine is not None:
+    if refine is not None and learned is None:
         check_gap_box(refine, info.fov_zyx)
     # the image's spec, parsed once (rank 0 opens it; every rank gets the same ImageSource)
     source = comm.on_root(lambda: image_source(image_spec, bbox))
     with contextlib.ExitStack() as stack:  # the kernel launcher, opened on every rank or on none
         comm.collective(lambda: stack.enter_context(kernels.launcher(cfg.kernels)))
         return _plan_and_run(source, out_spec, block, halo, workdir, info, net, cfg, overwrite, rule,
-                             comm, inflight, progress, refine, started)
+                             comm, inflight, progress, refine, started, learned)
 
 
 def _plan_and_run(source: ImageSource, out_spec, block, halo, workdir, info, net, cfg: InferenceConfig, overwrite,
                   rule: MergeRule, comm: mpi.Comm, inflight, progress, refine: RefineConfig | None,
-                  started: float) -> BlocksResult:
+                  started: float, learned=None) -> BlocksResult:
     """Phases 1 to 4 of :func:`segment_blocks` (under the kernel launcher of ``cfg``)."""
     # phase 1: plan (the image's digest read over all ranks, slab by slab)
     run_id = uuid.uuid4().hex[:12]
     parts = comm.gather(comm.collective(lambda: source.slab_digests(comm.rank, comm.size)), root=0)
     plan, source = comm.on_root(lambda: make_plan(source, out_spec, block, halo, workdir, info, info.source, cfg,
                                                   overwrite, rule, run_id, comm.size,
-                                                  refine.to_dict() if refine is not None else None,
+                                                  learned_mod.refine_record(refine, learned),
                                                   image_digest=combine_digests(parts)))
     if plan.complete:
         return _already_complete(plan, comm)
     # any failure from here on: rank 0 gives back what it holds (locks, temporaries; the blocks stay)
     with comm.releasing(lambda: release(plan)) if comm.is_root else contextlib.nullcontext():
-        return _run(plan, source, started, net, info, cfg, comm, inflight, progress, refine)
+        return _run(plan, source, started, net, info, cfg, comm, inflight, progress, refine, learned)
 
 
 def _run(plan: Plan, source: ImageSource, started: float, net, info, cfg: InferenceConfig, comm: mpi.Comm,
-         inflight: int | None, progress: bool, refine: RefineConfig | None) -> BlocksResult:
+         inflight: int | None, progress: bool, refine: RefineConfig | None, learned=None) -> BlocksResult:
     """Phases 2 to 4 of :func:`segment_blocks`."""
     if comm.is_root:
         log.info("%d blocks (grid %s, block %s, halo %s; halo overhead %.0f%%), %d already done, %d rank(s)",
@@ -165,9 +167,14 @@ def _run(plan: Plan, source: ImageSource, started: float, net, info, cfg: Infere
     if refine is not None:
         refine_from = time.perf_counter()
         with comm.abort_on_error("refinement"):
-            refined = refine_mod.refine_blocks(plan, source, reconciled, final, refine, net, info, cfg, comm, inflight)
+            if learned is not None:
+                refined = learned_mod.learned_blocks(plan, source, reconciled, final, refine, learned, info, cfg,
+                                                     comm)
+            else:
+                refined = refine_mod.refine_blocks(plan, source, reconciled, final, refine, net, info, cfg, comm,
+                                                   inflight)
         if comm.is_root:
-            layers = _refined_layers(plan, reconciled, final, refined, refine)
+            layers = _refined_layers(plan, reconciled, final, refined, refine, learned)
             reconciled.timings["refine_s"] = time.perf_counter() - refine_from
 
     # phase 4: write
@@ -216,18 +223,21 @@ def _reconcile(plan: Plan, source: ImageSource, cfg: InferenceConfig, info, comm
 
 
 def _refined_layers(plan: Plan, reconciled: Reconciled, final: FinalLabels, refined: refine_mod.RefinedBlocks,
-                    refine: RefineConfig) -> output.Layers:
+                    refine: RefineConfig, learned=None) -> output.Layers:
     """Rank 0: ``<ds>`` from the refined tiles, ``<ds>_forward`` the flood, ``<ds>_overlaps``."""
     # n_objects: the largest id (rejoined ids are gone, so ids are not 1..N), which sets the dtype
-    main = FinalLabels(refined.max_id, refined.keys, refined.keys, refined.origins, final.n_merges,
+    values = refined.values if refined.values is not None else refined.keys  # (learned: through its merges)
+    main = FinalLabels(refined.max_id, refined.keys, values, refined.origins, final.n_merges,
                        comp_dir=refined.comp_dir)
     reconciled.counters.update({f"refine_{k}": v for k, v in refined.counters.items()})
     # the refined result's objects (ids are not 1..N once rejoined ids are gone)
     reconciled.counters["refine_objects"] = int(np.unique(np.concatenate([np.asarray(k, np.uint64)
-                                                                          for k in refined.keys] or [[]])).size)
+                                                                          for k in values] or [[]])).size)
     reconciled.counters["flood_objects"] = int(final.n_objects)
     reconciled.attrs.counters = reconciled.counters
     reconciled.attrs.refine = refine.to_dict()
+    if learned is not None:  # which model decided, and what it was trained on (as in memory)
+        reconciled.attrs.refine["learned"] = learned.describe()
     return output.Layers(main, {f"{plan.out_ds}_forward": final}, {f"{plan.out_ds}_overlaps": refined.overlaps})
 
 

@@ -168,6 +168,10 @@ def _refine_summary(layout: bookkeeper.Layout, grid) -> tuple[dict | None, dict 
         refine = {"gap_cores": cores, "gap_floods_done": floods.n_done(), "tiles_done": stages.tiles.n_done(),
                   "tiles": len(grid)}
         refine_claimed = {st.name: len(st.running()) for st in (stages.cores, floods, stages.tiles)}
+        learned = bookkeeper.learned_stages(layout, rdir, grid)  # --refine-model: tiles done per stage
+        if any(st.results.is_dir() for st in learned.all()):
+            refine["learned_tiles_done"] = {st.name: st.n_done() for st in learned.all()}
+            refine_claimed.update({st.name: len(st.running()) for st in learned.all()})
     return refine, refine_claimed
 
 
@@ -191,7 +195,11 @@ def format_status(s: dict[str, Any]) -> str:
                      f"(pid {r.get('pid', '?')} is gone; claimed {r['since_s']:.0f} s ago, the block is not done)")
     ref = s.get("refine")
     stopped = s.get("state") == "stopped"
-    if ref:
+    if ref and ref.get("learned_tiles_done"):  # --refine-model: the learned stages
+        done = ", ".join(f"{n} {k}" for k, n in ref["learned_tiles_done"].items())
+        lines.append(f"  {'learned refinement stopped at' if stopped else 'learned refinement:'} tiles done of "
+                     f"{ref['tiles']}: {done}")
+    elif ref:
         cores = "not found yet" if ref["gap_cores"] is None else f"{ref['gap_floods_done']}/{ref['gap_cores']} gap floods"
         lines.append(f"  {'refinement stopped at' if stopped else 'refining:'} {cores}, "
                      f"{ref['tiles_done']}/{ref['tiles']} tiles done")

@@ -77,9 +77,10 @@ class ContactGraph:
         return {int(i): k for k, i in enumerate(self.ids)}
 
 
-def _faces(seg: np.ndarray):
+def _faces(seg: np.ndarray, incore: np.ndarray | None = None):
     """Every face between two different objects (id 0 is no object): (a, b, flat index of the
-    voxel on a's side, flat index on b's side), a < b."""
+    voxel on a's side, flat index on b's side), a < b; ``incore`` (bool, seg's shape): only the
+    faces whose lower voxel (along the face's axis) is in it."""
     idx = np.arange(seg.size, dtype=np.int64).reshape(seg.shape)
     out = []
     for ax in range(seg.ndim):
@@ -88,6 +89,8 @@ def _faces(seg: np.ndarray):
         lo[ax], hi[ax] = slice(0, -1), slice(1, None)
         u, v = seg[tuple(lo)], seg[tuple(hi)]
         m = (u != v) & (u > 0) & (v > 0)
+        if incore is not None:
+            m &= incore[tuple(lo)]
         out.append((u[m].astype(np.int64), v[m].astype(np.int64), idx[tuple(lo)][m], idx[tuple(hi)][m]))
     u, v, iu, iv = (np.concatenate(c) for c in zip(*out))
     swap = u > v
@@ -97,14 +100,26 @@ def _faces(seg: np.ndarray):
 
 
 def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = None,
-                  smooth_sigma: float = 1.0, flooded: np.ndarray | None = None) -> ContactGraph:
+                  smooth_sigma: float = 1.0, flooded: np.ndarray | None = None,
+                  core: tuple[slice, ...] | None = None) -> ContactGraph:
     """The :class:`ContactGraph` of ``seg`` (integer ids, 0 = no object) over ``image`` (the
     normalised intensity, membranes dark, same shape); ``overlaps``: the flood's id -> (ids,
     voxels) its flood ran into (None: not recorded, the overlap statistic is NaN); ``flooded``:
-    the voxels the flood segmented (bool; None: all of ``seg``'s objects)."""
+    the voxels the flood segmented (bool; None: all of ``seg``'s objects).
+
+    ``core``: one tile's share (a box of the arrays, which are its window; default all of
+    them): the objects' statistics over the core's voxels, and the faces whose lower voxel (along
+    the face's axis) lies in the core, so a face across two tiles is counted once, by the tile
+    below it, and the statistics of the tiles of a volume add up to the volume's
+    (:func:`sum_graphs`). The smoothing sees the whole window."""
     seg = np.asarray(seg)
     if seg.shape != np.shape(image):
         raise ValueError(f"segmentation shape {seg.shape} and image shape {np.shape(image)} differ")
+    incore = None
+    if core is not None and any((s.start or 0) > 0 or (s.stop if s.stop is not None else n) < n
+                                for s, n in zip(core, seg.shape)):
+        incore = np.zeros(seg.shape, bool)
+        incore[core] = True
     img = np.asarray(image, np.float64)
     smooth = ndimage.gaussian_filter(img, smooth_sigma) if smooth_sigma > 0 else img
     flat = seg.ravel().astype(np.int64)
@@ -112,6 +127,8 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     ids = ids[ids > 0]
     pos = np.searchsorted(ids, flat)
     inside = flat > 0
+    if incore is not None:
+        inside &= incore.ravel()
     n = len(ids)
     node = np.zeros((n, N_NODE), np.float64)
     fi = img.ravel()
@@ -121,9 +138,10 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     node[:, _N["dark"]] = np.bincount(pos[inside], weights=(fi[inside] < DARK).astype(np.float64), minlength=n)[:n]
     fl = (np.asarray(flooded, bool) if flooded is not None else seg > 0).ravel()
     node[:, _N["flooded"]] = np.bincount(pos[inside], weights=fl[inside].astype(np.float64), minlength=n)[:n]
-    a, b, ia, ib = _faces(seg)
+    a, b, ia, ib = _faces(seg, incore)
     if len(a) == 0:
-        return ContactGraph(ids.astype(np.int64), node, np.zeros((0, 2), np.int64), np.zeros((0, N_EDGE)))
+        return _drop_absent(ContactGraph(ids.astype(np.int64), node, np.zeros((0, 2), np.int64),
+                                         np.zeros((0, N_EDGE))), incore)
     pa, pb = np.searchsorted(ids, a), np.searchsorted(ids, b)
     node[:, _N["surface"]] = np.bincount(np.concatenate([pa, pb]), minlength=n)[:n]
     key = pa * n + pb
@@ -144,7 +162,35 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
         edge[:, _E[f"lo_below_{t:g}"]] = np.bincount(inv, weights=(lo < t).astype(np.float64), minlength=m)
     pairs = np.stack([ids[keys // n], ids[keys % n]], axis=1).astype(np.int64)
     edge[:, _E["overlap"]] = pair_overlaps(pairs, overlaps)
-    return ContactGraph(ids.astype(np.int64), node, pairs, edge)
+    return _drop_absent(ContactGraph(ids.astype(np.int64), node, pairs, edge), incore)
+
+
+def _drop_absent(g: ContactGraph, incore: np.ndarray | None) -> ContactGraph:
+    """A tile's graph without the objects of its window that have no voxel in its core and no
+    face counted by it (the whole volume's graph: unchanged)."""
+    if incore is None:
+        return g
+    keep = (g.node_stats[:, _N["voxels"]] > 0) | np.isin(g.ids, g.pairs.ravel())
+    return ContactGraph(g.ids[keep], g.node_stats[keep], g.pairs, g.edge_stats)
+
+
+def sum_graphs(graphs: list[ContactGraph], overlaps: dict | None = None) -> ContactGraph:
+    """The graph of a volume from those of its tiles (:func:`contact_graph` with ``core``):
+    every statistic summed, tile by tile in the order given (so two runs that sum the same
+    tiles in the same order agree to the bit), the overlap statistic then taken from the
+    flood's ``overlaps`` (:func:`pair_overlaps`)."""
+    ids = np.unique(np.concatenate([g.ids for g in graphs] or [np.zeros(0, np.int64)])).astype(np.int64)
+    node = np.zeros((len(ids), N_NODE), np.float64)
+    pairs = np.concatenate([g.pairs for g in graphs] or [np.zeros((0, 2), np.int64)]).reshape(-1, 2)
+    upairs, inv = np.unique(pairs, axis=0, return_inverse=True)
+    edge = np.zeros((len(upairs), N_EDGE), np.float64)
+    at = 0
+    for g in graphs:  # np.add.at adds element by element in order: tile order, then the tile's rows
+        np.add.at(node, np.searchsorted(ids, g.ids), g.node_stats)
+        np.add.at(edge, inv.ravel()[at:at + len(g.pairs)], g.edge_stats)
+        at += len(g.pairs)
+    edge[:, _E["overlap"]] = pair_overlaps(upairs, overlaps)
+    return ContactGraph(ids, node, upairs.astype(np.int64).reshape(-1, 2), edge)
 
 
 def pair_overlaps(pairs: np.ndarray, overlaps: dict | None) -> np.ndarray:

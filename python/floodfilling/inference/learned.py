@@ -18,6 +18,14 @@ each merge. It works on a *base* segmentation made from the flood (recorded in t
   kept by ``gap_join_fraction``, :mod:`floodfilling.inference.refine`), then every gap core left
   in the space still free as its own marker, then the watershed.
 
+Tile by tile (``refine.tile``, as the hand steps; 0,0,0, the default: one tile, the whole
+volume): each tile's gap cores are found in its core (numbered after the flood's ids in tile
+order, then in the tile's core order), the base is the watershed of each tile's window from the
+markers and every core reaching it, and the contact statistics are each tile's share (its
+core's voxels, the faces whose lower voxel is in its core) summed in tile order; the merges are
+decided on the whole graph. Block inference (:mod:`floodfilling.distributed.learned`) computes
+the same per block, so it gives the in-memory result with ``tile`` = the block size.
+
 The model file is JSON (never a pickle): format name and version, the feature names, the base,
 the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
 """
@@ -208,6 +216,108 @@ def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: Refine
     return Base(markers, first, origins, flooded)
 
 
+# -- tile by tile (``refine.tile``; block inference: its blocks) ----------------------------------
+
+def tile_cores(image, markers, tile, cfg: RefineConfig) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The gap cores of ``tile``'s core (readers of the normalised image and of the markers:
+    the flood, or the flood with the gap objects painted): (labels 1..N int32 of the core box,
+    each core's deepest voxel in volume coordinates), numbered as
+    :func:`~floodfilling.inference.refine.gap_cores` numbers them."""
+    from .refine import gap_cores
+
+    w0, w1 = tile.window_start, tile.window_stop
+    cores, centres = gap_cores(image(w0, w1), np.asarray(markers(w0, w1)), cfg, tile.core_in_window)
+    return cores, [tuple(int(c) + w for c, w in zip(centre, w0)) for centre in centres]
+
+
+def core_offsets(counts, top: int) -> list[int]:
+    """Each tile's first core id less one: the cores of all tiles are numbered after ``top``
+    (the flood's largest id) in tile order, then in each tile's core order."""
+    return [int(top) + int(v) for v in np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))[:-1]])] \
+        if len(counts) else []
+
+
+def base_tile(image, markers, cores, tile, cfg: RefineConfig) -> np.ndarray:
+    """The base's core of ``tile`` (int64): the window's markers (``markers``: the flood or the
+    painted flood) with every core that reaches the window (``cores``: a reader of all tiles'
+    core labels in their final ids, 0 elsewhere), then the seeded watershed of the window."""
+    from skimage.segmentation import watershed
+
+    from .refine import membranes_low
+
+    w0, w1 = tile.window_start, tile.window_stop
+    m = np.array(markers(w0, w1), dtype=np.int64)
+    c = np.asarray(cores(w0, w1))
+    put = c > 0
+    m[put] = c[put].astype(np.int64)
+    if m.any():
+        m = watershed(-membranes_low(image(w0, w1), cfg, cfg.watershed_sigma), markers=m)
+    return np.ascontiguousarray(m[tile.core_in_window])
+
+
+def tile_contacts(image, base, flooded, tile, shape, cfg: RefineConfig):
+    """``tile``'s share of the base's :class:`~floodfilling.inference.contacts.ContactGraph`
+    (readers of the normalised image, of the assembled base and of the flood's voxels, bool):
+    its core's voxels and the faces whose lower voxel lies in its core (the base is read over
+    the core and one voxel beyond its upper faces, the image over the window, which the
+    smoothing sees). The tiles' graphs add up to the volume's (:func:`~.contacts.sum_graphs`);
+    the overlap statistic is the volume's, added there."""
+    from .contacts import contact_graph
+    from .refine import membranes_low
+
+    w0 = tile.window_start
+    e1 = tuple(min(b + 1, int(n)) for b, n in zip(tile.core_stop, shape))  # the core and the plane above it
+    w1 = tuple(max(a, b) for a, b in zip(tile.window_stop, e1))
+    seg = np.zeros(tuple(b - a for a, b in zip(w0, w1)), np.int64)
+    fl = np.zeros(seg.shape, bool)
+    put = tuple(slice(a - w, b - w) for a, b, w in zip(tile.core_start, e1, w0))
+    seg[put] = base(tile.core_start, e1)
+    fl[put] = flooded(tile.core_start, e1)
+    return contact_graph(seg, membranes_low(image(w0, w1), cfg, 0.0), None, flooded=fl, core=tile.core_in_window)
+
+
+def tiled_base(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig, tiles,
+               painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
+    """:func:`base_segmentation` made tile by tile (``tiles``:
+    :func:`~floodfilling.inference.refine.tiles_of`): each tile's gap cores in its core, numbered
+    in tile order (:func:`core_offsets`), and each tile's watershed in its window from the
+    markers and every core reaching it (:func:`base_tile`). One tile: the same as
+    :func:`base_segmentation`."""
+    from .refine import array_reader
+
+    if base not in BASES:
+        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
+    first = int(np.max(seg, initial=0))
+    markers = np.asarray(seg).astype(np.int64)
+    origins: dict[int, Origin] = {}
+    if base == "gap_cores":
+        if painted is None:
+            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
+        markers = np.asarray(painted[0]).astype(np.int64)
+        origins = dict(painted[1])
+    flooded = markers > 0
+    cores = np.zeros(markers.shape, np.int64)
+    if base in ("cores", "gap_cores"):
+        found = [tile_cores(array_reader(image), array_reader(markers), t, cfg) for t in tiles]
+        for t, (lab, centres), off in zip(tiles, found, core_offsets([len(c) for _, c in found],
+                                                                     int(markers.max(initial=0)))):
+            cores[t.core] = np.where(lab > 0, lab.astype(np.int64) + off, 0)
+            origins.update({off + 1 + k: Origin(c, 0, 0.0) for k, c in enumerate(centres)})
+    out = np.zeros(markers.shape, np.int64)
+    for t in tiles:
+        out[t.core] = base_tile(array_reader(image), array_reader(markers), array_reader(cores), t, cfg)
+    return Base(out, first, origins, flooded)
+
+
+def tiled_graph(image: np.ndarray, b: Base, cfg: RefineConfig, tiles, overlaps: dict | None = None):
+    """The contact graph of the base ``b``: its tiles' (:func:`tile_contacts`) summed in tile order."""
+    from .contacts import sum_graphs
+    from .refine import array_reader
+
+    return sum_graphs([tile_contacts(array_reader(image), array_reader(b.segmentation), array_reader(b.flooded), t,
+                                     b.segmentation.shape, cfg) for t in tiles], overlaps)
+
+
 def paint_gap_objects(image: np.ndarray, seg: np.ndarray, cfg: RefineConfig, network,
                       overlaps: dict | None = None) -> tuple[np.ndarray, dict[int, Origin], dict[str, float]]:
     """The flood ``seg`` with the hand step's gap objects painted in (no watershed), their
@@ -234,25 +344,33 @@ def agglomerate_base(image: np.ndarray, base: Base, model: RefineModel, cfg: Ref
 
 
 def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: RefineConfig,
-                   overlaps: dict | None = None, network=None, painted=None):
+                   overlaps: dict | None = None, network=None, painted=None, tile=None):
     """``seg`` (the flood of the normalised ``image``) refined by ``model``: its base, then the
     learned merges. Returns a :class:`~floodfilling.inference.refine.Refined` whose ``joined``
     lists the flood objects that joined another, ``new_origins`` the core objects kept. Base
     "gap_cores" runs the gap floods with ``network`` (or takes ``painted``, what
-    :func:`paint_gap_objects` returned)."""
-    from .refine import Refined, check_inputs
+    :func:`paint_gap_objects` returned). ``tile`` (default ``cfg.tile``): the base and the
+    contact statistics are made tile by tile (:func:`tiled_base`, :func:`tiled_graph`), as
+    block inference makes them on its blocks (:mod:`floodfilling.distributed.learned`: the same
+    result with ``tile`` = the block size); the merges are decided on the whole graph."""
+    from .refine import Refined, check_inputs, tiles_of
 
     check_inputs(image, seg)
     t0 = time.perf_counter()
     cfg = model.base_config(cfg)
+    if tile is not None:  # (the gap objects of base "gap_cores" too)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, tile=tuple(int(v) for v in tile))
     gap_counters: dict[str, float] = {}
     if model.base == "gap_cores" and painted is None:
         painted = paint_gap_objects(image, seg, cfg, network, overlaps)
     if painted is not None:
         gap_counters = {k: v for k, v in (painted[2] if len(painted) > 2 else {}).items()
                         if k in ("gap_floods", "gap_steps", "gap_joined")}
-    b = base_segmentation(image, seg, model.base, cfg, painted[:2] if painted is not None else None)
-    agg = agglomerate_base(image, b, model, cfg, overlaps)
+    tiles = tiles_of(np.shape(seg), cfg.tile, cfg.halo)
+    b = tiled_base(image, seg, model.base, cfg, tiles, painted[:2] if painted is not None else None)
+    agg = agglomerate(tiled_graph(image, b, cfg, tiles, overlaps), model.predict, model.threshold)
     out = apply_lut(b.segmentation, agg.lut)
     dtype = seg.dtype if int(out.max(initial=0)) <= np.iinfo(seg.dtype).max else np.uint64
     joined = {k: v for k, v in agg.lut.items() if k <= b.first_new}
