@@ -53,7 +53,7 @@ def _inputs_resume(d: Path) -> None:
         (d / name / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
     # a refined block run; its refinement directory (named by the output's digest) made again, damaged
     assert main(["segment", f"{d}/crop.h5:raw", f"{d}/wd_ref_out.h5:seg", *q, *blk, "--workdir", f"{d}/wd_ref",
-                 "--refine"]) == 0
+                 "--refine", "--refine-model", "hand"]) == 0
     with h5py.File(d / "wd_ref_out.h5", "r") as f:
         digest = str(f["seg"].attrs["block_manifest"])
     header = b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }" + b" " * 60 + b"\n"
@@ -332,7 +332,7 @@ CASES = [
     ("segment-set-zyx-beyond-int64", SEG + " --set min_boundary_dist_zyx=[1,1,99999999999999999999]",
      ["min_boundary_dist_zyx"]),
     ("segment-set-float-overflow", SEG + " --set segment_threshold=1e999", ["segment_threshold", "inf"]),
-    ("segment-set-refine-float-overflow", SEG + " --refine --set refine.interior_sigma=1e999", ["interior_sigma"]),
+    ("segment-set-refine-float-overflow", SEG + " --refine --refine-model hand --set refine.interior_sigma=1e999", ["interior_sigma"]),
     ("segment-image-mean-overflow", SEG + " --image-mean 1e999", ["--image-mean", "inf"]),
     ("segment-checkpoint-interval-overflow", SEG + " --checkpoint-interval 1e999", ["--checkpoint-interval", "inf"]),
     ("segment-image-mean-1e308-std-1e-308", SEG + " --image-mean 1e308 --image-std 1e-308", ["--image-std", "1e-308"]),
@@ -423,13 +423,13 @@ CASES = [
      ["--workdir {d}/tiny.npz", "is the model"]),
     ("segment-workdir-inside-the-model", SEG + " --block 16,24,24 --workdir {d}/tiny.npz/work",
      ["--workdir {d}/tiny.npz/work", "lies inside the model"]),
-    ("segment-refine-gap-box-below-fov", SEG + " --refine --set refine.gap_box=[4,40,40]",
+    ("segment-refine-gap-box-below-fov", SEG + " --refine --refine-model hand --set refine.gap_box=[4,40,40]",
      ["refine.gap_box=4,40,40", "FOV 9,9,9"]),
-    ("segment-refine-gap-box-below-fov-x", SEG + " --refine --set refine.gap_box=[40,40,8]",
+    ("segment-refine-gap-box-below-fov-x", SEG + " --refine --refine-model hand --set refine.gap_box=[40,40,8]",
      ["refine.gap_box=40,40,8", "FOV 9,9,9"]),
-    ("segment-refine-gap-box-below-fov-config", SEG + " --refine --config {d}/small_gap_box.toml",
+    ("segment-refine-gap-box-below-fov-config", SEG + " --refine --refine-model hand --config {d}/small_gap_box.toml",
      ["refine.gap_box=2,2,2", "FOV 9,9,9"]),
-    ("segment-block-refine-gap-box-below-fov", SEG + " --block 16,24,24 --refine --set refine.gap_box=[4,40,40]",
+    ("segment-block-refine-gap-box-below-fov", SEG + " --block 16,24,24 --refine --refine-model hand --set refine.gap_box=[4,40,40]",
      ["refine.gap_box=4,40,40", "FOV 9,9,9"]),
     ("segment-block-workdir-of-a-changed-image", SEG + " --block 16,24,24 --workdir {d}/wd_changed",
      ["wd_changed", "image_digest", "the image's voxels changed", "--overwrite"]),
@@ -439,13 +439,13 @@ CASES = [
      "--set segment_threshold=0.7", ["wd_ok", "differs in: config"]),
     ("segment-block-workdir-other-bbox", SEG + " --block 16,24,24 --workdir {d}/wd_ok --bbox 0,0,0:32,48,40",
      ["wd_ok", "bbox", "image_digest"]),
-    ("segment-block-refine-centres-garbage", SEG + " --block 16,24,24 --workdir {d}/wd_centres_garbage --refine",
+    ("segment-block-refine-centres-garbage", SEG + " --block 16,24,24 --workdir {d}/wd_centres_garbage --refine --refine-model hand",
      ["wd_centres_garbage/refine-", "centres.npy", "delete it"]),
-    ("segment-block-refine-centres-pickled", SEG + " --block 16,24,24 --workdir {d}/wd_centres_pickled --refine",
+    ("segment-block-refine-centres-pickled", SEG + " --block 16,24,24 --workdir {d}/wd_centres_pickled --refine --refine-model hand",
      ["wd_centres_pickled/refine-", "centres.npy", "delete it"]),
-    ("segment-block-refine-centres-empty", SEG + " --block 16,24,24 --workdir {d}/wd_centres_empty --refine",
+    ("segment-block-refine-centres-empty", SEG + " --block 16,24,24 --workdir {d}/wd_centres_empty --refine --refine-model hand",
      ["wd_centres_empty/refine-", "centres.npy", "delete it"]),
-    ("segment-block-refine-centres-wrong-shape", SEG + " --block 16,24,24 --workdir {d}/wd_centres_shape --refine",
+    ("segment-block-refine-centres-wrong-shape", SEG + " --block 16,24,24 --workdir {d}/wd_centres_shape --refine --refine-model hand",
      ["wd_centres_shape/refine-", "centres.npy", "delete it"]),
     ("segment-resume-state-of-a-changed-image", "segment {d}/crop.h5:raw {d}/state_img.h5:seg " + M,
      ["state_img.h5.seg.resume.npz", "image_digest", "the image changed"]),
@@ -730,6 +730,11 @@ CASES = [
      ["nope.json"]),
     ("segment-block-refine-model-gap-cores", SEG + " --block 16,24,24 --refine --refine-model {d}/refine_gapcores.json",
      ["refine_gapcores.json", "'gap_cores'", "without --block"]),
+    # -- the learned refinement by default (session 14): a hand-step option with it names itself
+    ("segment-refine-default-hand-option", SEG + " --refine --set refine.gap_min_core=10",
+     ["refine.gap_min_core=10", "refine.model=hand"]),
+    ("segment-block-refine-default-hand-option", SEG + " --block 16,24,24 --refine --set refine.rejoin_fraction=0.3",
+     ["refine.rejoin_fraction=0.3", "refine.model=hand"]),
 ]
 
 

@@ -206,7 +206,7 @@ def test_zarr_input_and_output(reference_run, crop_file, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def refined_run(crop_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("refined") / "refined.h5"
-    r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1", "--refine")
+    r = ffn("segment", f"{crop_file}:raw", f"{out}:seg", "-q", "--threads", "1", "--refine", "--refine-model", "hand")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -247,7 +247,7 @@ def test_refine_resume_after_sigkill_in_the_refinement(refined_run, crop_file, t
     out = tmp_path / "seg.h5"
     state = tmp_path / "seg.h5.seg.resume.npz"
     cmd = [sys.executable, "-m", "floodfilling.cli", "segment", f"{crop_file}:raw", f"{out}:seg", "-q",
-           "--threads", "1", "--checkpoint-interval", "1000", "--refine"]
+           "--threads", "1", "--checkpoint-interval", "1000", "--refine", "--refine-model", "hand"]
     kill_after(cmd, state, timeout=300, delay=1.0)  # with a 1000 s interval the only save is the finished flood's
     assert not out.exists()  # nothing half-written
     with np.load(state) as z:
@@ -268,18 +268,18 @@ def test_refine_resume_after_sigkill_in_the_refinement(refined_run, crop_file, t
 def test_refine_options_need_refine(crop_file, tmp_path):
     r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--set", "refine.gap_min_core=5")
     assert r.returncode == 2 and "need --refine" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set",
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--refine-model", "hand", "--set",
             "refine.steps=['watershed', 'magic']")
     assert r.returncode == 2 and "'magic' is not a step" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set", "dust_size=100")
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--refine-model", "hand", "--set", "dust_size=100")
     assert r.returncode == 2 and "rejoin" in r.stderr and "dust_size" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64",
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--refine-model", "hand", "--block", "32,64,64",
             "--set", "refine.tile=[16,16,16]")  # with blocks, the tiles are the blocks
     assert r.returncode == 2 and "refine.tile=16,16,16" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--block", "32,64,64",
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--refine-model", "hand", "--block", "32,64,64",
             "--set", "split_components=true")
     assert r.returncode == 2 and "rejoin" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--set",
+    r = ffn("segment", f"{crop_file}:raw", f"{tmp_path / 'o.h5'}:seg", "-q", "--refine", "--refine-model", "hand", "--set",
             "refine.halo=[1,2]")
     assert r.returncode == 2 and "halo" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "o.h5").exists()

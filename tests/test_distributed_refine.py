@@ -23,7 +23,7 @@ from test_distributed_run import BLOCK, BLOCK_ZYX, HALO, HALO_ZYX, cfg, data, mp
 pytest.importorskip("skimage")
 
 # thresholds for the tiny model's crop: small cores so that gap floods happen in several blocks
-REFINE = RefineConfig(gap_min_core=20, gap_core_radius=2.0, gap_box=(24, 40, 40), halo=(8, 12, 12))
+REFINE = RefineConfig(model="hand", gap_min_core=20, gap_core_radius=2.0, gap_box=(24, 40, 40), halo=(8, 12, 12))
 SETS = ["--set", "refine.gap_min_core=20", "--set", "refine.gap_core_radius=2.0", "--set",
         "refine.gap_box=[24,40,40]", "--set", "refine.halo=[8,12,12]"]
 
@@ -112,7 +112,7 @@ def test_other_refine_options_are_another_output(data, refined, one_thread):
     with pytest.raises(ValueError, match="exists"):
         segment_blocks(f"{data / 'crop.h5'}:raw", f"{out}:seg", block=BLOCK_ZYX, halo=HALO_ZYX,
                        workdir=str(out.parent / "work"), model=str(data / "tiny.npz"), config=cfg(),
-                       refine=RefineConfig(steps=("watershed",)))
+                       refine=RefineConfig(model="hand", steps=("watershed",)))
 
 
 def test_zarr_output_holds_the_same_datasets(data, refined, tmp_path, one_thread):
@@ -142,7 +142,7 @@ def test_mpi_two_ranks_refined_equal_one_rank_and_resume_after_sigkill(data, ref
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "floodfilling.cli", "segment", f"{data / 'crop.h5'}:raw",
            f"{tmp_path / 'out.h5'}:seg", "--block", BLOCK, "--halo", HALO, "--workdir", str(tmp_path / "work"),
-           "--model", str(data / "tiny.npz"), "--threads", "1", "--set", "min_segment_size=200", "-q", "--refine",
+           "--model", str(data / "tiny.npz"), "--threads", "1", "--set", "min_segment_size=200", "-q", "--refine", "--refine-model", "hand",
            *SETS]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -153,7 +153,7 @@ def test_mpi_two_ranks_refined_equal_one_rank_and_resume_after_sigkill(data, ref
     out2, work2 = tmp_path / "b.h5", tmp_path / "work2"
     cmd1 = [sys.executable, "-m", "floodfilling.cli", "segment", f"{data / 'crop.h5'}:raw", f"{out2}:seg",
             "--block", BLOCK, "--halo", HALO, "--workdir", str(work2), "--model", str(data / "tiny.npz"),
-            "--threads", "1", "--set", "min_segment_size=200", "-q", "--refine", *SETS]
+            "--threads", "1", "--set", "min_segment_size=200", "-q", "--refine", "--refine-model", "hand", *SETS]
     p = subprocess.Popen(cmd1, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(work2.glob("refine-*/floods/*.h5")):

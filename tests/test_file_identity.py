@@ -258,7 +258,7 @@ def test_plain_overwrite_removes_the_forward_of_a_refined_result(data, tmp_path)
     out = tmp_path / "o.h5"
     with_other(out)
     with_other(out, "seg_forwarded")  # a name that only starts like a companion: kept
-    segment(data, f"{out}:seg", "--refine")
+    segment(data, f"{out}:seg", "--refine", "--refine-model", "hand")
     assert {"seg", "seg_origins", "seg_overlaps", "seg_forward"} <= names(out)
     segment(data, f"{out}:seg", "--overwrite")
     assert names(out) == {"seg", "seg_origins", "seg_overlaps", "keep_me", "seg_forwarded"}

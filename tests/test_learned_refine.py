@@ -314,3 +314,33 @@ def test_refine_model_after_postprocessing(tmp_path):
     image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
     want = learned.learned_refine(image, fwd, learned.load_refine_model(str(m)), RefineConfig(), overlaps=None)
     assert np.array_equal(seg, want.segmentation)
+
+
+def test_refine_defaults_to_the_bundled_learned_model(tmp_path):
+    """``--refine`` alone is the learned refinement of the bundled model (the leave-one-out table
+    shows it better than the hand steps on every labelled unit): the same result as
+    ``--refine-model bundled``, recorded as such; ``--refine-model hand`` runs the hand steps
+    (their counters); a hand-step option with a learned model is a one-line error naming it."""
+    from floodfilling.cli import main
+    from floodfilling.testing import demo_crop, mean_flood_model
+
+    raw, _ = demo_crop((24, 40, 40))
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["raw"] = raw
+    q = ["--model", str(mean_flood_model(tmp_path / "tiny.npz")), "--device", "cpu", "--threads", "1", "-q",
+         "--set", "min_segment_size=10"]
+    outs = {}
+    for name, extra in (("default", []), ("bundled", ["--refine-model", "bundled"]), ("hand", ["--refine-model", "hand"])):
+        assert main(["segment", f"{tmp_path}/v.h5:raw", f"{tmp_path}/{name}.h5:seg", "--refine", *extra, *q]) == 0
+        with h5py.File(tmp_path / f"{name}.h5", "r") as f:
+            outs[name] = (f["seg"][:], json.loads(f["seg"].attrs["refine"]), json.loads(f["seg"].attrs["counters"]))
+    assert np.array_equal(outs["default"][0], outs["bundled"][0])
+    assert outs["default"][1]["model"] == "bundled"
+    assert outs["default"][1]["learned"]["file"].endswith(learned.BUNDLED_FILE)
+    assert "refine_learned_merges" in outs["default"][2] and "refine_learned_merges" not in outs["hand"][2]
+    assert "learned" not in outs["hand"][1] and "refine_gap_cores" in outs["hand"][2]
+    from floodfilling.config import RefineConfig
+
+    with pytest.raises(learned.RefineModelError, match=r"refine\.gap_min_core=10.*refine\.model=hand"):
+        learned.check_learned_options(RefineConfig(gap_min_core=10))
+    learned.check_learned_options(RefineConfig(tile=(8, 8, 8), halo=(4, 4, 4)))  # the options it uses

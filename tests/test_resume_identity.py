@@ -141,24 +141,24 @@ def test_refine_stage_of_a_changed_image_is_refused(data, tmp_path, capsys, monk
 
     with monkeypatch.context() as m:
         m.setattr(rf, "fill_tile", killed)  # after the gap cores and floods were saved
-        assert run(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"),
+        assert run(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand"),
                    capsys)[0] == 130
     rdirs = list(wd.glob("refine-*"))
     assert len(rdirs) == 1 and (rdirs[0] / "centres.npy").exists()
     assert not leftovers(tmp_path)  # the interrupted run gave back its locks
     with monkeypatch.context() as m:
         m.setattr(seg_mod, "refined_result", killed)  # the flood's final state is saved before refining
-        assert run(seg(data, f"{img}:raw", f"{tmp_path / 'm.h5'}:seg", "--refine"), capsys)[0] == 130
+        assert run(seg(data, f"{img}:raw", f"{tmp_path / 'm.h5'}:seg", "--refine", "--refine-model", "hand"), capsys)[0] == 130
     assert (tmp_path / "m.h5.seg.resume.npz").exists()
 
     flip_in_place(img)
-    fails(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"), capsys,
+    fails(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand"), capsys,
           "image_digest")
-    fails(seg(data, f"{img}:raw", f"{tmp_path / 'm.h5'}:seg", "--refine"), capsys, "image_digest")
+    fails(seg(data, f"{img}:raw", f"{tmp_path / 'm.h5'}:seg", "--refine", "--refine-model", "hand"), capsys, "image_digest")
     # with --overwrite: the new image's result, as a fresh run
-    assert run(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine",
+    assert run(seg(data, f"{img}:raw", f"{tmp_path / 'b.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand",
                    "--overwrite"), capsys)[0] == 0
-    assert run(seg(data, f"{img}:raw", f"{tmp_path / 'f.h5'}:seg", *BLOCK, "--workdir", tmp_path / "wf", "--refine"),
+    assert run(seg(data, f"{img}:raw", f"{tmp_path / 'f.h5'}:seg", *BLOCK, "--workdir", tmp_path / "wf", "--refine", "--refine-model", "hand"),
                capsys)[0] == 0
     for ds in ("seg", "seg_forward"):
         assert np.array_equal(read(tmp_path / "b.h5", ds), read(tmp_path / "f.h5", ds)), ds
@@ -243,20 +243,20 @@ def test_block_error_releases_the_locks(data, tmp_path, capsys, monkeypatch, whe
     target = {"reconcile": (labels, "reconcile"), "refine": (rf, "fill_tile"), "write": (output, "commit")}[where]
     monkeypatch.setattr(*target, boom)
     wd = tmp_path / "wd"
-    fails(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"),
+    fails(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand"),
           capsys, "boom")
     assert not leftovers(tmp_path), leftovers(tmp_path)
     assert not (tmp_path / "o.h5").exists()
     assert not list((wd / "claims").iterdir())
     assert len(list((wd / "blocks").glob("*.h5"))) == 8  # the finished blocks stay for the rerun
     monkeypatch.undo()
-    assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"),
+    assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand"),
                capsys)[0] == 0
 
 
 def test_refine_summary_counts_the_refined_objects(data, tmp_path, capsys):
     out = tmp_path / "o.h5"
-    argv = [a for a in seg(data, f"{data / 'crop.h5'}:raw", f"{out}:seg", "--refine") if a != "-q"]
+    argv = [a for a in seg(data, f"{data / 'crop.h5'}:raw", f"{out}:seg", "--refine", "--refine-model", "hand") if a != "-q"]
     assert main(argv) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     refined, flood = read(out), read(out, "seg_forward")
@@ -282,7 +282,7 @@ def test_status_of_a_run_killed_while_refining(data, tmp_path, capsys, monkeypat
     with monkeypatch.context() as m:
         m.setattr(rf, "fill_tile", killed)
         assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd,
-                       "--refine"), capsys)[0] == 130
+                       "--refine", "--refine-model", "hand"), capsys)[0] == 130
     # as a SIGKILL leaves it: the workdir lock of a process that is gone
     pid = dead_pid()
     (wd / "run.json").write_text(json.dumps({"run_id": "x", "host": socket.gethostname(), "pid": pid, "ranks": 1,
@@ -342,7 +342,7 @@ def test_mpi_error_on_every_rank_releases_the_locks(data, tmp_path, capsys):
     if exe is None:
         pytest.skip("mpiexec not found")
     wd = tmp_path / "wd"
-    assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'a.h5'}:seg", *BLOCK, "--workdir", wd, "--refine"),
+    assert run(seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'a.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand"),
                capsys)[0] == 0
     with h5py.File(tmp_path / "a.h5", "r") as f:
         rdir = wd / f"refine-{str(f['seg'].attrs['block_manifest'])[:16]}"
@@ -350,7 +350,7 @@ def test_mpi_error_on_every_rank_releases_the_locks(data, tmp_path, capsys):
         (rdir / sub).mkdir(parents=True)
     (rdir / "centres.npy").write_bytes(b"these are not gap centres\n")
     cmd = [exe, "-n", "2", sys.executable, "-m", "floodfilling.cli",
-           *seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine")]
+           *seg(data, f"{data / 'crop.h5'}:raw", f"{tmp_path / 'o.h5'}:seg", *BLOCK, "--workdir", wd, "--refine", "--refine-model", "hand")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and "centres.npy" in r.stderr and "delete it" in r.stderr, r.stderr[-2000:]

@@ -80,7 +80,7 @@ def test_segment_through_sycl_equals_openmp(sycl, data, tmp_path, no_openmp, ref
     argv = [f"{data / 'crop.h5'}:raw", "--model", str(data / "tiny.npz"), "--threads", "1", "-q",
             "--set", "min_segment_size=200"]
     if refine:
-        argv += ["--refine", *SETS[:6]]  # the tiny model's small gap cores (refine.halo is blocks-only)
+        argv += ["--refine", "--refine-model", "hand", *SETS[:6]]  # the tiny model's small gap cores (refine.halo is blocks-only)
     run_cli("segment", argv[0], f"{tmp_path / 'omp.h5'}:seg", *argv[1:])
     run_cli("segment", argv[0], f"{tmp_path / 'sycl.h5'}:seg", *argv[1:], "--set", "kernels=sycl")
     want, got = datasets(tmp_path / "omp.h5"), datasets(tmp_path / "sycl.h5")
@@ -101,7 +101,7 @@ def test_block_refine_under_mpiexec_through_sycl_equals_openmp(sycl, data, refin
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "floodfilling.cli", "-v", "segment",
            f"{data / 'crop.h5'}:raw", f"{tmp_path / 'out.h5'}:seg", "--block", BLOCK, "--halo", HALO,
            "--workdir", str(tmp_path / "work"), "--model", str(data / "tiny.npz"), "--threads", "1",
-           "--set", "min_segment_size=200", "--refine", *SETS, "--set", "kernels=sycl"]
+           "--set", "min_segment_size=200", "--refine", "--refine-model", "hand", *SETS, "--set", "kernels=sycl"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("kernels: sycl") >= 2, r.stderr[-3000:]  # each rank logged its launcher

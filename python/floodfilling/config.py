@@ -269,6 +269,8 @@ class InferenceConfig(Options):
 
 
 REFINE_STEPS = ("rejoin", "gap_objects", "watershed")  # in the order they run (floodfilling.inference.refine)
+HAND = "hand"  # refine.model = "hand": the hand steps decide
+LEARNED_OPTIONS = ("model", "tile", "halo")  # the [refine] options a learned refinement uses (the rest: hand steps)
 
 
 @dataclass
@@ -306,8 +308,20 @@ class RefineConfig(Options):
     tile: tuple[int, int, int] = (0, 0, 0)
     # Context (z,y,x voxels) each tile reads beyond its faces for cores and watershed.
     halo: tuple[int, int, int] = (32, 32, 32)
-    # Learned refinement: a model file of `ffn train-refine` or "bundled" ("": the hand steps above); it replaces them.
-    model: str = ""
+    # Who decides: "bundled" (the learned refinement's model shipped with the package), a model file of
+    # `ffn train-refine`, or "hand" (the hand steps above; "" too). A learned model replaces the hand steps.
+    model: str = "bundled"
+
+    @property
+    def learned_model(self) -> str | None:
+        """The learned refinement's model (a file, or "bundled"); None: the hand steps."""
+        return None if self.model.strip() in ("", HAND) else self.model
+
+    def hand_options_set(self) -> list[str]:
+        """The options of the hand steps given another value than the default (a learned model
+        runs none of them, and makes its base with the options it was trained with)."""
+        default = RefineConfig()
+        return [k for k in self.to_dict() if k not in LEARNED_OPTIONS and getattr(self, k) != getattr(default, k)]
 
     def validate(self) -> "RefineConfig":
         super().validate()

@@ -384,11 +384,11 @@ def _add_segment_parser(sub) -> None:
                    "128,256,256); runs under mpiexec too")
     p.add_argument("--halo", type=zyx_arg, default=None,
                    help="block overlap on each side z,y,x (default: the FOV radius + deltas)")
-    p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement steps of the "
-                   "[refine] options (gap objects, watershed; see `ffn config`); the flood is kept as <out>_forward")
+    p.add_argument("--refine", action="store_true", help="after the exact flood, the refinement (by default the "
+                   "learned one of the bundled model; see `ffn config`); the flood is kept as <out>_forward")
     p.add_argument("--refine-model", default=None, metavar="M",
-                   help="with --refine: the learned refinement of this `ffn train-refine` model file, or 'bundled' "
-                        "(refine.model)")
+                   help="with --refine: who decides: 'bundled' (default), an `ffn train-refine` model file, or "
+                        "'hand' (the hand steps of the [refine] options) (refine.model)")
     p.add_argument("--workdir", default=None, help="block inference: directory for per-block results and the "
                    "manifest (rerun to resume)")
     p.add_argument("--inflight", type=int, default=None,

@@ -117,12 +117,14 @@ class ImageReader:
     """:data:`~floodfilling.inference.refine.Reader` of the image (box coordinates), normalised
     as the blocks were. The windows read are kept (least recently used first out, at most
     ``cache_bytes``): a tile's window, read and normalised for its gap cores, is read again for
-    its watershed, and a rank takes first the tiles whose cores it found (:func:`refine_blocks`)."""
+    its watershed, and a rank takes first the tiles whose cores it found (:func:`refine_blocks`).
+    ``read_window`` reads without keeping: a gap flood's window, read once, goes through it (kept,
+    thousands of them would fill the cache and a rank's memory for nothing)."""
 
     CACHE_BYTES = 1 << 30  # normalised windows kept per rank (a 128x256x256 block + halo: ~50 MB)
 
     def __init__(self, source: ImageSource, cache_bytes: int = CACHE_BYTES):
-        self.read_window = source.reader()
+        self.read_window = source.reader()  # normalised windows, not kept
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.reads = 0  # windows read from the image (misses)
@@ -339,7 +341,8 @@ def _gap_floods(plan, stages: bookkeeper.RefineStages, rcfg, tiles, image, seg, 
                  len(centres), len(tiles), len(centres) - done, comm.size, done)
     if floods_stage.n_done() < len(centres):
         claimer = floods_stage.claimer(plan.run_id, comm.rank, comm.size)
-        rf.flood_gaps(image, seg, plan.box.shape, [tuple(int(v) for v in c) for c in centres],
+        # (a gap flood's window is read once: not kept in the tiles' cache)
+        rf.flood_gaps(image.read_window, seg, plan.box.shape, [tuple(int(v) for v in c) for c in centres],
                       rf.FloodNetwork(net, info, cfg), first_new, rcfg.gap_box, inflight,
                       on_flood=lambda i, f, steps: _save_flood(floods_stage.result(i), f, steps), claim=claimer.next)
     comm.wait_all()

@@ -165,6 +165,18 @@ def load_refine_model(path: str) -> RefineModel:
     return model_from_json(raw.decode("utf-8", errors="replace"), str(path))
 
 
+def check_learned_options(cfg: RefineConfig) -> None:
+    """A learned refinement (``cfg.model`` not "hand") runs none of the hand steps and makes its
+    base with the options its model was trained with: any other hand-step option given is an
+    error naming it (never silently ignored)."""
+    given = cfg.hand_options_set()
+    if given:
+        k = given[0]
+        raise RefineModelError(f"option refine.{k}={getattr(cfg, k)!r}: an option of the hand steps, which the learned "
+                               f"refinement (refine.model={cfg.model!r}) does not run (it makes its base with the "
+                               "options its model was trained with); set refine.model=hand to run the hand steps")
+
+
 def save_refine_model(model: RefineModel, path: str, overwrite: bool = False) -> None:
     from ..disk import atomic_write_bytes
 

@@ -240,8 +240,12 @@ def segment(image_spec: str | volumes.VolumeSpec, out_spec: str, *, model: str |
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
-    if refine is not None and not refine.model:  # (a learned refinement runs no hand step)
+    if refine is not None and refine.learned_model is None:  # (a learned refinement runs no hand step)
         check_flood_options(refine, cfg)
+    elif refine is not None:
+        from .learned import check_learned_options
+
+        check_learned_options(refine)
     spec = image_spec if isinstance(image_spec, volumes.VolumeSpec) else volumes.parse_volume_spec(image_spec)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
@@ -308,15 +312,16 @@ def _segment_locked(spec: volumes.VolumeSpec, out: volumes.VolumeSpec, *, model,
 
 def _check_refinement(refine: RefineConfig | None, info):
     """The refinement's checks that need the model, before the flood; the learned refinement's
-    model (:class:`~floodfilling.inference.learned.RefineModel`) when ``refine.model`` names one."""
+    model (:class:`~floodfilling.inference.learned.RefineModel`) when ``refine.model`` names one
+    (not "hand")."""
     if refine is None:
         return None
-    if not refine.model:
+    if refine.learned_model is None:
         check_gap_box(refine, info.fov_zyx)
         return None
     from .learned import load_refine_model
 
-    learned = load_refine_model(refine.model)
+    learned = load_refine_model(refine.learned_model)
     if learned.base == "gap_cores":
         check_gap_box(learned.base_config(refine), info.fov_zyx)
     return learned
