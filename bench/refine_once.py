@@ -75,22 +75,29 @@ def same_results(a_path: Path, b_path: Path) -> dict[str, bool]:
         return out
 
 
-def block_refine(before: Path, repeats: int, threads: int, model: Path) -> dict:
-    """``ffn segment --block --refine`` of the cube's lower half with a tiny model (the flood is
-    cheap, so the refinement's reading shows), before the tile windows were kept vs today."""
-    img = SHARED / "data" / "fib25_train_250.h5"
-    rows = {"before": [], "after": []}
+def pairs(before: Path, repeats: int, argv: list[str]) -> tuple[dict, dict[str, bool], dict]:
+    """``ffn ARGV --refine`` (the hand steps; ``{out}`` in ARGV is the output) by each tree in
+    turn, ``repeats`` interleaved pairs: every run's figures, the two results compared, medians."""
+    rows: dict[str, list] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         outs = {}
         for r in range(repeats):
             for name, tree in (("before", before), ("after", AFTER)):
                 out = Path(tmp) / f"{name}{r}.h5"
-                rows[name].append(run_tree(tree, ["segment", f"{img}:raw", f"{out}:seg", "--refine", *HAND[name],
-                                                  "--model", str(model), "--block", "64,128,128",
-                                                  "--bbox", "0,0,0:128,250,250", "--threads", str(threads)]))
+                rows[name].append(run_tree(tree, [a.format(out=out) for a in argv] + ["--refine", *HAND[name]]))
                 outs[name] = out
         same = same_results(outs["before"], outs["after"])
     summary = {name: {k: float(np.median([x[k] for x in v])) for k in v[0]} for name, v in rows.items()}
+    return rows, same, summary
+
+
+def block_refine(before: Path, repeats: int, threads: int, model: Path) -> dict:
+    """``ffn segment --block --refine`` of the cube's lower half with a tiny model (the flood is
+    cheap, so the refinement's reading shows), before the tile windows were kept vs today."""
+    img = SHARED / "data" / "fib25_train_250.h5"
+    rows, same, summary = pairs(before, repeats, ["segment", f"{img}:raw", "{out}:seg", "--model", str(model),
+                                                  "--block", "64,128,128", "--bbox", "0,0,0:128,250,250",
+                                                  "--threads", str(threads)])
     return {"volume": "FIB-25 cube z < 128 (128x250x250), blocks 64,128,128 (8 tiles), the tiny mean-flood model "
             "of floodfilling.testing", "runs": rows, "median": summary,
             "wall_ratio_after_over_before": round(summary["after"]["wall_s"] / summary["before"]["wall_s"], 3),
@@ -100,19 +107,10 @@ def block_refine(before: Path, repeats: int, threads: int, model: Path) -> dict:
 
 def end_to_end(before: Path, repeats: int, threads: int) -> dict:
     crop = AFTER / "python" / "floodfilling" / "data" / "fib25_demo_crop.h5"
-    rows = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = {}
-        for r in range(repeats):
-            for name, tree in (("before", before), ("after", AFTER)):
-                out = Path(tmp) / f"{name}{r}.h5"
-                rows[name].append(run_tree(tree, ["segment", f"{crop}:raw", f"{out}:seg", "--refine", *HAND[name],
-                                                  "--threads", str(threads)]))
-                outs[name] = out
-        same = same_results(outs["before"], outs["after"])
-    summary = {name: {k: float(np.median([x[k] for x in v])) for k in v[0]} for name, v in rows.items()}
+    rows, same, summary = pairs(before, repeats, ["segment", f"{crop}:raw", "{out}:seg", "--threads", str(threads)])
     return {"volume": "bundled demo crop (FIB-25, 64x112x112 uint8)", "command": "ffn segment CROP:raw OUT:seg "
-            f"--refine --threads {threads} (today: --refine-model hand, the same steps)", "runs": rows, "median": summary,
+            f"--refine --threads {threads} (today: --refine-model hand, the same steps)", "runs": rows,
+            "median": summary,
             "peak_rss_saved_mib": round(summary["before"]["peak_rss_mib"] - summary["after"]["peak_rss_mib"], 1),
             "wall_ratio_after_over_before": round(summary["after"]["wall_s"] / summary["before"]["wall_s"], 3),
             "same_result": same}

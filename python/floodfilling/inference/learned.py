@@ -197,6 +197,21 @@ class Base:
     flooded: np.ndarray  # bool: the voxels the flood segmented
 
 
+def _base_markers(seg: np.ndarray, base: str, painted) -> tuple[int, np.ndarray, dict[int, Origin], np.ndarray]:
+    """The flood's largest id, the base's markers before any core (the flood, or with base
+    "gap_cores" the flood with the gap objects ``painted`` in), their origins, the flooded voxels."""
+    if base not in BASES:
+        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
+    markers = np.asarray(seg).astype(np.int64)
+    origins: dict[int, Origin] = {}
+    if base == "gap_cores":
+        if painted is None:
+            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
+        markers = np.asarray(painted[0]).astype(np.int64)
+        origins = dict(painted[1])
+    return int(np.max(seg, initial=0)), markers, origins, markers > 0  # (the flood's voxels and the gap floods')
+
+
 def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
                       painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
     """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile);
@@ -206,17 +221,7 @@ def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: Refine
 
     from .refine import gap_cores, membranes_low
 
-    if base not in BASES:
-        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
-    first = int(np.max(seg, initial=0))
-    markers = np.asarray(seg).astype(np.int64)
-    origins: dict[int, Origin] = {}
-    if base == "gap_cores":
-        if painted is None:
-            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
-        markers = np.asarray(painted[0]).astype(np.int64)
-        origins = dict(painted[1])
-    flooded = markers > 0  # the flood's voxels (and the gap floods')
+    first, markers, origins, flooded = _base_markers(seg, base, painted)
     if base in ("cores", "gap_cores"):
         top = int(markers.max(initial=0))
         cores, centres = gap_cores(image, markers, cfg)
@@ -297,17 +302,7 @@ def tiled_base(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
     :func:`base_segmentation`."""
     from .refine import array_reader
 
-    if base not in BASES:
-        raise RefineModelError(f"refine model base {base!r}: expected one of {', '.join(BASES)}")
-    first = int(np.max(seg, initial=0))
-    markers = np.asarray(seg).astype(np.int64)
-    origins: dict[int, Origin] = {}
-    if base == "gap_cores":
-        if painted is None:
-            raise RefineModelError("refine model base 'gap_cores' needs the gap objects (painted=...)")
-        markers = np.asarray(painted[0]).astype(np.int64)
-        origins = dict(painted[1])
-    flooded = markers > 0
+    first, markers, origins, flooded = _base_markers(seg, base, painted)
     cores = np.zeros(markers.shape, np.int64)
     if base in ("cores", "gap_cores"):
         found = [tile_cores(array_reader(image), array_reader(markers), t, cfg) for t in tiles]
