@@ -346,6 +346,18 @@ def check_file_writable(target: PathLike) -> None:
                       "writable, chmod u+w, or choose another output)")
 
 
+def atomic_write_npz(path: PathLike, **arrays) -> None:
+    """``np.savez`` of ``arrays`` to ``path`` atomically (made in memory first, so a full disk is
+    a one-line error that leaves no temporary file and the previous file intact)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
     with atomic_path(path, overwrite=overwrite) as tmp:

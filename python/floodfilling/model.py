@@ -14,7 +14,6 @@ model (google/ffn, Apache-2.0) ships in ``floodfilling/models/``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -379,9 +378,7 @@ def save_model(path: str | os.PathLike, net: ConvStack3D, meta: dict[str, Any]) 
     arrays = net.reference_arrays()
     meta = dict(meta, model="convstack_3d", depth=net.depth, features=net.features)
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    disk.atomic_write_bytes(Path(path), buf.getvalue())  # a full disk: one line, nothing left behind
+    disk.atomic_write_npz(Path(path), **arrays)  # a full disk: one line, nothing left behind
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:

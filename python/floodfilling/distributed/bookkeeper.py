@@ -243,16 +243,18 @@ class RefineStages:
         return dataclasses.replace(self, floods=dataclasses.replace(self.floods, items=n))
 
 
+def _tile_stage(layout: Layout, rdir: Path, grid, directory: str, suffix: str) -> Stage:
+    """A stage of one item per tile (= block) of ``grid``: ``rdir/<directory>/<block><suffix>``."""
+    d = rdir / directory
+    return Stage(directory, d, rdir / "claims" / directory, len(grid),
+                 lambda i: layout.per_block(d, grid[i], suffix), lambda i: layout.block_name(grid[i]))
+
+
 def refine_stages(layout: Layout, rdir: Path, grid, n_floods: int = 0) -> RefineStages:
-    claims = rdir / "claims"
-
-    def tile(directory: str, suffix: str) -> Stage:
-        d = rdir / directory
-        return Stage(directory, d, claims / directory, len(grid), lambda i: layout.per_block(d, grid[i], suffix),
-                     lambda i: layout.block_name(grid[i]))
-
-    floods = Stage("floods", rdir / "floods", claims / "floods", n_floods, lambda i: Layout.flood_file(rdir, i))
-    return RefineStages(rdir, tile("cores", ".npy"), floods, tile("tiles", ".h5"))
+    floods = Stage("floods", rdir / "floods", rdir / "claims" / "floods", n_floods,
+                   lambda i: Layout.flood_file(rdir, i))
+    return RefineStages(rdir, _tile_stage(layout, rdir, grid, "cores", ".npy"), floods,
+                        _tile_stage(layout, rdir, grid, "tiles", ".h5"))
 
 
 @dataclass
@@ -273,14 +275,8 @@ class LearnedStages:
 
 
 def learned_stages(layout: Layout, rdir: Path, grid) -> LearnedStages:
-    claims = rdir / "claims"
-
-    def tile(directory: str, suffix: str) -> Stage:
-        d = rdir / directory
-        return Stage(directory, d, claims / directory, len(grid), lambda i: layout.per_block(d, grid[i], suffix),
-                     lambda i: layout.block_name(grid[i]))
-
-    return LearnedStages(rdir, tile("lcores", ".h5"), tile("lbase", ".h5"), tile("lstats", ".npz"))
+    return LearnedStages(rdir, *(_tile_stage(layout, rdir, grid, d, s)
+                                 for d, s in (("lcores", ".h5"), ("lbase", ".h5"), ("lstats", ".npz"))))
 
 
 # ------------------------------------------------------------------------------ cleanup

@@ -32,7 +32,6 @@ floods first) runs in memory only.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 
@@ -47,7 +46,7 @@ from ..inference.agglomeration import agglomerate
 from ..inference.contacts import ContactGraph, sum_graphs
 from ..source import ImageSource
 from . import bookkeeper, mpi, split
-from .refine import FloodReader, ImageReader, RefinedBlocks, flood_overlaps
+from .refine import FloodReader, ImageReader, RefinedBlocks, block_tiles, flood_overlaps
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +78,7 @@ class TileReader:
 
 
 def _save_graph(path, g: ContactGraph) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, ids=g.ids, node_stats=g.node_stats, pairs=g.pairs, edge_stats=g.edge_stats)
-    disk.atomic_write_bytes(path, buf.getvalue())
+    disk.atomic_write_npz(path, ids=g.ids, node_stats=g.node_stats, pairs=g.pairs, edge_stats=g.edge_stats)
 
 
 def _load_npz(path, what: str) -> dict[str, np.ndarray]:
@@ -117,9 +114,7 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
     """Collective: the learned refinement of the reconciled flood ``final`` (module docstring);
     the result on rank 0, None elsewhere."""
     t0 = time.perf_counter()
-    if model.base not in BLOCK_BASES:
-        raise BlockError(f"refine model {model.source} has base {model.base!r}: block inference makes the bases "
-                         f"{', '.join(BLOCK_BASES)}; segment without --block")
+    _check_block_base(model)
     bcfg = model.base_config(rcfg)
     stages = bookkeeper.learned_stages(plan.layout, plan.refine_dir, plan.grid)
     final = comm.bcast(final, root=0)
@@ -133,9 +128,7 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
         tables = (overlaps, recorded, top)
     comm.wait_all()
     overlaps, recorded, top = comm.bcast(tables, root=0)
-    tiles = rf.tiles_of(plan.box.shape, plan.grid.block, rcfg.halo, min_core=info.fov_zyx)
-    if [t.core_start for t in tiles] != [b.core_start for b in plan.grid]:
-        raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
+    tiles = block_tiles(plan, rcfg, info)
     seg = FloodReader(plan, final, {})
     image = ImageReader(source)
     shape = tuple(plan.box.shape)
@@ -195,11 +188,9 @@ def _merge(plan, stages: bookkeeper.LearnedStages, tiles, final, model: ln.Refin
                            results.overlaps_dict(recorded_overlaps) if recorded_overlaps is not None else None)
         agg = agglomerate(graph, model.predict, model.threshold)
         lut, n_merges, n_base = agg.lut, len(agg.merges), len(graph.ids)
-        buf = io.BytesIO()
-        np.savez(buf, keys=np.fromiter(lut.keys(), np.int64, len(lut)), values=np.fromiter(lut.values(), np.int64,
-                                                                                            len(lut)),
-                 merges=np.int64(n_merges), base_objects=np.int64(n_base))
-        disk.atomic_write_bytes(agg_path, buf.getvalue())
+        disk.atomic_write_npz(agg_path, keys=np.fromiter(lut.keys(), np.int64, len(lut)),
+                              values=np.fromiter(lut.values(), np.int64, len(lut)), merges=np.int64(n_merges),
+                              base_objects=np.int64(n_base))
     keys, values, filled, max_id = [], [], 0, 0
     for i in range(len(tiles)):
         with h5py.File(stages.base.result(i), "r") as f:
@@ -233,7 +224,10 @@ def _merge(plan, stages: bookkeeper.LearnedStages, tiles, final, model: ln.Refin
 def load_block_model(path: str) -> ln.RefineModel:
     """The refine model of a block run (:func:`~floodfilling.inference.learned.load_refine_model`),
     refused when block inference cannot make its base (a one-line error, before any work)."""
-    m = ln.load_refine_model(path)
+    return _check_block_base(ln.load_refine_model(path))
+
+
+def _check_block_base(m: ln.RefineModel) -> ln.RefineModel:
     if m.base not in BLOCK_BASES:
         raise BlockError(f"refine model {m.source}: base {m.base!r}; block inference makes the bases "
                          f"{', '.join(BLOCK_BASES)} (segment without --block)")

@@ -202,6 +202,15 @@ def load_centres(path: Path) -> np.ndarray:
     return centres.astype(np.int64)
 
 
+def block_tiles(plan, rcfg: RefineConfig, info) -> list:
+    """The refinement's tiles of a block run: the blocks (their cores), each read with
+    ``rcfg.halo`` around it."""
+    tiles = rf.tiles_of(plan.box.shape, plan.grid.block, rcfg.halo, min_core=info.fov_zyx)
+    if [t.core_start for t in tiles] != [b.core_start for b in plan.grid]:
+        raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
+    return tiles
+
+
 def refine_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineConfig, net, info, cfg: InferenceConfig, comm: mpi.Comm,
                   inflight: int | None) -> RefinedBlocks | None:
     """Collective: the refinement of the reconciled flood ``final`` (see the module docstring);
@@ -226,9 +235,7 @@ def refine_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineConf
     comm.wait_all()
     overlaps, joined = comm.bcast(tables, root=0)
     first_new = int(final.n_objects)
-    tiles = rf.tiles_of(plan.box.shape, plan.grid.block, rcfg.halo, min_core=info.fov_zyx)
-    if [t.core_start for t in tiles] != [b.core_start for b in plan.grid]:
-        raise BlockError("refine: the tile grid does not follow the block grid (a bug; please report it)")
+    tiles = block_tiles(plan, rcfg, info)
     seg = FloodReader(plan, final, joined)
     image = ImageReader(source)
     counters = rf.step_counters(len(joined))

@@ -3,9 +3,9 @@ claims and cleanup: :mod:`.bookkeeper`) to it: ``DIR/manifest.json`` (what the b
 image, box, model, options, geometry, normalisation) and ``DIR/run.json`` (the workdir lock: the
 job using DIR: run id, host, pid, ranks, start).
 
-Everything in DIR is tied to the image's voxels: the manifest records :func:`image_digest_of`
-(:meth:`floodfilling.source.ImageSource.digest`: a digest of the box's voxels,
-read slab by slab), so blocks, their reconciliation and the refinement
+Everything in DIR is tied to the image's voxels: the manifest records the image's digest
+(:meth:`floodfilling.source.ImageSource.digest`: a digest of the box's voxels, read slab by
+slab), so blocks, their reconciliation and the refinement
 files of an image rewritten in place (even with the same statistics) are never reused: the run
 is refused, naming the digest, as an in-memory resume state of a changed image is (``overwrite``
 discards them). The options in the manifest are those of stage ``"flood"``
