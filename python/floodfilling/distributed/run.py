@@ -48,8 +48,8 @@ import numpy as np
 from .. import boxes, disk, kernels, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
-from ..inference.learned import check_learned_options
-from ..inference.refine import check_flood_options, check_gap_box
+from ..inference.learned import check_refine_options
+from ..inference.refine import check_gap_box
 from ..model import load_model
 from ..source import ImageSource, combine_digests, image_source
 from . import labels, mpi, output, worker
@@ -105,10 +105,8 @@ def segment_blocks(image_spec: str | volumes.VolumeSpec, out_spec: str, *, block
     rule = (merge_rule or MergeRule.from_config(cfg)).validate()
     check_inflight(inflight)
     refine = refine.validate() if refine is not None else None
-    if refine is not None and refine.learned_model is None:  # (a learned refinement runs no hand step)
-        check_flood_options(refine, cfg)
-    elif refine is not None:
-        check_learned_options(refine)
+    if refine is not None:
+        check_refine_options(refine, cfg)
     if refine is not None and any(refine.tile):
         raise BlockError(f"refine.tile={fmt_zyx(refine.tile)}: with block inference the tiles are the blocks; "
                          "leave refine.tile at 0,0,0")

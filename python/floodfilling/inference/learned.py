@@ -177,6 +177,19 @@ def check_learned_options(cfg: RefineConfig) -> None:
                                "options its model was trained with); set refine.model=hand to run the hand steps")
 
 
+def check_refine_options(cfg: RefineConfig, flood) -> None:
+    """The checks of the [refine] options ``cfg`` before any work, for the flood's options
+    ``flood``: those of the hand steps (``refine.model`` "hand",
+    :func:`~floodfilling.inference.refine.check_flood_options`) or of a learned refinement
+    (:func:`check_learned_options`)."""
+    from .refine import check_flood_options
+
+    if cfg.learned_model is None:
+        check_flood_options(cfg, flood)
+    else:
+        check_learned_options(cfg)
+
+
 def save_refine_model(model: RefineModel, path: str, overwrite: bool = False) -> None:
     from ..disk import atomic_write_bytes
 

@@ -33,7 +33,7 @@ from .canvas import Canvas, CanvasState
 from ..geometry import fov_margin, smaller_than_fov
 from .engine import Job, inflight_on, make_predictor, run_jobs, subvolume_canvas
 from .predictor import Predictor
-from .refine import FloodNetwork, check_flood_options, check_gap_box, refine_array
+from .refine import FloodNetwork, check_gap_box, refine_array
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +240,10 @@ def segment(image_spec: str | volumes.VolumeSpec, out_spec: str, *, model: str |
     the flood itself is kept beside the result as ``<ds>_forward``."""
     cfg = (config or InferenceConfig()).validate()
     refine = refine.validate() if refine is not None else None
-    if refine is not None and refine.learned_model is None:  # (a learned refinement runs no hand step)
-        check_flood_options(refine, cfg)
-    elif refine is not None:
-        from .learned import check_learned_options
+    if refine is not None:
+        from .learned import check_refine_options
 
-        check_learned_options(refine)
+        check_refine_options(refine, cfg)
     spec = image_spec if isinstance(image_spec, volumes.VolumeSpec) else volumes.parse_volume_spec(image_spec)
     out = volumes.parse_volume_spec(out_spec)
     names = result_names(str(out.dataset), refined=refine is not None)
