@@ -25,7 +25,9 @@ network sees the image only, no labels) and cut like the flood; each half's wate
 Threshold 0.5 (the classifier's own calibration; not tuned on any unit). The learned base's gap
 cores are finer than the hand step's (``--core-radius 2 --min-core 30``, the default of ``ffn
 train-refine``, against 3 / 100): chosen by comparing the two on the cube halves (each half's
-model trained on the other), so for the cube rows that one choice was made with them in view. Seconds: this machine,
+model trained on the other), so for the cube rows that one choice was made with them in view.
+The features (:data:`floodfilling.inference.contacts.FEATURES`) were chosen with all four units
+in view: the Hessian statistics kept, three other additions dropped (README). Seconds: this machine,
 2 cores shared with other jobs (inflated).
 """
 

@@ -60,15 +60,17 @@ def test_tile_statistics_add_up_by_hand():
     assert total.node_stats[:, N["surface"]].tolist() == [4, 4]
     assert total.node_stats[:, N["sum"]].tolist() == [sum(range(-8, 0)), sum(range(8))]
     np.testing.assert_array_equal(total.node_stats, whole.node_stats)
-    cols = [i for n, i in E.items() if not n.startswith("slo") and n != "overlap"]  # (smoothing: below)
+    cols = [i for n, i in E.items()  # (the smoothing and the Hessian see the window: below)
+            if not n.startswith(("slo", "sheet", "across")) and n != "overlap"]
     np.testing.assert_array_equal(total.edge_stats[:, cols], whole.edge_stats[:, cols])
 
 
 @pytest.mark.parametrize("tile", [(6, 7, 8), (12, 14, 30), (5, 28, 9)])
 def test_tile_statistics_add_up_to_the_volume(tile):
     """A constructed segmentation with an integer-valued image: the tiles' statistics summed
-    equal the whole volume's (counts and intensity sums exactly; the smoothed intensity, which
-    sees each tile's window with a halo of 5 > the Gaussian's reach 4, to rounding)."""
+    equal the whole volume's (counts and intensity sums exactly; the smoothed intensity and the
+    Hessian statistics, which see each tile's window with a halo of 9 > the widest Gaussian's
+    reach 8 (sigma 2, truncated at 4 sigma), to rounding)."""
     from floodfilling.testing import voronoi_volume
 
     raw, labels = voronoi_volume((24, 28, 30), n=14, seed=3)
@@ -76,7 +78,7 @@ def test_tile_statistics_add_up_to_the_volume(tile):
     image = (raw.astype(np.float32) // 16 - 8).astype(np.float32)
     fl = (labels % 2 == 0) & (seg > 0)
     overlaps = {3: (np.array([1, 5]), np.array([7, 2]))}
-    tiles = tiles_of(seg.shape, tile, (5, 5, 5))
+    tiles = tiles_of(seg.shape, tile, (9, 9, 9))
     assert len(tiles) > 1
     parts = [learned.tile_contacts(array_reader(image), array_reader(seg), array_reader(fl), t, seg.shape,
                                    RefineConfig()) for t in tiles]
@@ -85,7 +87,7 @@ def test_tile_statistics_add_up_to_the_volume(tile):
     np.testing.assert_array_equal(total.ids, whole.ids)
     np.testing.assert_array_equal(total.pairs, whole.pairs)
     np.testing.assert_array_equal(total.node_stats, whole.node_stats)
-    slo = [contacts._E["slo_sum"], contacts._E["slo_sum2"]]
+    slo = [i for n, i in contacts._E.items() if n.startswith(("slo_", "sheet_sum", "across_"))]
     exact = [i for i in range(contacts.N_EDGE) if i not in slo]
     np.testing.assert_array_equal(total.edge_stats[:, exact], whole.edge_stats[:, exact])
     np.testing.assert_allclose(total.edge_stats[:, slo], whole.edge_stats[:, slo], rtol=1e-9, atol=1e-9)

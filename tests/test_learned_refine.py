@@ -76,6 +76,38 @@ def test_contact_statistics_hand_computed():
                     [0, F["overlap"]])
 
 
+@pytest.mark.parametrize("c", [0.5, -0.5])
+def test_contact_hessian_statistics_hand_computed(c):
+    """The Hessian statistics on images whose Hessian is known: I = c (x - 20)^2 (H = diag(0, 0,
+    2c): a dark valley across x when c > 0, a bright ridge when c < 0) and the same valley turned
+    45 degrees in (y, x), I = c ((x + y) / sqrt 2 - 20)^2 (H's (y, x) block c [[1, 1], [1, 1]]:
+    eigenvalues 2c and 0, d2/dx2 = d2/dy2 = c). Objects: x < 20 | x >= 20 (faces along x) and
+    y < 20 | y >= 20 (faces along y), in the middle of a 40^3 volume, away from its edges.
+    scipy's Gaussian derivative of a sampled quadratic is 2c to within 1 % (sigma 1: 0.1 %)."""
+    z, y, x = np.mgrid[:40, :40, :40].astype(np.float64)
+    seg = np.zeros((40, 40, 40), np.int64)
+    box = np.s_[10:30, 10:30, 10:30]
+    seg[box] = 1 + (x[box] >= 20) + 2 * (y[box] >= 20)  # 1 2 / 3 4: (1,2), (3,4) along x; (1,3), (2,4) along y
+    for image, sheet, across_x, across_y in ((c * (x - 20) ** 2, 2 * c, 2 * c, 0.0),
+                                             (c * ((x + y) / np.sqrt(2) - 20) ** 2, 2 * c, c, c)):
+        g = contact_graph(seg, image, None)
+        for sigma in contacts.HESSIAN_SIGMAS:
+            s2 = sigma ** 2
+            for pair, across in (((1, 2), across_x), ((1, 3), across_y)):
+                e = _edge(g, *pair)
+                f = e["faces"]
+                assert e[f"sheet_sum_s{sigma:g}"] / f == pytest.approx(max(sheet, 0.0) * s2, abs=0.01 * s2), pair
+                assert e[f"across_sum_s{sigma:g}"] / f == pytest.approx(across * s2, abs=0.01 * s2), pair
+                if sheet > 0:
+                    assert e[f"sheet_pos_s{sigma:g}"] == f  # a sheet at every face
+            k = g.pairs.tolist().index([1, 2])
+            x12 = features(g.edge_stats[k], g.node_stats[0], g.node_stats[1])[0]
+            e = _edge(g, 1, 2)
+            assert x12[F[f"sheet_mean_s{sigma:g}"]] == e[f"sheet_sum_s{sigma:g}"] / e["faces"]
+            assert x12[F[f"across_mean_s{sigma:g}"]] == e[f"across_sum_s{sigma:g}"] / e["faces"]
+            assert x12[F[f"sheet_pos_s{sigma:g}"]] == e[f"sheet_pos_s{sigma:g}"] / e["faces"]
+
+
 def _blobs(seed: int = 0):
     """Touching blobs: a 12^3 volume cut into 3 x 3 x 2 boxes (ids 1..18, some boxes split
     again), a dyadic image (sums exact in any order), overlaps between some neighbours."""

@@ -1,4 +1,4 @@
-"""The contact graph of a segmentation and the features of each pair of touching objects
+r"""The contact graph of a segmentation and the features of each pair of touching objects
 (the learned agglomeration of ``ffn segment --refine --refine-model``,
 :mod:`floodfilling.inference.learned`).
 
@@ -15,8 +15,22 @@ volume again:
   met there and the network stopped both); on each face the darker and the brighter of its two voxels
   (membranes are dark: a membrane between two cells makes the darker side dark) and the same of
   the smoothed image (Gaussian, sigma 1): sums, sums of squares, and counts below the thresholds
-  :data:`CONTACT_BINS` (an additive histogram); and the voxels each object's flood ran into the
-  other (the flood's recorded overlaps, NaN where the flood recorded none).
+  :data:`CONTACT_BINS` (an additive histogram); the shape of the image across the contact at each
+  scale of :data:`HESSIAN_SIGMAS` (below); and the voxels each object's flood ran into the other
+  (the flood's recorded overlaps, NaN where the flood recorded none).
+
+The Hessian statistics tell a membrane from a dark patch of cytoplasm: a membrane is a dark
+*sheet*, so the Hessian H of the smoothed image (scale-normalised, sigma^2 H) has one large
+positive eigenvalue there, the curvature across the sheet, whatever the sheet's orientation;
+inside a dark organelle or a dark glial process there is no such sheet. On each face (the
+larger of its two voxels') the largest eigenvalue (*sheet*: sum, sum of squares, faces where it
+is positive), and the second derivative along the face's own axis (*across*: the mean of its two
+voxels') — a membrane between the two objects runs along the face::
+
+      a a a | b b b      intensity along the axis:   ‾‾‾\_/‾‾‾   (dark sheet at the face)
+      a a a | b b b      d2/dx2 > 0 at the face  ->  across > 0, sheet > 0
+      a a a | b b b      a face inside one cell:  ‾‾‾‾‾‾‾‾  ->  across ~ 0, sheet ~ 0
+
 
 :func:`features` turns the statistics of pairs into the classifier's inputs (:data:`FEATURES`, in
 that order), symmetric in the two objects (each per-object feature as the smaller and the larger
@@ -36,9 +50,13 @@ CONTACT_BINS = (-1.5, -1.0, -0.5, 0.0, 0.5)  # contact intensity thresholds: cou
 
 # per-object statistics (columns of ContactGraph.node_stats)
 NODE_STATS = ("voxels", "sum", "sum2", "dark", "surface", "flooded")
+HESSIAN_SIGMAS = (1.0, 2.0)  # scales (Gaussian sigma, voxels) of the contact's Hessian statistics
 # per-pair statistics (columns of ContactGraph.edge_stats)
 EDGE_STATS = (("faces", "lo_sum", "lo_sum2", "hi_sum", "slo_sum", "slo_sum2", "flooded_faces")
-              + tuple(f"lo_below_{t:g}" for t in CONTACT_BINS) + ("overlap",))
+              + tuple(f"lo_below_{t:g}" for t in CONTACT_BINS)
+              + tuple(f"{n}_s{s:g}" for s in HESSIAN_SIGMAS for n in ("sheet_sum", "sheet_sum2", "across_sum",
+                                                                     "sheet_pos"))
+              + ("overlap",))
 N_NODE, N_EDGE = len(NODE_STATS), len(EDGE_STATS)
 _E = {n: i for i, n in enumerate(EDGE_STATS)}
 _N = {n: i for i, n in enumerate(NODE_STATS)}
@@ -61,7 +79,7 @@ FEATURES = (
     "overlap",  # flood overlap voxels between the two / voxels of the smaller object (NaN: none recorded)
     "flooded_small", "flooded_large",  # fraction of the object's voxels the flood gave it (0: a core's or filled)
     "contact_flooded",  # fraction of the faces where both voxels were the flood's
-)
+) + tuple(f"{n}_s{s:g}" for s in HESSIAN_SIGMAS for n in ("sheet_mean", "sheet_std", "across_mean", "sheet_pos"))
 
 
 @dataclass
@@ -91,12 +109,13 @@ def _faces(seg: np.ndarray, incore: np.ndarray | None = None):
         m = (u != v) & (u > 0) & (v > 0)
         if incore is not None:
             m &= incore[tuple(lo)]
-        out.append((u[m].astype(np.int64), v[m].astype(np.int64), idx[tuple(lo)][m], idx[tuple(hi)][m]))
-    u, v, iu, iv = (np.concatenate(c) for c in zip(*out))
+        out.append((u[m].astype(np.int64), v[m].astype(np.int64), idx[tuple(lo)][m], idx[tuple(hi)][m],
+                    np.full(int(m.sum()), ax, np.int8)))
+    u, v, iu, iv, axis = (np.concatenate(c) for c in zip(*out))
     swap = u > v
     a, b = np.where(swap, v, u), np.where(swap, u, v)
     ia, ib = np.where(swap, iv, iu), np.where(swap, iu, iv)
-    return a, b, ia, ib
+    return a, b, ia, ib, axis
 
 
 def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = None,
@@ -138,7 +157,7 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     node[:, _N["dark"]] = np.bincount(pos[inside], weights=(fi[inside] < DARK).astype(np.float64), minlength=n)[:n]
     fl = (np.asarray(flooded, bool) if flooded is not None else seg > 0).ravel()
     node[:, _N["flooded"]] = np.bincount(pos[inside], weights=fl[inside].astype(np.float64), minlength=n)[:n]
-    a, b, ia, ib = _faces(seg, incore)
+    a, b, ia, ib, axis = _faces(seg, incore)
     if len(a) == 0:
         return _drop_absent(ContactGraph(ids.astype(np.int64), node, np.zeros((0, 2), np.int64),
                                          np.zeros((0, N_EDGE))), incore)
@@ -160,9 +179,43 @@ def contact_graph(seg: np.ndarray, image: np.ndarray, overlaps: dict | None = No
     edge[:, _E["flooded_faces"]] = np.bincount(inv, weights=(fl[ia] & fl[ib]).astype(np.float64), minlength=m)
     for t in CONTACT_BINS:
         edge[:, _E[f"lo_below_{t:g}"]] = np.bincount(inv, weights=(lo < t).astype(np.float64), minlength=m)
+    for sigma in HESSIAN_SIGMAS:
+        sheet, across = _hessian_faces(img, sigma, ia, ib, axis)
+        edge[:, _E[f"sheet_sum_s{sigma:g}"]] = np.bincount(inv, weights=sheet, minlength=m)
+        edge[:, _E[f"sheet_sum2_s{sigma:g}"]] = np.bincount(inv, weights=sheet ** 2, minlength=m)
+        edge[:, _E[f"across_sum_s{sigma:g}"]] = np.bincount(inv, weights=across, minlength=m)
+        edge[:, _E[f"sheet_pos_s{sigma:g}"]] = np.bincount(inv, weights=(sheet > 0).astype(np.float64), minlength=m)
     pairs = np.stack([ids[keys // n], ids[keys % n]], axis=1).astype(np.int64)
     edge[:, _E["overlap"]] = pair_overlaps(pairs, overlaps)
     return _drop_absent(ContactGraph(ids.astype(np.int64), node, pairs, edge), incore)
+
+
+def _hessian_faces(img: np.ndarray, sigma: float, ia, ib, axis):
+    """At each face (flat voxel indices ``ia``, ``ib`` of its two voxels, ``axis`` its axis):
+    *sheet*, the largest eigenvalue of sigma^2 times the Hessian of ``img`` smoothed at ``sigma``
+    (Gaussian derivatives), the larger of its two voxels'; *across*, sigma^2 times the second
+    derivative along the face's axis, the mean of its two voxels' (module docstring)."""
+    ndim = img.ndim
+    comp = {}
+    for i in range(ndim):
+        for j in range(i, ndim):
+            order = [0] * ndim
+            order[i] += 1
+            order[j] += 1
+            d = ndimage.gaussian_filter(img, sigma, order=order).ravel() * sigma ** 2
+            comp[i, j] = comp[j, i] = (d[ia], d[ib])
+    out = []
+    for side in (0, 1):
+        h = np.empty((len(ia), ndim, ndim))
+        for (i, j), v in comp.items():
+            h[:, i, j] = v[side]
+        out.append(np.linalg.eigvalsh(h)[:, -1])
+    sheet = np.maximum(out[0], out[1])
+    across = np.zeros(len(ia))
+    for ax in range(ndim):
+        sel = axis == ax
+        across[sel] = 0.5 * (comp[ax, ax][0][sel] + comp[ax, ax][1][sel])
+    return sheet, across
 
 
 def _drop_absent(g: ContactGraph, incore: np.ndarray | None) -> ContactGraph:
@@ -248,4 +301,7 @@ def features(edge: np.ndarray, na: np.ndarray, nb: np.ndarray) -> np.ndarray:
              f / np.maximum(s[:, _N["surface"]], 1.0), f / np.maximum(g[:, _N["surface"]], 1.0),
              f / vs ** (2.0 / 3.0), np.abs(ms - mg), edge[:, _E["overlap"]] / vs,
              s[:, _N["flooded"]] / vs, g[:, _N["flooded"]] / vg, edge[:, _E["flooded_faces"]] / fd]
+    for sigma in HESSIAN_SIGMAS:
+        hm, hs = mean_std(edge[:, _E[f"sheet_sum_s{sigma:g}"]], edge[:, _E[f"sheet_sum2_s{sigma:g}"]], fd)
+        cols += [hm, hs, edge[:, _E[f"across_sum_s{sigma:g}"]] / fd, edge[:, _E[f"sheet_pos_s{sigma:g}"]] / fd]
     return np.stack(cols, axis=1)
