@@ -99,10 +99,6 @@ def _inputs_refine_model(d: Path) -> None:
             "training": {}, "lightgbm": ""}
     (d / "refine_v99.json").write_text(json.dumps({**good, "format_version": 99}))
     (d / "refine_features.json").write_text(json.dumps({**good, "features": ["contact_area"]}))
-    from floodfilling.inference.learned import bundled_refine_model_path  # a usable model of base gap_cores
-
-    bundled = json.loads(Path(bundled_refine_model_path()).read_text())
-    (d / "refine_gapcores.json").write_text(json.dumps({**bundled, "base": "gap_cores"}))
 
 
 def _inputs_locks(d: Path) -> None:
@@ -728,8 +724,6 @@ CASES = [
      ["notes.txt", "not a refine model"]),
     ("segment-block-refine-model-missing", SEG + " --block 16,24,24 --refine --refine-model {d}/nope.json",
      ["nope.json"]),
-    ("segment-block-refine-model-gap-cores", SEG + " --block 16,24,24 --refine --refine-model {d}/refine_gapcores.json",
-     ["refine_gapcores.json", "'gap_cores'", "without --block"]),
     # -- the learned refinement by default (session 14): a hand-step option with it names itself
     ("segment-refine-default-hand-option", SEG + " --refine --set refine.gap_min_core=10",
      ["refine.gap_min_core=10", "refine.model=hand"]),

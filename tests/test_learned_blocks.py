@@ -4,7 +4,7 @@ its assembled flood, bit for bit, on a real FIB-25 crop with the tiny flood-brig
 bundled refine model; the per-tile contact statistics add up to the volume's; a run killed in
 the learned stages resumes without redoing finished tiles; a changed model file never reuses
 stale stage files; 2 MPI ranks == 1 rank; the in-memory learned refinement resumes after the
-flood."""
+flood; base gap_cores (the hand step's gap floods first) equals its in-memory run too."""
 
 import json
 import logging
@@ -173,6 +173,42 @@ def test_block_learned_refinement_equals_the_tiled_in_memory_one(data, learned_r
     f, s = ds["seg_forward"], ds["seg"]
     pairs = np.unique(np.stack([f[f > 0], s[f > 0]]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1] and (pairs[1] <= pairs[0]).all()
+
+
+def test_block_gap_cores_base_equals_the_tiled_in_memory_one(data, tmp_path, one_thread):
+    """Base gap_cores in block mode: the hand step's gap floods and decisions (its own block
+    stages), then the learned stages over the flood with the gap objects painted in, equal the
+    in-memory ``learned_refine`` with tile = the block, bit for bit, with the same counters and
+    origins (the flood's objects that stay, then the gap objects and core objects kept)."""
+    from floodfilling.inference.refine import FloodNetwork
+    from floodfilling.model import load_model
+
+    m = learned.load_refine_model("bundled")
+    m.base = "gap_cores"  # (a usable gap_cores model: the bundled trees on that base)
+    mpath = tmp_path / "gap_cores.json"
+    learned.save_refine_model(m, str(mpath))
+    rc = RefineConfig(model=str(mpath), halo=(8, 12, 12))
+    out = tmp_path / "out.h5"
+    run_learned(data, out, tmp_path / "work", refine=rc)
+    ds, attrs = read_all(out)
+    counters = json.loads(attrs["counters"])
+    assert counters["refine_gap_floods"] >= 2 and counters["refine_learned_merges"] >= 4  # exercised
+    assert json.loads(attrs["refine"])["learned"]["base"] == "gap_cores"
+    with h5py.File(data / "crop.h5", "r") as f:
+        image = Normalisation(**json.loads(attrs["normalisation"])).apply(f["raw"][:])
+    net, info = load_model(str(data / "tiny.npz"), "cpu")
+    mem = learned.learned_refine(image, ds["seg_forward"], learned.load_refine_model(str(mpath)), rc,
+                                 overlaps=overlaps_dict(ds["seg_overlaps"]), network=FloodNetwork(net, info, cfg()),
+                                 tile=BLOCK_ZYX)
+    np.testing.assert_array_equal(ds["seg"], mem.segmentation)
+    for k in ("learned_merges", "learned_base_objects", "rejoined", "gap_objects", "gap_cores", "voxels_filled",
+              "gap_floods", "gap_steps", "gap_joined"):
+        assert counters[f"refine_{k}"] == mem.counters[k], k
+    kept = {int(i) for i in np.unique(ds["seg_forward"]) if i} - set(mem.joined)
+    assert ds["seg_origins"]["id"].astype(int).tolist() == sorted(kept) + sorted(mem.new_origins)
+    for row in ds["seg_origins"][len(kept):]:
+        o = mem.new_origins[int(row["id"])]
+        assert (row["z"], row["y"], row["x"], row["steps"]) == (*o.seed_zyx, o.steps)
 
 
 class Killed(KeyboardInterrupt):

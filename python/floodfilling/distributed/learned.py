@@ -8,7 +8,12 @@ the block size and the flood's overlaps table (``<ds>_overlaps``), bit for bit (
 1. **Tables** (rank 0): the flood's overlaps in output ids (:func:`.refine.flood_overlaps`;
    none recorded with ``split_components`` / ``dust_size``: the overlap feature is NaN, as in
    memory), written to ``<ds>_overlaps``.
-2. **Cores** (base ``cores``; tiles claimed by the ranks): each tile's gap cores
+1b. **Gap objects** (base ``gap_cores``): the hand step's gap floods and decisions, block by
+   block as ``--refine`` makes them (:func:`.refine.refine_blocks` with the one step
+   ``gap_objects``: its own resumable stages, cores, floods and tiles, the tiles holding the
+   flood with the gap objects painted in, no watershed). Everything below reads those tiles as
+   its markers in place of the flood.
+2. **Cores** (bases ``cores``, ``gap_cores``; tiles claimed by the ranks): each tile's gap cores
    (:func:`~floodfilling.inference.learned.tile_cores`), ``lcores/<block>.h5``. Their ids follow
    the flood's in tile order, then in each tile's core order
    (:func:`~floodfilling.inference.learned.core_offsets`): the same whoever found them.
@@ -26,12 +31,12 @@ the block size and the flood's overlaps table (``<ds>_overlaps``), bit for bit (
 Each of 2-4 is a resumable stage of the bookkeeper (:func:`.bookkeeper.learned_stages`): items
 claimed dynamically, an item whose file exists is done, a rerun does only what is missing. The
 refinement directory is named by the output's digest, which holds the refine model file's
-digest (a changed model never reuses these files). Base ``gap_cores`` (the hand step's gap
-floods first) runs in memory only.
+digest (a changed model never reuses these files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -46,11 +51,9 @@ from ..inference.agglomeration import agglomerate
 from ..inference.contacts import ContactGraph, sum_graphs
 from ..source import ImageSource
 from . import bookkeeper, mpi, split
-from .refine import FloodReader, ImageReader, RefinedBlocks, block_tiles, flood_overlaps
+from .refine import FloodReader, ImageReader, RefinedBlocks, block_tiles, flood_overlaps, refine_blocks
 
 log = logging.getLogger(__name__)
-
-BLOCK_BASES = ("watershed", "cores")  # the bases block inference makes (gap_cores: in memory only)
 
 
 class TileReader:
@@ -110,14 +113,19 @@ def _core_centres(path) -> np.ndarray:
 
 
 def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineConfig, model: ln.RefineModel, info, cfg: InferenceConfig,
-                   comm: mpi.Comm) -> RefinedBlocks | None:
+                   comm: mpi.Comm, net=None, inflight: int | None = None) -> RefinedBlocks | None:
     """Collective: the learned refinement of the reconciled flood ``final`` (module docstring);
-    the result on rank 0, None elsewhere."""
+    the result on rank 0, None elsewhere. Base ``gap_cores`` runs the gap floods with ``net``
+    (``inflight``: canvases in flight, as ``--refine``)."""
     t0 = time.perf_counter()
-    _check_block_base(model)
     bcfg = model.base_config(rcfg)
     stages = bookkeeper.learned_stages(plan.layout, plan.refine_dir, plan.grid)
     final = comm.bcast(final, root=0)
+    painted = None  # base gap_cores: the hand step's gap objects (rank 0), their tiles on disk
+    if model.base == "gap_cores":
+        painted = refine_blocks(plan, source, reconciled, final, dataclasses.replace(bcfg, steps=("gap_objects",),
+                                                                                     model=""),
+                                net, info, cfg, comm, inflight)
     tables = None
     if comm.is_root:
         for stage in stages.all():
@@ -125,17 +133,21 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
         recorded = not (cfg.split_components or cfg.dust_size > 0)  # postprocessing drops the overlaps
         overlaps = flood_overlaps(plan, reconciled.labels) if recorded else np.zeros(0, results.OVERLAP_DTYPE)
         top = max((int(np.max(v)) for v in final.values if len(v)), default=0)  # the flood's largest id
-        tables = (overlaps, recorded, top)
+        top_markers = top if painted is None else max([top] + [int(k[-1]) for k in painted.keys if len(k)])
+        tables = (overlaps, recorded, top, top_markers)
     comm.wait_all()
-    overlaps, recorded, top = comm.bcast(tables, root=0)
+    overlaps, recorded, top, top_markers = comm.bcast(tables, root=0)
     tiles = block_tiles(plan, rcfg, info)
-    seg = FloodReader(plan, final, {})
+    flood = FloodReader(plan, final, {})
+    # the base's markers: the flood, or with base gap_cores the flood with the gap objects painted in
+    seg = flood if model.base != "gap_cores" else \
+        TileReader(tiles, bookkeeper.refine_stages(plan.layout, plan.refine_dir, plan.grid).tiles)
     image = ImageReader(source)
     shape = tuple(plan.box.shape)
     work = {"cores": 0, "base": 0, "stats": 0}  # tiles this rank computed now
     try:
         offsets = None
-        if model.base == "cores":
+        if model.base in ("cores", "gap_cores"):
             for i in stages.cores.claimed(plan.run_id, comm.rank, comm.size):
                 lab, centres = ln.tile_cores(image, seg, tiles[i], bcfg)
                 storage.write_hdf5_atomic(stages.cores.result(i), {
@@ -144,13 +156,13 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
                 work["cores"] += 1
             comm.wait_all()
             counts = comm.on_root(lambda: [len(_core_centres(stages.cores.result(i))) for i in range(len(tiles))])
-            offsets = ln.core_offsets(counts, top)
+            offsets = ln.core_offsets(counts, top_markers)
         cores = TileReader(tiles, stages.cores, offsets) if offsets is not None else \
             (lambda s, e: np.zeros(tuple(b - a for a, b in zip(s, e)), np.int64))
         for i in stages.base.claimed(plan.run_id, comm.rank, comm.size):
             core = ln.base_tile(image, seg, cores, tiles[i], bcfg)
             ids = np.unique(core)
-            flood_voxels = int(np.count_nonzero(seg(tiles[i].core_start, tiles[i].core_stop)))
+            flood_voxels = int(np.count_nonzero(flood(tiles[i].core_start, tiles[i].core_stop)))
             storage.write_hdf5_atomic(stages.base.result(i), {"comp": core.astype(np.uint64),
                                                               "ids": ids[ids > 0].astype(np.uint64)},
                                       file_attrs={"filled": int(np.count_nonzero(core)) - flood_voxels},
@@ -169,12 +181,13 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
     if not comm.is_root:
         return None
     return _merge(plan, stages, tiles, final, model, overlaps if recorded else None, overlaps, offsets, top,
-                  gathered, t0)
+                  gathered, t0, painted)
 
 
 def _merge(plan, stages: bookkeeper.LearnedStages, tiles, final, model: ln.RefineModel, recorded_overlaps,
-           overlaps_table, offsets, top: int, gathered, t0: float) -> RefinedBlocks:
-    """Rank 0: the merges (saved, or read back on a resume), each tile's id map, the origins."""
+           overlaps_table, offsets, top: int, gathered, t0: float, painted: RefinedBlocks | None) -> RefinedBlocks:
+    """Rank 0: the merges (saved, or read back on a resume), each tile's id map, the origins
+    (``painted``: the gap objects of base gap_cores)."""
     import h5py
 
     t_merge = time.perf_counter()
@@ -202,6 +215,10 @@ def _merge(plan, stages: bookkeeper.LearnedStages, tiles, final, model: ln.Refin
         if len(v):
             max_id = max(max_id, int(v.max()))
     origins_core: dict[int, results.Origin] = {}
+    if painted is not None:  # the gap objects: the rows after the flood's in the hand step's origins
+        for row in painted.origins[painted.origins["id"].astype(np.int64) > top]:
+            origins_core[int(row["id"])] = results.Origin((int(row["z"]), int(row["y"]), int(row["x"])),
+                                                          int(row["steps"]), float(row["seconds"]))
     if offsets is not None:
         for i in range(len(tiles)):
             for j, c in enumerate(_core_centres(stages.cores.result(i))):
@@ -215,23 +232,12 @@ def _merge(plan, stages: bookkeeper.LearnedStages, tiles, final, model: ln.Refin
                 "learned_merge_s": time.perf_counter() - t_merge, "seconds": time.perf_counter() - t0}
     for name in ("cores", "base", "stats"):
         counters[f"learned_{name}_tiles_run"] = sum(g[name] for g in gathered)
+    if painted is not None:
+        counters.update({k: painted.counters[k] for k in ("gap_floods", "gap_steps", "gap_joined")})
     log.info("learned refine (%s base): %d merges, %d core objects kept of %d, %.1f s", model.base, n_merges,
              len(kept), len(origins_core), counters["seconds"])
     return RefinedBlocks(keys, np.concatenate([stay, added.astype(stay.dtype)]), overlaps_table, max(max_id, 0),
                          stages.base.results, counters, values=values)
-
-
-def load_block_model(path: str) -> ln.RefineModel:
-    """The refine model of a block run (:func:`~floodfilling.inference.learned.load_refine_model`),
-    refused when block inference cannot make its base (a one-line error, before any work)."""
-    return _check_block_base(ln.load_refine_model(path))
-
-
-def _check_block_base(m: ln.RefineModel) -> ln.RefineModel:
-    if m.base not in BLOCK_BASES:
-        raise BlockError(f"refine model {m.source}: base {m.base!r}; block inference makes the bases "
-                         f"{', '.join(BLOCK_BASES)} (segment without --block)")
-    return m
 
 
 def refine_record(refine: RefineConfig | None, model: ln.RefineModel | None) -> dict | None:

@@ -48,7 +48,7 @@ import numpy as np
 from .. import boxes, disk, kernels, volumes
 from ..config import InferenceConfig, RefineConfig
 from ..inference.engine import check_inflight
-from ..inference.learned import check_refine_options
+from ..inference.learned import check_refine_options, load_refine_model
 from ..inference.refine import check_gap_box
 from ..model import load_model
 from ..source import ImageSource, combine_digests, image_source
@@ -112,9 +112,9 @@ def segment_blocks(image_spec: str | volumes.VolumeSpec, out_spec: str, *, block
                          "leave refine.tile at 0,0,0")
     learned = None
     if refine is not None and refine.learned_model:  # the learned refinement (.learned): its model read first
-        learned = comm.collective(lambda: learned_mod.load_block_model(refine.learned_model))
+        learned = comm.collective(lambda: load_refine_model(refine.learned_model))
     net, info = comm.collective(lambda: load_model(model, "cpu"))
-    if refine is not None and learned is None:
+    if refine is not None and (learned is None or learned.base == "gap_cores"):  # (gap floods: the hand step's)
         check_gap_box(refine, info.fov_zyx)
     # the image's spec, parsed once (rank 0 opens it; every rank gets the same ImageSource)
     source = comm.on_root(lambda: image_source(image_spec, bbox))
@@ -170,7 +170,7 @@ def _run(plan: Plan, source: ImageSource, started: float, net, info, cfg: Infere
         with comm.abort_on_error("refinement"):
             if learned is not None:
                 refined = learned_mod.learned_blocks(plan, source, reconciled, final, refine, learned, info, cfg,
-                                                     comm)
+                                                     comm, net, inflight)
             else:
                 refined = refine_mod.refine_blocks(plan, source, reconciled, final, refine, net, info, cfg, comm,
                                                    inflight)
