@@ -28,11 +28,11 @@ SETS = ["--set", "refine.gap_min_core=20", "--set", "refine.gap_core_radius=2.0"
         "refine.gap_box=[24,40,40]", "--set", "refine.halo=[8,12,12]"]
 
 
-def run_refined(data, out, workdir, **kw):
+def run_refined(data, out, workdir, refine=REFINE, **kw):
     from floodfilling.distributed.run import segment_blocks
 
     return segment_blocks(f"{data / 'crop.h5'}:raw", f"{out}:seg", block=BLOCK_ZYX, halo=HALO_ZYX,
-                          workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg(), refine=REFINE, **kw)
+                          workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg(), refine=refine, **kw)
 
 
 def read_all(path):

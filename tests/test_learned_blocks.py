@@ -24,6 +24,7 @@ from floodfilling.inference.refine import array_reader, tiles_of
 from floodfilling.normalise import Normalisation
 from floodfilling.results import overlaps_dict
 from test_distributed_run import BLOCK, BLOCK_ZYX, HALO, HALO_ZYX, cfg, data, mpiexec, one_thread  # noqa: F401
+from test_distributed_refine import read_all, run_refined
 
 pytest.importorskip("skimage")
 pytest.importorskip("lightgbm")
@@ -114,18 +115,8 @@ def test_one_tile_is_the_whole_volume_refinement():
 # -- block runs --------------------------------------------------------------------------------------
 
 def run_learned(data, out, workdir, refine=RCFG, **kw):
-    from floodfilling.distributed.run import segment_blocks
-
-    return segment_blocks(f"{data / 'crop.h5'}:raw", f"{out}:seg", block=BLOCK_ZYX, halo=HALO_ZYX,
-                          workdir=str(workdir), model=str(data / "tiny.npz"), config=cfg(), refine=refine, **kw)
-
-
-def read_all(path):
-    """The result's datasets (origins without their seconds, which are timings) and attributes."""
-    with h5py.File(path, "r") as f:
-        ds = {k: f[k][:] for k in f if k.startswith("seg")}
-        ds["seg_origins"] = ds["seg_origins"][["id", "z", "y", "x", "steps"]]
-        return ds, dict(f["seg"].attrs)
+    """The crop's block run (as the hand steps' tests run it) with the learned ``refine``."""
+    return run_refined(data, out, workdir, refine=refine, **kw)
 
 
 def same_output(a, b):
