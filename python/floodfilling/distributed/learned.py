@@ -131,7 +131,10 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
         for stage in stages.all():
             stage.prepare()  # (a killed writer's temporaries go)
         recorded = not (cfg.split_components or cfg.dust_size > 0)  # postprocessing drops the overlaps
-        overlaps = flood_overlaps(plan, reconciled.labels) if recorded else np.zeros(0, results.OVERLAP_DTYPE)
+        if not recorded:
+            overlaps = np.zeros(0, results.OVERLAP_DTYPE)
+        else:  # (base gap_cores: the gap objects' stage made the same table already)
+            overlaps = painted.overlaps if painted is not None else flood_overlaps(plan, reconciled.labels)
         top = max((int(np.max(v)) for v in final.values if len(v)), default=0)  # the flood's largest id
         top_markers = top if painted is None else max([top] + [int(k[-1]) for k in painted.keys if len(k)])
         tables = (overlaps, recorded, top, top_markers)
