@@ -2,6 +2,7 @@
 out (issue 29): no figure comes from a model that saw that volume's labels.
 
     python bench/refine_learned.py [--workdir DIR] [--units dev-left,dev-right,cube-lo,cube-hi] [--bases cores,gap_cores]
+                                   [--cube-flood reference|own] [--tag=-own]
     # writes bench/results/refine-learned-<machine>.json and prints a Markdown table
     python bench/refine_learned.py --train-bundled python/floodfilling/models/refine_cores_fib25_medulla.json
 
@@ -9,10 +10,12 @@ Units (each evaluated on its own: image, flood and labels cut likewise):
 - ``dev-left`` / ``dev-right``: the medulla dev volume (50x100x200), x < 100 / x >= 100; gt 0
   (boundary, 7 %) ignored and counted. Flood: this package's, bundled model, default options
   (cached in DIR/dev/forward.h5, about 8 min on 2 loaded cores).
-- ``cube-lo`` / ``cube-hi``: the FIB-25 cube (250^3), z < 125 / z >= 125, gt 0 counted. Flood:
-  the reference's published segmentation (ours equals it to VI 0.0008 with ``--normalise
-  fixed``; its own flood takes ~2 h on this CPU); it records no overlaps, so the overlap feature
-  is missing there and there is no rejoin row.
+- ``cube-lo`` / ``cube-hi``: the FIB-25 cube (250^3), z < 125 / z >= 125, gt 0 counted. Flood
+  (``--cube-flood``): ``reference``, the reference's published segmentation (ours equals it to VI
+  0.0008 with ``--normalise fixed``), which records no overlaps, so the overlap feature is missing
+  there and there is no rejoin row; or ``own``, this package's flood with ``--normalise fixed``
+  (DIR/fib25-own/forward.h5, made by the command in :data:`OWN_CUBE_FLOOD`: 101 min on 2 idle
+  EPYC cores, resumable), which records them (its hand markers cached in DIR/fib25-own).
 
 Rows: ``forward`` (the flood), ``watershed`` (the plain seeded watershed of the flood: the
 floor), the hand steps (``+rejoin``: rejoin then watershed, dev only; ``+gap_objects``: gap
@@ -51,12 +54,18 @@ UNITS = {  # name: (volume, slice, gt_zero conventions)
     "cube-lo": ("fib25", np.s_[:125], ("label",)),
     "cube-hi": ("fib25", np.s_[125:], ("label",)),
 }
+# this package's own flood of the cube (``--cube-flood own``): equal to the reference's to VI 0.0008, and it
+# records the overlaps between objects (the overlap feature, the hand rejoin step)
+OWN_CUBE_FLOOD = ("PYTHONPATH=python python -m floodfilling.cli segment {shared}/data/fib25_train_250.h5:raw "
+                  "{out}:seg --normalise fixed").replace("{shared}", str(SHARED))
 OTHER_HALF = {"dev-left": "dev-right", "dev-right": "dev-left", "cube-lo": "cube-hi", "cube-hi": "cube-lo"}
 METRICS = ("vi", "vi_split", "vi_merge", "are", "seg_objects")
 
 
-def load_volume(name: str, workdir: Path):
-    """(raw, labels, flood, overlaps or None, {marker name: whole-volume markers}) of a volume."""
+def load_volume(name: str, workdir: Path, cube_flood: str = "reference"):
+    """(raw, labels, flood, overlaps or None, {marker name: whole-volume markers}) of a volume;
+    ``cube_flood`` (fib25): "reference" (the published segmentation, no overlaps) or "own"
+    (DIR/fib25-own/forward.h5, made by :data:`OWN_CUBE_FLOOD`; its overlaps recorded)."""
     import h5py
 
     from floodfilling.results import overlaps_dict
@@ -72,7 +81,18 @@ def load_volume(name: str, workdir: Path):
         with h5py.File(d / "forward.h5", "r") as f:
             flood, overlaps = f["seg"][:], overlaps_dict(f["seg_overlaps"][:])
         names = {"+rejoin": "rejoin_markers", "+gap_objects": "gap_markers", "hand_refine": "rejoin_gap_markers"}
+    elif cube_flood == "own":
+        d = workdir / "fib25-own"
+        if not (d / "forward.h5").exists():
+            raise SystemExit(f"{d / 'forward.h5'}: missing; make it first (~2 h on 2 cores, resumable):\n"
+                             + OWN_CUBE_FLOOD.format(out=d / "forward.h5"))
+        with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
+            raw, labels = f["raw"][:], f["labels"][:]
+        with h5py.File(d / "forward.h5", "r") as f:
+            flood, overlaps = f["seg"][:], overlaps_dict(f["seg_overlaps"][:])
+        names = {"+rejoin": "rejoin_markers", "+gap_objects": "gap_markers", "hand_refine": "rejoin_gap_markers"}
     else:
+        d = workdir / name
         with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
         with np.load(SHARED / "reference" / "google_ffn_fib25_training_sample2.npz") as z:
@@ -81,11 +101,11 @@ def load_volume(name: str, workdir: Path):
         names = {"+gap_objects": "gap_markers", "hand_refine": "gap_markers"}
     markers = {}
     for row, fname in names.items():
-        if not (workdir / name / f"{fname}.npz").exists():
-            make_markers(workdir / name / f"{fname}.npz", raw, flood, overlaps,
+        if not (d / f"{fname}.npz").exists():
+            make_markers(d / f"{fname}.npz", raw, flood, overlaps,
                          ("rejoin",) if fname == "rejoin_markers" else
                          ("rejoin", "gap_objects") if fname == "rejoin_gap_markers" else ("gap_objects",))
-        with np.load(workdir / name / f"{fname}.npz") as z:
+        with np.load(d / f"{fname}.npz") as z:
             markers[row] = (z["markers"], float(z["seconds"]), json.loads(str(z["counters"])))
     return raw, labels, flood, overlaps, markers
 
@@ -127,13 +147,15 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.5, help="merge probability (not tuned on any unit)")
     ap.add_argument("--core-radius", type=float, default=2.0, help="learned base: gap core radius (hand step: 3)")
     ap.add_argument("--min-core", type=int, default=30, help="learned base: smallest gap core (hand step: 100)")
+    ap.add_argument("--cube-flood", choices=("reference", "own"), default="reference",
+                    help="the cube units' flood: the reference's published segmentation or this package's (overlaps)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name and of the cached models")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/refine-learned-<machine>.json)")
     ap.add_argument("--train-bundled", default=None, metavar="OUT",
                     help="instead: train the bundled refine model on both volumes whole into OUT")
     args = ap.parse_args()
     if args.train_bundled:
-        train_bundled(Path(args.workdir), args.train_bundled)
+        train_bundled(Path(args.workdir), args.train_bundled, args.cube_flood)
         return 0
 
     from floodfilling import evaluation
@@ -152,7 +174,7 @@ def main() -> int:
     hand: dict[str, dict] = {}
     for name, (vol, sl, _) in UNITS.items():
         if vol not in vols:
-            raw, labels, flood, overlaps, markers = load_volume(vol, workdir)
+            raw, labels, flood, overlaps, markers = load_volume(vol, workdir, args.cube_flood)
             image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)  # as the flood saw it
             vols[vol] = (image, labels, flood, overlaps, markers)
         image, labels, flood, overlaps, markers = vols[vol]
@@ -168,7 +190,8 @@ def main() -> int:
     def model_for(base: str, train: tuple[str, ...]):
         key = (base, train)
         if key not in models:
-            path = workdir / "models" / f"{base}-r{args.core_radius:g}-m{args.min_core}-{'+'.join(train)}.json"
+            own = "-own" if args.cube_flood == "own" and any(u.startswith("cube") for u in train) else ""
+            path = workdir / "models" / f"{base}-r{args.core_radius:g}-m{args.min_core}{own}-{'+'.join(train)}.json"
             if path.exists():
                 models[key] = (load_refine_model(str(path)), None)
             else:
@@ -183,6 +206,7 @@ def main() -> int:
         return models[key]
 
     result = {"benchmark": "refine-learned", "machine": machine_id(), "threshold": args.threshold,
+              "cube_flood": args.cube_flood,
               "command": "python bench/refine_learned.py " + " ".join(sys.argv[1:]),
               "refine_learned_base": cfg.to_dict(), "units": {}}
     for name in args.units.split(","):
@@ -233,9 +257,9 @@ def main() -> int:
     return 0
 
 
-def train_bundled(workdir: Path, out: str) -> None:
+def train_bundled(workdir: Path, out: str, cube_flood: str = "reference") -> None:
     """The bundled refine model (``--train-bundled OUT``): base cores, trained on both shipped
-    volumes whole (dev: this package's flood; cube: the reference's published segmentation),
+    volumes whole (dev: this package's flood; cube: ``cube_flood``, see :func:`load_volume`),
     each volume's files, digests and flood recorded in the file."""
     from floodfilling.config import InferenceConfig, RefineConfig
     from floodfilling.inference.learned import save_refine_model
@@ -248,10 +272,13 @@ def train_bundled(workdir: Path, out: str) -> None:
     units = []
     floods = {"dev": "this package's flood: bundled FFN model, default inference options (fp32)",
               "fib25": "the reference's published segmentation (google_ffn_fib25_training_sample2.npz; this package's "
-                       "flood equals it to VI 0.0008 with --normalise fixed); no overlaps"}
+                       "flood equals it to VI 0.0008 with --normalise fixed); no overlaps"
+                       if cube_flood == "reference" else
+                       "this package's flood: bundled FFN model, --normalise fixed (the reference's normalisation), "
+                       "fp32; overlaps recorded"}
     files = {"dev": "fib_medulla_dev_50x100x200.h5", "fib25": "fib25_train_250.h5"}
     for vol in ("dev", "fib25"):
-        raw, labels, flood, overlaps, _ = load_volume(vol, workdir)
+        raw, labels, flood, overlaps, _ = load_volume(vol, workdir, cube_flood)
         image = resolve_normalisation(InferenceConfig(), info, raw).apply(raw)
         rec = {"image": f"{files[vol]}:raw", "labels": f"{files[vol]}:labels", "flood": floods[vol],
                "shape": list(raw.shape), "image_digest": image_digest(raw), "labels_digest": image_digest(labels),
