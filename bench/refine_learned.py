@@ -288,7 +288,8 @@ def train_bundled(workdir: Path, out: str, cube_flood: str = "reference") -> Non
         units.append(TrainUnit(vol, image, flood, labels, overlaps, rec))
     m = train_model(units, "cores", RefineConfig(**LEARNED_BASE), progress=print,
                     settings={"trained_by": "ffn-refine bundled model: bench data, whole volumes (shared/data)",
-                              "evidence": "bench/results/refine-learned-amd-epyc-2c.json (leave one out)"})
+                              "evidence": "bench/results/refine-learned" + ("-own" if cube_flood == "own" else "")
+                                          + "-amd-epyc-2c.json (leave one out)"})
     save_refine_model(m, out, overwrite=True)
 
 
