@@ -57,7 +57,7 @@ UNITS = {  # name: (volume, slice, gt_zero conventions)
 # this package's own flood of the cube (``--cube-flood own``): equal to the reference's to VI 0.0008, and it
 # records the overlaps between objects (the overlap feature, the hand rejoin step)
 OWN_CUBE_FLOOD = ("PYTHONPATH=python python -m floodfilling.cli segment {shared}/data/fib25_train_250.h5:raw "
-                  "{out}:seg --normalise fixed").replace("{shared}", str(SHARED))
+                  "{out}:seg --normalise fixed")
 OTHER_HALF = {"dev-left": "dev-right", "dev-right": "dev-left", "cube-lo": "cube-hi", "cube-hi": "cube-lo"}
 METRICS = ("vi", "vi_split", "vi_merge", "are", "seg_objects")
 
@@ -78,23 +78,18 @@ def load_volume(name: str, workdir: Path, cube_flood: str = "reference"):
             accuracy.forward("dev", accuracy.volume_files("dev", workdir), False)
         with h5py.File(d / "image.h5", "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
-        with h5py.File(d / "forward.h5", "r") as f:
-            flood, overlaps = f["seg"][:], overlaps_dict(f["seg_overlaps"][:])
-        names = {"+rejoin": "rejoin_markers", "+gap_objects": "gap_markers", "hand_refine": "rejoin_gap_markers"}
-    elif cube_flood == "own":
-        d = workdir / "fib25-own"
-        if not (d / "forward.h5").exists():
-            raise SystemExit(f"{d / 'forward.h5'}: missing; make it first (~2 h on 2 cores, resumable):\n"
-                             + OWN_CUBE_FLOOD.format(out=d / "forward.h5"))
-        with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
-            raw, labels = f["raw"][:], f["labels"][:]
-        with h5py.File(d / "forward.h5", "r") as f:
-            flood, overlaps = f["seg"][:], overlaps_dict(f["seg_overlaps"][:])
-        names = {"+rejoin": "rejoin_markers", "+gap_objects": "gap_markers", "hand_refine": "rejoin_gap_markers"}
     else:
-        d = workdir / name
+        d = workdir / ("fib25-own" if cube_flood == "own" else name)
+        if cube_flood == "own" and not (d / "forward.h5").exists():
+            raise SystemExit(f"{d / 'forward.h5'}: missing; make it first (~100 min on 2 cores, resumable):\n"
+                             + OWN_CUBE_FLOOD.format(shared=SHARED, out=d / "forward.h5"))
         with h5py.File(SHARED / "data" / "fib25_train_250.h5", "r") as f:
             raw, labels = f["raw"][:], f["labels"][:]
+    if name == "dev" or cube_flood == "own":  # this package's flood: its overlaps recorded
+        with h5py.File(d / "forward.h5", "r") as f:
+            flood, overlaps = f["seg"][:], overlaps_dict(f["seg_overlaps"][:])
+        names = {"+rejoin": "rejoin_markers", "+gap_objects": "gap_markers", "hand_refine": "rejoin_gap_markers"}
+    else:  # the reference's published segmentation: no overlaps, no rejoin
         with np.load(SHARED / "reference" / "google_ffn_fib25_training_sample2.npz") as z:
             flood = z["segmentation"].astype(np.uint32)
         overlaps = None
