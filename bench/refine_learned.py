@@ -146,11 +146,13 @@ def main() -> int:
                     help="the cube units' flood: the reference's published segmentation or this package's (overlaps)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name and of the cached models")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/refine-learned-<machine>.json)")
+    ap.add_argument("--no-boundary-map", action="store_true",
+                    help="learned rows without the boundary map (the base's watershed on the image; before 2026-12-07)")
     ap.add_argument("--train-bundled", default=None, metavar="OUT",
                     help="instead: train the bundled refine model on both volumes whole into OUT")
     args = ap.parse_args()
     if args.train_bundled:
-        train_bundled(Path(args.workdir), args.train_bundled, args.cube_flood)
+        train_bundled(Path(args.workdir), args.train_bundled, args.cube_flood, not args.no_boundary_map)
         return 0
 
     from floodfilling import evaluation
@@ -186,14 +188,15 @@ def main() -> int:
         key = (base, train)
         if key not in models:
             own = "-own" if args.cube_flood == "own" and any(u.startswith("cube") for u in train) else ""
-            path = workdir / "models" / f"{base}-r{args.core_radius:g}-m{args.min_core}{own}-{'+'.join(train)}.json"
+            bm = "" if args.no_boundary_map else "-bmap"  # never a cached model of the other recipe
+            path = workdir / "models" / f"{base}-r{args.core_radius:g}-m{args.min_core}{own}{bm}-{'+'.join(train)}.json"
             if path.exists():
                 models[key] = (load_refine_model(str(path)), None)
             else:
                 t = time.perf_counter()
                 m = train_model([units[u] for u in train], base, cfg, args.threshold,
                                 progress=lambda s: print("  train:", s, flush=True),
-                                settings={"trained_on_units": list(train)})
+                                settings={"trained_on_units": list(train)}, boundary=not args.no_boundary_map)
                 secs = time.perf_counter() - t
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_refine_model(m, str(path), overwrite=True)
@@ -201,7 +204,7 @@ def main() -> int:
         return models[key]
 
     result = {"benchmark": "refine-learned", "machine": machine_id(), "threshold": args.threshold,
-              "cube_flood": args.cube_flood,
+              "cube_flood": args.cube_flood, "boundary_map": not args.no_boundary_map,
               "command": "python bench/refine_learned.py " + " ".join(sys.argv[1:]),
               "refine_learned_base": cfg.to_dict(), "units": {}}
     for name in args.units.split(","):
@@ -252,10 +255,11 @@ def main() -> int:
     return 0
 
 
-def train_bundled(workdir: Path, out: str, cube_flood: str = "reference") -> None:
+def train_bundled(workdir: Path, out: str, cube_flood: str = "reference", boundary: bool = True) -> None:
     """The bundled refine model (``--train-bundled OUT``): base cores, trained on both shipped
-    volumes whole (dev: this package's flood; cube: ``cube_flood``, see :func:`load_volume`),
-    each volume's files, digests and flood recorded in the file."""
+    volumes (dev: this package's flood; cube: ``cube_flood``, see :func:`load_volume`), whole, or
+    with the boundary map as the four units of :data:`UNITS`; each volume's files, digests and
+    flood recorded in the file."""
     from floodfilling.config import InferenceConfig, RefineConfig
     from floodfilling.inference.learned import save_refine_model
     from floodfilling.normalise import resolve_normalisation
@@ -280,11 +284,21 @@ def train_bundled(workdir: Path, out: str, cube_flood: str = "reference") -> Non
                "labelled_fraction": round(float(np.mean(labels > 0)), 4),
                "flood_objects": int(len(np.unique(flood)) - 1), "flood_model": "bundled fib25_convstack3d_depth12.npz",
                "normalisation": "standardise (default)"}
-        units.append(TrainUnit(vol, image, flood, labels, overlaps, rec))
-    m = train_model(units, "cores", RefineConfig(**LEARNED_BASE), progress=print,
+        if not boundary:
+            units.append(TrainUnit(vol, image, flood, labels, overlaps, rec))
+            continue
+        # with the boundary map: each volume as its two halves (UNITS), so that each half's
+        # training base is made with a map fitted on the other three, its own volume's other half
+        # among them (two whole volumes would each get the other volume's map only)
+        for name, (v, sl, _) in UNITS.items():
+            if v == vol:
+                fl = np.ascontiguousarray(flood[sl])
+                units.append(TrainUnit(name, np.ascontiguousarray(image[sl]), fl, np.ascontiguousarray(labels[sl]),
+                                       crop_overlaps(overlaps, np.unique(fl)), {**rec, "unit": name, "slice": str(sl)}))
+    m = train_model(units, "cores", RefineConfig(**LEARNED_BASE), progress=print, boundary=boundary,
                     settings={"trained_by": "ffn-refine bundled model: bench data, whole volumes (shared/data)",
                               "evidence": "bench/results/refine-learned" + ("-own" if cube_flood == "own" else "")
-                                          + "-amd-epyc-2c.json (leave one out)"})
+                                          + ("-bmap" if boundary else "") + "-amd-epyc-2c.json (leave one out)"})
     save_refine_model(m, out, overwrite=True)
 
 

@@ -104,7 +104,7 @@ def test_one_tile_is_the_whole_volume_refinement():
     m = learned.load_refine_model("bundled")
     cfg0 = m.base_config(RefineConfig())
     got = learned.learned_refine(u.image, u.flood, m, RefineConfig())
-    b = learned.base_segmentation(u.image, u.flood, m.base, cfg0)
+    b = learned.base_segmentation(u.image, u.flood, m.base, cfg0, boundary=m.boundary_map())
     want = apply_lut(b.segmentation, learned.agglomerate_base(u.image, b, m, cfg0).lut)
     np.testing.assert_array_equal(got.segmentation, want)
     assert got.counters["gap_cores"] == len(b.origins) > 0 and got.counters["learned_merges"] > 0

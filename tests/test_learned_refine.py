@@ -312,8 +312,9 @@ def test_bundled_model_loads_and_records_its_training():
     retraining it fails here) and records the volumes it was trained on."""
     m = learned.load_refine_model(learned.BUNDLED)
     assert m.base == "cores" and m.source.endswith(learned.BUNDLED_FILE)
-    names = [v["image"] for v in m.training["volumes"]]
-    assert names == ["fib_medulla_dev_50x100x200.h5:raw", "fib25_train_250.h5:raw"]
+    names = [v["image"] for v in m.training["volumes"]]  # each volume as its two halves (the boundary map)
+    assert names == ["fib_medulla_dev_50x100x200.h5:raw"] * 2 + ["fib25_train_250.h5:raw"] * 2
+    assert m.boundary_map() is not None and m.training["boundary"]["filters"]
     seg, image, overlaps = _blobs(0)
     g = contact_graph(seg, image, overlaps)
     idx = g.node_index()

@@ -64,6 +64,14 @@ def test_hand_built_model_scores_as_computed_by_hand():
     assert got.tolist() == [_hand_score(a, b) for a, b in rows]
 
 
+def test_huge_raw_scores_give_probability_0_and_1_as_lightgbm():
+    """A leaf of a pure region can be huge (boundary maps): exp overflows to +inf in C, the
+    probability is exactly 0 (and 1 the other way), never an error."""
+    m = parse_lightgbm(HAND.replace("leaf_value=0.1 0.2 0.3", "leaf_value=-600 0.2 600"), 2)
+    got = m.predict(np.array([[0.0, -2.0], [0.6, 0.0], [0.5, 3.0]]))
+    assert got.tolist() == [0.0, 1.0, 1.0 / (1.0 + math.exp(-2.0 * 0.15))]
+
+
 def _edge_rows(m, n: int, seed: int = 0) -> np.ndarray:
     """Rows that meet every kind of branch: values at the split thresholds, NaN, zeros."""
     rng = np.random.default_rng(seed)

@@ -152,10 +152,12 @@ def cmd_train_refine(args) -> int:
     pairs = list(zip(args.volumes[::2], args.volumes[1::2]))
     say = None if args.quiet else (lambda text: print(f"train-refine: {text}", file=sys.stderr, flush=True))
     m = train_refine(pairs, args.out, model=args.model, config=cfg, refine=refine, base=args.base,
-                     threshold=args.threshold, overwrite=args.overwrite, progress=not args.quiet, report=say)
+                     threshold=args.threshold, overwrite=args.overwrite, progress=not args.quiet, report=say,
+                     boundary=not args.no_boundary_map)
     if not args.quiet:
         print(f"wrote {args.out}: trained on {len(pairs)} volume(s), {m.training['examples']} pairs "
-              f"({m.training['merge_examples']} merge), base {m.base}, threshold {m.threshold}")
+              f"({m.training['merge_examples']} merge), base {m.base}, threshold {m.threshold}, "
+              f"boundary map {'yes' if m.boundary else 'no (watershed of the image)'}")
     return 0
 
 
@@ -411,6 +413,8 @@ def _add_train_refine_parser(sub) -> None:
                    help="what merging starts from: the watershed of the flood and every gap core (default), of the "
                         "flood with the gap objects step's network floods and the cores left, or of the flood alone")
     p.add_argument("--threshold", type=float, default=0.5, help="merge probability a pair needs (default 0.5)")
+    p.add_argument("--no-boundary-map", action="store_true",
+                   help="no learned boundary map: the base's watershed runs on the image (the model file before 2026-12)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     _add_inference_options(p)
     p.set_defaults(func=cmd_train_refine)

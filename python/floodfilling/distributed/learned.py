@@ -163,7 +163,7 @@ def learned_blocks(plan, source: ImageSource, reconciled, final, rcfg: RefineCon
         cores = TileReader(tiles, stages.cores, offsets) if offsets is not None else \
             (lambda s, e: np.zeros(tuple(b - a for a, b in zip(s, e)), np.int64))
         for i in stages.base.claimed(plan.run_id, comm.rank, comm.size):
-            core = ln.base_tile(image, seg, cores, tiles[i], bcfg)
+            core = ln.base_tile(image, seg, cores, tiles[i], bcfg, model.boundary_map())
             ids = np.unique(core)
             flood_voxels = int(np.count_nonzero(flood(tiles[i].core_start, tiles[i].core_stop)))
             storage.write_hdf5_atomic(stages.base.result(i), {"comp": core.astype(np.uint64),

@@ -18,6 +18,11 @@ each merge. It works on a *base* segmentation made from the flood (recorded in t
   kept by ``gap_join_fraction``, :mod:`floodfilling.inference.refine`), then every gap core left
   in the space still free as its own marker, then the watershed.
 
+The base's watershed runs on the model's *boundary map* when it has one (format version 2,
+``ffn train-refine``'s default: :mod:`floodfilling.inference.boundary`, a voxel classifier
+trained on the same labels), else on the image, membranes low (version 1 files, and
+``--no-boundary-map``).
+
 Tile by tile (``refine.tile``, as the hand steps; 0,0,0, the default: one tile, the whole
 volume): each tile's gap cores are found in its core (numbered after the flood's ids in tile
 order, then in the tile's core order), the base is the watershed of each tile's window from the
@@ -27,7 +32,8 @@ decided on the whole graph. Block inference (:mod:`floodfilling.distributed.lear
 the same per block, so it gives the in-memory result with ``tile`` = the block size.
 
 The model file is JSON (never a pickle): format name and version, the feature names, the base,
-the merge threshold, LightGBM's own text model, and what it was trained on (volumes, options).
+the merge threshold, LightGBM's own text model, the boundary map's (or null), and what it was
+trained on (volumes, options).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from ..config import RefineConfig
 from ..results import Origin
@@ -49,7 +56,8 @@ from .trees import TreeModelError, parse_lightgbm
 log = logging.getLogger(__name__)
 
 FORMAT = "floodfilling-refine-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the boundary map (version 1 files, without it, are read too)
+READS_VERSIONS = (1, 2)
 BASES = ("watershed", "cores", "gap_cores")  # what the learned merging starts from (module docstring)
 
 # the [refine] options that make the base (recorded in the model file, used in its place)
@@ -84,7 +92,9 @@ class RefineModel:
     features: tuple[str, ...] = FEATURES
     training: dict[str, Any] = field(default_factory=dict)  # volumes (files, digests, shapes), options
     source: str = ""  # the file it was read from ("" when made in memory)
+    boundary: str = ""  # LightGBM text model of the boundary map the base's watershed runs on ("": the image)
     _trees: Any = field(default=None, repr=False, compare=False)
+    _boundary: Any = field(default=None, repr=False, compare=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Merge probabilities of the pairs with features ``x`` (k, len(FEATURES)): LightGBM's
@@ -95,10 +105,22 @@ class RefineModel:
             return np.zeros(0)
         return self._trees.predict(x)
 
+    def boundary_map(self):
+        """The :class:`~floodfilling.inference.boundary.BoundaryMap` the base's watershed runs
+        on, or None (the model was trained without one: the watershed runs on the image)."""
+        if not self.boundary:
+            return None
+        if self._boundary is None:
+            from .boundary import BoundaryMap
+
+            self._boundary = BoundaryMap(self.boundary)
+        return self._boundary
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "features": list(self.features),
                            "base": self.base, "threshold": self.threshold, "training": self.training,
-                           "lightgbm": self.booster}, indent=1, sort_keys=True) + "\n"
+                           "lightgbm": self.booster, "boundary": self.boundary or None},
+                          indent=1, sort_keys=True) + "\n"
 
     def base_config(self, cfg: RefineConfig) -> RefineConfig:
         """``cfg`` with the base's options (cores, watershed) the model was trained with: a model
@@ -121,9 +143,9 @@ def model_from_json(text: str, source: str) -> RefineModel:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise RefineModelError(f"{source}: not a refine model file (no \"format\": \"{FORMAT}\"; "
                                "make one with ffn train-refine)")
-    if d.get("format_version") != FORMAT_VERSION:
+    if d.get("format_version") not in READS_VERSIONS:
         raise RefineModelError(f"{source}: refine model format version {d.get('format_version')!r}; this version "
-                               f"reads {FORMAT_VERSION} (retrain with ffn train-refine)")
+                               f"reads {' and '.join(map(str, READS_VERSIONS))} (retrain with ffn train-refine)")
     if d.get("features") != list(FEATURES):
         raise RefineModelError(f"{source}: refine model made for other features ({len(d.get('features') or [])} "
                                f"named, this version computes {len(FEATURES)}); retrain with ffn train-refine")
@@ -134,9 +156,14 @@ def model_from_json(text: str, source: str) -> RefineModel:
         raise RefineModelError(f"{source}: refine model threshold {thr!r}: expected a number in [0, 1]")
     if not isinstance(d.get("lightgbm"), str) or not isinstance(d.get("training", {}), dict):
         raise RefineModelError(f"{source}: refine model without its LightGBM text model")
-    m = RefineModel(d["lightgbm"], d["base"], float(thr), FEATURES, d.get("training", {}), source)
+    boundary = d.get("boundary") or ""
+    if not isinstance(boundary, str):
+        raise RefineModelError(f"{source}: refine model boundary map {type(boundary).__name__}: expected "
+                               "LightGBM's text model or null")
+    m = RefineModel(d["lightgbm"], d["base"], float(thr), FEATURES, d.get("training", {}), source, boundary)
     try:
         m._trees = parse_lightgbm(m.booster, len(FEATURES))
+        m.boundary_map()
     except TreeModelError as exc:
         raise RefineModelError(f"{source}: unusable LightGBM model ({exc}); retrain with ffn train-refine") from None
     return m
@@ -225,14 +252,34 @@ def _base_markers(seg: np.ndarray, base: str, painted) -> tuple[int, np.ndarray,
     return int(np.max(seg, initial=0)), markers, origins, markers > 0  # (the flood's voxels and the gap floods')
 
 
+def watershed_landscape(image: np.ndarray, markers: np.ndarray, cfg: RefineConfig, boundary=None) -> np.ndarray:
+    """What the base's watershed floods (low first): the probability of ``boundary`` (a
+    :class:`~floodfilling.inference.boundary.BoundaryMap`, or in training a
+    :class:`~floodfilling.inference.boundary.HeldOutMap`) at the voxels no marker holds and at
+    the marker voxels beside them (0 elsewhere); without one, the image, membranes low, negated.
+
+    Why those: skimage's watershed labels a free voxel from the first of its face neighbours to
+    leave the queue, in order of their values, so a marker voxel's value decides the free voxels
+    it claims; a marker voxel with no free neighbour claims none, and its value changes nothing
+    but the order among equal values (tests/test_boundary_map.py: the same base as the map
+    evaluated everywhere, on a volume without such ties)."""
+    from .refine import membranes_low
+
+    if boundary is not None:
+        free = markers == 0
+        return boundary.probability(image, ndimage.binary_dilation(free) if free.any() else free)
+    return -membranes_low(image, cfg, cfg.watershed_sigma)
+
+
 def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
-                      painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
+                      painted: tuple[np.ndarray, dict[int, Origin]] | None = None, boundary=None) -> Base:
     """The ``base`` (:data:`BASES`) of the flood ``seg`` on the normalised ``image`` (one tile);
     base "gap_cores" needs ``painted``: the flood with the gap objects painted in and their
-    origins (:func:`paint_gap_objects`)."""
+    origins (:func:`paint_gap_objects`). The watershed runs on the map of ``boundary``
+    (:func:`watershed_landscape`)."""
     from skimage.segmentation import watershed
 
-    from .refine import gap_cores, membranes_low
+    from .refine import gap_cores
 
     first, markers, origins, flooded = _base_markers(seg, base, painted)
     if base in ("cores", "gap_cores"):
@@ -242,7 +289,7 @@ def base_segmentation(image: np.ndarray, seg: np.ndarray, base: str, cfg: Refine
         markers[put] = cores[put].astype(np.int64) + top
         origins.update({top + 1 + k: Origin(tuple(int(v) for v in c), 0, 0.0) for k, c in enumerate(centres)})
     if markers.any():
-        markers = watershed(-membranes_low(image, cfg, cfg.watershed_sigma), markers=markers)
+        markers = watershed(watershed_landscape(image, markers, cfg, boundary), markers=markers)
     return Base(markers, first, origins, flooded)
 
 
@@ -267,13 +314,12 @@ def core_offsets(counts, top: int) -> list[int]:
         if len(counts) else []
 
 
-def base_tile(image, markers, cores, tile, cfg: RefineConfig) -> np.ndarray:
+def base_tile(image, markers, cores, tile, cfg: RefineConfig, boundary=None) -> np.ndarray:
     """The base's core of ``tile`` (int64): the window's markers (``markers``: the flood or the
     painted flood) with every core that reaches the window (``cores``: a reader of all tiles'
-    core labels in their final ids, 0 elsewhere), then the seeded watershed of the window."""
+    core labels in their final ids, 0 elsewhere), then the seeded watershed of the window (on
+    the map of ``boundary``, made from the window's image, when given)."""
     from skimage.segmentation import watershed
-
-    from .refine import membranes_low
 
     w0, w1 = tile.window_start, tile.window_stop
     m = np.array(markers(w0, w1), dtype=np.int64)
@@ -281,7 +327,7 @@ def base_tile(image, markers, cores, tile, cfg: RefineConfig) -> np.ndarray:
     put = c > 0
     m[put] = c[put].astype(np.int64)
     if m.any():
-        m = watershed(-membranes_low(image(w0, w1), cfg, cfg.watershed_sigma), markers=m)
+        m = watershed(watershed_landscape(image(w0, w1), m, cfg, boundary), markers=m)
     return np.ascontiguousarray(m[tile.core_in_window])
 
 
@@ -307,7 +353,7 @@ def tile_contacts(image, base, flooded, tile, shape, cfg: RefineConfig):
 
 
 def tiled_base(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig, tiles,
-               painted: tuple[np.ndarray, dict[int, Origin]] | None = None) -> Base:
+               painted: tuple[np.ndarray, dict[int, Origin]] | None = None, boundary=None) -> Base:
     """:func:`base_segmentation` made tile by tile (``tiles``:
     :func:`~floodfilling.inference.refine.tiles_of`): each tile's gap cores in its core, numbered
     in tile order (:func:`core_offsets`), and each tile's watershed in its window from the
@@ -325,7 +371,7 @@ def tiled_base(image: np.ndarray, seg: np.ndarray, base: str, cfg: RefineConfig,
             origins.update({off + 1 + k: Origin(c, 0, 0.0) for k, c in enumerate(centres)})
     out = np.zeros(markers.shape, np.int64)
     for t in tiles:
-        out[t.core] = base_tile(array_reader(image), array_reader(markers), array_reader(cores), t, cfg)
+        out[t.core] = base_tile(array_reader(image), array_reader(markers), array_reader(cores), t, cfg, boundary)
     return Base(out, first, origins, flooded)
 
 
@@ -389,7 +435,8 @@ def learned_refine(image: np.ndarray, seg: np.ndarray, model: RefineModel, cfg: 
         gap_counters = {k: v for k, v in (painted[2] if len(painted) > 2 else {}).items()
                         if k in ("gap_floods", "gap_steps", "gap_joined")}
     tiles = tiles_of(np.shape(seg), cfg.tile, cfg.halo)
-    b = tiled_base(image, seg, model.base, cfg, tiles, painted[:2] if painted is not None else None)
+    b = tiled_base(image, seg, model.base, cfg, tiles, painted[:2] if painted is not None else None,
+                   model.boundary_map())
     agg = agglomerate(tiled_graph(image, b, cfg, tiles, overlaps), model.predict, model.threshold)
     out = apply_lut(b.segmentation, agg.lut)
     dtype = seg.dtype if int(out.max(initial=0)) <= np.iinfo(seg.dtype).max else np.uint64

@@ -11,6 +11,12 @@ pairs scored along the way (objects grown by earlier merges, as the refinement w
 added to the examples, and a second classifier on all of them. LightGBM on one thread with
 fixed options (:data:`~floodfilling.inference.learned.LGBM_PARAMS`): the same inputs give the
 same model file, byte for byte.
+
+Before the pairs, a boundary map (:mod:`floodfilling.inference.boundary`) is fitted on all the
+volumes' voxels; the model file carries it and the base's watershed runs on it. Each training
+volume's own base is made with a map that never saw its labels (the other volumes' classifier,
+or with one volume, each half's from the other half: :func:`~.boundary.held_out_maps`), so the
+pairs are those a new volume will show.
 """
 
 from __future__ import annotations
@@ -82,12 +88,14 @@ def majority(counts: dict[int, int] | None) -> int:
 
 
 def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
-                  scorer: Callable[[np.ndarray], np.ndarray] | None = None) -> Examples:
+                  scorer: Callable[[np.ndarray], np.ndarray] | None = None, boundary=None) -> Examples:
     """The examples of one unit: the base's pairs (``scorer`` None), or the pairs scored while
-    the merges the labels allow are walked in ``scorer``'s order."""
+    the merges the labels allow are walked in ``scorer``'s order. ``boundary``: the map the
+    base's watershed runs on (a :class:`~floodfilling.inference.boundary.HeldOutMap`; None: the image)."""
     from .refine import membranes_low
 
-    b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None)
+    b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None,
+                          boundary)
     graph = contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps, flooded=b.flooded)
     counts = body_counts(b.segmentation, unit.labels)
     xs, ys = [], []
@@ -140,15 +148,27 @@ def fit(ex: Examples, rounds: int = ROUNDS) -> str:
 
 def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig | None = None,
                 threshold: float = DEFAULT_THRESHOLD, rounds: int = ROUNDS, sequence: bool = True,
-                progress: Callable[[str], None] | None = None, settings: dict | None = None) -> RefineModel:
+                progress: Callable[[str], None] | None = None, settings: dict | None = None,
+                boundary: bool = True) -> RefineModel:
     """A :class:`RefineModel` trained on ``units`` (see the module docstring; ``sequence``
-    False: the first round only)."""
+    False: the first round only; ``boundary`` False: no boundary map, the base's watershed runs
+    on the image)."""
+    from . import boundary as bmap
+
     cfg = (cfg or RefineConfig()).validate()
     say = progress or (lambda s: None)
+    held: list = [None] * len(units)
+    boundary_text = ""
+    if boundary:
+        say("boundary map")
+        volumes = [(u.image, u.labels) for u in units]
+        boundary_text = bmap.fit_boundary([(im, gt, None) for im, gt in volumes])
+        say("held-out boundary maps of the training volumes")
+        held = bmap.held_out_maps(volumes)
     flat = []
     for i, u in enumerate(units):
         say(f"pairs of {u.name}")
-        flat.append(unit_examples(u, i, base, cfg))
+        flat.append(unit_examples(u, i, base, cfg, boundary=held[i]))
     ex = Examples.concat(flat)
     say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
     text = fit(ex, rounds)
@@ -157,7 +177,7 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
         seq = []
         for i, u in enumerate(units):
             say(f"merge sequence of {u.name}")
-            seq.append(unit_examples(u, i, base, cfg, first.predict))
+            seq.append(unit_examples(u, i, base, cfg, first.predict, held[i]))
         ex = Examples.concat([ex] + seq)
         say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
         text = fit(ex, rounds)
@@ -165,8 +185,10 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
                 "sequence": sequence, "examples": int(len(ex.y)), "merge_examples": int(ex.y.sum()),
                 "lightgbm": dict(LGBM_PARAMS), "refine": {k: v for k, v in cfg.to_dict().items()
                                                           if k in BASE_OPTIONS},
+                "boundary": ({"filters": list(bmap.FILTERS), "samples_per_volume": bmap.SAMPLES,
+                              "rounds": bmap.ROUNDS, "lightgbm": dict(bmap.PARAMS)} if boundary else None),
                 **(settings or {})}
-    return RefineModel(text, base, float(threshold), FEATURES, training)
+    return RefineModel(text, base, float(threshold), FEATURES, training, "", boundary_text)
 
 
 # -- ffn train-refine ----------------------------------------------------------------------------
@@ -216,11 +238,12 @@ def read_unit(image_spec: str, labels_spec: str, flood_model, flood_cfg, progres
 def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = None, config=None,
                  refine: RefineConfig | None = None, base: str = "cores", threshold: float = DEFAULT_THRESHOLD,
                  overwrite: bool = False, progress: bool = False,
-                 report: Callable[[str], None] | None = None) -> RefineModel:
+                 report: Callable[[str], None] | None = None, boundary: bool = True) -> RefineModel:
     """``ffn train-refine``: the flood of ``model`` (default: bundled) on each (image, labels)
     of ``pairs``, the features of their base segmentations, the classifier; written to ``out``
     (a new file unless ``overwrite``; never one of the inputs). ``refine``: the base's options
-    (default: :data:`LEARNED_BASE`). ``progress``: the floods' progress
+    (default: :data:`LEARNED_BASE`); ``boundary`` False: no boundary map (the base's watershed
+    runs on the image). ``progress``: the floods' progress
     bars; ``report(text)``: each phase as it starts."""
     import os
 
@@ -263,7 +286,7 @@ def train_refine(pairs: list[tuple[str, str]], out: str, *, model: str | None = 
         say(f"flood of {image_spec} ({k + 1} of {len(pairs)})")
         units.append(read_unit(image_spec, labels_spec, (net, info), cfg, progress, base, refine))
     m = train_model(units, base, refine, threshold, progress=say,
-                    settings={"flood_config": cfg.options_of("flood", "postprocess")})
+                    settings={"flood_config": cfg.options_of("flood", "postprocess")}, boundary=boundary)
     save_refine_model(m, out, overwrite=overwrite)
     m.source = str(out)
     return m

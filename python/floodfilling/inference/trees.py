@@ -31,6 +31,15 @@ __all__ = ["TreeModel", "TreeModelError", "parse_lightgbm"]
 ZERO = float(np.float32(1e-35))  # LightGBM's kZeroThreshold (1e-35f, a float: 1.0000000180025095e-35): |v| at most this is "zero"
 
 
+def _exp(v: float) -> float:
+    """The C library's ``exp``, as LightGBM's sigmoid calls it: +inf past the largest double
+    (a leaf of a pure region can be huge: the probability is then exactly 0, as LightGBM's)."""
+    try:
+        return math.exp(v)
+    except OverflowError:
+        return math.inf
+
+
 class TreeModelError(ValueError):
     """A text model this evaluator cannot use (the message says what is unsupported or damaged)."""
 
@@ -100,7 +109,7 @@ class TreeModel:
         """The probabilities of the rows of ``x`` (k, n_features), as ``Booster.predict``."""
         raw = self.raw_score(x)
         s = self.sigmoid
-        return np.fromiter((1.0 / (1.0 + math.exp(-s * r)) for r in raw.tolist()), np.float64, len(raw))
+        return np.fromiter((1.0 / (1.0 + _exp(-s * r)) for r in raw.tolist()), np.float64, len(raw))
 
     def _check(self, x) -> np.ndarray:
         x = np.asarray(x, np.float64)
