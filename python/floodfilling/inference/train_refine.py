@@ -88,15 +88,13 @@ def majority(counts: dict[int, int] | None) -> int:
 
 
 def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
-                  scorer: Callable[[np.ndarray], np.ndarray] | None = None, boundary=None) -> Examples:
+                  scorer: Callable[[np.ndarray], np.ndarray] | None = None, boundary=None,
+                  made: tuple | None = None) -> Examples:
     """The examples of one unit: the base's pairs (``scorer`` None), or the pairs scored while
     the merges the labels allow are walked in ``scorer``'s order. ``boundary``: the map the
-    base's watershed runs on (a :class:`~floodfilling.inference.boundary.HeldOutMap`; None: the image)."""
-    from .refine import membranes_low
-
-    b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None,
-                          boundary)
-    graph = contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps, flooded=b.flooded)
+    base's watershed runs on (a :class:`~floodfilling.inference.boundary.HeldOutMap`; None: the
+    image); ``made``: the unit's (base, contact graph) when made already (:func:`unit_base`)."""
+    b, graph = made if made is not None else unit_base(unit, base, cfg, boundary)
     counts = body_counts(b.segmentation, unit.labels)
     xs, ys = [], []
 
@@ -134,6 +132,16 @@ def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
     return Examples(x, y, np.full(len(y), index, np.int64))
 
 
+def unit_base(unit: TrainUnit, base: str, cfg: RefineConfig, boundary=None) -> tuple:
+    """(the base, its contact graph) of one unit: made once, read by both training rounds (the
+    merges copy the graph's statistics, never change them)."""
+    from .refine import membranes_low
+
+    b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None,
+                          boundary)
+    return b, contact_graph(b.segmentation, membranes_low(unit.image, cfg, 0.0), unit.overlaps, flooded=b.flooded)
+
+
 def fit(ex: Examples, rounds: int = ROUNDS) -> str:
     """LightGBM's text model of a classifier fitted on ``ex`` (deterministic)."""
     lgb = import_lightgbm()
@@ -165,10 +173,11 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
         boundary_text = bmap.fit_boundary([(im, gt, None) for im, gt in volumes])
         say("held-out boundary maps of the training volumes")
         held = bmap.held_out_maps(volumes)
-    flat = []
+    flat, made = [], []
     for i, u in enumerate(units):
         say(f"pairs of {u.name}")
-        flat.append(unit_examples(u, i, base, cfg, boundary=held[i]))
+        made.append(unit_base(u, base, cfg, held[i]))
+        flat.append(unit_examples(u, i, base, cfg, made=made[i]))
     ex = Examples.concat(flat)
     say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
     text = fit(ex, rounds)
@@ -177,7 +186,7 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
         seq = []
         for i, u in enumerate(units):
             say(f"merge sequence of {u.name}")
-            seq.append(unit_examples(u, i, base, cfg, first.predict, held[i]))
+            seq.append(unit_examples(u, i, base, cfg, first.predict, made=made[i]))
         ex = Examples.concat([ex] + seq)
         say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
         text = fit(ex, rounds)
