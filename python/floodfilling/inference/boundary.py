@@ -88,11 +88,10 @@ def boundary_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boundary & ~unknown, unknown
 
 
-def training_voxels(labels: np.ndarray, region: np.ndarray | None = None, n: int = SAMPLES,
+def training_voxels(unknown: np.ndarray, region: np.ndarray | None = None, n: int = SAMPLES,
                     seed: int = 0) -> np.ndarray:
-    """Bool mask of the voxels drawn for training: ``n`` of the voxels with a known label (within
-    ``region``, bool, when given), a seeded draw."""
-    _, unknown = boundary_labels(labels)
+    """Bool mask of the voxels drawn for training: ``n`` of the voxels whose label is known
+    (not ``unknown``; within ``region``, bool, when given), a seeded draw."""
     ok = ~unknown if region is None else (~unknown & region)
     idx = np.flatnonzero(ok.ravel())
     if len(idx) > n:
@@ -102,25 +101,35 @@ def training_voxels(labels: np.ndarray, region: np.ndarray | None = None, n: int
     return mask.reshape(ok.shape)
 
 
-def fit_boundary(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> str:
-    """LightGBM's text model of a boundary classifier fitted on ``volumes``: (normalised image,
-    labels, region: bool mask of the voxels it may learn from, or None for all)."""
+def voxel_samples(image: np.ndarray, labels: np.ndarray,
+                  region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(filters, boundary) of the voxels drawn for training (:func:`training_voxels`) from one
+    volume: what a fit reads of it, made once however many fits read it."""
+    boundary, unknown = boundary_labels(labels)
+    take = training_voxels(unknown, region)
+    return filter_bank(image, take), boundary[take]
+
+
+def _fit(samples: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    """LightGBM's text model of a boundary classifier fitted on ``samples`` (:func:`voxel_samples`)."""
     try:
         import lightgbm as lgb
     except ImportError:  # (train-refine checks it before any flood)
         raise ImportError("training the boundary map needs LightGBM: pip install 'floodfilling[refine]'") from None
-    xs, ys = [], []
-    for image, labels, region in volumes:
-        take = training_voxels(labels, region)
-        xs.append(filter_bank(image, take))
-        ys.append(boundary_labels(labels)[0][take])
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    x = np.concatenate([a for a, _ in samples])
+    y = np.concatenate([b for _, b in samples])
     if len(y) == 0 or y.all() or not y.any():
         raise ValueError(f"the boundary map needs boundary and inner voxels: got {int(y.sum())} boundary of {len(y)}; "
                          "label more of the volume")
     data = lgb.Dataset(x, label=y.astype(np.float64), feature_name=list(FILTERS),
                        params={"verbose": -1, "max_bin": 255}, free_raw_data=False)
     return lgb.train(dict(PARAMS), data, num_boost_round=ROUNDS).model_to_string()
+
+
+def fit_boundary(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> str:
+    """LightGBM's text model of a boundary classifier fitted on ``volumes``: (normalised image,
+    labels, region: bool mask of the voxels it may learn from, or None for all)."""
+    return _fit([voxel_samples(image, labels, region) for image, labels, region in volumes])
 
 
 class BoundaryMap:
@@ -134,13 +143,16 @@ class BoundaryMap:
         """float32 of ``image``'s shape: the boundary probability at the voxels ``where`` (bool;
         None: all), 0 elsewhere."""
         where = np.ones(np.shape(image), bool) if where is None else np.asarray(where, bool)
-        x = filter_bank(image, where)
+        out = np.zeros(where.shape, np.float32)
+        out[where] = self.predict_rows(filter_bank(image, where))
+        return out
+
+    def predict_rows(self, x: np.ndarray) -> np.ndarray:
+        """The probabilities of filter rows ``x`` (:func:`filter_bank`), in chunks of :data:`CHUNK`."""
         p = np.empty(len(x), np.float64)
         for a in range(0, len(x), CHUNK):
             p[a:a + CHUNK] = self.trees.predict(x[a:a + CHUNK])
-        out = np.zeros(where.shape, np.float32)
-        out[where] = p
-        return out
+        return p
 
 
 class HeldOutMap:
@@ -154,10 +166,13 @@ class HeldOutMap:
 
     def probability(self, image: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         where = np.ones(np.shape(image), bool) if where is None else np.asarray(where, bool)
-        out = np.zeros(where.shape, np.float32)
+        x = filter_bank(image, where)  # once: each part answers for its rows
+        p = np.zeros(len(x), np.float64)
         for m, region in self.parts:
-            at = where if region is None else (where & region)
-            out[at] = m.probability(image, at)[at]
+            rows = slice(None) if region is None else region[where]
+            p[rows] = m.predict_rows(x[rows])
+        out = np.zeros(where.shape, np.float32)
+        out[where] = p
         return out
 
 
@@ -169,14 +184,25 @@ def halves(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return lower, ~lower
 
 
-def held_out_maps(volumes: list[tuple[np.ndarray, np.ndarray]]) -> list[HeldOutMap]:
+def held_out_maps(volumes: list[tuple[np.ndarray, np.ndarray]],
+                  samples: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[HeldOutMap]:
     """For each (normalised image, labels) of ``volumes``, its :class:`HeldOutMap`: the map of a
     classifier fitted on all the other volumes (two or more), or with one volume, each half
-    (:func:`halves`) answered by the classifier of the other half."""
+    (:func:`halves`) answered by the classifier of the other half. ``samples``: each volume's
+    :func:`voxel_samples`, when made already (two or more volumes)."""
     if len(volumes) >= 2:
-        return [HeldOutMap([(BoundaryMap(fit_boundary([(im, gt, None) for j, (im, gt) in enumerate(volumes)
-                                                        if j != i])), None)]) for i in range(len(volumes))]
+        samples = samples or [voxel_samples(im, gt) for im, gt in volumes]
+        return [HeldOutMap([(BoundaryMap(_fit([v for j, v in enumerate(samples) if j != i])), None)])
+                for i in range(len(volumes))]
     (image, labels), = volumes
     a, b = halves(np.shape(labels))
     return [HeldOutMap([(BoundaryMap(fit_boundary([(image, labels, a)])), b),
                         (BoundaryMap(fit_boundary([(image, labels, b)])), a)])]
+
+
+def train_boundary(volumes: list[tuple[np.ndarray, np.ndarray]]) -> tuple[str, list[HeldOutMap]]:
+    """The boundary map of a refine model trained on ``volumes`` ((normalised image, labels)):
+    the text model fitted on all of them, and each volume's :class:`HeldOutMap`; each volume's
+    voxels drawn and filtered once for all the fits."""
+    samples = [voxel_samples(im, gt) for im, gt in volumes]
+    return _fit(samples), held_out_maps(volumes, samples)

@@ -87,14 +87,12 @@ def majority(counts: dict[int, int] | None) -> int:
     return min(b for b, c in counts.items() if c == best)
 
 
-def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
-                  scorer: Callable[[np.ndarray], np.ndarray] | None = None, boundary=None,
-                  made: tuple | None = None) -> Examples:
-    """The examples of one unit: the base's pairs (``scorer`` None), or the pairs scored while
-    the merges the labels allow are walked in ``scorer``'s order. ``boundary``: the map the
-    base's watershed runs on (a :class:`~floodfilling.inference.boundary.HeldOutMap`; None: the
-    image); ``made``: the unit's (base, contact graph) when made already (:func:`unit_base`)."""
-    b, graph = made if made is not None else unit_base(unit, base, cfg, boundary)
+def unit_examples(unit: TrainUnit, index: int, made: tuple,
+                  scorer: Callable[[np.ndarray], np.ndarray] | None = None) -> Examples:
+    """The examples of one unit from its (base, contact graph) ``made`` (:func:`unit_base`): the
+    base's pairs (``scorer`` None), or the pairs scored while the merges the labels allow are
+    walked in ``scorer``'s order."""
+    b, graph = made
     counts = body_counts(b.segmentation, unit.labels)
     xs, ys = [], []
 
@@ -134,7 +132,8 @@ def unit_examples(unit: TrainUnit, index: int, base: str, cfg: RefineConfig,
 
 def unit_base(unit: TrainUnit, base: str, cfg: RefineConfig, boundary=None) -> tuple:
     """(the base, its contact graph) of one unit: made once, read by both training rounds (the
-    merges copy the graph's statistics, never change them)."""
+    merges copy the graph's statistics, never change them). ``boundary``: the map the base's
+    watershed runs on (a :class:`~floodfilling.inference.boundary.HeldOutMap`; None: the image)."""
     from .refine import membranes_low
 
     b = base_segmentation(unit.image, unit.flood, base, cfg, unit.painted[:2] if unit.painted is not None else None,
@@ -168,16 +167,13 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
     held: list = [None] * len(units)
     boundary_text = ""
     if boundary:
-        say("boundary map")
-        volumes = [(u.image, u.labels) for u in units]
-        boundary_text = bmap.fit_boundary([(im, gt, None) for im, gt in volumes])
-        say("held-out boundary maps of the training volumes")
-        held = bmap.held_out_maps(volumes)
+        say("boundary map, and the held-out maps of the training volumes")
+        boundary_text, held = bmap.train_boundary([(u.image, u.labels) for u in units])
     flat, made = [], []
     for i, u in enumerate(units):
         say(f"pairs of {u.name}")
         made.append(unit_base(u, base, cfg, held[i]))
-        flat.append(unit_examples(u, i, base, cfg, made=made[i]))
+        flat.append(unit_examples(u, i, made[i]))
     ex = Examples.concat(flat)
     say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
     text = fit(ex, rounds)
@@ -186,7 +182,7 @@ def train_model(units: list[TrainUnit], base: str = "cores", cfg: RefineConfig |
         seq = []
         for i, u in enumerate(units):
             say(f"merge sequence of {u.name}")
-            seq.append(unit_examples(u, i, base, cfg, first.predict, made=made[i]))
+            seq.append(unit_examples(u, i, made[i], first.predict))
         ex = Examples.concat([ex] + seq)
         say(f"fitting on {len(ex.y)} pairs ({int(ex.y.sum())} merge)")
         text = fit(ex, rounds)
